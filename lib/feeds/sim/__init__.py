@@ -1,0 +1,6 @@
+"""Venue simulators that speak each venue's real wire protocol on loopback.
+
+``binance``: USD-M futures REST and WebSocket market streams.
+``tws``: the TWS API socket protocol as ib_async speaks it.
+``kite``: Kite Connect REST, login pages and the binary ticker.
+"""
