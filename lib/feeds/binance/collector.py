@@ -1,0 +1,580 @@
+"""The Binance USD-M futures collector: python-binance sockets -> sink.
+
+Streams (per symbol): ``aggTrade``, ``bookTicker``, ``markPrice@1s``,
+``ticker`` and ``kline_<interval>``, split over combined-stream connections
+of at most ``max_streams_per_connection`` streams (Binance allows 1024), on
+``/public`` (bookTicker) and ``/market`` (the rest) as Binance has served
+them since 2026-04.
+
+Completeness:
+
+* aggTrade ids are contiguous per symbol; a jump (a reconnect, a skipped
+  message, a restart) is filled from ``GET /fapi/v1/aggTrades`` starting at
+  the first missing id.  The last stored id per symbol is read from the
+  database at start, so the downtime of a restart is filled too.
+* Closed klines missed while disconnected (or down) are filled from
+  ``GET /fapi/v1/klines``.
+* Each connection is replaced before Binance's 24 h expiry: the new one is
+  up (first message received) before the old one is closed; the overlap is
+  de-duplicated in memory (per-stream last id / event time) and by the
+  tables' keys.
+* Staleness is judged per stream: a stream silent beyond its kind's limit
+  (or an aggTrade stream that the 24h ticker shows to be behind) causes its
+  connection to be replaced the same way.
+* Reconnects use capped exponential backoff with full jitter.
+* A malformed frame is counted, logged and skipped.
+
+Venue document: Binance "USDⓈ-M Futures / Websocket Market Streams" and
+"Market Data Endpoints".
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import orjson
+from binance import BinanceSocketManager
+from binance.enums import FuturesType
+
+from ..sink import Sink
+from ..health import Health
+from . import adapter as A
+from .rest import BinanceRest
+
+log = logging.getLogger(__name__)
+UTC = timezone.utc
+
+
+@dataclass
+class Settings:
+    """Collector settings (see ``etc/binance.toml`` for the meaning of each)."""
+    rest_url: str = "https://fapi.binance.com"
+    ws_url: str = "wss://fstream.binance.com"
+    symbols: list[str] = field(default_factory=list)
+    quote_assets: list[str] = field(default_factory=list)
+    streams: list[str] = field(default_factory=lambda: list(A.KINDS))
+    kline_intervals: list[str] = field(default_factory=lambda: ["1m"])
+    max_streams_per_connection: int = 200
+    rollover_after: float = 23 * 3600.0
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    stale_after: dict[str, float] = field(default_factory=lambda: {
+        A.AGG_TRADE: 0.0, A.BOOK_TICKER: 120.0, A.MARK_PRICE: 15.0, A.TICKER: 30.0, A.KLINE: 120.0})
+    agg_behind_grace: float = 10.0
+    rest_weight_budget: int = 1200
+    gap_fill_max_trades: int = 1_000_000
+    resume_lookback_hours: float = 48.0
+    shard: tuple[int, int] = (1, 1)
+    status_interval: float = 10.0
+    heartbeat_interval: float = 10.0
+    watchdog_interval: float = 2.0
+    connect_stagger: float = 0.1
+
+
+class _Malformed(dict):
+    """Marker returned by the tolerant JSON decoder for an undecodable frame."""
+
+
+def _tolerant_loads(raw):
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        return _Malformed(e="malformed", m=str(e), raw=raw[:200] if isinstance(raw, (str, bytes)) else repr(raw))
+
+
+@dataclass
+class _Route:
+    kind: str
+    symbol: str
+    health: object
+    slot: "_Slot"
+    interval: str = ""
+
+
+@dataclass
+class _Slot:
+    """One logical connection: a fixed list of streams on one category."""
+    index: int
+    category: str
+    streams: list[str]
+    generation: int = 0
+    replace: asyncio.Event = field(default_factory=asyncio.Event)
+    replace_reason: str = ""
+    opened_at: float = 0.0
+    last_replace: float = 0.0
+    reconnects: int = 0
+
+
+class BinanceCollector:
+    """Collect the configured streams into ``sink``; health in ``health``.
+
+    Run with ``await collector.run(stop_event)``; it returns after
+    ``stop_event`` is set and every socket is closed (the caller then closes
+    the sink).  Raises ValueError when the symbol list is empty.
+    """
+
+    def __init__(self, settings: Settings, sink: Sink, health: Health, dsn: str | None = None):
+        self.s = settings
+        self.sink = sink
+        self.health = health
+        self.dsn = dsn
+        self.rest = BinanceRest(settings.rest_url, settings.rest_weight_budget)
+        self.routes: dict[str, _Route] = {}
+        self.slots: list[_Slot] = []
+        self.last_agg: dict[str, int] = {}
+        self.last_trade_id: dict[str, int] = {}
+        self.ticker_last_trade: dict[str, tuple[int, float]] = {}
+        self.last_book: dict[str, int] = {}
+        self.last_mark: dict[str, int] = {}
+        self.last_ticker: dict[str, int] = {}
+        self.last_kline: dict[tuple[str, str], int] = {}
+        self.kline_filling: set[tuple[str, str]] = set()
+        self.gaps_open: set[str] = set()
+        self.counters = {"gaps": 0, "gap_trades_filled": 0, "klines_filled": 0, "reconnects": 0,
+                         "rollovers": 0, "stale": 0, "duplicates_skipped": 0}
+        self._tasks: set[asyncio.Task] = set()
+        self._stop: asyncio.Event | None = None
+        self.symbols: list[str] = []
+
+    # ------------------------------------------------------------ planning
+    async def discover_symbols(self) -> list[str]:
+        syms = [s.upper() for s in self.s.symbols] if self.s.symbols else \
+            await self.rest.perpetual_symbols(self.s.quote_assets or None)
+        i, n = self.s.shard
+        syms = sorted(syms)[i - 1::n]
+        if not syms:
+            raise ValueError("no symbols to collect")
+        return syms
+
+    def plan(self, symbols: list[str]) -> list[_Slot]:
+        """Split every stream over connections by category, at most
+        ``max_streams_per_connection`` each (Binance: 1024)."""
+        per = max(1, min(1024, self.s.max_streams_per_connection))
+        by_cat: dict[str, list[tuple[str, str, str, str]]] = {"market": [], "public": []}
+        for sym in symbols:
+            for kind in self.s.streams:
+                if kind == A.KLINE:
+                    for iv in self.s.kline_intervals:
+                        by_cat["market"].append((A.stream_name(sym, kind, iv), kind, sym, iv))
+                else:
+                    by_cat[A.category(kind)].append((A.stream_name(sym, kind), kind, sym, ""))
+        slots: list[_Slot] = []
+        for cat in ("market", "public"):
+            items = by_cat[cat]
+            for j in range(0, len(items), per):
+                chunk = items[j:j + per]
+                slot = _Slot(len(slots), cat, [c[0] for c in chunk])
+                for name, kind, sym, iv in chunk:
+                    self.routes[name] = _Route(kind, sym, self.health.stream(name), slot, iv)
+                slots.append(slot)
+        return slots
+
+    # ------------------------------------------------------------ hot path
+    def handle(self, msg) -> None:
+        """Process one decoded message from a combined stream."""
+        h = self.health
+        try:
+            stream = msg["stream"]
+            data = msg["data"]
+            route = self.routes[stream]
+        except (KeyError, TypeError):
+            if isinstance(msg, dict) and msg.get("e") == "error":
+                log.warning("socket event: %s %s", msg.get("type"), msg.get("m"))
+                return
+            h.malformed += 1
+            log.warning("malformed frame skipped (%d so far): %.200r", h.malformed,
+                        msg.get("m") if isinstance(msg, _Malformed) else msg)
+            return
+        sh = route.health
+        sh.count += 1
+        sh.window_count += 1
+        sh.last = time.monotonic()
+        recv = datetime.now(UTC)
+        kind = route.kind
+        try:
+            if type(data) is not dict:
+                raise A.Malformed("data is not an object")
+            if kind == A.AGG_TRADE:
+                row = A.agg_trade_row(data, recv)
+                sym, a = row[0], row[1]
+                last = self.last_agg.get(sym)
+                if last is not None:
+                    if a <= last:
+                        self.counters["duplicates_skipped"] += 1
+                        return
+                    if a != last + 1:
+                        self._gap(sym, last + 1, a - 1)
+                self.last_agg[sym] = a
+                self.last_trade_id[sym] = row[5]
+                self.sink.add("binance_agg_trade", row)
+            elif kind == A.BOOK_TICKER:
+                row = A.book_ticker_row(data, recv)
+                u = row[1]
+                if u <= self.last_book.get(row[0], -1):
+                    self.counters["duplicates_skipped"] += 1
+                    return
+                self.last_book[row[0]] = u
+                self.sink.add("binance_book_ticker", row)
+            elif kind == A.MARK_PRICE:
+                row = A.mark_price_row(data, recv)
+                e = data["E"]
+                if e <= self.last_mark.get(row[0], -1):
+                    self.counters["duplicates_skipped"] += 1
+                    return
+                self.last_mark[row[0]] = e
+                self.sink.add("binance_mark_price", row)
+            elif kind == A.TICKER:
+                row = A.ticker_row(data, recv)
+                e = data["E"]
+                if e <= self.last_ticker.get(row[0], -1):
+                    self.counters["duplicates_skipped"] += 1
+                    return
+                self.last_ticker[row[0]] = e
+                prev = self.ticker_last_trade.get(row[0])
+                if prev is None or prev[0] != row[15]:
+                    self.ticker_last_trade[row[0]] = (row[15], sh.last)
+                self.sink.add("binance_ticker_24h", row)
+            elif kind == A.KLINE:
+                self._kline(data, recv)
+        except A.Malformed as e:
+            h.malformed += 1
+            log.warning("malformed %s message on %s skipped (%d so far): %s", kind, stream, h.malformed, e)
+
+    def _kline(self, data: dict, recv: datetime) -> None:
+        k = data.get("k")
+        if type(k) is not dict:
+            raise A.Malformed("kline without k")
+        sym, iv, t, closed = k.get("s"), k.get("i"), k.get("t"), k.get("x")
+        if type(t) is not int or iv not in A.INTERVAL_MS or type(closed) is not bool:
+            raise A.Malformed(f"kline fields t/i/x invalid: {t!r} {iv!r} {closed!r}")
+        key = (sym, iv)
+        last = self.last_kline.get(key)
+        step = A.INTERVAL_MS[iv]
+        if last is not None and t - step > last and key not in self.kline_filling:
+            # closed klines (last, t) missing: fill them from REST
+            self._spawn(self._fill_klines(sym, iv, last + step, t - 1))
+        if closed:
+            if last is not None and t <= last:
+                self.counters["duplicates_skipped"] += 1
+                return
+            row = A.kline_row(data, recv)
+            self.last_kline[key] = t
+            self.sink.add("binance_kline", row)
+        elif last is None:
+            # first sight of this symbol/interval with no history: start here
+            self.last_kline[key] = t - step
+
+    # ------------------------------------------------------------ gap filling
+    def _gap(self, symbol: str, first: int, last: int) -> None:
+        self.counters["gaps"] += 1
+        log.warning("aggTrade gap %s ids %d..%d (%d missing); filling from REST", symbol, first, last, last - first + 1)
+        self._spawn(self._fill_agg(symbol, first, last))
+
+    async def _fill_agg(self, symbol: str, first: int, last: int) -> None:
+        cap = self.s.gap_fill_max_trades
+        if last - first + 1 > cap:
+            log.error("aggTrade gap %s %d..%d exceeds gap_fill_max_trades=%d; filling the newest %d only",
+                      symbol, first, last, cap, cap)
+            first = last - cap + 1
+        cur, filled, delay = first, 0, 1.0
+        while cur <= last and not self._stop.is_set():
+            try:
+                items = await self.rest.agg_trades(symbol, cur, 1000)
+            except Exception as e:
+                log.warning("aggTrade fill %s from %d failed: %s; retrying in %.0fs", symbol, cur, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+                continue
+            delay = 1.0
+            recv = datetime.now(UTC)
+            rows = []
+            for it in items:
+                a = it.get("a")
+                if type(a) is int and cur <= a <= last:
+                    try:
+                        rows.append(A.rest_agg_trade_row(symbol, it, recv))
+                    except A.Malformed as e:
+                        self.health.malformed += 1
+                        log.warning("malformed REST aggTrade skipped: %s", e)
+            if rows:
+                self.sink.add_many("binance_agg_trade", rows)
+                filled += len(rows)
+                cur = rows[-1][1] + 1
+            if not rows or not items or items[-1].get("a", last) >= last:
+                break
+        self.counters["gap_trades_filled"] += filled
+        if cur <= last and not self._stop.is_set():
+            log.error("aggTrade gap %s: ids %d..%d not available from REST", symbol, cur, last)
+        else:
+            log.info("aggTrade gap %s %d..%d filled (%d trades)", symbol, first, last, filled)
+
+    async def _fill_klines(self, symbol: str, interval: str, start_ms: int, end_ms: int) -> None:
+        key = (symbol, interval)
+        self.kline_filling.add(key)
+        try:
+            cur, total, delay = start_ms, 0, 1.0
+            while cur <= end_ms and not self._stop.is_set():
+                try:
+                    items = await self.rest.klines(symbol, interval, cur, end_ms, 1500)
+                except Exception as e:
+                    log.warning("kline fill %s %s failed: %s; retrying in %.0fs", symbol, interval, e, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 60.0)
+                    continue
+                now_ms = int(time.time() * 1000)
+                recv = datetime.now(UTC)
+                rows = []
+                for k in items:
+                    try:
+                        if k[6] < now_ms and k[0] >= cur:      # closed klines only
+                            rows.append(A.rest_kline_row(symbol, interval, k, recv))
+                    except (A.Malformed, IndexError, TypeError) as e:
+                        self.health.malformed += 1
+                        log.warning("malformed REST kline skipped: %s", e)
+                if not rows:
+                    break
+                self.sink.add_many("binance_kline", rows)
+                total += len(rows)
+                cur = int(rows[-1][2].timestamp() * 1000) + A.INTERVAL_MS[interval]
+            self.counters["klines_filled"] += total
+            if total:
+                log.info("klines %s %s filled from REST: %d", symbol, interval, total)
+        finally:
+            self.kline_filling.discard(key)
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------ connections
+    def _backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(self.s.backoff_max, self.s.backoff_base * (2 ** attempt)))
+
+    async def _open(self, slot: _Slot):
+        """Open one python-binance combined-stream socket for ``slot``."""
+        bm = BinanceSocketManager(self.rest.client, max_queue_size=100_000)
+        bm.FSTREAM_URL = self.s.ws_url.rstrip("/") + "/"
+        sock = bm.futures_multiplex_socket(slot.streams, futures_type=FuturesType.USD_M, category=slot.category)
+        sock.json_loads = _tolerant_loads        # a bad frame becomes a counted message, not a dead socket
+        await sock.__aenter__()
+        return sock
+
+    async def _pump(self, sock, first: asyncio.Event) -> None:
+        handle = self.handle
+        recv = sock.recv
+        while True:
+            msg = await recv()
+            if not first.is_set():
+                first.set()
+            handle(msg)
+
+    async def _close(self, sock, task: asyncio.Task | None) -> None:
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        try:
+            await asyncio.wait_for(sock.__aexit__(None, None, None), 5)
+        except (asyncio.TimeoutError, Exception) as e:
+            log.debug("socket close: %r", e)
+
+    async def _run_slot(self, slot: _Slot) -> None:
+        attempt = 0
+        stop = self._stop
+        sock = task = None
+        while not stop.is_set():
+            if sock is None:
+                try:
+                    sock = await self._open(slot)
+                except Exception as e:
+                    wait = self._backoff(attempt)
+                    attempt += 1
+                    self.counters["reconnects"] += 1
+                    log.warning("connection %d (%s, %d streams) failed: %s; retry in %.1fs",
+                                slot.index, slot.category, len(slot.streams), e, wait)
+                    await self._sleep(wait)
+                    continue
+                slot.generation += 1
+                slot.opened_at = time.monotonic()
+                first = asyncio.Event()
+                task = asyncio.create_task(self._pump(sock, first))
+                log.info("connection %d open (%s, %d streams, generation %d)", slot.index, slot.category,
+                         len(slot.streams), slot.generation)
+            slot.replace.clear()
+            rollover_in = max(0.0, self.s.rollover_after - (time.monotonic() - slot.opened_at))
+            waiters = [task, asyncio.ensure_future(slot.replace.wait()), asyncio.ensure_future(stop.wait())]
+            done, _ = await asyncio.wait(waiters, timeout=rollover_in, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters[1:]:
+                w.cancel()
+            if stop.is_set():
+                break
+            if task in done:
+                err = task.exception() if not task.cancelled() else None
+                wait = self._backoff(attempt)
+                attempt += 1
+                self.counters["reconnects"] += 1
+                log.warning("connection %d lost (%r); reconnecting in %.1fs", slot.index, err, wait)
+                await self._close(sock, None)
+                sock = task = None
+                await self._sleep(wait)
+                continue
+            # rollover (24 h expiry ahead) or a stale stream: new connection first, then close the old
+            reason = slot.replace_reason or "rollover before the 24 h expiry"
+            slot.replace_reason = ""
+            try:
+                new_sock = await self._open(slot)
+            except Exception as e:
+                log.warning("replacement connection %d failed: %s; keeping the old one", slot.index, e)
+                await self._sleep(self._backoff(attempt))
+                attempt += 1
+                continue
+            new_first = asyncio.Event()
+            new_task = asyncio.create_task(self._pump(new_sock, new_first))
+            try:
+                await asyncio.wait_for(new_first.wait(), 30)
+            except asyncio.TimeoutError:
+                log.warning("replacement connection %d delivered nothing in 30 s; replacing anyway", slot.index)
+            await self._close(sock, task)
+            sock, task = new_sock, new_task
+            slot.generation += 1
+            slot.opened_at = time.monotonic()
+            self.counters["rollovers"] += 1
+            attempt = 0
+            log.info("connection %d replaced (%s), generation %d", slot.index, reason, slot.generation)
+        if sock is not None:
+            await self._close(sock, task)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    # ------------------------------------------------------------ supervision
+    def check_staleness(self) -> list[str]:
+        """Streams silent beyond their limit; their connections get replaced."""
+        now = time.monotonic()
+        stale: list[str] = []
+        limits = self.s.stale_after
+        for name, r in self.routes.items():
+            slot = r.slot
+            if not slot.opened_at or now - slot.opened_at < 5.0:
+                continue
+            since = max(r.health.last, slot.opened_at)
+            limit = limits.get(r.kind, 0.0)
+            if limit and now - since > limit:
+                stale.append(name)
+            elif r.kind == A.AGG_TRADE:
+                # the 24h ticker carries the last trade id: if it stays ahead of
+                # the aggTrades we received, the aggTrade stream is stalled
+                tl = self.ticker_last_trade.get(r.symbol)
+                if tl is not None:
+                    ticker_last_id, changed_at = tl
+                    if self.last_trade_id.get(r.symbol, -1) < ticker_last_id and \
+                            now - max(changed_at, since) > self.s.agg_behind_grace:
+                        stale.append(name)
+        for name in stale:
+            slot = self.routes[name].slot
+            if now - slot.last_replace < 30.0 or slot.replace.is_set():
+                continue
+            slot.last_replace = now
+            slot.replace_reason = f"stream {name} stale"
+            self.counters["stale"] += 1
+            log.warning("stream %s stale; replacing connection %d", name, slot.index)
+            slot.replace.set()
+        return stale
+
+    async def load_resume_state(self) -> None:
+        """Last stored aggTrade id and closed kline per symbol, so that a
+        restart fills its downtime.  Best effort: skipped if the database is down."""
+        if not self.dsn:
+            return
+        import psycopg
+
+        def q():
+            with psycopg.connect(self.dsn, connect_timeout=5) as conn:
+                aggs = conn.execute(
+                    """SELECT s, (SELECT agg_id FROM binance_agg_trade t
+                                   WHERE t.symbol = s AND t.trade_time > now() - make_interval(secs => %s)
+                                   ORDER BY agg_id DESC LIMIT 1)
+                         FROM unnest(%s::text[]) AS s""",
+                    (self.s.resume_lookback_hours * 3600, self.symbols)).fetchall()
+                kl = conn.execute(
+                    """SELECT s, i, (SELECT open_time FROM binance_kline k
+                                      WHERE k.symbol = s AND k.interval = i
+                                        AND k.open_time > now() - make_interval(secs => %s)
+                                      ORDER BY open_time DESC LIMIT 1)
+                         FROM unnest(%s::text[]) AS s, unnest(%s::text[]) AS i""",
+                    (self.s.resume_lookback_hours * 3600, self.symbols, self.s.kline_intervals)).fetchall()
+                return aggs, kl
+        try:
+            aggs, kl = await asyncio.to_thread(q)
+        except Exception as e:
+            log.warning("resume state not loaded (%s); gaps during the downtime will not be filled", e)
+            return
+        for s, a in aggs:
+            if a is not None:
+                self.last_agg[s] = a
+        for s, i, t in kl:
+            if t is not None:
+                self.last_kline[(s, i)] = int(t.timestamp() * 1000)
+        log.info("resume state: last aggTrade id for %d symbols, last kline for %d",
+                 sum(1 for _, a in aggs if a is not None), sum(1 for *_, t in kl if t is not None))
+
+    async def _supervise(self) -> None:
+        s = self.s
+        next_status = time.monotonic() + min(2.0, s.status_interval)
+        next_hb = time.monotonic() + 1.0
+        while not self._stop.is_set():
+            self.health.extra.update({k: v for k, v in self.counters.items()})
+            self.health.extra["rest_weight_1m"] = self.rest.limiter.used
+            self.health.tick()
+            now = time.monotonic()
+            if now >= next_status:
+                line = self.health.status_line(lambda n: self.routes[n].kind if n in self.routes else "?")
+                log.info("status: %s", line)
+                next_status = now + s.status_interval
+                self.check_staleness()
+            if self.dsn and now >= next_hb:
+                next_hb = now + s.heartbeat_interval
+                await asyncio.to_thread(self.health.heartbeat, self.dsn)
+            if self.sink.fatal:
+                raise RuntimeError(f"sink writer failed: {self.sink.fatal!r}")
+            await self._sleep(s.watchdog_interval)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Collect until ``stop`` is set.  Raises when the sink's writer dies."""
+        self._stop = stop
+        self.symbols = await self.discover_symbols()
+        self.slots = self.plan(self.symbols)
+        log.info("collecting %d symbols, %d streams over %d connections (%d market, %d public)",
+                 len(self.symbols), len(self.routes), len(self.slots),
+                 sum(1 for x in self.slots if x.category == "market"),
+                 sum(1 for x in self.slots if x.category == "public"))
+        await self.load_resume_state()
+        self.health.notifier.notify(f"STATUS=connecting {len(self.slots)} connections")
+        slot_tasks = []
+        for slot in self.slots:
+            slot_tasks.append(asyncio.create_task(self._run_slot(slot)))
+            await asyncio.sleep(self.s.connect_stagger)   # Binance: at most 300 connection attempts / 5 min
+        sup = asyncio.create_task(self._supervise())
+        try:
+            done, _ = await asyncio.wait([sup, asyncio.ensure_future(stop.wait())],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if sup in done and sup.exception():
+                raise sup.exception()
+        finally:
+            stop.set()
+            await asyncio.gather(*slot_tasks, return_exceptions=True)
+            sup.cancel()
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.rest.close()

@@ -1,0 +1,50 @@
+"""Process plumbing shared by the bin/ programs: logging for the journal,
+signals, state directory, watchdog period."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def setup_logging() -> None:
+    """One event per line on stderr.  Under systemd (``JOURNAL_STREAM`` set)
+    the journal adds time and unit, so lines carry only level and logger."""
+    level = os.environ.get("FEEDS_LOG_LEVEL", "INFO").upper()
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") \
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    for noisy in ("binance", "websockets", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def state_dir(configured: str) -> Path:
+    """systemd's ``StateDirectory=`` (``$STATE_DIRECTORY``) when set, else the
+    configured path."""
+    env = os.environ.get("STATE_DIRECTORY")
+    p = Path(env.split(":")[0]) if env else Path(configured)
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return p
+
+
+def watchdog_interval(default: float = 2.0) -> float:
+    """A third of ``WatchdogSec=`` (``$WATCHDOG_USEC``), at most ``default``."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    if usec and usec.isdigit() and int(usec) > 0:
+        return min(default, int(usec) / 3e6)
+    return default
+
+
+def install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set ``stop`` (a clean, flushed exit)."""
+    log = logging.getLogger("feeds")
+
+    def on_signal(signame: str) -> None:
+        if not stop.is_set():
+            log.info("%s received: stopping, flushing buffered rows", signame)
+        stop.set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
