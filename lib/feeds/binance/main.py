@@ -82,16 +82,23 @@ def load_settings(cfg: Config, shard: str | None = None, symbols: str | None = N
     return s
 
 
-async def _amain(cfg: Config, settings: Settings, unit: str) -> int:
-    dsn = database_dsn(cfg)
-    spool = state_dir(cfg.get("sink.spool_dir", str, "/var/lib/feeds/binance"))
-    health = Health(unit=unit, flow_timeout=cfg.get("sink.flow_timeout", float, 20.0, check=positive))
-    sink = Sink(dsn, spool, A.TABLES,
-                flush_interval=cfg.get("sink.flush_interval", float, 0.2,
-                                       check=lambda v: None if 0 < v <= 1.0 else "must be > 0 and <= 1.0 s"),
-                batch_rows=cfg.get("sink.batch_rows", int, 20_000, check=positive),
-                max_pending=cfg.get("sink.max_pending", int, 200_000, check=positive),
-                on_commit=health.on_commit).start()
+def load_sink_settings(cfg: Config) -> dict:
+    """Validate ``[sink]``; raises ConfigError."""
+    return dict(
+        spool_dir=cfg.get("sink.spool_dir", str, "/var/lib/feeds/binance"),
+        flow_timeout=cfg.get("sink.flow_timeout", float, 20.0, check=positive),
+        flush_interval=cfg.get("sink.flush_interval", float, 0.2,
+                               check=lambda v: None if 0 < v <= 1.0 else "must be > 0 and <= 1.0 s"),
+        batch_rows=cfg.get("sink.batch_rows", int, 20_000, check=positive),
+        max_pending=cfg.get("sink.max_pending", int, 200_000, check=positive),
+    )
+
+
+async def _amain(dsn: str, sk: dict, settings: Settings, unit: str) -> int:
+    spool = state_dir(sk["spool_dir"])
+    health = Health(unit=unit, flow_timeout=sk["flow_timeout"])
+    sink = Sink(dsn, spool, A.TABLES, flush_interval=sk["flush_interval"], batch_rows=sk["batch_rows"],
+                max_pending=sk["max_pending"], on_commit=health.on_commit).start()
     health.sink = sink
     settings.watchdog_interval = watchdog_interval(settings.watchdog_interval)
     collector = BinanceCollector(settings, sink, health, dsn=dsn)
@@ -126,8 +133,10 @@ def main(config_path: str, shard: str | None, symbols: str | None, unit: str | N
     setup_logging()
     cfg = Config.load(config_path)
     settings = load_settings(cfg, shard, symbols)
+    sink_settings = load_sink_settings(cfg)
+    dsn = database_dsn(cfg)
     unit = unit or ("feed-binance@%dof%d.service" % settings.shard if settings.shard != (1, 1)
                     else "feed-binance.service")
     log.info("feed-binance starting: config %s, rest %s, ws %s, shard %dof%d",
              config_path, settings.rest_url, settings.ws_url, *settings.shard)
-    sys.exit(asyncio.run(_amain(cfg, settings, unit)))
+    sys.exit(asyncio.run(_amain(dsn, sink_settings, settings, unit)))

@@ -26,7 +26,7 @@ import hmac
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, time as dtime, timedelta
 
 import pyotp

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Install (or update) the feeds collectors on a Debian/Ubuntu machine with systemd.
+#
+#   sudo ./install.sh           collectors pointed at the real venues
+#   sudo ./install.sh --demo    also start the Binance simulator and point feed-binance at it
+#
+# Safe to re-run: packages, users, database objects and units are created only when
+# missing; configuration in /etc/feeds is never overwritten (a newer default is put
+# beside it as *.dist); migrations already applied are skipped.
+set -euo pipefail
+
+PREFIX=/opt/feeds
+ETC=/etc/feeds
+UNITDIR=/etc/systemd/system
+DEMO=0
+START=1
+SRC=$(cd "$(dirname "$0")" && pwd)
+
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+for arg in "$@"; do
+    case "$arg" in
+        --demo) DEMO=1 ;;
+        --no-start) START=0 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "install.sh: unknown option $arg" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
+say() { echo "install.sh: $*"; }
+die() { echo "install.sh: $*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (sudo ./install.sh)"
+# sd_booted(3): systemd is PID 1 exactly when /run/systemd/system exists.
+[ -d /run/systemd/system ] || die "systemd is not running as PID 1 here; the units cannot be installed (nothing was changed)"
+
+export DEBIAN_FRONTEND=noninteractive
+apt_updated=0
+need_pkg() {  # need_pkg COMMAND PACKAGE...
+    command -v "$1" >/dev/null 2>&1 && return 0
+    if [ $apt_updated = 0 ]; then apt-get update -qq; apt_updated=1; fi
+    say "installing ${*:2}"
+    apt-get install -y -qq "${@:2}" >/dev/null
+}
+
+# --- PostgreSQL -------------------------------------------------------------
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+    need_pkg __none__ postgresql
+fi
+need_pkg psql postgresql-client
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_pkg __none__ python3-venv
+systemctl enable --now postgresql >/dev/null 2>&1 || true
+for c in $(ls /etc/postgresql 2>/dev/null); do
+    for n in $(ls "/etc/postgresql/$c" 2>/dev/null); do
+        systemctl start "postgresql@$c-$n" 2>/dev/null || true
+    done
+done
+for _ in $(seq 1 60); do
+    runuser -u postgres -- psql -qAtc 'select 1' >/dev/null 2>&1 && break
+    sleep 1
+done
+runuser -u postgres -- psql -qAtc 'select 1' >/dev/null 2>&1 || die "PostgreSQL is not answering on its local socket"
+
+# --- user ---------------------------------------------------------------------
+install -D -m 644 "$SRC/systemd/feeds.sysusers" /etc/sysusers.d/feeds.conf
+install -D -m 644 "$SRC/systemd/feeds.tmpfiles" /etc/tmpfiles.d/feeds.conf
+systemd-sysusers /etc/sysusers.d/feeds.conf
+systemd-tmpfiles --create /etc/tmpfiles.d/feeds.conf
+
+# --- database role and database (peer authentication on the local socket) -----
+psql_pg() { runuser -u postgres -- psql -qAt -v ON_ERROR_STOP=1 "$@"; }
+if [ "$(psql_pg -c "select 1 from pg_roles where rolname='feeds'")" != 1 ]; then
+    psql_pg -c "CREATE ROLE feeds LOGIN"
+    say "created database role feeds"
+fi
+if [ "$(psql_pg -c "select 1 from pg_database where datname='feeds'")" != 1 ]; then
+    psql_pg -c "CREATE DATABASE feeds OWNER feeds"
+    say "created database feeds"
+fi
+
+# --- package in its own venv -------------------------------------------------------
+install -d -m 755 "$PREFIX" "$PREFIX/bin"
+[ -x "$PREFIX/venv/bin/python" ] || python3 -m venv "$PREFIX/venv"
+build=$(mktemp -d)
+trap 'rm -rf "$build"' EXIT
+# build from a copy: the source tree may be read-only
+tar -C "$SRC" --exclude=.git --exclude=.venv --exclude='*.egg-info' --exclude=build -cf - . | tar -C "$build" -xf -
+say "installing the feeds package into $PREFIX/venv"
+"$PREFIX/venv/bin/pip" install -q --disable-pip-version-check --upgrade "$build" 2>&1 | grep -v '^WARNING: Location' || true
+"$PREFIX/venv/bin/python" -c 'import feeds' || die "the feeds package did not install"
+for f in "$SRC"/bin/*; do
+    name=$(basename "$f")
+    sed "1s|^#!.*python.*$|#!$PREFIX/venv/bin/python3|" "$f" > "$PREFIX/bin/$name.new"
+    chmod 755 "$PREFIX/bin/$name.new"
+    mv "$PREFIX/bin/$name.new" "$PREFIX/bin/$name"
+done
+ln -sf "$PREFIX/bin/feedctl" /usr/local/bin/feedctl
+rm -rf "$PREFIX/sql"; cp -r "$SRC/sql" "$PREFIX/sql"
+install -m 644 "$SRC/README.md" "$PREFIX/README.md"
+
+# --- configuration: never overwrite the operator's copy ------------------------
+install -d -m 750 -o root -g feeds "$ETC"
+install -d -m 750 -o feeds -g feeds "$ETC/secrets"
+for f in "$SRC"/etc/*; do
+    dst="$ETC/$(basename "$f")"
+    if [ ! -e "$dst" ]; then
+        install -m 640 -o root -g feeds "$f" "$dst"
+        say "installed $dst"
+    elif ! cmp -s "$f" "$dst"; then
+        install -m 640 -o root -g feeds "$f" "$dst.dist"
+        say "kept your $dst (the shipped default is in $dst.dist)"
+    fi
+done
+
+# --- migrations ------------------------------------------------------------------------
+runuser -u feeds -- "$PREFIX/bin/feed-migrate" --sql-dir "$PREFIX/sql"
+
+# --- units -------------------------------------------------------------------------------
+for u in "$SRC"/systemd/*.service "$SRC"/systemd/*.timer; do
+    install -m 644 "$u" "$UNITDIR/$(basename "$u")"
+done
+dropin="$UNITDIR/feed-binance.service.d"
+if [ $DEMO = 1 ]; then
+    install -d "$dropin"
+    cat > "$dropin/demo.conf" <<EOF
+# Written by install.sh --demo: feed-binance reads the simulator's configuration.
+[Unit]
+Wants=feed-sim-binance.service
+After=feed-sim-binance.service
+[Service]
+Environment=FEEDS_BINANCE_CONFIG=$ETC/binance-demo.toml
+EOF
+else
+    rm -f "$dropin/demo.conf"
+fi
+systemctl daemon-reload
+
+verify=$(systemd-analyze verify "$UNITDIR"/feed-*.service "$UNITDIR"/feed-*.timer 2>&1 || true)
+[ -z "$verify" ] || { echo "$verify" >&2; die "systemd-analyze verify reported problems"; }
+
+systemctl enable --now feed-maintain.timer >/dev/null 2>&1
+systemctl enable feed-binance.service >/dev/null 2>&1
+if [ $START = 1 ]; then
+    if [ $DEMO = 1 ]; then
+        systemctl enable feed-sim-binance.service >/dev/null 2>&1
+        systemctl restart feed-sim-binance.service
+    else
+        systemctl disable --now feed-sim-binance.service >/dev/null 2>&1 || true
+    fi
+    systemctl restart feed-binance.service
+    say "feed-binance: $(systemctl is-active feed-binance.service)"
+fi
+say "done. Status: systemctl status feed-binance; journalctl -u feed-binance -f; feedctl status"
