@@ -1,0 +1,38 @@
+"""System tests: install.sh and the units in a real systemd (tests/sdbox)."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.system
+
+
+def _need_root_and_tools():
+    if os.geteuid() != 0:
+        pytest.skip("system tests need root (they boot systemd in namespaces)")
+    for tool in ("nsenter", "unshare", "script", "systemd-analyze"):
+        if not shutil.which(tool):
+            pytest.skip(f"system tests need {tool}")
+
+
+def run_script(name: str, timeout: int = 900) -> str:
+    _need_root_and_tools()
+    p = subprocess.run(["bash", str(ROOT / "tests" / "system" / name)], capture_output=True, text=True,
+                       timeout=timeout)
+    out = p.stdout + p.stderr
+    print(out)
+    if p.returncode == 77:
+        pytest.skip(out.strip().splitlines()[-1])
+    assert p.returncode == 0, "\n".join(ln for ln in out.splitlines() if ln.startswith("FAIL")) or out[-3000:]
+    assert "FAIL:" not in out
+    return out
+
+
+def test_binance_demo_install_run_kill_stop():
+    out = run_script("binance_demo.sh")
+    for check in ("install.sh --demo", "feed-binance active", "rows growing", "journalctl -u feed-binance",
+                  "kill -9 -> restarted", "ids contiguous", "clean exit", "buffer flushed"):
+        assert any(check in ln for ln in out.splitlines() if ln.startswith("PASS")), check
