@@ -94,6 +94,16 @@ CREATE TABLE binance_kline (
     PRIMARY KEY (symbol, interval, open_time)
 );
 
+-- aggTrade id ranges seen missing and not yet confirmed filled from REST; a restart
+-- re-fills every range still listed here, so a gap fill cut short is never forgotten.
+CREATE TABLE binance_agg_gap (
+    symbol       text        NOT NULL,
+    first_id     bigint      NOT NULL,
+    last_id      bigint      NOT NULL CHECK (last_id >= first_id),
+    detected_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (symbol, first_id)
+);
+
 INSERT INTO feed_partitioned_table (table_name, keep_days, ahead_days) VALUES
     ('binance_agg_trade', 30, 3),
     ('binance_book_ticker', 30, 3),

@@ -272,9 +272,23 @@ class BinanceCollector:
     def _gap(self, symbol: str, first: int, last: int) -> None:
         self.counters["gaps"] += 1
         log.warning("aggTrade gap %s ids %d..%d (%d missing); filling from REST", symbol, first, last, last - first + 1)
-        self._spawn(self._fill_agg(symbol, first, last))
+        self._spawn(self._fill_agg(symbol, first, last, record=True))
 
-    async def _fill_agg(self, symbol: str, first: int, last: int) -> None:
+    def _gap_sql(self, sql: str, params: tuple) -> None:
+        if not self.dsn:
+            return
+        import psycopg
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=3) as conn:
+                conn.execute(sql, params)
+        except Exception as e:
+            log.warning("gap bookkeeping not written (%s)", str(e).strip().splitlines()[0] if str(e) else e)
+
+    async def _fill_agg(self, symbol: str, first: int, last: int, record: bool = False) -> None:
+        if record:
+            await asyncio.to_thread(self._gap_sql, "INSERT INTO binance_agg_gap (symbol, first_id, last_id) "
+                                    "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (symbol, first, last))
+        gap_first = first
         cap = self.s.gap_fill_max_trades
         if last - first + 1 > cap:
             log.error("aggTrade gap %s %d..%d exceeds gap_fill_max_trades=%d; filling the newest %d only",
@@ -307,10 +321,16 @@ class BinanceCollector:
             if not rows or not items or items[-1].get("a", last) >= last:
                 break
         self.counters["gap_trades_filled"] += filled
-        if cur <= last and not self._stop.is_set():
+        if self._stop.is_set():
+            return          # still listed in binance_agg_gap: the next start fills it
+        if cur <= last:
             log.error("aggTrade gap %s: ids %d..%d not available from REST", symbol, cur, last)
         else:
             log.info("aggTrade gap %s %d..%d filled (%d trades)", symbol, first, last, filled)
+        # forget the gap only once its rows are committed
+        if await asyncio.to_thread(self.sink.flush, 60.0):
+            await asyncio.to_thread(self._gap_sql, "DELETE FROM binance_agg_gap WHERE symbol = %s AND first_id = %s",
+                                    (symbol, gap_first))
 
     async def _fill_klines(self, symbol: str, interval: str, start_ms: int, end_ms: int) -> None:
         key = (symbol, interval)
@@ -513,9 +533,11 @@ class BinanceCollector:
                                       ORDER BY open_time DESC LIMIT 1)
                          FROM unnest(%s::text[]) AS s, unnest(%s::text[]) AS i""",
                     (self.s.resume_lookback_hours * 3600, self.symbols, self.s.kline_intervals)).fetchall()
-                return aggs, kl
+                gaps = conn.execute("SELECT symbol, first_id, last_id FROM binance_agg_gap "
+                                    "WHERE symbol = ANY(%s) ORDER BY symbol, first_id", (self.symbols,)).fetchall()
+                return aggs, kl, gaps
         try:
-            aggs, kl = await asyncio.to_thread(q)
+            aggs, kl, gaps = await asyncio.to_thread(q)
         except Exception as e:
             log.warning("resume state not loaded (%s); gaps during the downtime will not be filled", e)
             return
@@ -525,8 +547,10 @@ class BinanceCollector:
         for s, i, t in kl:
             if t is not None:
                 self.last_kline[(s, i)] = int(t.timestamp() * 1000)
-        log.info("resume state: last aggTrade id for %d symbols, last kline for %d",
-                 sum(1 for _, a in aggs if a is not None), sum(1 for *_, t in kl if t is not None))
+        log.info("resume state: last aggTrade id for %d symbols, last kline for %d, %d unfinished gap fill(s)",
+                 sum(1 for _, a in aggs if a is not None), sum(1 for *_, t in kl if t is not None), len(gaps))
+        for sym, first, last in gaps:
+            self._spawn(self._fill_agg(sym, first, last))
 
     async def _supervise(self) -> None:
         s = self.s
@@ -552,7 +576,31 @@ class BinanceCollector:
     async def run(self, stop: asyncio.Event) -> None:
         """Collect until ``stop`` is set.  Raises when the sink's writer dies."""
         self._stop = stop
-        self.symbols = await self.discover_symbols()
+        try:
+            await self._run(stop)
+        finally:
+            await self.rest.close()
+
+    async def _discover_with_retry(self, stop: asyncio.Event) -> list[str] | None:
+        attempt = 0
+        while not stop.is_set():
+            try:
+                return await self.discover_symbols()
+            except ValueError:
+                raise
+            except Exception as e:
+                wait = self._backoff(attempt) + 1.0
+                attempt += 1
+                log.warning("exchangeInfo failed (%s); retrying in %.1fs", str(e) or type(e).__name__, wait)
+                self.health.notifier.notify(f"STATUS=waiting for exchangeInfo: {e}"[:200])
+                await self._sleep(wait)
+        return None
+
+    async def _run(self, stop: asyncio.Event) -> None:
+        symbols = await self._discover_with_retry(stop)
+        if symbols is None:
+            return
+        self.symbols = symbols
         self.slots = self.plan(self.symbols)
         log.info("collecting %d symbols, %d streams over %d connections (%d market, %d public)",
                  len(self.symbols), len(self.routes), len(self.slots),
@@ -577,4 +625,3 @@ class BinanceCollector:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            await self.rest.close()

@@ -23,6 +23,8 @@ from array import array
 from collections import deque
 from decimal import ROUND_HALF_UP, Decimal
 
+import orjson
+
 from .binance_streams import KLINE_INTERVALS_MS
 
 MINUTE_MS = 60_000
@@ -578,7 +580,7 @@ class SymbolMarket:
             vol=format(v, "f"),
             qvol=format(q, "f"),
             open_time=max(rows[0][0], event_ms - DAY_MS),
-            first=-1,
+            first=self.first_trade_id if self.first_trade_id is not None else -1,
             count=n,
         )
 
@@ -601,8 +603,6 @@ class SymbolMarket:
         ``limit`` synthetic levels one tick apart around the last bookTicker
         or trade price.
         """
-        import orjson
-
         if self.depth_snapshot is not None:
             snap = orjson.loads(self.depth_snapshot)
             snap["bids"] = snap.get("bids", [])[:limit]

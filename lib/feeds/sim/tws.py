@@ -202,7 +202,7 @@ def default_csv_files() -> dict[str, Path]:
     root = os.environ.get("FEEDS_SHARED_DATA")
     base = Path(root) if root else Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
     path = base / "ib" / "spx-1min-2019-11-05..08.csv"
-    return {"SPX": path} if path.is_file() else {}
+    return {"SPX": path.resolve()} if path.is_file() else {}
 
 
 class _Conn:
