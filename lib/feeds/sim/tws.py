@@ -427,9 +427,10 @@ class TwsSimulator:
 
     def stats(self) -> dict:
         """Counters: ``requests`` by TWS request name, ``historical``
-        (served, no_data, bars_sent, cancelled, open), ``pacing_violations``
-        by rule, ``errors_sent`` by code, ``connections`` (accepted, active,
-        refused_duplicate_client_id, bad_handshake, forced_disconnects),
+        (served, no_data, bars_sent, cancelled, cancel_not_open, open),
+        ``pacing_violations`` by rule, ``errors_sent`` by code,
+        ``connections`` (accepted, active, refused_duplicate_client_id,
+        bad_handshake, forced_disconnects, connectivity_losses),
         ``client_ids_seen``, ``malformed``, ``unsupported``, ``bytes_sent``."""
         c = self._counts
         return copy.deepcopy({
@@ -437,7 +438,7 @@ class TwsSimulator:
             "historical": {
                 "served": c["hist_served"], "no_data": c["hist_no_data"],
                 "bars_sent": c["hist_bars"], "cancelled": c["hist_cancelled"],
-                "open": self._open_count(),
+                "cancel_not_open": c["cancel_not_open"], "open": self._open_count(),
             },
             "pacing_violations": {r: self.pacer.violations[r] for r in PACING_RULES},
             "errors_sent": dict(self._errors),
@@ -445,6 +446,7 @@ class TwsSimulator:
                 "accepted": c["accepted"], "active": len(self._conns),
                 "refused_duplicate_client_id": c["dup_client_id"], "bad_handshake": c["bad_handshake"],
                 "forced_disconnects": c["forced_disconnects"],
+                "connectivity_losses": c["connectivity_losses"],
             },
             "client_ids_seen": sorted(self._client_ids),
             "malformed": c["malformed"],

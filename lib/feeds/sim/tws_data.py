@@ -493,10 +493,11 @@ class BarStore:
 
     ``day_bars(spec, day, what, use_rth)`` returns the list of :class:`Bar`
     for one local date (empty on weekends, holidays, or days without
-    recording).  Generated days are cached (LRU).  Thread-safe.
+    recording).  Generated days are cached (LRU, ``cache_days`` entries of
+    about 0.4 MB each).  Thread-safe.
     """
 
-    def __init__(self, sessions: Sessions | None = None, cache_days: int = 512) -> None:
+    def __init__(self, sessions: Sessions | None = None, cache_days: int = 64) -> None:
         self.sessions = sessions or Sessions()
         self._csv: dict[str, dict[dt.date, list[Bar]]] = {}
         self._cache: OrderedDict[tuple, tuple[tuple[Bar, ...], tuple[Bar, ...]]] = OrderedDict()
