@@ -11,16 +11,21 @@ Subscribing/Unsubscribing to streams".
 
 Pointing python-binance at the simulator::
 
-    client = AsyncClient()             # AsyncClient.create() would first call
-                                       # GET https://api.binance.com/api/v3/ping
+    client = AsyncClient()             # no network call in the constructor
     client.FUTURES_URL = f"http://127.0.0.1:{port}/fapi"
     bm = BinanceSocketManager(client)
     bm.FSTREAM_URL = f"ws://127.0.0.1:{port}/"
     async with bm.futures_multiplex_socket(["btcusdt@aggTrade"], category="market") as s:
         msg = await s.recv()
 
-(``/api/v3/ping`` and ``/api/v3/time`` are served too, for a client whose
-``API_URL`` is also set to ``http://127.0.0.1:<port>/api``.)
+``AsyncClient.create()`` calls ``GET {API_URL}/v3/ping`` and
+``GET {API_URL}/v3/time`` (the spot API) before returning, so set the URLs on a
+subclass first; the simulator serves both::
+
+    class SimClient(AsyncClient):
+        API_URL = f"http://127.0.0.1:{port}/api"
+        FUTURES_URL = f"http://127.0.0.1:{port}/fapi"
+    client = await SimClient.create()
 
 Data sources
 ------------
@@ -66,7 +71,9 @@ WebSocket (kept in the REST history). ``GET /sim/stats`` returns counters.
 
 Known simplifications: one weight counter for all clients (Binance counts per
 IP); no 418 IP bans; ``timeUnit`` is ignored; replay items without a
-subscriber are counted as ``unsent`` and not queued.
+subscriber are counted as ``unsent`` and not queued. Back-pressure is global:
+a connection that stops reading holds back every source once it has about
+1024 frames queued (nothing is dropped; Binance would rather disconnect it).
 """
 
 from __future__ import annotations
@@ -76,6 +83,8 @@ import calendar
 import datetime as _dt
 import logging
 import random
+import re
+import signal
 import threading
 import time
 from collections import deque
@@ -118,6 +127,8 @@ _STEPS = (-2, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 2)
 _BATCH = 256  # events per producer step
 _OUT_HIGH = 1024  # queued frames per connection before producers wait
 _TICK_S = 0.25  # derived-stream clock
+_SYMBOL_NAME = re.compile(r"^[A-Z0-9_]{2,40}$")
+_CLOSE_GRACE_MS = 1000  # replay: close a derived candle this long after its minute
 
 _EVENT_TYPES = {
     "aggTrade": "aggTrade",
@@ -298,6 +309,9 @@ class BinanceSimulator:
             names = [f"SYM{i:04d}USDT" for i in range(symbols)]
         else:
             names = [s.strip().upper() for s in symbols if s.strip()]
+        bad = [n for n in names if not _SYMBOL_NAME.match(n)]
+        if bad:
+            raise ValueError(f"invalid symbol name(s): {', '.join(bad)} (letters, digits, '_' only)")
         clash = replayed.intersection(names)
         if clash:
             raise ValueError(f"symbols both replayed and generated: {', '.join(sorted(clash))}")
@@ -649,6 +663,9 @@ class BinanceSimulator:
                         self._client_error(c, error_message(3, "Invalid JSON: binary frames are not accepted"),
                                            "binary frame")
                 else:
+                    if t is WSMsgType.ERROR:  # protocol violation, oversized message...
+                        self._client_errors += 1
+                        c.close_reason = f"protocol error: {ws.exception()!r}"[:200]
                     break
         except ConnectionError:
             pass
@@ -658,6 +675,8 @@ class BinanceSimulator:
 
     def _count_incoming(self, c: _Conn) -> bool:
         """Record one incoming message; close the connection beyond the rate limit."""
+        if c.closing:
+            return False
         now = self._loop.time()
         times = c.in_times
         if len(times) == times.maxlen and now - times[0] < 1.0:
@@ -979,6 +998,8 @@ class BinanceSimulator:
                 ).encode()
             else:
                 slot = g.book_slot
+                if g.agg_kind is None:  # no trades move the price: walk it here
+                    g.px = max(1, g.px + steps[(bits >> 28) & 15])
                 u = g.u + 1 + (bits & 3)
                 g.u = u
                 mk = g.m
@@ -1125,14 +1146,18 @@ class BinanceSimulator:
                 elif i % 64 == 63:
                     await asyncio.sleep(0)
                 self._replay_item(it)
-                clock = self._replay_clock
-                if next_close is None and clock:
+                # Candles built from replayed trades close once the replay
+                # clock (latest recorded E) is _CLOSE_GRACE_MS past the
+                # minute, so a trade stamped just before the boundary that
+                # arrives after another stream's later event still counts.
+                clock = self._replay_clock - _CLOSE_GRACE_MS
+                if next_close is None and clock > 0:
                     next_close = clock - clock % 60_000 + 60_000
                 if next_close is not None and clock >= next_close:
                     next_close = clock - clock % 60_000 + 60_000
                     for m in derived_klines:
                         for closed in m.roll_candle(clock):
-                            self._emit_kline_close(m, closed, clock)
+                            self._emit_kline_close(m, closed, self._replay_clock)
                 if self._backlogged():
                     await self._wait_room()
             for m in syms:
@@ -1570,14 +1595,21 @@ class SimulatorThread:
 
 
 async def serve(stats_interval: float = 60.0, notify: bool = True, **options) -> None:
-    """Run a simulator until cancelled (for the command line).
+    """Run a simulator until SIGTERM/SIGINT or cancellation (for the command line).
 
     Logs a stats line every ``stats_interval`` seconds (0: never) and sends
     ``READY=1`` to systemd (when ``notify`` and sdnotify is available) once
-    listening.
+    listening. ``options`` are :class:`BinanceSimulator` parameters.
     """
     sim = BinanceSimulator(**options)
     await sim.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
     if notify:
         try:
             import sdnotify
@@ -1586,9 +1618,10 @@ async def serve(stats_interval: float = 60.0, notify: bool = True, **options) ->
         except ImportError:
             pass
     try:
-        while True:
-            await asyncio.sleep(stats_interval if stats_interval > 0 else 3600)
-            if stats_interval > 0:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), stats_interval if stats_interval > 0 else None)
+            except asyncio.TimeoutError:
                 s = sim.stats()
                 log.info(
                     "stats sent=%d unsent=%d withheld=%d conns=%d/%d malformed=%d skipped=%d "
