@@ -17,16 +17,14 @@ so tests stay independent and can run in any order.  The child runs with
 
 from __future__ import annotations
 
-import base64
 import csv
-import hashlib
 import json
 import os
 import queue
-import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import date, datetime, timedelta
@@ -50,7 +48,6 @@ if __name__ != "__main__":
 DATA = Path(os.environ.get("FEEDS_SHARED_DATA") or Path(__file__).resolve().parents[2] / ".." / "shared" / "data")
 KITE_DATA = DATA / "kite"
 HAVE_DATA = (KITE_DATA / "ticker_full.packet").is_file()
-needs_data = None  # set below when running under pytest
 
 INFY = 408065
 NIFTY = 256265
@@ -155,12 +152,13 @@ class TickerProc:
 
     def __init__(self, sim, token: str, *, count: int = 1, retry: bool = True) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "ticker-client", "--root", sim.ws_url,
-               "--api-key", sim.account.api_key, "--access-token", token, "--count", str(count)]
+               f"--api-key={sim.account.api_key}", f"--access-token={token}", "--count", str(count)]
         if not retry:
             cmd.append("--no-retry")
         env = dict(os.environ, TZ="Asia/Kolkata")
+        self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, env=env, bufsize=1)
+                                     stderr=self.stderr, text=True, env=env, bufsize=1)
         self.events: list[dict] = []
         self._queue: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -173,20 +171,28 @@ class TickerProc:
             except ValueError:
                 continue
 
+    def stderr_text(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()
+
     def send(self, **cmd) -> None:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
 
-    def wait_for(self, predicate, timeout: float = 10.0) -> dict:
-        """Return the first event (already seen or new) matching predicate; fail on timeout."""
-        for event in self.events:
+    def wait_for(self, predicate, timeout: float = 10.0, after: int = 0) -> dict:
+        """Return the first event at position >= ``after`` (seen or new) matching predicate.
+
+        Fails the test after ``timeout`` seconds.
+        """
+        for event in self.events[after:]:
             if predicate(event):
                 return event
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"no matching ticker event within {timeout}s; last: {self.events[-5:]}")
+                raise AssertionError(f"no matching ticker event within {timeout}s; last: {self.events[-5:]}; "
+                                     f"client stderr: {self.stderr_text()[-2000:]!r}")
             try:
                 event = self._queue.get(timeout=remaining)
             except queue.Empty:
@@ -227,7 +233,7 @@ class TickerProc:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait(timeout=3)
-        for stream in (self.proc.stdin, self.proc.stdout):
+        for stream in (self.proc.stdin, self.proc.stdout, self.stderr):
             try:
                 stream.close()
             except OSError:
@@ -760,7 +766,7 @@ def test_ticker_heartbeat_when_idle(ticker_procs):
         assert len(beats) >= 3
         assert all(e["binary"] and e["len"] == 1 for e in beats)
         gaps = [b["t"] - a["t"] for a, b in zip(beats, beats[1:])]
-        assert all(0.15 < g < 0.5 for g in gaps), gaps
+        assert all(0.15 < g < 0.75 for g in gaps), gaps
         assert not any(e["ev"] == "ticks" for e in proc.events)
         assert sim.stats()["connections"][0]["heartbeats_sent"] >= 3
 
@@ -774,9 +780,10 @@ def test_ticker_silence_fault_sends_nothing_then_resumes(ticker_procs):
         proc.wait_for(lambda e: e["ev"] == "ticks")
         started = time.monotonic()
         assert sim.fault_silence(1.0) == 1
+        silent_from = time.monotonic() + 0.1  # a frame already on the wire may still land
         proc.collect(1.6)
         msgs = [e["t"] for e in proc.events if e["ev"] == "msg"]
-        during = [t for t in msgs if started + 0.05 < t < started + 0.95]
+        during = [t for t in msgs if silent_from < t < started + 0.95]
         after = [t for t in msgs if t > started + 1.0]
         assert during == []
         assert len(after) >= 3  # ticks resume at 10/s
@@ -794,10 +801,10 @@ def test_ticker_disconnect_fault_and_reconnect(ticker_procs):
         assert sim.fault_disconnect() == 1
         close = proc.wait_for(lambda e: e["ev"] == "close")
         assert close["code"] == 1006
-        index = proc.events.index(close)
+        index = next(i for i, e in enumerate(proc.events) if e is close)
         # KiteTicker reconnects and resubscribes; ticks flow again.
-        proc.wait_for(lambda e: e["ev"] == "connect" and proc.events.index(e) > index, timeout=10)
-        proc.wait_for(lambda e: e["ev"] == "ticks" and proc.events.index(e) > index, timeout=10)
+        proc.wait_for(lambda e: e["ev"] == "connect", timeout=10, after=index)
+        proc.wait_for(lambda e: e["ev"] == "ticks", timeout=10, after=len(proc.events))
         assert sim.stats()["connections_total"] == 2
 
 

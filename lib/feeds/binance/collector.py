@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 import orjson
 from binance import BinanceSocketManager
 from binance.enums import FuturesType
+from binance.ws.constants import WSListenerState
 
 from ..sink import Sink
 from ..health import Health
@@ -77,6 +78,10 @@ class Settings:
 
 class _Malformed(dict):
     """Marker returned by the tolerant JSON decoder for an undecodable frame."""
+
+
+async def _no_reconnect(*_a, **_k) -> None:
+    """Stands in for ``ReconnectingWebsocket.connect`` once a socket is being closed."""
 
 
 def _tolerant_loads(raw):
@@ -122,7 +127,7 @@ class BinanceCollector:
         self.sink = sink
         self.health = health
         self.dsn = dsn
-        self.rest = BinanceRest(settings.rest_url, settings.rest_weight_budget)
+        self.rest: BinanceRest | None = None     # made in run(): python-binance binds to the running loop
         self.routes: dict[str, _Route] = {}
         self.slots: list[_Slot] = []
         self.last_agg: dict[str, int] = {}
@@ -381,6 +386,7 @@ class BinanceCollector:
         bm.FSTREAM_URL = self.s.ws_url.rstrip("/") + "/"
         sock = bm.futures_multiplex_socket(slot.streams, futures_type=FuturesType.USD_M, category=slot.category)
         sock.json_loads = _tolerant_loads        # a bad frame becomes a counted message, not a dead socket
+        sock.TIMEOUT = 1.0                        # its read loop notices a close request within 1 s
         await sock.__aenter__()
         return sock
 
@@ -400,10 +406,20 @@ class BinanceCollector:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+        # python-binance's read loop only notices an exit request between
+        # receives; mark it exiting, make sure a reconnect in progress cannot
+        # revive it, then close the socket under it
+        sock.ws_state = WSListenerState.EXITING
+        sock.connect = _no_reconnect
+        try:
+            if sock.ws is not None:
+                await asyncio.wait_for(sock.ws.close(), 2)
+        except (asyncio.TimeoutError, Exception) as e:
+            log.debug("socket close: %r", e)
         try:
             await asyncio.wait_for(sock.__aexit__(None, None, None), 5)
         except (asyncio.TimeoutError, Exception) as e:
-            log.debug("socket close: %r", e)
+            log.debug("socket exit: %r", e)
 
     async def _run_slot(self, slot: _Slot) -> None:
         attempt = 0
@@ -457,9 +473,14 @@ class BinanceCollector:
                 continue
             new_first = asyncio.Event()
             new_task = asyncio.create_task(self._pump(new_sock, new_first))
-            try:
-                await asyncio.wait_for(new_first.wait(), 30)
-            except asyncio.TimeoutError:
+            waiters = [asyncio.ensure_future(new_first.wait()), asyncio.ensure_future(stop.wait())]
+            done, _ = await asyncio.wait(waiters, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+            if stop.is_set():
+                await self._close(new_sock, new_task)
+                break
+            if not new_first.is_set():
                 log.warning("replacement connection %d delivered nothing in 30 s; replacing anyway", slot.index)
             await self._close(sock, task)
             sock, task = new_sock, new_task
@@ -576,6 +597,7 @@ class BinanceCollector:
     async def run(self, stop: asyncio.Event) -> None:
         """Collect until ``stop`` is set.  Raises when the sink's writer dies."""
         self._stop = stop
+        self.rest = BinanceRest(self.s.rest_url, self.s.rest_weight_budget)
         try:
             await self._run(stop)
         finally:
@@ -620,7 +642,12 @@ class BinanceCollector:
                 raise sup.exception()
         finally:
             stop.set()
-            await asyncio.gather(*slot_tasks, return_exceptions=True)
+            done, pending = await asyncio.wait(slot_tasks, timeout=15) if slot_tasks else (set(), set())
+            for t in pending:
+                t.cancel()
+            if pending:
+                log.warning("%d connection(s) did not close within 15 s; cancelled", len(pending))
+                await asyncio.wait(pending, timeout=5)
             sup.cancel()
             for t in list(self._tasks):
                 t.cancel()

@@ -305,7 +305,7 @@ class KiteSimulator:
     @property
     def ws_url(self) -> str:
         """``ws://host:port/``, the KiteTicker ``root``; valid after start()."""
-        return f"ws://{self.host}:{self.port}/"
+        return "ws" + self.base_url[len("http"):] + "/"
 
     @property
     def redirect_url(self) -> str:
@@ -453,7 +453,8 @@ class KiteSimulator:
     def fault_silence(self, seconds: float, connection: int | None = None) -> int:
         """Stop sending anything (ticks, heartbeats, pongs, texts) for ``seconds``
         on every (or one) ticker connection; the socket stays open.  Returns
-        the number of connections affected."""
+        the number of connections affected; raises KiteError (400) for an
+        unknown connection id, ValueError for negative seconds."""
         if seconds < 0:
             raise ValueError("seconds must be >= 0")
 
@@ -970,23 +971,24 @@ class KiteSimulator:
                 data = None
                 extra: list[bytes] = []
                 truncate = False
-                if conn.pending_malformed:
+                sel = np.flatnonzero(conn.due <= now) if conn.rows.size else empty
+                # A malformed packet rides in the next data frame (alone when nothing is subscribed).
+                if conn.pending_malformed and (sel.size or not conn.rows.size):
                     token = int(conn.row_tokens[0]) if conn.row_tokens.size else 408065
                     packet, truncate = malformed_packet(conn.pending_malformed.pop(0), token)
                     extra.append(packet)
-                if conn.rows.size:
-                    sel = np.flatnonzero(conn.due <= now)
-                    if sel.size:
-                        period = conn.period[sel]
-                        nxt = conn.due[sel] + period
-                        conn.due[sel] = np.where(nxt <= now, now + period, nxt)
-                        rows = conn.rows[sel]
-                        modes = conn.row_modes[sel]
-                        self.market.advance(rows)
-                        data = self.market.pack(rows, modes, extra)
-                        counts = np.bincount(modes, minlength=3)
-                        for m in range(3):
-                            conn.packets_sent[m] += int(counts[m])
+                if sel.size:
+                    period = conn.period[sel]
+                    nxt = conn.due[sel] + period
+                    # Catch up after a short stall; more than a second behind, start afresh.
+                    conn.due[sel] = np.where(nxt <= now - 1.0, now + period, nxt)
+                    rows = conn.rows[sel]
+                    modes = conn.row_modes[sel]
+                    self.market.advance(rows)
+                    data = self.market.pack(rows, modes, extra)
+                    counts = np.bincount(modes, minlength=3)
+                    for m in range(3):
+                        conn.packets_sent[m] += int(counts[m])
                 if data is None and extra:
                     data = self.market.pack(empty, empty, extra)
                 if data is not None:

@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import string
 import time
 from dataclasses import dataclass
 from datetime import datetime, time as dtime, timedelta
@@ -40,6 +41,14 @@ MSG_BAD_LOGIN = "Invalid `user_id` or `password`."
 MSG_LOCKED = ("Account locked: too many invalid login attempts. "
               "Reset your password to unlock the account.")
 MSG_BAD_TOTP = "Invalid TOTP. Please try again."
+
+
+_ALNUM = string.ascii_letters + string.digits
+
+
+def _token(n: int = 32) -> str:
+    """A random alphanumeric token, like Kite's access and request tokens."""
+    return "".join(secrets.choice(_ALNUM) for _ in range(n))
 
 
 class KiteError(Exception):
@@ -164,7 +173,11 @@ class AuthState:
         self.login_ttl = login_ttl
         self.clock = clock
         self.stats = AuthStats()
-        self._totp = pyotp.TOTP(account.totp_secret)
+        try:
+            self._totp = pyotp.TOTP(account.totp_secret)
+            self._totp.now()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"totp_secret is not a valid base32 secret ({exc})") from exc
         self._tokens: dict[str, _AccessToken] = {}
         self._web: dict[str, _WebSession] = {}
         self._pending: dict[str, _PendingLogin] = {}
@@ -182,7 +195,7 @@ class AuthState:
     def open_connect_session(self, api_key: str) -> str:
         """Start a connect session for the app; returns its ``sess_id``."""
         self.check_api_key(api_key)
-        sess_id = secrets.token_urlsafe(24)
+        sess_id = _token()
         self._connect_sessions[sess_id] = api_key
         return sess_id
 
@@ -263,7 +276,7 @@ class AuthState:
         user = self.web_session_user(session_id)
         if user is None:
             raise KiteError(403, "TokenException", "Session expired. Please login again.")
-        token = secrets.token_urlsafe(24)
+        token = _token()
         self._request_tokens[token] = _RequestToken(token, api_key, user, self.clock())
         self.stats.request_tokens_issued += 1
         return token
@@ -280,7 +293,7 @@ class AuthState:
         api_key = api_key or self.account.api_key
         self.check_api_key(api_key)
         now = self.clock()
-        token = secrets.token_urlsafe(24)
+        token = _token()
         self._tokens[token] = _AccessToken(token, api_key, now, self._expiry_for(now))
         self.stats.access_tokens_issued += 1
         return token
@@ -312,7 +325,7 @@ class AuthState:
             "api_key": api_key,
             "access_token": access_token,
             "public_token": self.public_token,
-            "enctoken": secrets.token_urlsafe(32),
+            "enctoken": _token(64),
             "refresh_token": "",
             "silo": "",
             "login_time": login_time,
