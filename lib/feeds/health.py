@@ -53,10 +53,13 @@ class LagHistogram:
     def add_rows(self, rows: list[tuple], idx: int, commit: datetime) -> None:
         counts, lim = self.counts, self.LIMIT_MS
         c = commit.timestamp()
+        parse = datetime.fromisoformat
         for r in rows:
             t = r[idx]
             if t is None:
                 continue
+            if type(t) is str:
+                t = parse(t)
             ms = int((c - t.timestamp()) * 1000.0)
             counts[ms if 0 <= ms < lim else (lim if ms >= lim else 0)] += 1
         self.n += len(rows)

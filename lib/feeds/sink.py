@@ -113,12 +113,14 @@ class Spool:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._fh = None
         self._cur: Path | None = None
+        self._nonempty = bool(self.segments())
 
     def segments(self) -> list[Path]:
         return sorted(self.dir.glob("spool-*.bin"))
 
     def has_data(self) -> bool:
-        return bool(self.segments())
+        """Whether segments wait for replay (tracked in memory: no directory scan)."""
+        return self._nonempty
 
     def append(self, batch: dict[str, list[tuple]]) -> None:
         """Append one batch durably (write, flush, fsync).  Raises OSError."""
@@ -132,6 +134,7 @@ class Spool:
         self._fh.write(self._HDR.pack(len(payload), zlib.crc32(payload)) + payload)
         self._fh.flush()
         os.fsync(self._fh.fileno())
+        self._nonempty = True
 
     def _close(self) -> None:
         if self._fh is not None:
@@ -164,6 +167,7 @@ class Spool:
                       path.name, path.with_suffix(".corrupt").name)
         else:
             path.unlink()
+        self._nonempty = bool(self.segments())
 
 
 class Sink:
@@ -527,6 +531,8 @@ class Sink:
             days: set[date] = set()
             for r in rows:
                 v = r[idx]
+                if isinstance(v, str):
+                    v = datetime.fromisoformat(v)
                 if isinstance(v, datetime):
                     days.add(v.astimezone(timezone.utc).date())
             for d in sorted(days):

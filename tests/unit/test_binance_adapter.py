@@ -9,7 +9,7 @@ from feeds.binance import adapter as A
 
 from conftest import shared_file
 
-RECV = datetime(2021, 7, 22, tzinfo=timezone.utc)
+RECV = "2021-07-22 00:00:00.000000+00:00"
 
 
 def frames(name):
@@ -28,7 +28,8 @@ def test_every_recorded_agg_trade_converts_with_strings_unchanged():
             continue
         row = A.agg_trade_row(d, RECV)
         assert row[:6] == (d["s"], d["a"], d["p"], d["q"], d["f"], d["l"])
-        assert row[6] == A.ms_to_dt(d["T"]) and int(row[6].timestamp() * 1000) == d["T"]
+        t = A.text_to_dt(row[6])
+        assert t == A.ms_to_dt(d["T"]) and int(t.timestamp() * 1000) == d["T"]
         assert row[7] is d["m"]
         n += 1
     assert n == 91
@@ -54,6 +55,16 @@ def test_ms_to_dt_is_exact():
     assert A.ms_to_dt(1626992741017) == datetime(2021, 7, 22, 22, 25, 41, 17000, tzinfo=timezone.utc)
 
 
+@pytest.mark.parametrize("ms", [0, 1, 999, 1000, 1626992741017, 1626992741999, 4102444799999])
+def test_ms_text_is_exact_and_parses_back(ms):
+    assert A.text_to_dt(A.ms_text(ms)) == A.ms_to_dt(ms)
+
+
+def test_now_text_is_current_utc():
+    t = A.text_to_dt(A.now_text())
+    assert abs((t - datetime.now(timezone.utc)).total_seconds()) < 1
+
+
 @pytest.mark.parametrize("mutate", [
     lambda d: d.pop("p"),
     lambda d: d.update(p=1.5),                 # a float, not the venue's string
@@ -74,7 +85,7 @@ def test_rest_rows():
     assert r[1:4] == (7, "1.10", "3") and r[8] is None
     k = [60000, "1.0", "2.0", "0.5", "1.5", "10", 119999, "15", 4, "5", "7.5", "0"]
     r = A.rest_kline_row("BTCUSDT", "1m", k, RECV)
-    assert r[2] == A.ms_to_dt(60000) and r[4:9] == ("1.0", "2.0", "0.5", "1.5", "10") and r[-1] == "rest"
+    assert A.text_to_dt(r[2]) == A.ms_to_dt(60000) and r[4:9] == ("1.0", "2.0", "0.5", "1.5", "10") and r[-1] == "rest"
 
 
 def test_stream_names_and_categories():

@@ -198,7 +198,7 @@ class BinanceCollector:
         sh.count += 1
         sh.window_count += 1
         sh.last = time.monotonic()
-        recv = datetime.now(UTC)
+        recv = A.now_text()
         kind = route.kind
         try:
             if type(data) is not dict:
@@ -249,7 +249,7 @@ class BinanceCollector:
             h.malformed += 1
             log.warning("malformed %s message on %s skipped (%d so far): %s", kind, stream, h.malformed, e)
 
-    def _kline(self, data: dict, recv: datetime) -> None:
+    def _kline(self, data: dict, recv: str) -> None:
         k = data.get("k")
         if type(k) is not dict:
             raise A.Malformed("kline without k")
@@ -309,7 +309,7 @@ class BinanceCollector:
                 delay = min(delay * 2, 60.0)
                 continue
             delay = 1.0
-            recv = datetime.now(UTC)
+            recv = A.now_text()
             rows = []
             for it in items:
                 a = it.get("a")
@@ -351,12 +351,14 @@ class BinanceCollector:
                     delay = min(delay * 2, 60.0)
                     continue
                 now_ms = int(time.time() * 1000)
-                recv = datetime.now(UTC)
+                recv = A.now_text()
                 rows = []
+                last_t = None
                 for k in items:
                     try:
                         if k[6] < now_ms and k[0] >= cur:      # closed klines only
                             rows.append(A.rest_kline_row(symbol, interval, k, recv))
+                            last_t = k[0]
                     except (A.Malformed, IndexError, TypeError) as e:
                         self.health.malformed += 1
                         log.warning("malformed REST kline skipped: %s", e)
@@ -364,7 +366,7 @@ class BinanceCollector:
                     break
                 self.sink.add_many("binance_kline", rows)
                 total += len(rows)
-                cur = int(rows[-1][2].timestamp() * 1000) + A.INTERVAL_MS[interval]
+                cur = last_t + A.INTERVAL_MS[interval]
             self.counters["klines_filled"] += total
             if total:
                 log.info("klines %s %s filled from REST: %d", symbol, interval, total)
