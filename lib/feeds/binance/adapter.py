@@ -81,9 +81,13 @@ def text_to_dt(text: str) -> datetime:
 
 
 def _num(v) -> str:
-    if type(v) is not str or not _DEC(v):
-        raise Malformed(f"not a decimal string: {v!r}")
-    return v
+    if type(v) is str:
+        r = v.replace(".", "", 1)
+        if r.isdigit() and r.isascii():      # the common case, checked in C
+            return v
+        if _DEC(v):
+            return v
+    raise Malformed(f"not a decimal string: {v!r}")
 
 
 def _int(v) -> int:

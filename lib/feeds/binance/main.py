@@ -16,7 +16,7 @@ import click
 
 from ..config import Config, ConfigError, database_dsn, exit_on_config_error, non_negative, positive
 from ..health import Health
-from ..runtime import install_stop_signals, setup_logging, state_dir, watchdog_interval
+from ..runtime import install_stop_signals, setup_logging, state_dir, tune_gc, watchdog_interval
 from ..sink import Sink
 from . import adapter as A
 from .collector import BinanceCollector, Settings
@@ -102,6 +102,7 @@ async def _amain(dsn: str, sk: dict, settings: Settings, unit: str) -> int:
     health.sink = sink
     settings.watchdog_interval = watchdog_interval(settings.watchdog_interval)
     collector = BinanceCollector(settings, sink, health, dsn=dsn)
+    tune_gc()
     stop = asyncio.Event()
     install_stop_signals(asyncio.get_running_loop(), stop)
     rc = 0
