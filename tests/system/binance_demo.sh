@@ -86,5 +86,19 @@ $I bash -c 'cd /opt/src && ./install.sh --demo' > "$SDTEST_DIR/install2.log" 2>&
     || { bad "install.sh re-run"; tail -20 "$SDTEST_DIR/install2.log"; }
 [ "$(prop feed-binance ActiveState)" = active ] && ok "feed-binance active after re-install" || bad "not active after re-install"
 
+# the template unit: two instances share the symbols
+$I systemctl stop feed-binance
+$I systemctl start feed-binance@1of2 feed-binance@2of2 \
+    && [ "$(prop feed-binance@1of2 ActiveState)" = active ] && [ "$(prop feed-binance@2of2 ActiveState)" = active ] \
+    && ok "feed-binance@1of2 and @2of2 active" || bad "template instances not active"
+n1=$($I journalctl -u feed-binance@1of2 --no-pager | grep -o 'collecting [0-9]* symbols' | tail -1)
+n2=$($I journalctl -u feed-binance@2of2 --no-pager | grep -o 'collecting [0-9]* symbols' | tail -1)
+[ "$n1" = "collecting 10 symbols" ] && [ "$n2" = "collecting 10 symbols" ] \
+    && ok "symbols split between instances: $n1 / $n2 (of 20)" || bad "split: '$n1' '$n2'"
+hb=$(sql "select count(*) from feed_heartbeat where unit like 'feed-binance@%of2.service'")
+waitfor 30 test "$(sql "select count(*) from feed_heartbeat where unit like 'feed-binance@%of2.service'")" = 2 \
+    && ok "both instances write heartbeats" || bad "instance heartbeats: $hb"
+$I systemctl stop feed-binance@1of2 feed-binance@2of2
+
 echo "system test: $([ $fail = 0 ] && echo all checks passed || echo FAILED)"
 exit $fail

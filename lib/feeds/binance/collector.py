@@ -270,6 +270,7 @@ class BinanceCollector:
         step = A.INTERVAL_MS[iv]
         if last is not None and t - step > last and key not in self.kline_filling:
             # closed klines (last, t) missing: fill them from REST
+            self.kline_filling.add(key)
             self._spawn(self._fill_klines(sym, iv, last + step, t - 1))
         if closed:
             if last is not None and t <= last:
@@ -348,7 +349,6 @@ class BinanceCollector:
 
     async def _fill_klines(self, symbol: str, interval: str, start_ms: int, end_ms: int) -> None:
         key = (symbol, interval)
-        self.kline_filling.add(key)
         try:
             cur, total, delay = start_ms, 0, 1.0
             while cur <= end_ms and not self._stop.is_set():

@@ -115,6 +115,9 @@ async def _amain(dsn: str, sk: dict, settings: Settings, unit: str) -> int:
     pending = sink.pending
     ok = await asyncio.to_thread(sink.close, 60.0)
     stored = sum(t.stored for t in sink.stats.tables.values())
+    health.state = "stopped"
+    health.last_status = f"stopped; {stored:,} rows stored in this run"
+    await asyncio.to_thread(health.heartbeat, dsn)
     log.info("stopped: %s (%d rows pending at stop; %d stored in this run; %d spooled)",
              "all rows committed or spooled" if ok else "NOT all rows written", pending, stored,
              sink.stats.spooled_rows)
