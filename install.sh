@@ -118,20 +118,22 @@ runuser -u feeds -- "$PREFIX/bin/feed-migrate" --sql-dir "$PREFIX/sql"
 for u in "$SRC"/systemd/*.service "$SRC"/systemd/*.timer; do
     install -m 644 "$u" "$UNITDIR/$(basename "$u")"
 done
-dropin="$UNITDIR/feed-binance.service.d"
-if [ $DEMO = 1 ]; then
-    install -d "$dropin"
-    cat > "$dropin/demo.conf" <<EOF
-# Written by install.sh --demo: feed-binance reads the simulator's configuration.
+for unit in feed-binance.service feed-binance@.service; do
+    dropin="$UNITDIR/$unit.d"
+    if [ $DEMO = 1 ]; then
+        install -d "$dropin"
+        cat > "$dropin/demo.conf" <<EOF
+# Written by install.sh --demo: the collector reads the simulator's configuration.
 [Unit]
 Wants=feed-sim-binance.service
 After=feed-sim-binance.service
 [Service]
 Environment=FEEDS_BINANCE_CONFIG=$ETC/binance-demo.toml
 EOF
-else
-    rm -f "$dropin/demo.conf"
-fi
+    else
+        rm -f "$dropin/demo.conf"
+    fi
+done
 systemctl daemon-reload
 
 verify=$(systemd-analyze verify "$UNITDIR"/feed-*.service "$UNITDIR"/feed-*.timer 2>&1 || true)

@@ -130,3 +130,14 @@ def test_weight_limiter_waits_instead_of_exceeding_the_budget(monkeypatch):
 
 def test_kline_weights_follow_binance_table():
     assert [kline_weight(n) for n in (50, 100, 499, 500, 1000, 1500)] == [1, 2, 2, 5, 5, 10]
+
+
+def test_reconnect_backoff_is_capped_exponential_with_full_jitter():
+    c = make(FakeRest())
+    c.s.backoff_base, c.s.backoff_max = 1.0, 60.0
+    for attempt in range(12):
+        cap = min(60.0, 2.0 ** attempt)
+        waits = [c._backoff(attempt) for _ in range(300)]
+        assert all(0 <= w <= cap for w in waits)
+        assert max(waits) > cap * 0.8 and min(waits) < cap * 0.2      # spread over the whole range
+    assert max(c._backoff(30) for _ in range(300)) <= 60.0
