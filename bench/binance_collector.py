@@ -211,7 +211,7 @@ def pair(symbols: int, window: float, warmup: float = 15.0) -> dict:
 def latency(symbols: int, window: float, rate: float = 5000.0) -> dict:
     rig = Rig(symbols, rate)
     try:
-        p = rig.start_collector()
+        rig.start_collector()
         wait_rows(rig.dsn, 5_000, 90)
         time.sleep(5)
         # histogram of commit - event time, cumulative since start; take the difference over the window

@@ -1,5 +1,4 @@
 """The shared sink against a real PostgreSQL: COPY, de-duplication, spool and replay."""
-import threading
 import time
 from datetime import datetime, timedelta, timezone
 

@@ -95,9 +95,9 @@ n1=$($I journalctl -u feed-binance@1of2 --no-pager | grep -o 'collecting [0-9]* 
 n2=$($I journalctl -u feed-binance@2of2 --no-pager | grep -o 'collecting [0-9]* symbols' | tail -1)
 [ "$n1" = "collecting 10 symbols" ] && [ "$n2" = "collecting 10 symbols" ] \
     && ok "symbols split between instances: $n1 / $n2 (of 20)" || bad "split: '$n1' '$n2'"
-hb=$(sql "select count(*) from feed_heartbeat where unit like 'feed-binance@%of2.service'")
-waitfor 30 test "$(sql "select count(*) from feed_heartbeat where unit like 'feed-binance@%of2.service'")" = 2 \
-    && ok "both instances write heartbeats" || bad "instance heartbeats: $hb"
+hb2() { [ "$(sql "select count(*) from feed_heartbeat where unit like 'feed-binance@%of2.service' and state = 'running'")" = 2 ]; }
+waitfor 30 hb2 && ok "both instances write heartbeats (state running)" \
+    || bad "instance heartbeats: $(sql "select unit, state from feed_heartbeat")"
 $I systemctl stop feed-binance@1of2 feed-binance@2of2
 
 echo "system test: $([ $fail = 0 ] && echo all checks passed || echo FAILED)"

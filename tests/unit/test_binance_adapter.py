@@ -1,7 +1,6 @@
 """Binance message -> row conversion, on real recorded frames."""
 import json
 from datetime import datetime, timezone
-from decimal import Decimal
 
 import pytest
 

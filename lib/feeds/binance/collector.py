@@ -34,7 +34,6 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import orjson
 from binance import BinanceSocketManager
@@ -47,7 +46,6 @@ from . import adapter as A
 from .rest import BinanceRest
 
 log = logging.getLogger(__name__)
-UTC = timezone.utc
 
 
 @dataclass

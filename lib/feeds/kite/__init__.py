@@ -1,0 +1,10 @@
+"""Zerodha Kite Connect: live ticks (``feed-zerodha``) and the daily access
+token renewal (``feed-kite-token``).
+
+Modules: :mod:`.adapter` (ticker packets -> table rows), :mod:`.instruments`
+(instrument lists, resolution to instrument_token, connection split),
+:mod:`.session` (NSE sessions from the XNSE calendar), :mod:`.token` (the
+stored access token), :mod:`.login` (the renewal: headless Chromium, HTTP
+fallback), :mod:`.collector` (KiteTicker connections -> sink) and
+:mod:`.main` (the command lines).
+"""
