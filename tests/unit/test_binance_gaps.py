@@ -141,3 +141,36 @@ def test_reconnect_backoff_is_capped_exponential_with_full_jitter():
         assert all(0 <= w <= cap for w in waits)
         assert max(waits) > cap * 0.8 and min(waits) < cap * 0.2      # spread over the whole range
     assert max(c._backoff(30) for _ in range(300)) <= 60.0
+
+
+def test_exchange_info_refresh_adds_connections_and_retires_delisted(monkeypatch):
+    listings = [["AAAUSDT", "BBBUSDT"], ["AAAUSDT", "CCCUSDT", "DDDUSDT"]]
+
+    class Rest(FakeRest):
+        async def perpetual_symbols(self, quote_assets=None):
+            return listings.pop(0)
+    c = BinanceCollector(Settings(symbols=[], max_streams_per_connection=3), Sink(), Health(unit="u", notifier=N()))
+    c.rest = Rest()
+    started = []
+
+    async def fake_slot(slot):
+        started.append(slot)
+
+    monkeypatch.setattr(c, "_run_slot", fake_slot)
+
+    async def go():
+        c._stop = asyncio.Event()
+        c.symbols = await c.discover_symbols()
+        c.slots = c.plan(c.symbols)
+        n0 = len(c.slots)
+        added, removed = await c.refresh_symbols()
+        await asyncio.gather(*c._slot_tasks)
+        assert added == ["CCCUSDT", "DDDUSDT"] and removed == ["BBBUSDT"]
+        assert c.symbols == ["AAAUSDT", "CCCUSDT", "DDDUSDT"]
+        assert len(started) == len(c.slots) - n0 > 0
+        assert [s.index for s in c.slots] == list(range(len(c.slots)))
+        new_streams = {n for s in started for n in s.streams}
+        assert "cccusdt@aggTrade" in new_streams and "dddusdt@bookTicker" in new_streams
+        assert all(r.retired for r in c.routes.values() if r.symbol == "BBBUSDT")
+        assert not any(r.retired for r in c.routes.values() if r.symbol != "BBBUSDT")
+    asyncio.run(go())

@@ -72,6 +72,7 @@ class Settings:
     heartbeat_interval: float = 10.0
     watchdog_interval: float = 2.0
     connect_stagger: float = 0.1
+    symbols_refresh: float = 3600.0
 
 
 class _Frame:
@@ -99,6 +100,7 @@ class _Route:
     health: object
     slot: "_Slot"
     interval: str = ""
+    retired: bool = False      # symbol no longer listed: its silence is expected
 
 
 @dataclass
@@ -131,6 +133,8 @@ class BinanceCollector:
         self.rest: BinanceRest | None = None     # made in run(): python-binance binds to the running loop
         self.routes: dict[str, _Route] = {}
         self.slots: list[_Slot] = []
+        self._slot_tasks: list[asyncio.Task] = []
+        self._next_refresh = 0.0
         self.last_agg: dict[str, int] = {}
         self.last_trade_id: dict[str, int] = {}
         self.ticker_last_trade: dict[str, tuple[int, float]] = {}
@@ -173,7 +177,7 @@ class BinanceCollector:
             items = by_cat[cat]
             for j in range(0, len(items), per):
                 chunk = items[j:j + per]
-                slot = _Slot(len(slots), cat, [c[0] for c in chunk])
+                slot = _Slot(len(self.slots) + len(slots), cat, [c[0] for c in chunk])
                 for name, kind, sym, iv in chunk:
                     self.routes[name] = _Route(kind, sym, self.health.stream(name), slot, iv)
                 slots.append(slot)
@@ -527,6 +531,8 @@ class BinanceCollector:
         stale: list[str] = []
         limits = self.s.stale_after
         for name, r in self.routes.items():
+            if r.retired:
+                continue
             slot = r.slot
             if not slot.opened_at or now - slot.opened_at < 5.0:
                 continue
@@ -614,7 +620,38 @@ class BinanceCollector:
                 await asyncio.to_thread(self.health.heartbeat, self.dsn)
             if self.sink.fatal:
                 raise RuntimeError(f"sink writer failed: {self.sink.fatal!r}")
+            if not s.symbols and s.symbols_refresh and now >= self._next_refresh:
+                self._next_refresh = now + s.symbols_refresh
+                self._spawn(self.refresh_symbols())
             await self._sleep(s.watchdog_interval)
+
+    async def refresh_symbols(self) -> tuple[list[str], list[str]]:
+        """Re-read exchangeInfo: new perpetuals get connections of their own;
+        delisted ones are retired (their silence no longer counts as stale).
+        Returns ``(added, removed)``."""
+        try:
+            current = await self.discover_symbols()
+        except Exception as e:
+            log.warning("exchangeInfo refresh failed (%s); keeping %d symbols", e, len(self.symbols))
+            return [], []
+        known = set(self.symbols)
+        added = [x for x in current if x not in known]
+        removed = sorted(known - set(current))
+        for r in self.routes.values():
+            if r.symbol in removed:
+                r.retired = True
+        if added:
+            new = self.plan(added)
+            self.slots.extend(new)
+            self.symbols.extend(added)
+            for slot in new:
+                self._slot_tasks.append(asyncio.create_task(self._run_slot(slot)))
+                await asyncio.sleep(self.s.connect_stagger)
+        self.symbols = [x for x in self.symbols if x not in removed]
+        if added or removed:
+            log.info("exchangeInfo changed: %d symbol(s) added (%s), %d retired (%s)", len(added),
+                     ",".join(added[:10]), len(removed), ",".join(removed[:10]))
+        return added, removed
 
     async def run(self, stop: asyncio.Event) -> None:
         """Collect until ``stop`` is set.  Raises when the sink's writer dies."""
@@ -645,6 +682,7 @@ class BinanceCollector:
         if symbols is None:
             return
         self.symbols = symbols
+        self.slots = []
         self.slots = self.plan(self.symbols)
         log.info("collecting %d symbols, %d streams over %d connections (%d market, %d public)",
                  len(self.symbols), len(self.routes), len(self.slots),
@@ -652,7 +690,8 @@ class BinanceCollector:
                  sum(1 for x in self.slots if x.category == "public"))
         await self.load_resume_state()
         self.health.notifier.notify(f"STATUS=connecting {len(self.slots)} connections")
-        slot_tasks = []
+        self._next_refresh = time.monotonic() + self.s.symbols_refresh
+        slot_tasks = self._slot_tasks = []
         for slot in self.slots:
             slot_tasks.append(asyncio.create_task(self._run_slot(slot)))
             await asyncio.sleep(self.s.connect_stagger)   # Binance: at most 300 connection attempts / 5 min

@@ -66,6 +66,7 @@ def load_settings(cfg: Config, shard: str | None = None, symbols: str | None = N
         gap_fill_max_trades=cfg.get(b + "gap_fill_max_trades", int, 1_000_000, check=positive),
         resume_lookback_hours=cfg.get(b + "resume_lookback_hours", float, 48.0, check=non_negative),
         status_interval=cfg.get(b + "status_interval", float, 10.0, check=positive),
+        symbols_refresh=cfg.get(b + "symbols_refresh", float, 3600.0, check=non_negative),
     )
     for k in s.symbols:
         if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z0-9_]+", k):

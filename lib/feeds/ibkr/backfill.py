@@ -1,0 +1,869 @@
+"""The IBKR one-minute backfill: plan, fetch, check, store; resumable.
+
+Unit of work: one exchange session of one contract.  Each session is one
+``reqHistoricalData`` request (TWS API "Historical Bar Data"):
+``endDateTime`` = the session close as ``yyyymmdd-hh:mm:ss`` UTC,
+``durationStr`` ``"1 D"``, ``barSizeSetting`` ``"1 min"``, ``whatToShow``
+TRADES, ``useRTH`` 1, ``formatDate`` 2 (epoch seconds, so bar times are
+UTC without any time-zone guessing).  The answer is checked
+(:mod:`feeds.ibkr.bars`) and the bars and the session's status row are
+committed in one transaction (:mod:`feeds.ibkr.store`), so a crash or
+``kill -9`` never leaves half a day and a new run starts from the status
+table: no completed session is requested again.
+
+Plan (:meth:`Backfill.plan`): for each STK/IND contract of the contracts
+file (FUT and OPT rows are validated and skipped), every weekday from the
+last finished session (close + ``settle`` passed; or ``--to``) back to IB's
+head timestamp (``reqHeadTimeStamp``, cached in ``ibkr_contract``), to
+``--from`` or to the configured ``earliest`` date, whichever is latest.
+Holidays of the contract's exchange calendar are recorded HOLIDAY without a
+request.  Sessions already COMPLETE, EARLY_CLOSE or HOLIDAY are skipped,
+ERROR ones too unless ``--retry-failed``; PENDING, PARTIAL and new ones are
+fetched, newest date first (then higher priority, then symbol) so that the
+nightly top-up lands first and requests for one contract are spread out.
+
+Requests go through one :class:`~feeds.ibkr.pacing.PacingLimiter`;
+``concurrency`` requests may be open at once (at most 50, IB's limit).
+
+Errors: ib_async returns an empty list when a request fails unless errors
+are watched.  Here ``RaiseRequestErrors`` is on, so a failed request raises
+``RequestError(reqId, code, text)`` into the worker that sent it, and
+``errorEvent`` is watched for everything else.  Every error is recorded
+against its session:
+
+* 162 pacing violation: the limiter pauses (back-off), the session stays
+  PENDING with the error text and is retried;
+* 162 query cancelled, 322, 366, 10182, a timeout or a lost connection:
+  transient, PENDING, retried (at most ``max_attempts`` times a run);
+* 162 "HMDS query returned no data", 200, 354, 321 and any other error:
+  ERROR with IB's code and text, fetched again only with ``--retry-failed``.
+
+An error never marks a session HOLIDAY or COMPLETE.  Errors of contract
+resolution (200 for an unknown contract, 354 not subscribed) are recorded
+as ERROR on the contract's sessions of an explicit ``--from``/``--date``
+range, or on its newest planned session, while the other contracts go on.
+
+Connection: ``connectAsync(readonly=True)`` with a unique clientId (the
+configured one; on error 326 "client id is already in use" the next ones are
+tried).  On a socket loss the workers stop taking sessions, the run
+reconnects with exponential back-off (for at most ``reconnect_timeout``
+seconds), re-reads the status table and goes on.  1100 (IB-TWS connectivity
+lost) pauses new requests until 1101 or 1102; 1101 ("data lost") also
+re-sends the requests that were open.  2104, 2106, 2158 and the other 21xx
+codes are information, logged, not counted as errors.
+
+Progress: every ``status_interval`` seconds a journal line and sd_notify
+``STATUS=`` (sessions done/total, requests, bars, ETA from the pacing
+rules); a final ``summary:`` line.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import datetime as dt
+import functools
+import logging
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ib_async import IB, Contract
+from ib_async.ib import StartupFetchNONE
+from ib_async.wrapper import RequestError
+
+from .bars import check_session, keep_wire_text
+from .contracts import ContractRow
+from .pacing import PacingLimiter, is_pacing_violation
+from .sessions import Session, SessionCalendar
+from .store import DONE_STATUSES, BackfillStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Settings", "Selection", "Backfill", "RunSummary", "ContractPlan", "Plan", "BackfillFailed",
+           "fmt_duration", "INFO_CODES", "TRANSIENT_CODES"]
+
+BAR_SIZE = "1 min"
+DURATION = "1 D"
+FORMAT_DATE = 2
+#: Codes that are information, not errors (data farm connection notices and other 21xx).
+INFO_CODES = frozenset({2104, 2106, 2107, 2108, 2119, 2158, 2174})
+#: Request errors after which the session is simply requested again.
+TRANSIENT_CODES = frozenset({322, 366, 502, 504, 1100, 10182})
+_CONN_CODES = {1100, 1101, 1102, 1300}
+
+
+class BackfillFailed(Exception):
+    """The run cannot go on (no connection within the reconnect budget,
+    database failure)."""
+
+
+class _DataLost(ConnectionError):
+    """IB reported 1101: open requests will not be answered."""
+
+
+@dataclass
+class Settings:
+    """Run settings (``[ibkr]`` and ``[backfill]`` of ibkr.toml).
+
+    Times in seconds unless said otherwise; ``settle``: how long after a
+    session's close its bars are considered final; ``earliest``: never plan
+    before this date.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 7497
+    client_id: int = 71
+    client_id_tries: int = 5
+    connect_timeout: float = 15.0
+    request_timeout: float = 120.0
+    concurrency: int = 4
+    max_attempts: int = 4
+    reconnect_timeout: float = 600.0
+    what_to_show: str = "TRADES"
+    use_rth: bool = True
+    settle: dt.timedelta = dt.timedelta(minutes=30)
+    status_interval: float = 30.0
+    pacing_scale: float = 1.0
+    earliest: dt.date | None = None
+
+
+@dataclass
+class Selection:
+    """What to fetch: ``symbols`` (None = all), ``first``/``last`` (dates,
+    None = head timestamp / last finished session), ``retry_failed``,
+    ``priority_only``."""
+
+    symbols: Sequence[str] | None = None
+    first: dt.date | None = None
+    last: dt.date | None = None
+    retry_failed: bool = False
+    priority_only: bool = False
+
+    @property
+    def explicit(self) -> bool:
+        return self.first is not None
+
+
+@dataclass
+class _Resolved:
+    row: ContractRow
+    contract: Contract | None = None
+    con_id: int | None = None
+    time_zone: str | None = None
+    head: dt.datetime | None = None
+    error: str | None = None
+    head_known: bool = True
+
+
+@dataclass
+class ContractPlan:
+    """The plan for one contract: ``sessions`` to request (newest first),
+    ``holidays`` to record, counts of sessions already done or skipped
+    (ERROR without --retry-failed), the date range, the head timestamp and,
+    for an unresolvable contract, ``error``."""
+
+    row: ContractRow
+    con_id: int | None
+    first: dt.date | None
+    last: dt.date | None
+    head: dt.datetime | None
+    sessions: list[Session] = field(default_factory=list)
+    holidays: list[dt.date] = field(default_factory=list)
+    done: int = 0
+    skipped_errors: int = 0
+    error: str | None = None
+    head_known: bool = True
+
+    @property
+    def requests(self) -> int:
+        return 0 if self.error else len(self.sessions)
+
+
+@dataclass
+class Plan:
+    """All contracts' plans and the duration the pacing rules imply (s)."""
+
+    contracts: list[ContractPlan]
+    duration: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        return sum(c.requests for c in self.contracts)
+
+
+@dataclass
+class _Job:
+    res: _Resolved
+    session: Session
+    priority: int
+    attempts: int = 0
+
+    @property
+    def key(self) -> tuple[str, dt.date]:
+        return (self.res.row.symbol, self.session.day)
+
+
+@dataclass
+class RunSummary:
+    """Counters of one run (also written to ``ibkr_backfill_run``)."""
+
+    run_id: int | None = None
+    planned: int = 0
+    done: int = 0
+    left_pending: int = 0
+    holidays: int = 0
+    requests: int = 0
+    bars: int = 0
+    errors: int = 0
+    pacing_violations: int = 0
+    reconnects: int = 0
+    connectivity_losses: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    contract_errors: dict[str, str] = field(default_factory=dict)
+    elapsed: float = 0.0
+    failed: str | None = None
+    request_times: list[float] = field(default_factory=list)
+
+    def line(self) -> str:
+        st = ", ".join(f"{k} {self.statuses[k]}" for k in ("COMPLETE", "EARLY_CLOSE", "PARTIAL", "ERROR")
+                       if self.statuses[k])
+        parts = [f"{self.planned} sessions planned, {self.done} done" + (f" ({st})" if st else ""),
+                 f"{self.left_pending} left PENDING", f"{self.holidays} HOLIDAY recorded",
+                 f"{self.requests} requests", f"{self.bars:,} bars stored", f"{self.errors} IB errors",
+                 f"{self.pacing_violations} pacing violations", f"{self.reconnects} reconnects"]
+        head = f"run {self.run_id} " if self.run_id is not None else ""
+        state = f"FAILED ({self.failed})" if self.failed else "finished"
+        return f"summary: {head}{state} in {fmt_duration(self.elapsed)}: " + ", ".join(parts)
+
+
+def fmt_duration(seconds: float) -> str:
+    """``1h02m``, ``4m10s``, ``12s`` (``?`` for infinity)."""
+    if seconds is None or math.isinf(seconds) or math.isnan(seconds):
+        return "?"
+    s = int(round(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
+
+
+def _utc_end(t: dt.datetime) -> str:
+    """TWS API explicit UTC form ``yyyymmdd-hh:mm:ss``."""
+    return t.astimezone(dt.timezone.utc).strftime("%Y%m%d-%H:%M:%S")
+
+
+class Backfill:
+    """One feed-backfill run.
+
+    Args:
+        settings: :class:`Settings`.
+        contracts: rows of the contracts file.
+        store: a :class:`~feeds.ibkr.store.BackfillStore` (used from one
+            worker thread only).
+        limiter: the pacing limiter (default: one with ``settings.pacing_scale``).
+        notifier: object with ``notify(str)`` for sd_notify (default: sdnotify's).
+        now: returns the current time (aware); default UTC wall clock.
+
+    :meth:`run` fetches; :meth:`dry_run` only plans.  Raises
+    :class:`BackfillFailed` when the run cannot go on.
+    """
+
+    def __init__(self, settings: Settings, contracts: Sequence[ContractRow], store: BackfillStore, *,
+                 limiter: PacingLimiter | None = None, notifier=None,
+                 now: Callable[[], dt.datetime] | None = None):
+        self.s = settings
+        self.rows = list(contracts)
+        self.store = store
+        self.limiter = limiter or PacingLimiter(scale=settings.pacing_scale)
+        if notifier is None:
+            import sdnotify
+            notifier = sdnotify.SystemdNotifier()
+        self.notifier = notifier
+        self.now = now or (lambda: dt.datetime.now(dt.timezone.utc))
+        self._calendars: dict[str, SessionCalendar] = {}
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.ib: IB | None = None
+        self.client_id: int | None = None
+        self.summary = RunSummary()
+        self._resolved: dict[str, _Resolved] = {}
+        self._queue: deque[_Job] = deque()
+        self._attempts: dict[tuple[str, dt.date], int] = {}
+        self._finished: set[tuple[str, dt.date]] = set()
+        self._inflight: dict[int, tuple[_Job, asyncio.Future]] = {}
+        self._busy = 0
+        self._planned: set[tuple[str, dt.date]] = set()
+        self._active: set[tuple[str, dt.date]] = set()
+        self._link_up = False
+        self._ib_ok = True
+        self._ready = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._selection = Selection()
+        self._total = 0
+        self._t0 = time.monotonic()
+
+    # ------------------------------------------------------------ helpers
+    def calendar(self, name: str) -> SessionCalendar:
+        cal = self._calendars.get(name)
+        if cal is None:
+            cal = self._calendars[name] = SessionCalendar(name)
+        return cal
+
+    async def _db(self, fn, *args, **kwargs):
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="backfill-db")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def _selected(self, sel: Selection) -> list[ContractRow]:
+        want = {s.upper() for s in sel.symbols} if sel.symbols else None
+        out = []
+        for row in self.rows:
+            if want is not None and row.symbol not in want:
+                continue
+            if sel.priority_only and row.priority <= 0:
+                continue
+            if not row.fetched:
+                log.info("contract %s %s (line %d) is validated but not fetched: only STK and IND are",
+                         row.symbol, row.sec_type, row.line)
+                continue
+            out.append(row)
+        return out
+
+    def _set_ready(self) -> None:
+        if self._link_up and self._ib_ok:
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+    # --------------------------------------------------------- connection
+    async def connect(self, attempts_deadline: float | None = None) -> IB:
+        """Connect (read-only, no start-up account/order fetches) with a
+        unique clientId; retries with back-off until ``attempts_deadline``
+        (monotonic; default now + reconnect_timeout).  Raises
+        :class:`BackfillFailed`."""
+        deadline = attempts_deadline if attempts_deadline is not None else time.monotonic() + self.s.reconnect_timeout
+        delay = 0.5
+        last_err = ""
+        while True:
+            for i in range(max(1, self.s.client_id_tries)):
+                cid = self.s.client_id + i
+                ib = IB()
+                ib.RaiseRequestErrors = True
+                codes: list[tuple[int, str]] = []
+
+                def collect(r, c, t, k, codes=codes):
+                    codes.append((c, t))
+
+                ib.errorEvent += collect
+                try:
+                    await ib.connectAsync(self.s.host, self.s.port, clientId=cid, timeout=self.s.connect_timeout,
+                                          readonly=True, fetchFields=StartupFetchNONE)
+                except (OSError, asyncio.TimeoutError, ConnectionError, RequestError) as e:
+                    ib.disconnect()
+                    ib.errorEvent -= collect
+                    if any(c == 326 for c, _ in codes):
+                        log.warning("clientId %d is in use (IB error 326); trying %d", cid, cid + 1)
+                        last_err = "every clientId tried is in use (326)"
+                        continue
+                    last_err = f"{type(e).__name__}: {e}".strip().rstrip(":")
+                    break
+                ib.errorEvent -= collect
+                self._attach(ib, cid)
+                return ib
+            if time.monotonic() + delay > deadline:
+                raise BackfillFailed(f"cannot connect to TWS/IB Gateway at {self.s.host}:{self.s.port}: {last_err}")
+            log.warning("cannot connect to %s:%d (%s); retrying in %.1fs", self.s.host, self.s.port, last_err, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    def _attach(self, ib: IB, cid: int) -> None:
+        keep_wire_text(ib)
+        ib.errorEvent += self._on_error
+        ib.disconnectedEvent += lambda ib=ib: self._on_disconnect(ib)
+        self.ib = ib
+        self.client_id = cid
+        self._link_up = True
+        self._ib_ok = True
+        self._lost.clear()
+        self._set_ready()
+        log.info("connected to %s:%d clientId %d server version %d accounts %s", self.s.host, self.s.port, cid,
+                 ib.client.serverVersion(), ",".join(ib.client.getAccounts()) or "-")
+
+    def _on_disconnect(self, ib: IB) -> None:
+        if ib is not self.ib or not self._link_up or self._stop.is_set():
+            return
+        self._link_up = False
+        self._set_ready()
+        self._lost.set()
+        self._changed.set()
+        log.warning("connection to %s:%d lost", self.s.host, self.s.port)
+
+    def _on_error(self, req_id: int, code: int, text: str, contract) -> None:
+        if code in INFO_CODES or 2100 <= code < 2200:
+            log.info("IB notice %d: %s", code, text)
+            return
+        if code == 1100:
+            self.summary.connectivity_losses += 1
+            self._ib_ok = False
+            self._set_ready()
+            log.warning("IB error 1100: %s: new requests wait for 1101/1102", text)
+            return
+        if code in (1101, 1102):
+            self._ib_ok = True
+            self._set_ready()
+            if code == 1101:
+                n = 0
+                for rid, (_job, fut) in list(self._inflight.items()):
+                    if not fut.done():
+                        fut.set_exception(_DataLost(f"IB 1101: {text}"))
+                        if self.ib is not None and self.ib.isConnected():
+                            self.ib.client.cancelHistoricalData(rid)
+                        n += 1
+                log.warning("IB 1101: %s: %d open requests will be sent again", text, n)
+            else:
+                log.info("IB 1102: %s", text)
+            return
+        self.summary.errors += 1
+        job = self._inflight.get(req_id, (None, None))[0]
+        if job is not None:
+            log.info("IB error %d for %s %s reqId %d: %s", code, job.res.row.symbol, job.session.day, req_id, text)
+        else:
+            log.warning("IB error %d reqId %d: %s", code, req_id, text)
+
+    # ------------------------------------------------------- resolution
+    async def _resolve(self, row: ContractRow, cached: dict) -> _Resolved:
+        """Contract details and head timestamp, from IB (cached in ibkr_contract)."""
+        got = self._resolved.get(row.symbol)
+        if got is not None and got.error is None:
+            return got
+        assert self.ib is not None
+        ib = self.ib
+        res = _Resolved(row)
+        contract = row.to_ib()
+        try:
+            details = await asyncio.wait_for(ib.reqContractDetailsAsync(contract), self.s.request_timeout)
+        except RequestError as e:
+            res.error = f"IB error {e.code}: {e.message}"
+        else:
+            if not details:
+                res.error = "IB returned no contract details"
+            elif len(details) > 1:
+                res.error = (f"ambiguous: {len(details)} contracts match "
+                             "(give primaryExchange or conId in the contracts file)")
+            else:
+                d = details[0]
+                res.contract = d.contract
+                res.contract.exchange = row.exchange
+                res.con_id = d.contract.conId
+                res.time_zone = d.timeZoneId or None
+        if res.error is None:
+            con_id, head = cached.get(row.symbol, (None, None))
+            if head is not None and con_id == res.con_id:
+                res.head = head
+            else:
+                try:
+                    h = await asyncio.wait_for(
+                        ib.reqHeadTimeStampAsync(res.contract, self.s.what_to_show, self.s.use_rth, FORMAT_DATE),
+                        self.s.request_timeout)
+                except RequestError as e:
+                    res.error = f"IB error {e.code}: {e.message}"
+                else:
+                    if not isinstance(h, dt.datetime):
+                        res.error = f"head timestamp not understood: {h!r}"
+                    else:
+                        res.head = h if h.tzinfo else h.replace(tzinfo=dt.timezone.utc)
+        if res.error:
+            log.error("contract %s (line %d): %s", row.symbol, row.line, res.error)
+        else:
+            log.info("contract %s conId %s %s/%s %s head timestamp %s", row.symbol, res.con_id, row.exchange,
+                     row.primary_exchange or "-", res.time_zone or "-", res.head.isoformat() if res.head else "-")
+        await self._db(self.store.save_contract, row.symbol, res.con_id, row.sec_type, row.exchange,
+                       row.primary_exchange, row.currency, res.time_zone, row.calendar, res.head)
+        self._resolved[row.symbol] = res
+        return res
+
+    # ------------------------------------------------------------- plan
+    def _plan_contract(self, res: _Resolved, sel: Selection, statuses: dict) -> ContractPlan:
+        row = res.row
+        cal = self.calendar(row.calendar)
+        now = self.now()
+        last = sel.last
+        if last is None:
+            lf = cal.last_finished(now, self.s.settle)
+            last = lf.day if lf else None
+        first_opts = [d for d in (sel.first, self.s.earliest) if d is not None]
+        if res.head is not None:
+            first_opts.append(res.head.astimezone(cal.tz).date())
+        first = max(first_opts) if first_opts else None
+        cp = ContractPlan(row, res.con_id, first, last, res.head, error=res.error, head_known=res.head_known)
+        if last is None:
+            return cp
+        if res.error is not None:
+            # Unresolvable contract: the error goes on the explicit range, else on the newest session.
+            first = sel.first if sel.first is not None else last
+            cp.first = first
+        if first is None or first > last:
+            return cp
+        for day, session in cal.days(first, last):
+            st = statuses.get((row.symbol, day))
+            if session is None:
+                if st is None or st.status != "HOLIDAY":
+                    cp.holidays.append(day)
+                continue
+            if not session.started(now):
+                continue
+            if st is not None and st.status in DONE_STATUSES:
+                cp.done += 1
+                continue
+            if st is not None and st.status == "ERROR" and not sel.retry_failed and res.error is None:
+                cp.skipped_errors += 1
+                continue
+            if (row.symbol, day) in self._finished:
+                continue
+            cp.sessions.append(session)
+        return cp
+
+    async def plan(self, sel: Selection, resolve: bool = True) -> Plan:
+        """Resolve the selected contracts (when connected and ``resolve``)
+        and build the plan from the status table.  Writes nothing."""
+        rows = self._selected(sel)
+        cached = await self._db(self.store.cached_heads)
+        resolved = []
+        for row in rows:
+            if resolve and self.ib is not None and self.ib.isConnected():
+                res = await self._resolve(row, cached)
+            else:
+                res = self._resolved.get(row.symbol) or _Resolved(row)
+                if res.con_id is None and row.symbol in cached:
+                    res.con_id, res.head = cached[row.symbol]
+                if res.head is None:
+                    res.head_known = False
+            resolved.append(res)
+        plans = []
+        for res in resolved:
+            cal = self.calendar(res.row.calendar)
+            lo = min(d for d in (sel.first, self.s.earliest, res.head.date() if res.head else None,
+                                 dt.date(1990, 1, 1)) if d is not None)
+            hi = sel.last or self.now().astimezone(cal.tz).date()
+            statuses = await self._db(self.store.statuses, [res.row.symbol], lo, hi)
+            plans.append(self._plan_contract(res, sel, statuses))
+        plan = Plan(plans)
+        plan.duration = self.limiter.plan_duration([c.requests for c in plans])
+        return plan
+
+    def _jobs(self, plan: Plan) -> list[_Job]:
+        jobs = []
+        for cp in plan.contracts:
+            if cp.error is not None:
+                continue
+            res = self._resolved[cp.row.symbol]
+            for s in cp.sessions:
+                jobs.append(_Job(res, s, cp.row.priority, self._attempts.get((cp.row.symbol, s.day), 0)))
+        jobs.sort(key=lambda j: (-j.session.day.toordinal(), -j.priority, j.res.row.symbol))
+        return jobs
+
+    async def _apply_plan(self, plan: Plan, first_time: bool) -> None:
+        """Record holidays, contract errors and PENDING rows; fill the queue."""
+        holidays = [(cp.row.symbol, cp.con_id, d) for cp in plan.contracts for d in cp.holidays]
+        await self._db(self.store.mark_holidays, holidays)
+        self.summary.holidays += len(holidays)
+        for cp in plan.contracts:
+            if cp.error is None:
+                continue
+            self.summary.contract_errors[cp.row.symbol] = cp.error
+            for s in cp.sessions:
+                if (cp.row.symbol, s.day) in self._finished:
+                    continue
+                await self._db(self.store.record_error, cp.row.symbol, cp.con_id, s, "ERROR", cp.error, 0)
+                self._finished.add((cp.row.symbol, s.day))
+                self.summary.statuses["ERROR"] += 1
+                self.summary.done += 1
+                if first_time:
+                    self.summary.planned += 1
+        jobs = self._jobs(plan)
+        await self._db(self.store.mark_pending, [(j.res.row.symbol, j.res.con_id, j.session) for j in jobs])
+        self._queue = deque(jobs)
+        self._planned.update(j.key for j in jobs)
+        if first_time:
+            self.summary.planned += len(jobs)
+            self._total = self.summary.planned
+
+    # -------------------------------------------------------------- run
+    async def dry_run(self, sel: Selection, connect: bool = True) -> Plan:
+        """The plan without fetching or writing anything.  Connects (once,
+        no retries) to resolve contracts and head timestamps; when TWS is
+        not reachable the cached head timestamps are used."""
+        if connect:
+            try:
+                self.ib = await self.connect(time.monotonic())
+            except BackfillFailed as e:
+                log.warning("%s: planning from cached head timestamps", e)
+                self.ib = None
+        try:
+            return await self.plan(sel, resolve=self.ib is not None)
+        finally:
+            if self.ib is not None:
+                self.ib.disconnect()
+            self._shutdown_executor()
+
+    async def run(self, sel: Selection, arguments: str = "") -> RunSummary:
+        """Fetch every selected session not yet complete; returns the
+        summary (``summary.failed`` set when the run could not finish).
+        Raises :class:`BackfillFailed` when the database lock is held."""
+        self._t0 = time.monotonic()
+        self._selection = sel
+        self._ready = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._stop = asyncio.Event()
+        sm = self.summary
+        await self._db(self.store.connect)
+        if not await self._db(self.store.try_lock):
+            raise BackfillFailed("another feed-backfill is running (database advisory lock held)")
+        sm.run_id = await self._db(self.store.start_run, arguments, None)
+        self.notifier.notify("STATUS=connecting")
+        progress = None
+        try:
+            self.ib = await self.connect()
+            await self._db(self.store.update_run, sm.run_id, client_id=self.client_id)
+            plan = await self.plan(sel)
+            await self._apply_plan(plan, first_time=True)
+            log.info("plan: %d sessions to fetch for %d contracts (%s), %d holidays recorded; pacing implies %s",
+                     len(self._queue), len(plan.contracts),
+                     ", ".join(f"{c.row.symbol} {c.requests}" for c in plan.contracts), sm.holidays,
+                     fmt_duration(plan.duration))
+            progress = asyncio.create_task(self._progress_loop())
+            await self._run_workers()
+        except BackfillFailed as e:
+            sm.failed = str(e)
+            log.error("%s", e)
+        except Exception as e:  # database or client failure: say what, leave the rest to the next run
+            sm.failed = f"{type(e).__name__}: {e}".strip()
+            log.exception("backfill failed")
+        finally:
+            if progress is not None:
+                progress.cancel()
+                await asyncio.gather(progress, return_exceptions=True)
+            self._stop.set()
+            sm.left_pending = len(self._planned - self._finished)
+            if sm.failed is None and sm.left_pending:
+                sm.failed = f"{sm.left_pending} sessions left PENDING after {self.s.max_attempts} attempts"
+            sm.pacing_violations = self.limiter.violations
+            sm.elapsed = time.monotonic() - self._t0
+            if self.limiter.history is not None:
+                sm.request_times = list(self.limiter.history)
+            line = sm.line()
+            log.info("%s", line)
+            self.notifier.notify("STATUS=" + line[:1000])
+            try:
+                await self._db(self.store.update_run, sm.run_id, finished=True,
+                               state="failed" if sm.failed else "finished", sessions_planned=sm.planned,
+                               sessions_done=sm.done, requests=sm.requests, bars_stored=sm.bars, errors=sm.errors,
+                               pacing_violations=sm.pacing_violations, reconnects=sm.reconnects, summary=line)
+            except Exception as e:  # the summary line above already says what happened
+                log.error("run log not updated: %s", e)
+            if self.ib is not None:
+                self.ib.disconnect()
+            self._shutdown_executor()
+        return sm
+
+    async def _run_workers(self) -> None:
+        supervisor = asyncio.create_task(self._supervise())
+        workers = asyncio.gather(*(self._worker(i) for i in range(max(1, min(self.s.concurrency, 50)))))
+        try:
+            await asyncio.wait([supervisor, workers], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (supervisor, workers):
+                t.cancel()
+            await asyncio.gather(supervisor, workers, return_exceptions=True)
+        if supervisor.done() and not supervisor.cancelled() and supervisor.exception() is not None:
+            raise supervisor.exception()
+        if workers.done() and not workers.cancelled() and workers.exception() is not None:
+            raise workers.exception()
+
+    def _shutdown_executor(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def _supervise(self) -> None:
+        """Reconnect after a socket loss and re-plan from the status table."""
+        while True:
+            await self._lost.wait()
+            if self._stop.is_set():
+                return
+            self.summary.reconnects += 1
+            log.warning("reconnecting to %s:%d (reconnect %d)", self.s.host, self.s.port, self.summary.reconnects)
+            self.notifier.notify("STATUS=reconnecting to TWS/IB Gateway")
+            self.ib = await self.connect()
+            plan = await self.plan(self._selection)
+            await self._apply_plan(plan, first_time=False)
+            log.info("reconnected: %d sessions left, taken from the status table", len(self._queue))
+            self._changed.set()
+
+    async def _worker(self, n: int) -> None:
+        while True:
+            if not self._ready.is_set():
+                if not self._queue and not self._busy and self._link_up:
+                    return
+                await self._ready.wait()
+            if not self._queue:
+                if not self._busy:
+                    self._changed.set()
+                    return
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            job = self._queue.popleft()
+            if job.key in self._finished or job.key in self._active:
+                continue
+            self._busy += 1
+            self._active.add(job.key)
+            try:
+                await self._fetch(job)
+            finally:
+                self._busy -= 1
+                self._active.discard(job.key)
+                self._changed.set()
+
+    def _requeue(self, job: _Job, error: str) -> None:
+        if job.attempts >= self.s.max_attempts:
+            log.error("%s %s: giving up for this run after %d attempts (%s); stays PENDING",
+                      job.res.row.symbol, job.session.day, job.attempts, error)
+            return
+        self._queue.append(job)
+
+    async def _fetch(self, job: _Job) -> None:
+        res, session, sm = job.res, job.session, self.summary
+        row = res.row
+        what = self.s.what_to_show
+        end = _utc_end(session.close)
+        ident = (res.con_id, row.exchange, end, DURATION, BAR_SIZE, what, self.s.use_rth, FORMAT_DATE)
+        ckey = (res.con_id, row.exchange, what)
+        await self.limiter.acquire(ident, ckey, self.limiter.weight_for(what))
+        ib = self.ib
+        if ib is None or not self._ready.is_set() or not ib.isConnected():
+            self.limiter.release()
+            self._queue.appendleft(job)
+            return
+        job.attempts += 1
+        self._attempts[job.key] = job.attempts
+        sm.requests += 1
+        req_id = ib.client.getReqId()
+        fut = ib.wrapper.startReq(req_id, res.contract, container=[])
+        self._inflight[req_id] = (job, fut)
+        try:
+            ib.client.reqHistoricalData(req_id, res.contract, end, DURATION, BAR_SIZE, what, self.s.use_rth,
+                                        FORMAT_DATE, False, [])
+            bars = await asyncio.wait_for(fut, self.s.request_timeout)
+        except RequestError as e:
+            self.limiter.release()
+            await self._request_error(job, e.code, e.message)
+            return
+        except asyncio.TimeoutError:
+            self.limiter.release()
+            if ib.isConnected():
+                ib.client.cancelHistoricalData(req_id)
+            err = f"no answer within {self.s.request_timeout:g}s"
+            log.warning("%s %s: %s (attempt %d)", row.symbol, session.day, err, job.attempts)
+            await self._db(self.store.record_error, row.symbol, res.con_id, session, "PENDING", err)
+            self._requeue(job, err)
+            return
+        except ConnectionError as e:
+            self.limiter.release()
+            err = f"connection lost during the request ({e})"
+            await self._db(self.store.record_error, row.symbol, res.con_id, session, "PENDING", err)
+            if job.attempts >= self.s.max_attempts + 2:
+                log.error("%s %s: %s; giving up for this run", row.symbol, session.day, err)
+            else:
+                self._queue.appendleft(job)
+            return
+        finally:
+            self._inflight.pop(req_id, None)
+        self.limiter.release()
+        self.limiter.success()
+        sm.request_times.append(time.monotonic())
+        await self._store(job, bars)
+
+    async def _request_error(self, job: _Job, code: int, text: str) -> None:
+        res, session = job.res, job.session
+        err = f"IB error {code}: {text}"
+        if is_pacing_violation(code, text):
+            pause = self.limiter.violation()
+            log.warning("pacing violation reported for %s %s: pausing new requests %.2fs", res.row.symbol,
+                        session.day, pause)
+            await self._db(self.store.record_error, res.row.symbol, res.con_id, session, "PENDING", err)
+            self._requeue(job, err)
+            return
+        transient = code in TRANSIENT_CODES or (code == 162 and "cancelled" in text.lower())
+        if transient:
+            await self._db(self.store.record_error, res.row.symbol, res.con_id, session, "PENDING", err)
+            self._requeue(job, err)
+            return
+        await self._db(self.store.record_error, res.row.symbol, res.con_id, session, "ERROR", err)
+        self._finish(job, "ERROR")
+
+    def _finish(self, job: _Job, status: str) -> None:
+        self._finished.add(job.key)
+        self.summary.done += 1
+        self.summary.statuses[status] += 1
+
+    async def _store(self, job: _Job, bars: list) -> None:
+        res, session = job.res, job.session
+        row = res.row
+        chk = check_session(row.symbol, res.con_id or 0, session, bars)
+        error = None
+        note = chk.note
+        if chk.failure is not None:
+            status, error = "ERROR", f"check failed: {chk.failure}"
+        elif not chk.rows:
+            status = "ERROR"
+            error = f"no bar inside the session ({len(chk.dropped)} outside)" if chk.dropped else "empty answer"
+        elif not session.settled(self.now(), self.s.settle):
+            status = "PARTIAL"
+            note = "; ".join(x for x in ("fetched before the session settled", note) if x)
+        else:
+            status = "EARLY_CLOSE" if session.early_close else "COMPLETE"
+        await self._db(self.store.commit_session, row.symbol, res.con_id, session, status, chk.rows, chk.first,
+                       chk.last, error, note)
+        self.summary.bars += chk.actual
+        if status == "ERROR":
+            log.error("%s %s: %s", row.symbol, session.day, error)
+        elif note:
+            log.info("%s %s: %s %d/%d bars: %s", row.symbol, session.day, status, chk.actual, chk.expected, note)
+        self._finish(job, status)
+
+    # ---------------------------------------------------------- progress
+    def progress_line(self) -> str:
+        """``progress: sessions 120/756 (16%), requests 130, bars 46,800,
+        errors 1, pacing waits 12s, ETA 4m10s``."""
+        sm = self.summary
+        total = max(self._total, 1)
+        remaining = max(0, self._total - sm.done)
+        eta = self.limiter.estimate(remaining) if remaining else 0.0
+        return (f"progress: sessions {sm.done}/{self._total} ({100 * sm.done // total}%), requests {sm.requests}, "
+                f"bars {sm.bars:,}, errors {sm.errors}, pacing waits {fmt_duration(self.limiter.waited)}"
+                f"{', reconnects ' + str(sm.reconnects) if sm.reconnects else ''}, ETA {fmt_duration(eta)}")
+
+    async def _progress_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.s.status_interval)
+            line = self.progress_line()
+            log.info("%s", line)
+            self.notifier.notify("STATUS=" + line)
+            if self.summary.run_id is not None:
+                sm = self.summary
+                try:
+                    await self._db(self.store.update_run, sm.run_id, sessions_planned=sm.planned,
+                                   sessions_done=sm.done, requests=sm.requests, bars_stored=sm.bars,
+                                   errors=sm.errors, reconnects=sm.reconnects)
+                except Exception as e:
+                    log.warning("run log not updated: %s", e)

@@ -1,0 +1,199 @@
+"""IB one-minute bars: exact wire values and the per-session checks.
+
+Exact values
+------------
+ib_async 2.1.0 turns every price of a historical bar into a ``float``
+(decoder ``historicalData``, message 17).  Prices are stored here exactly as
+TWS sent them, so :func:`keep_wire_text` replaces the client's handler for
+message 17 with one that reads the same fields (TWS API message
+HISTORICAL_DATA for server versions >= 124: reqId, start, end, barCount,
+then per bar date, open, high, low, close, volume, WAP, barCount) and yields
+:class:`WireBar` objects: ordinary ``BarData`` (floats, as ib_async users
+expect) that also carry the decimal text.  The floats are used only for the
+checks: a decimal with at most 15 significant digits converts to the
+nearest double, which preserves order and equality, so comparing the floats
+decides exactly as comparing the decimals would.
+
+Checks (:func:`check_session`)
+------------------------------
+Each bar: high >= max(open, close), low <= min(open, close), prices
+positive, volume not negative, barCount not negative, start on a whole
+minute, inside the session ``[open, close)``, strictly increasing (so no
+duplicates).  A bar that fails any of these, except "inside the session",
+makes the whole answer unusable: the session is recorded as ERROR with the
+first failure and none of its bars are stored.
+
+A bar outside the session is dropped, not stored, and the drop is noted: a
+bar starting at the close belongs to no minute of the session.  This is how
+a 16:00 bar is handled (the SPX recording has one after 15:59 on three of
+its four days; IB's ``useRTH=1`` answer ends with the 15:59 bar, 390 bars).
+
+Thinly traded contracts
+-----------------------
+IB sends no TRADES bar for a minute without a trade.  When IB answered a
+request in full (historicalDataEnd, no error), every bar passed the checks
+and the session had settled (see ``settle_minutes``), the answer is final:
+asking again returns the same bars.  Such a session is recorded COMPLETE
+(EARLY_CLOSE on a half day) with ``actual_bars < expected_bars`` and a note
+``thin: N of M minutes without a TRADES bar``, and it is never requested
+again.  A session answered with no bars at all (error 162 "HMDS query
+returned no data") is an error, recorded as ERROR with IB's text, never as
+COMPLETE or HOLIDAY.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ib_async import BarData
+
+from .sessions import Session
+
+__all__ = ["WireBar", "keep_wire_text", "SessionCheck", "check_session", "BAR_COLUMNS", "fmt_local"]
+
+#: Columns of ibkr_bar_1min in row-tuple order.
+BAR_COLUMNS = ("symbol", "bar_start", "con_id", "open", "high", "low", "close", "volume", "wap", "bar_count")
+
+_UTC = dt.timezone.utc
+
+
+@dataclass
+class WireBar(BarData):
+    """A historical bar with the decimal text TWS sent:
+    ``text = (open, high, low, close, volume, WAP)``."""
+
+    text: tuple[str, str, str, str, str, str] = ("", "", "", "", "", "")
+
+
+def keep_wire_text(ib) -> None:
+    """Make ``ib`` (an ``ib_async.IB``) produce :class:`WireBar` for
+    historical bars (message 17).  Idempotent; survives reconnects (the
+    decoder belongs to the client object)."""
+    decoder = ib.client.decoder
+    if getattr(decoder.handlers.get(17), "_keeps_text", False):
+        return
+    wrapper = decoder.wrapper
+
+    def historical_data(fields: list[str]) -> None:
+        _, req_id, start, end, n, *rest = fields
+        req = int(req_id)
+        it = iter(rest).__next__
+        for _ in range(int(n)):
+            date, o, h, l, c, v, wap, count = it(), it(), it(), it(), it(), it(), it(), it()
+            bar = WireBar(date=date, open=float(o), high=float(h), low=float(l), close=float(c),
+                          volume=float(v), average=float(wap), barCount=int(count), text=(o, h, l, c, v, wap))
+            wrapper.historicalData(req, bar)
+        wrapper.historicalDataEnd(req, start, end)
+
+    historical_data._keeps_text = True  # type: ignore[attr-defined]
+    decoder.handlers[17] = historical_data
+
+
+def _texts(bar: BarData) -> tuple[str, str, str, str, str, str]:
+    t = getattr(bar, "text", None)
+    if t and t[0]:
+        return t
+    # A plain BarData (handler not installed): the shortest text that reads back as the same double.
+    return tuple(repr(float(x)) for x in (bar.open, bar.high, bar.low, bar.close, bar.volume, bar.average))  # type: ignore[return-value]
+
+
+def _utc(d) -> dt.datetime:
+    if isinstance(d, dt.datetime):
+        return d.astimezone(_UTC) if d.tzinfo else d.replace(tzinfo=_UTC)
+    raise ValueError(f"bar date {d!r} is a date, not a time (a daily bar?)")
+
+
+def fmt_local(t: dt.datetime, tz) -> str:
+    """``yyyy-mm-dd hh:mm`` of ``t`` in ``tz`` (for messages)."""
+    return t.astimezone(tz).strftime("%Y-%m-%d %H:%M")
+
+
+@dataclass
+class SessionCheck:
+    """Outcome of :func:`check_session`.
+
+    ``rows``: tuples in :data:`BAR_COLUMNS` order, ready to store (empty when
+    ``failure`` is set); ``first``/``last``: bar starts (UTC) of the stored
+    rows; ``failure``: the first failed check (the session is ERROR);
+    ``dropped``: starts of bars outside the session; ``note``: the reasons
+    stored with the session (thin minutes, dropped bars).
+    """
+
+    rows: list[tuple] = field(default_factory=list)
+    first: dt.datetime | None = None
+    last: dt.datetime | None = None
+    failure: str | None = None
+    dropped: list[dt.datetime] = field(default_factory=list)
+    expected: int = 0
+    note: str = ""
+
+    @property
+    def actual(self) -> int:
+        return len(self.rows)
+
+
+def check_session(symbol: str, con_id: int, session: Session, bars: Sequence[BarData]) -> SessionCheck:
+    """Check IB's bars for one session and build the rows to store.
+
+    ``bars``: BarData/WireBar with aware ``date`` (formatDate 2 gives UTC).
+    Never raises for bad bars: the failure is in the result.
+    """
+    out = SessionCheck(expected=session.expected_bars)
+    tz = session.tz
+    open_, close_ = session.open, session.close
+    rows = out.rows
+    prev: dt.datetime | None = None
+    for bar in bars:
+        try:
+            t = _utc(bar.date)
+        except ValueError as e:
+            return _fail(out, str(e))
+        where = fmt_local(t, tz)
+        o, h, l, c, v, n = bar.open, bar.high, bar.low, bar.close, bar.volume, bar.barCount
+        if prev is not None:
+            if t == prev:
+                return _fail(out, f"bar {where}: duplicate bar start")
+            if t < prev:
+                return _fail(out, f"bar {where}: not after the previous bar {fmt_local(prev, tz)}")
+        prev = t
+        if t.second or t.microsecond:
+            return _fail(out, f"bar {where}:{t.second:02d}: not on a whole minute")
+        if not (o > 0 and h > 0 and l > 0 and c > 0):
+            return _fail(out, f"bar {where}: price not positive (O {o} H {h} L {l} C {c})")
+        if h < max(o, c):
+            return _fail(out, f"bar {where}: high {h} < max(open {o}, close {c})")
+        if l > min(o, c):
+            return _fail(out, f"bar {where}: low {l} > min(open {o}, close {c})")
+        if v < 0:
+            return _fail(out, f"bar {where}: negative volume {v}")
+        if n < 0:
+            return _fail(out, f"bar {where}: negative barCount {n}")
+        if not (open_ <= t < close_):
+            out.dropped.append(t)
+            continue
+        to, th, tl, tc, tv, tw = _texts(bar)
+        rows.append((symbol, t, con_id, to, th, tl, tc, tv, tw, n))
+    if rows:
+        out.first, out.last = rows[0][1], rows[-1][1]
+    notes = []
+    missing = out.expected - len(rows)
+    if rows and missing > 0:
+        have = {r[1] for r in rows}
+        first_gap = next((open_ + dt.timedelta(minutes=i) for i in range(out.expected)
+                          if open_ + dt.timedelta(minutes=i) not in have), None)
+        notes.append(f"thin: {missing} of {out.expected} minutes without a TRADES bar"
+                     + (f" (first {fmt_local(first_gap, tz)[11:]})" if first_gap else ""))
+    if out.dropped:
+        notes.append(f"{len(out.dropped)} bar(s) outside the session dropped ("
+                     + ", ".join(fmt_local(t, tz)[11:] for t in out.dropped[:5])
+                     + (", ..." if len(out.dropped) > 5 else "") + ")")
+    out.note = "; ".join(notes)
+    return out
+
+
+def _fail(out: SessionCheck, reason: str) -> SessionCheck:
+    out.failure = reason
+    out.rows = []
+    out.first = out.last = None
+    return out

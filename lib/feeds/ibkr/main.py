@@ -1,0 +1,270 @@
+"""``feed-backfill``: IBKR one-minute history into PostgreSQL, resumable.
+
+Fetches every session not yet complete (see :mod:`feeds.ibkr.backfill`).
+Run by ``feed-backfill.service`` (oneshot) from ``feed-backfill.timer``
+every weekday evening after the US close, or by hand::
+
+    feed-backfill                          every contract, every session not yet complete
+    feed-backfill --symbols AAPL MSFT      only these (also --symbols AAPL,MSFT)
+    feed-backfill --from 2020-01-01 --to 2020-12-31
+    feed-backfill --date 2024-07-03
+    feed-backfill --from 30d               the last 30 days
+    feed-backfill --dry-run                the plan: sessions, requests, time pacing implies
+    feed-backfill --retry-failed           also request ERROR sessions again
+    feed-backfill --priority-only          only contracts with priority > 0
+    feed-backfill --status                 per-symbol summary table from the database
+    feed-backfill --test-connection        connect, resolve every contract, exit
+
+Exit status: 0 the run finished (sessions IB refused are ERROR rows and
+in the summary), 1 the run could not finish (no connection, database
+failure, sessions left PENDING after ``max_attempts``), 75 another
+feed-backfill is running, 78 bad configuration or contracts file (one line
+naming the file, line and field or key).
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import re
+import shlex
+import sys
+import time
+
+import click
+
+from ..config import EX_CONFIG, Config, ConfigError, database_dsn, exit_on_config_error, positive
+from ..runtime import setup_logging
+from .backfill import Backfill, BackfillFailed, Plan, Selection, Settings, fmt_duration
+from .contracts import ContractsError, load_contracts
+from .pacing import PacingLimiter
+from .store import BackfillStore
+
+log = logging.getLogger("feeds.ibkr")
+EX_TEMPFAIL = 75
+_REL = re.compile(r"^(\d{1,5})d$")
+
+
+def load_settings(cfg: Config) -> tuple[Settings, str]:
+    """Validate ``[ibkr]`` and ``[backfill]``; returns the settings and the
+    contracts file path.  Raises ConfigError."""
+    i, b = "ibkr.", "backfill."
+
+    def earliest(v: str):
+        if v == "":
+            return None
+        try:
+            dt.date.fromisoformat(v)
+        except ValueError:
+            return "expected YYYY-MM-DD or an empty string"
+        return None
+
+    early = cfg.get(b + "earliest", str, "", check=earliest)
+    s = Settings(
+        host=cfg.get(i + "host", str, "127.0.0.1", check=lambda v: None if v.strip() else "empty"),
+        port=cfg.get(i + "port", int, 7497, check=lambda v: None if 1 <= v <= 65535 else "must be 1..65535"),
+        client_id=cfg.get(i + "client_id", int, 71,
+                          check=lambda v: None if 0 <= v <= 2**31 - 100 else "must be 0..2147483547"),
+        client_id_tries=cfg.get(i + "client_id_tries", int, 5, check=positive),
+        connect_timeout=cfg.get(i + "connect_timeout", float, 15.0, check=positive),
+        request_timeout=cfg.get(b + "request_timeout", float, 120.0, check=positive),
+        concurrency=cfg.get(b + "concurrency", int, 4,
+                            check=lambda v: None if 1 <= v <= 50 else "must be 1..50 (IB allows 50 open requests)"),
+        max_attempts=cfg.get(b + "max_attempts", int, 4, check=positive),
+        reconnect_timeout=cfg.get(b + "reconnect_timeout", float, 600.0, check=positive),
+        what_to_show=cfg.get(b + "what_to_show", str, "TRADES",
+                             check=lambda v: None if v == "TRADES" else "only TRADES is backfilled"),
+        use_rth=cfg.get(b + "use_rth", bool, True,
+                        check=lambda v: None if v else "must be true (sessions are regular trading hours)"),
+        settle=dt.timedelta(minutes=cfg.get(b + "settle_minutes", float, 30.0,
+                                            check=lambda v: None if v >= 0 else "must be >= 0")),
+        status_interval=cfg.get(b + "status_interval", float, 30.0, check=positive),
+        pacing_scale=cfg.get(b + "pacing_scale", float, 1.0,
+                             check=lambda v: None if 0 < v <= 1 else "must be > 0 and <= 1 (1 = IB's real limits)"),
+        earliest=dt.date.fromisoformat(early) if early else None,
+    )
+    contracts = cfg.get(i + "contracts_file", str, "/etc/feeds/contracts.csv")
+    return s, contracts
+
+
+def _date(value: str | None, option: str, today: dt.date) -> dt.date | None:
+    if value is None:
+        return None
+    m = _REL.match(value.strip())
+    if m:
+        return today - dt.timedelta(days=int(m.group(1)))
+    try:
+        return dt.date.fromisoformat(value.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected YYYY-MM-DD or a number of days back such as 30d, got {value!r}",
+                                 param_hint=option) from None
+
+
+def _symbols(first: str | None, extra: tuple[str, ...]) -> list[str] | None:
+    if first is None:
+        if extra:
+            raise click.UsageError(f"unexpected argument(s) {' '.join(extra)} (symbols follow --symbols)")
+        return None
+    out = [s.strip().upper() for v in (first, *extra) for s in v.split(",") if s.strip()]
+    if not out:
+        raise click.BadParameter("no symbol given", param_hint="--symbols")
+    return out
+
+
+def format_plan(plan: Plan, limiter_window: float, max_requests: int) -> str:
+    """The ``--dry-run`` table: per symbol the date range, sessions to
+    fetch, sessions done, holidays, requests; then totals and the duration
+    pacing implies."""
+    lines = [f"{'symbol':<10} {'secType':<7} {'calendar':<8} {'head timestamp':<17} {'from':<10} {'to':<10} "
+             f"{'fetch':>6} {'done':>6} {'holiday':>7} {'error':>6} {'requests':>8}"]
+    for c in plan.contracts:
+        head = (c.head.strftime("%Y-%m-%d %H:%M") if c.head else ("unknown" if not c.head_known else "-"))
+        lines.append(f"{c.row.symbol:<10} {c.row.sec_type:<7} {c.row.calendar:<8} {head:<17} "
+                     f"{str(c.first or '-'):<10} {str(c.last or '-'):<10} {len(c.sessions):>6} {c.done:>6} "
+                     f"{len(c.holidays):>7} {c.skipped_errors:>6} {c.requests:>8}"
+                     + (f"  ERROR: {c.error}" if c.error else ""))
+    total = plan.requests
+    lines.append(f"total: {sum(len(c.sessions) for c in plan.contracts if not c.error)} sessions to fetch, "
+                 f"{total} requests; pacing ({max_requests} per {fmt_duration(limiter_window)}) implies "
+                 f"at least {fmt_duration(plan.duration)}")
+    return "\n".join(lines)
+
+
+def format_status(rows: list[dict], errors: list[tuple], last_run: tuple | None) -> str:
+    """The ``--status`` table."""
+    cols = ("COMPLETE", "EARLY_CLOSE", "thin", "PARTIAL", "ERROR", "PENDING", "HOLIDAY")
+    out = [f"{'symbol':<10} " + " ".join(f"{c.lower():>11}" for c in cols)
+           + f" {'first':>10} {'last':>10} {'bars':>12}"]
+    for r in rows:
+        out.append(f"{r['symbol']:<10} " + " ".join(f"{r[c]:>11}" for c in cols)
+                   + f" {str(r['first'] or '-'):>10} {str(r['last'] or '-'):>10} {r['bars']:>12,}")
+    if not rows:
+        out.append("(no sessions recorded yet)")
+    if errors:
+        out.append("latest errors:")
+        out += [f"  {sym} {day}: {err}" for sym, day, err in errors]
+    if last_run:
+        run_id, started, finished, state, requests, bars, errs, summary = last_run
+        out.append(f"last run {run_id}: {state}, started {started:%Y-%m-%d %H:%M:%S %Z}"
+                   + (f", finished {finished:%H:%M:%S}" if finished else "")
+                   + f"; {requests} requests, {bars:,} bars, {errs} errors")
+    return "\n".join(out)
+
+
+async def _test_connection(bf: Backfill, sel: Selection) -> int:
+    try:
+        ib = await bf.connect(time.monotonic())  # one round of attempts, no retries
+    except BackfillFailed as e:
+        click.echo(f"FAIL {e}")
+        return 1
+    ok = True
+    try:
+        t = await asyncio.wait_for(ib.reqCurrentTimeAsync(), bf.s.request_timeout)
+        click.echo(f"connected to {bf.s.host}:{bf.s.port} clientId {bf.client_id}, server version "
+                   f"{ib.client.serverVersion()}, accounts {','.join(ib.client.getAccounts()) or '-'}, "
+                   f"TWS time {t:%Y-%m-%d %H:%M:%S %Z}")
+        cached = await bf._db(bf.store.cached_heads)
+        for row in bf._selected(sel):
+            res = await bf._resolve(row, cached)
+            if res.error:
+                ok = False
+                click.echo(f"FAIL {row.symbol} ({row.sec_type} {row.exchange}): {res.error}")
+            else:
+                click.echo(f"ok   {row.symbol} conId {res.con_id} {row.sec_type} {row.exchange}"
+                           f"{'/' + row.primary_exchange if row.primary_exchange else ''} {res.time_zone or '-'} "
+                           f"calendar {row.calendar} head timestamp {res.head:%Y-%m-%d %H:%M %Z}")
+    finally:
+        ib.disconnect()
+        bf._shutdown_executor()
+    return 0 if ok else 1
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", envvar="FEEDS_IBKR_CONFIG", default="/etc/feeds/ibkr.toml",
+              show_default=True, help="TOML configuration file.")
+@click.option("--symbols", "symbols", default=None, metavar="SYM [SYM ...]",
+              help="Only these symbols (space- or comma-separated; default: all in the contracts file).")
+@click.option("--from", "from_", default=None, metavar="DATE", help="First session: YYYY-MM-DD or Nd (days back).")
+@click.option("--to", "to", default=None, metavar="DATE", help="Last session: YYYY-MM-DD or Nd (days back).")
+@click.option("--date", "date", default=None, metavar="DATE", help="Exactly this session (YYYY-MM-DD or Nd).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (nothing fetched, nothing written).")
+@click.option("--retry-failed", is_flag=True, help="Also request sessions recorded as ERROR.")
+@click.option("--priority-only", is_flag=True, help="Only contracts with priority > 0 in the contracts file.")
+@click.option("--status", "status", is_flag=True, help="Print the per-symbol summary table and exit.")
+@click.option("--test-connection", is_flag=True, help="Connect, resolve every contract, print, exit.")
+@click.option("--pacing-scale", type=float, default=None, envvar="FEEDS_IBKR_PACING_SCALE",
+              help="Override [backfill] pacing_scale (only for simulators with scaled windows).")
+@click.option("--status-interval", type=float, default=None, help="Override [backfill] status_interval (s).")
+@click.argument("more_symbols", nargs=-1, metavar="")
+@exit_on_config_error
+def main(config_path, symbols, from_, to, date, dry_run, retry_failed, priority_only, status, test_connection,
+         pacing_scale, status_interval, more_symbols):
+    """Backfill IBKR one-minute bars into PostgreSQL, newest session first,
+    within IB's historical-data pacing rules."""
+    setup_logging()
+    for name in ("ib_async.wrapper", "ib_async.client", "ib_async.ib", "ib_async.Decoder"):
+        # Every IB error is logged once by the backfill with its session; the client's own lines would repeat it.
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    cfg = Config.load(config_path)
+    settings, contracts_path = load_settings(cfg)
+    if pacing_scale is not None:
+        if not 0 < pacing_scale <= 1:
+            raise click.BadParameter("must be > 0 and <= 1", param_hint="--pacing-scale")
+        settings.pacing_scale = pacing_scale
+    if status_interval is not None:
+        if status_interval <= 0:
+            raise click.BadParameter("must be > 0", param_hint="--status-interval")
+        settings.status_interval = status_interval
+    dsn = database_dsn(cfg)
+    try:
+        contracts = load_contracts(contracts_path)
+    except ContractsError as e:
+        click.echo(str(e), err=True)
+        sys.exit(EX_CONFIG)
+    today = dt.date.today()
+    sym_list = _symbols(symbols, more_symbols)
+    if date is not None and (from_ is not None or to is not None):
+        raise click.UsageError("--date excludes --from/--to")
+    first, last = _date(from_, "--from", today), _date(to, "--to", today)
+    if date is not None:
+        first = last = _date(date, "--date", today)
+    if first and last and first > last:
+        raise click.BadParameter(f"--from {first} is after --to {last}", param_hint="--from")
+    if sym_list:
+        known = {c.symbol for c in contracts}
+        unknown = [s for s in sym_list if s not in known]
+        if unknown:
+            raise click.BadParameter(f"not in {contracts_path}: {', '.join(unknown)}", param_hint="--symbols")
+    sel = Selection(symbols=sym_list, first=first, last=last, retry_failed=retry_failed, priority_only=priority_only)
+
+    store = BackfillStore(dsn)
+    if status:
+        store.connect()
+        try:
+            click.echo(format_status(store.summary(sym_list), store.last_errors(sym_list), store.last_run()))
+        finally:
+            store.close()
+        return
+    limiter = PacingLimiter(scale=settings.pacing_scale)
+    bf = Backfill(settings, contracts, store, limiter=limiter)
+    if test_connection:
+        sys.exit(asyncio.run(_test_connection(bf, sel)))
+    if dry_run:
+        plan = asyncio.run(bf.dry_run(sel))
+        click.echo(format_plan(plan, limiter.window, limiter.max_requests))
+        store.close()
+        return
+    log.info("feed-backfill starting: config %s, contracts %s (%d rows), TWS %s:%d, pacing scale %g",
+             config_path, contracts_path, len(contracts), settings.host, settings.port, settings.pacing_scale)
+    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        summary = asyncio.run(bf.run(sel, args))
+    except BackfillFailed as e:
+        log.error("%s", e)
+        sys.exit(EX_TEMPFAIL)
+    finally:
+        store.close()
+    sys.exit(1 if summary.failed else 0)
+
+
+__all__ = ["main", "load_settings", "format_plan", "format_status", "ConfigError"]

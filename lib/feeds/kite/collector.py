@@ -1,0 +1,364 @@
+"""The Kite collector: kiteconnect's KiteTicker connections -> sink.
+
+One ``KiteTicker`` (kiteconnect 5.2.2, pinned) per planned connection (at
+most 3 per API key, 3000 instruments each; see
+:func:`feeds.kite.instruments.plan_connections`).  KiteTicker runs on
+Twisted: the reactor runs in its own thread (as KiteTicker's ``threaded``
+mode does) and every callback runs there; the asyncio loop of the main
+thread supervises (health, status, silence, the end of the session).
+Twisted's reactor cannot be restarted, so one process runs one collection.
+
+Per connection, on the first connect every instrument is subscribed and put
+in its mode; on later connects KiteTicker resubscribes by itself.  Each
+binary message is decoded (:class:`~feeds.kite.adapter.FrameDecoder`, or
+KiteTicker's own parser with ``decoder = "kiteticker"``) and its rows go to
+``kite_tick_full`` / ``kite_tick_quote`` / ``kite_tick_ltp`` through the
+shared sink.  A call into the sink may block (back-pressure): the reactor
+thread then stops reading and TCP slows Kite down; nothing is dropped.
+
+Silence: KiteTicker's ping loop never sends a ping, so a connection that
+goes quiet without closing is never noticed by the library.  Kite sends a
+1-byte heartbeat every second or so when there is no data; a connection
+with no message at all (data, heartbeat or text) for ``silence_timeout``
+seconds is aborted here, and KiteTicker's reconnecting factory opens a new
+one (and resubscribes).
+
+Venue document: Kite Connect v3 "WebSocket streaming".
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from ..health import Health, StreamHealth
+from ..sink import Sink
+from . import adapter as A
+from .instruments import Subscription
+
+log = logging.getLogger(__name__)
+UTC = timezone.utc
+
+RC_OK, RC_FAILED, RC_TOKEN = 0, 1, 77
+_HTTP_STATUS = re.compile(r"\((\d{3})\s*-")
+
+
+@dataclass
+class Settings:
+    """Collector settings (see ``etc/kite.toml`` for each)."""
+    api_key: str = ""
+    ticker_url: str = "wss://ws.kite.trade"
+    decoder: str = "native"
+    silence_timeout: float = 10.0
+    status_interval: float = 10.0
+    heartbeat_interval: float = 10.0
+    watchdog_interval: float = 2.0
+    reconnect_max_delay: int = 30
+    reconnect_max_tries: int = 300
+    connect_timeout: int = 30
+    connect_stagger: float = 0.2
+
+
+@dataclass
+class _Connection:
+    index: int
+    subs: list[Subscription]
+    stream: StreamHealth
+    ticker: object = None
+    open: bool = False
+    subscribed: bool = False
+    generation: int = 0
+    last: float = 0.0
+    heartbeats: int = 0
+    silences: int = 0
+    closes: int = 0
+    last_close: str = ""
+    by_mode: dict[str, list[int]] = field(default_factory=dict)
+
+
+def _reactor():
+    from twisted.internet import reactor
+    return reactor
+
+
+def _route_twisted_logs() -> None:
+    """Send Twisted's own log events to Python logging (logger ``twisted``)."""
+    from twisted.python import log as tlog
+    if not getattr(_route_twisted_logs, "done", False):
+        tlog.PythonLoggingObserver(loggerName="twisted").start()
+        _route_twisted_logs.done = True
+
+
+class KiteCollector:
+    """Collect ticks for ``plan`` (a list of connections, each a list of
+    :class:`Subscription`) with access token ``access_token`` into ``sink``.
+
+    ``await run(stop, until)`` connects, collects until ``stop`` is set or
+    the aware datetime ``until`` passes, closes the connections and returns
+    an exit status: 0 (stopped or session over), 77 (Kite refused the
+    access token: it expired or was revoked), 1 (a connection gave up
+    reconnecting, or the sink failed).  The caller closes the sink.
+    Call ``run`` once per process (Twisted's reactor cannot restart).
+    """
+
+    def __init__(self, settings: Settings, access_token: str, plan: list[list[Subscription]], sink: Sink,
+                 health: Health, dsn: str | None = None):
+        if settings.decoder not in ("native", "kiteticker"):
+            raise ValueError("decoder must be 'native' or 'kiteticker'")
+        self.s = settings
+        self.access_token = access_token
+        self.sink = sink
+        self.health = health
+        self.dsn = dsn
+        self.decoder = A.FrameDecoder()
+        self.conns: list[_Connection] = []
+        for i, subs in enumerate(plan, 1):
+            c = _Connection(i, subs, health.stream(f"connection {i}"))
+            for sub in subs:
+                c.by_mode.setdefault(sub.mode, []).append(sub.instrument_token)
+            self.conns.append(c)
+        self.mode_streams = {m: health.stream(m) for m in A.MODES}
+        self.truncated = 0
+        self.text_messages = 0
+        self.failure: str | None = None
+        self.failure_rc = RC_FAILED
+        self._store_since = 0.0
+        self._thread: threading.Thread | None = None
+        self._texts_logged = 0
+
+    # ------------------------------------------------------------ reactor thread: callbacks
+    def _store(self, rows: tuple[list, list, list]) -> None:
+        now = time.monotonic()
+        self._store_since = now
+        try:
+            for mode, batch in zip(A.MODES, rows):
+                if batch:
+                    self.sink.add_many(A.TABLE_OF[mode], batch)
+                    st = self.mode_streams[mode]
+                    st.count += len(batch)
+                    st.window_count += len(batch)
+                    st.last = now
+        except RuntimeError as e:          # the sink is closed or its writer died
+            if self.failure is None:
+                self.failure = f"sink refused rows: {e}"
+        finally:
+            self._store_since = 0.0
+
+    def _on_message(self, c: _Connection, payload: bytes, is_binary: bool) -> None:
+        now = time.monotonic()
+        c.last = now
+        st = c.stream
+        st.count += 1
+        st.window_count += 1
+        st.last = now
+        if not is_binary:
+            self.text_messages += 1
+            if self._texts_logged < 100:
+                self._texts_logged += 1
+                text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else str(payload)
+                log.info("connection %d: text message from Kite: %.300s", c.index, text)
+            return
+        if len(payload) < 2:
+            c.heartbeats += 1
+            return
+        if self.s.decoder != "native":
+            return                          # decoded by KiteTicker, see _on_ticks
+        recv = A.now_text()
+        try:
+            rows = self.decoder.decode(payload, recv)
+        except A.Malformed as e:
+            rows = self.decoder.partial
+            self.truncated += 1
+            log.warning("connection %d: malformed frame (%s); its %d complete packet(s) kept",
+                        c.index, e, sum(map(len, rows)))
+        self.health.malformed = self.decoder.malformed + self.truncated
+        self._store(rows)
+
+    def _on_ticks(self, c: _Connection, ticks: list) -> None:
+        try:
+            rows = A.rows_from_ticks(ticks, A.now_text())
+        except (KeyError, TypeError, ValueError) as e:
+            self.truncated += 1
+            self.health.malformed = self.truncated
+            log.warning("connection %d: ticks not understood (%r); skipped", c.index, e)
+            return
+        self._store(rows)
+
+    def _on_connect(self, c: _Connection, ws, response) -> None:
+        c.open = True
+        c.generation += 1
+        c.last = time.monotonic()
+        if not c.subscribed:
+            tokens = [s.instrument_token for s in c.subs]
+            ws.subscribe(tokens)
+            for mode, toks in c.by_mode.items():
+                ws.set_mode(mode, toks)
+            c.subscribed = True
+        log.info("connection %d open (generation %d): %d instruments (%s)", c.index, c.generation, len(c.subs),
+                 ", ".join(f"{m} {len(t)}" for m, t in sorted(c.by_mode.items())))
+
+    def _on_close(self, c: _Connection, ws, code, reason) -> None:
+        c.open = False
+        c.closes += 1
+        c.last_close = f"{code} {reason}"
+        log.info("connection %d closed (%s %s)", c.index, code, reason)
+
+    def _on_error(self, c: _Connection, ws, code, reason) -> None:
+        text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
+        m = _HTTP_STATUS.search(text)
+        status = m.group(1) if m else ""
+        if status == "403":
+            if self.failure is None:
+                self.failure = ("Kite refused the access token on the ticker (HTTP 403): it has expired or was "
+                                "revoked; renew it with feed-kite-token, then start feed-zerodha again")
+                self.failure_rc = RC_TOKEN
+            log.error("connection %d: ticker refused the access token (HTTP 403)", c.index)
+        elif status == "429":
+            log.error("connection %d: Kite refused the connection (HTTP 429): too many connections for this "
+                      "api_key (another collector using it?); KiteTicker retries", c.index)
+        else:
+            log.warning("connection %d: error %s %s", c.index, code, text[:300])
+
+    def _on_reconnect(self, c: _Connection, ws, attempts) -> None:
+        log.info("connection %d: reconnecting (attempt %d)", c.index, attempts)
+
+    def _on_noreconnect(self, c: _Connection, ws) -> None:
+        if self.failure is None:
+            self.failure = f"connection {c.index} gave up after {self.s.reconnect_max_tries} reconnection attempts"
+        log.error("connection %d: KiteTicker gave up reconnecting", c.index)
+
+    def _make_ticker(self, c: _Connection):
+        from kiteconnect import KiteTicker
+        kt = KiteTicker(self.s.api_key, self.access_token, root=self.s.ticker_url,
+                        reconnect_max_tries=self.s.reconnect_max_tries,
+                        reconnect_max_delay=self.s.reconnect_max_delay,
+                        connect_timeout=self.s.connect_timeout)
+
+        def guard(fn):
+            def call(*a):
+                try:
+                    fn(c, *a)
+                except Exception:           # never let a callback error reach autobahn
+                    log.exception("connection %d: callback %s failed", c.index, fn.__name__)
+            return call
+        kt.on_connect = guard(self._on_connect)
+        kt.on_close = guard(self._on_close)
+        kt.on_error = guard(self._on_error)
+        kt.on_reconnect = guard(self._on_reconnect)
+        kt.on_noreconnect = guard(self._on_noreconnect)
+        kt.on_message = guard(lambda c_, ws, payload, is_binary: self._on_message(c_, payload, is_binary))
+        if self.s.decoder == "kiteticker":
+            kt.on_ticks = guard(lambda c_, ws, ticks: self._on_ticks(c_, ticks))
+        return kt
+
+    @staticmethod
+    def _drop(c: _Connection) -> None:
+        ws = getattr(c.ticker, "ws", None)
+        if ws is not None:
+            ws.dropConnection(abort=True)
+
+    # ------------------------------------------------------------ main thread
+    def _start_reactor(self) -> None:
+        reactor = _reactor()
+        _route_twisted_logs()
+        if reactor.running:
+            return
+        self._thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},
+                                        name="kite-ticker", daemon=True)
+        self._thread.start()
+
+    def check_silence(self) -> list[int]:
+        """Abort connections silent beyond ``silence_timeout``; returns their indexes."""
+        now = time.monotonic()
+        if self._store_since and now - self._store_since > 0.5:
+            return []                        # the sink is pushing back: reading paused on purpose
+        out = []
+        for c in self.conns:
+            if c.open and now - c.last > self.s.silence_timeout:
+                c.silences += 1
+                log.warning("connection %d silent for %.1f s (no data, no heartbeat): dropping it to reconnect",
+                            c.index, now - c.last)
+                c.last = now
+                _reactor().callFromThread(self._drop, c)
+                out.append(c.index)
+        return out
+
+    def _extra(self) -> None:
+        h = self.health.extra
+        h["connections"] = f"{sum(c.open for c in self.conns)}/{len(self.conns)} open"
+        h["reconnects"] = sum(max(0, c.generation - 1) for c in self.conns)
+        h["silent"] = sum(c.silences for c in self.conns)
+        h["instruments"] = sum(len(c.subs) for c in self.conns)
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(stop.wait(), max(0.0, seconds))
+        except asyncio.TimeoutError:
+            pass
+
+    async def run(self, stop: asyncio.Event, until: datetime | None = None) -> int:
+        reactor = _reactor()
+        self._start_reactor()
+        for c in self.conns:
+            c.ticker = self._make_ticker(c)
+            c.last = time.monotonic()
+            reactor.callFromThread(c.ticker.connect)
+            await self._sleep(stop, self.s.connect_stagger)
+        log.info("connecting %d connection(s) to %s for %d instruments", len(self.conns), self.s.ticker_url,
+                 sum(len(c.subs) for c in self.conns))
+        rc = RC_OK
+        next_status = time.monotonic() + min(2.0, self.s.status_interval)
+        next_hb = time.monotonic() + 1.0
+        check = min(self.s.watchdog_interval, max(0.1, self.s.silence_timeout / 4))
+        try:
+            while not stop.is_set():
+                if until is not None and datetime.now(UTC) >= until:
+                    log.info("session over (stop time %s reached)", until.isoformat(timespec="seconds"))
+                    break
+                if self.failure is not None:
+                    log.error("%s", self.failure)
+                    rc = self.failure_rc
+                    break
+                if self.sink.fatal:
+                    log.error("sink writer failed: %r", self.sink.fatal)
+                    rc = RC_FAILED
+                    break
+                self.check_silence()
+                self._extra()
+                self.health.tick()
+                now = time.monotonic()
+                if now >= next_status:
+                    line = self.health.status_line(lambda n: "frames" if n.startswith("connection") else n)
+                    log.info("status: %s", line)
+                    next_status = now + self.s.status_interval
+                if self.dsn and now >= next_hb:
+                    next_hb = now + self.s.heartbeat_interval
+                    await asyncio.to_thread(self.health.heartbeat, self.dsn)
+                wait = check
+                if until is not None:
+                    wait = min(wait, (until - datetime.now(UTC)).total_seconds())
+                await self._sleep(stop, wait)
+        finally:
+            await self._shutdown()
+        return rc
+
+    async def _shutdown(self) -> None:
+        reactor = _reactor()
+        if not reactor.running:
+            return
+        for c in self.conns:
+            if c.ticker is not None and getattr(c.ticker, "factory", None) is not None:
+                reactor.callFromThread(c.ticker.close, 1000, "collector stopping")
+        deadline = time.monotonic() + 3.0
+        while any(c.open for c in self.conns) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        reactor.callFromThread(reactor.stop)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5.0)
+        log.info("connections closed (%d message(s), %d heartbeat(s), %d silence drop(s))",
+                 sum(c.stream.count for c in self.conns), sum(c.heartbeats for c in self.conns),
+                 sum(c.silences for c in self.conns))

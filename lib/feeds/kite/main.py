@@ -1,0 +1,507 @@
+"""Command lines: ``feed-zerodha`` (live ticks during NSE sessions) and
+``feed-kite-token`` (the daily access-token renewal).
+
+``feed-zerodha`` exit status: 0 after a clean stop (SIGTERM, or 5 minutes
+after the session's close; also at once on a day without a session),
+77 when the access token is missing, expired or refused (renew it first),
+78 on a configuration error (one line naming the key and file; also for
+more instruments than one API key carries), 1 on a runtime failure
+(systemd restarts the unit).
+
+``feed-kite-token`` exit status: 0 when a valid token is stored (renewed,
+or still valid), 1 when the renewal failed (the reason is the last journal
+line), 78 on a configuration error.  ``--check`` only validates the stored
+token: 0 valid, 1 not.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import date, datetime, time as dtime, timedelta, timezone
+
+import click
+
+from ..config import Config, ConfigError, database_dsn, exit_on_config_error, one_of, positive
+from ..runtime import install_stop_signals, setup_logging, state_dir, tune_gc, watchdog_interval
+from . import adapter as A
+from .collector import RC_TOKEN, KiteCollector, Settings
+from .instruments import (MAX_CONNECTIONS_PER_API_KEY, MAX_INSTRUMENTS_PER_CONNECTION, InstrumentSpec, SpecError,
+                          TooManyInstruments, merge_specs, parse_spec, plan_connections, read_spec_file,
+                          read_spec_table, resolve)
+from .session import IST, NseCalendar, plan_run
+from .token import TokenError, TokenStore, validate
+
+log = logging.getLogger("feeds.kite")
+UTC = timezone.utc
+EX_NOPERM = 77
+_URL = re.compile(r"^(https?|wss?)://[^\s/]+")
+
+
+def _url(*schemes: str):
+    def check(v: str):
+        if not _URL.match(v) or v.split(":", 1)[0] not in schemes:
+            return f"not a {'/'.join(schemes)} URL: {v!r}"
+        return None
+    return check
+
+
+def use_ist_localtime() -> None:
+    """Make the process's local time IST, so that the naive datetimes
+    KiteTicker builds with ``datetime.fromtimestamp`` are IST wall clock."""
+    os.environ["TZ"] = "Asia/Kolkata"
+    time.tzset()
+
+
+@dataclass
+class KiteConfig:
+    """Validated ``[kite]`` section."""
+    file: str
+    api_key: str
+    api_url: str
+    ticker_url: str
+    login_url: str
+    token_file: str
+    instruments_file: str
+    instruments_from_table: bool
+    default_mode: str
+    session_calendar: str
+    connect_before_open: float
+    stop_after_close: float
+    max_connections: int
+    max_instruments_per_connection: int
+    extra_sessions: dict[date, tuple[dtime, dtime]] = field(default_factory=dict)
+    extra_holidays: list[date] = field(default_factory=list)
+    collector: Settings = field(default_factory=Settings)
+
+    @property
+    def capacity(self) -> int:
+        return self.max_connections * self.max_instruments_per_connection
+
+
+def _hhmm(v: str) -> dtime | None:
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", v.strip()) if isinstance(v, str) else None
+    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
+        return None
+    return dtime(int(m.group(1)), int(m.group(2)))
+
+
+def load_settings(cfg: Config) -> KiteConfig:
+    """Validate ``[kite]``; raises ConfigError naming the key."""
+    k = "kite."
+    kc = KiteConfig(
+        file=cfg.file,
+        api_key=cfg.get(k + "api_key", str, check=lambda v: None if v.strip() else "must not be empty"),
+        api_url=cfg.get(k + "api_url", str, "https://api.kite.trade", check=_url("http", "https")),
+        ticker_url=cfg.get(k + "ticker_url", str, "wss://ws.kite.trade", check=_url("ws", "wss")),
+        login_url=cfg.get(k + "login_url", str, "https://kite.zerodha.com", check=_url("http", "https")),
+        token_file=cfg.get(k + "token_file", str, "/var/lib/feeds/kite/access_token.json"),
+        instruments_file=cfg.get(k + "instruments_file", str, "/etc/feeds/kite-instruments.txt"),
+        instruments_from_table=cfg.get(k + "instruments_from_table", bool, False),
+        default_mode=cfg.get(k + "default_mode", str, "full", check=one_of(*A.MODES)),
+        session_calendar=cfg.get(k + "session_calendar", str, "XNSE", check=one_of("XNSE", "none")),
+        connect_before_open=cfg.get(k + "connect_before_open", float, 300.0,
+                                    check=lambda v: None if 0 <= v <= 3600 else "must be 0..3600 s"),
+        stop_after_close=cfg.get(k + "stop_after_close", float, 300.0,
+                                 check=lambda v: None if 0 <= v <= 3600 else "must be 0..3600 s"),
+        max_connections=cfg.get(k + "max_connections", int, MAX_CONNECTIONS_PER_API_KEY,
+                                check=lambda v: None if 1 <= v <= MAX_CONNECTIONS_PER_API_KEY
+                                else f"must be 1..{MAX_CONNECTIONS_PER_API_KEY} (Kite's limit per API key)"),
+        max_instruments_per_connection=cfg.get(
+            k + "max_instruments_per_connection", int, MAX_INSTRUMENTS_PER_CONNECTION,
+            check=lambda v: None if 1 <= v <= MAX_INSTRUMENTS_PER_CONNECTION
+            else f"must be 1..{MAX_INSTRUMENTS_PER_CONNECTION} (Kite's limit per connection)"),
+    )
+    for day, hours in cfg.get(k + "extra_sessions", dict, {}).items():
+        key = f"{k}extra_sessions.{day}"
+        try:
+            d = date.fromisoformat(day)
+        except ValueError:
+            raise ConfigError(key, cfg.file, "keys must be dates YYYY-MM-DD") from None
+        if not (isinstance(hours, list) and len(hours) == 2 and all(_hhmm(h) for h in hours)
+                and _hhmm(hours[0]) < _hhmm(hours[1])):
+            raise ConfigError(key, cfg.file, 'expected ["HH:MM", "HH:MM"] (open, close in IST)')
+        kc.extra_sessions[d] = (_hhmm(hours[0]), _hhmm(hours[1]))
+    for day in cfg.get(k + "extra_holidays", list, []):
+        try:
+            kc.extra_holidays.append(date.fromisoformat(str(day)))
+        except ValueError:
+            raise ConfigError(k + "extra_holidays", cfg.file, f"not a date YYYY-MM-DD: {day!r}") from None
+    kc.collector = Settings(
+        api_key=kc.api_key, ticker_url=kc.ticker_url,
+        decoder=cfg.get(k + "decoder", str, "native", check=one_of("native", "kiteticker")),
+        silence_timeout=cfg.get(k + "silence_timeout", float, 10.0,
+                                check=lambda v: None if 1 <= v <= 300 else "must be 1..300 s"),
+        status_interval=cfg.get(k + "status_interval", float, 10.0, check=positive),
+        reconnect_max_delay=cfg.get(k + "reconnect_max_delay", int, 30,
+                                    check=lambda v: None if 5 <= v <= 300 else "must be 5..300 s (KiteTicker: >= 5)"),
+        reconnect_max_tries=cfg.get(k + "reconnect_max_tries", int, 300,
+                                    check=lambda v: None if 1 <= v <= 300 else "must be 1..300 (KiteTicker: <= 300)"),
+    )
+    return kc
+
+
+def load_sink_settings(cfg: Config) -> dict:
+    """Validate ``[sink]``; raises ConfigError."""
+    return dict(
+        spool_dir=cfg.get("sink.spool_dir", str, "/var/lib/feeds/zerodha"),
+        flow_timeout=cfg.get("sink.flow_timeout", float, 20.0, check=positive),
+        flush_interval=cfg.get("sink.flush_interval", float, 0.2,
+                               check=lambda v: None if 0 < v <= 1.0 else "must be > 0 and <= 1.0 s"),
+        batch_rows=cfg.get("sink.batch_rows", int, 20_000, check=positive),
+        max_pending=cfg.get("sink.max_pending", int, 200_000, check=positive),
+    )
+
+
+def gather_specs(kc: KiteConfig, cli: tuple[str, ...], cli_file: str | None, dsn: str | None) -> tuple[list[InstrumentSpec], str]:
+    """The instruments to collect and where they came from.
+
+    ``cli`` (``--instrument``, each a spec or a comma list) replaces the
+    configuration; else the file (``--instruments-file`` or
+    ``kite.instruments_file``) plus, with ``kite.instruments_from_table``,
+    the ``kite_subscription`` rows.  Raises ConfigError for a bad line, an
+    empty list or more than one API key carries.
+    """
+    if cli:
+        specs: list[InstrumentSpec] = []
+        for arg in cli:
+            for part in arg.split(","):
+                if part.strip():
+                    try:
+                        specs.append(parse_spec(part, kc.default_mode))
+                    except SpecError as e:
+                        raise ConfigError("--instrument", "command line", str(e)) from None
+        specs, source, where = merge_specs(specs), "the command line", ("--instrument", "command line")
+    else:
+        path = cli_file or kc.instruments_file
+        groups, names = [], []
+        if path:
+            try:
+                groups.append(read_spec_file(path, kc.default_mode))
+            except SpecError as e:
+                raise ConfigError(f"line {e.line}", path, f"{e.reason}: {e.text!r}") from None
+            except FileNotFoundError:
+                if not kc.instruments_from_table:
+                    raise ConfigError("kite.instruments_file", kc.file, f"instrument list {path} not found") from None
+            except OSError as e:
+                raise ConfigError("kite.instruments_file", kc.file, f"cannot read {path}: {e.strerror}") from None
+            else:
+                names.append(path)
+        if kc.instruments_from_table:
+            try:
+                groups.append(read_spec_table(dsn or "", kc.default_mode))
+            except Exception as e:
+                raise ConfigError("kite.instruments_from_table", kc.file,
+                                  f"cannot read kite_subscription: {str(e).strip().splitlines()[0] if str(e) else e}"
+                                  ) from None
+            names.append("table kite_subscription")
+        specs = merge_specs(*groups)
+        source = " + ".join(names) or "nothing"
+        where = ("kite.instruments_file", path or kc.file)
+    if not specs:
+        raise ConfigError(where[0], where[1], f"no instruments to collect (read from {source})")
+    if len(specs) > kc.capacity:
+        raise ConfigError(where[0], where[1], too_many_message(len(specs), kc))
+    return specs, source
+
+
+def too_many_message(n: int, kc: KiteConfig) -> str:
+    """The refusal for more instruments than one API key carries."""
+    return (f"{n} instruments requested, but one API key carries at most {kc.capacity} "
+            f"({kc.max_connections} connections x {kc.max_instruments_per_connection} instruments, Kite's limits); "
+            f"remove {n - kc.capacity} or run a second collector with another API key")
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def _retry(what: str, fn, attempts: int = 4, delay: float = 2.0):
+    """Call ``fn`` retrying network failures (not Kite's refusals)."""
+    from kiteconnect import exceptions as kex
+    import requests
+    for i in range(1, attempts + 1):
+        try:
+            return fn()
+        except (requests.RequestException, kex.NetworkException, kex.GeneralException, kex.DataException) as e:
+            if i == attempts:
+                raise
+            log.warning("%s failed (%s); retrying in %.0f s", what, _first_line(e), delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def _store_instruments(dsn: str, rows: list[dict]) -> None:
+    """Upsert the resolved instruments into ``kite_instrument`` (best effort)."""
+    import psycopg
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            with conn.transaction():
+                with conn.cursor() as cur:
+                    cur.executemany(
+                        """INSERT INTO kite_instrument (instrument_token, exchange_token, exchange, tradingsymbol,
+                               name, segment, instrument_type, tick_size, lot_size, expiry, strike, updated_at)
+                           VALUES (%s, %s, %s, %s, %s, %s, %s, %s::text::numeric, %s, %s, %s::text::numeric, now())
+                           ON CONFLICT (instrument_token) DO UPDATE SET exchange_token = EXCLUDED.exchange_token,
+                               exchange = EXCLUDED.exchange, tradingsymbol = EXCLUDED.tradingsymbol,
+                               name = EXCLUDED.name, segment = EXCLUDED.segment,
+                               instrument_type = EXCLUDED.instrument_type, tick_size = EXCLUDED.tick_size,
+                               lot_size = EXCLUDED.lot_size, expiry = EXCLUDED.expiry, strike = EXCLUDED.strike,
+                               updated_at = now()""",
+                        [(int(r["instrument_token"]), int(r.get("exchange_token") or 0), r["exchange"],
+                          r["tradingsymbol"], r.get("name") or None, r.get("segment") or None,
+                          r.get("instrument_type") or None, repr(r.get("tick_size") or 0.0),
+                          int(r.get("lot_size") or 0), r.get("expiry") or None, repr(r.get("strike") or 0.0))
+                         for r in rows])
+    except Exception as e:
+        log.warning("instrument names not stored in kite_instrument (%s)", _first_line(e))
+
+
+async def _wait_for_start(start: datetime, stop: asyncio.Event, reason: str) -> None:
+    """Before the session: READY at once, then WATCHDOG pings (nothing can
+    flow yet) and a STATUS line until ``start``."""
+    import sdnotify
+    n = sdnotify.SystemdNotifier()
+    local = start.astimezone(IST)
+    line = f"waiting for the session: {reason}; connecting at {local:%Y-%m-%d %H:%M} IST"
+    log.info("%s", line)
+    n.notify("READY=1")
+    n.notify("STATUS=" + line)
+    step = watchdog_interval(2.0)
+    while not stop.is_set():
+        left = (start - datetime.now(UTC)).total_seconds()
+        if left <= 0:
+            return
+        n.notify("WATCHDOG=1")
+        try:
+            await asyncio.wait_for(stop.wait(), min(step, left))
+        except asyncio.TimeoutError:
+            pass
+
+
+async def _amain(kc: KiteConfig, sk: dict, dsn: str, plan_conns, access_token: str, run_plan, unit: str) -> int:
+    from ..health import Health
+    from ..sink import Sink
+    spool = state_dir(sk["spool_dir"])
+    health = Health(unit=unit, flow_timeout=sk["flow_timeout"])
+    sink = Sink(dsn, spool, A.TABLES, flush_interval=sk["flush_interval"], batch_rows=sk["batch_rows"],
+                max_pending=sk["max_pending"], on_commit=health.on_commit).start()
+    health.sink = sink
+    kc.collector.watchdog_interval = watchdog_interval(kc.collector.watchdog_interval)
+    stop = asyncio.Event()
+    install_stop_signals(asyncio.get_running_loop(), stop)
+    rc = 0
+    if run_plan.start is not None and run_plan.start > datetime.now(UTC):
+        health.ready = True             # READY was sent: the unit is up, waiting
+        await _wait_for_start(run_plan.start, stop, run_plan.reason)
+    if not stop.is_set():
+        collector = KiteCollector(kc.collector, access_token, plan_conns, sink, health, dsn=dsn)
+        tune_gc()
+        try:
+            rc = await collector.run(stop, until=run_plan.stop)
+        except Exception as e:
+            log.critical("collector failed: %s", e, exc_info=True)
+            rc = 1
+    health.notifier.notify("STOPPING=1")
+    pending = sink.pending
+    ok = await asyncio.to_thread(sink.close, 60.0)
+    stored = sum(t.stored for t in sink.stats.tables.values())
+    log.info("stopped: %s (%d rows pending at stop; %d stored in this run; %d spooled)",
+             "all rows committed or spooled" if ok else "NOT all rows written", pending, stored,
+             sink.stats.spooled_rows)
+    return rc if ok else 1
+
+
+def _notify_and_exit(line: str, rc: int) -> None:
+    import sdnotify
+    n = sdnotify.SystemdNotifier()
+    n.notify("READY=1")
+    n.notify("STATUS=" + line[:1000])
+    n.notify("STOPPING=1")
+    sys.exit(rc)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", envvar="FEEDS_KITE_CONFIG", default="/etc/feeds/kite.toml",
+              show_default=True, help="TOML configuration file.")
+@click.option("--instrument", "-i", "instruments", multiple=True,
+              help="EXCHANGE:TRADINGSYMBOL[=full|quote|ltp] (repeatable, or comma-separated); "
+                   "replaces the configured list.")
+@click.option("--instruments-file", default=None, help="Read the instrument list from this file instead.")
+@click.option("--at", "at", default=None,
+              help="Print the plan for a start at this ISO time (e.g. 2024-11-01T09:10+05:30) and exit.")
+@click.option("--unit", envvar="FEEDS_UNIT", default="feed-zerodha.service", help="Name used for the heartbeat row.")
+@exit_on_config_error
+def main(config_path: str, instruments: tuple[str, ...], instruments_file: str | None, at: str | None,
+         unit: str) -> None:
+    """Collect Zerodha Kite ticks (full, quote, LTP) during NSE sessions into PostgreSQL."""
+    setup_logging()
+    use_ist_localtime()
+    cfg = Config.load(config_path)
+    kc = load_settings(cfg)
+    sk = load_sink_settings(cfg)
+    dsn = database_dsn(cfg)
+    specs, source = gather_specs(kc, instruments, instruments_file, dsn)
+    calendar = NseCalendar(kc.extra_sessions, kc.extra_holidays) if kc.session_calendar == "XNSE" else None
+    if at is not None:
+        try:
+            now = datetime.fromisoformat(at)
+            if now.tzinfo is None:
+                now = now.replace(tzinfo=IST)
+        except ValueError:
+            raise ConfigError("--at", "command line", f"not an ISO date-time: {at!r}") from None
+    else:
+        now = datetime.now(UTC)
+    run_plan = plan_run(now, calendar, connect_before=timedelta(seconds=kc.connect_before_open),
+                        stop_after=timedelta(seconds=kc.stop_after_close))
+    if at is not None:
+        if run_plan.action == "collect":
+            click.echo(f"{run_plan.reason}: connect at {run_plan.start.astimezone(IST):%Y-%m-%d %H:%M} IST, "
+                       f"stop at {run_plan.stop.astimezone(IST):%Y-%m-%d %H:%M} IST" if run_plan.stop else
+                       run_plan.reason)
+        else:
+            click.echo(f"{run_plan.reason}: nothing to collect")
+        return
+    if run_plan.action != "collect":
+        line = f"{run_plan.reason}: nothing to collect, exiting"
+        log.info("%s", line)
+        _notify_and_exit(line, 0)
+    store = TokenStore(kc.token_file)
+    try:
+        tok = store.load_current(kc.api_key)
+        _retry("access token check (profile)", lambda: validate(tok, kc.api_url))
+    except TokenError as e:
+        print(f"feed-zerodha: {e}", file=sys.stderr, flush=True)
+        sys.exit(EX_NOPERM)
+    except Exception as e:
+        log.error("cannot reach Kite to check the access token: %s", _first_line(e))
+        sys.exit(1)
+    from kiteconnect import KiteConnect
+    from kiteconnect import exceptions as kex
+    kite = KiteConnect(kc.api_key, access_token=tok.access_token, root=kc.api_url)
+    master: list[dict] = []
+    try:
+        for exch in sorted({s.exchange for s in specs}):
+            try:
+                master.extend(_retry(f"instrument list {exch}", lambda e=exch: kite.instruments(e)))
+            except kex.InputException as e:
+                log.warning("instrument list for exchange %s refused: %s", exch, _first_line(e))
+    except kex.TokenException as e:
+        print(f"feed-zerodha: Kite refused the access token ({e}); run feed-kite-token", file=sys.stderr, flush=True)
+        sys.exit(EX_NOPERM)
+    except Exception as e:
+        log.error("cannot read Kite's instrument list: %s", _first_line(e))
+        sys.exit(1)
+    subs, unknown = resolve(specs, master)
+    if unknown:
+        log.warning("%d instrument(s) not in Kite's instrument list, skipped: %s%s", len(unknown),
+                    ", ".join(s.key for s in unknown[:20]), " ..." if len(unknown) > 20 else "")
+    if not subs:
+        raise ConfigError("kite.instruments_file", kc.instruments_file or kc.file,
+                          f"none of the {len(specs)} instruments is in Kite's instrument list")
+    try:
+        plan_conns = plan_connections(subs, kc.max_instruments_per_connection, kc.max_connections)
+    except TooManyInstruments as e:
+        raise ConfigError("kite.instruments_file", kc.instruments_file or kc.file, str(e)) from None
+    tokens = {s.instrument_token for s in subs}
+    _store_instruments(dsn, [r for r in master if int(r["instrument_token"]) in tokens])
+    modes = {m: sum(1 for s in subs if s.mode == m) for m in A.MODES}
+    log.info("feed-zerodha starting: config %s, %d instruments from %s (full %d, quote %d, ltp %d) over %d "
+             "connection(s) of at most %d, ticker %s, %s; token %s", config_path, len(subs), source,
+             modes["full"], modes["quote"], modes["ltp"], len(plan_conns), kc.max_instruments_per_connection,
+             kc.ticker_url, run_plan.reason, tok.describe())
+    rc = asyncio.run(_amain(kc, sk, dsn, plan_conns, tok.access_token, run_plan, unit))
+    if rc == RC_TOKEN:
+        print("feed-zerodha: Kite refused the access token during the session; run feed-kite-token",
+              file=sys.stderr, flush=True)
+    sys.exit(rc)
+
+
+# ----------------------------------------------------------------------------- feed-kite-token
+
+def load_login(cfg: Config, kc: KiteConfig, no_browser: bool = False):
+    """Credentials and login settings from ``[kite]`` and ``[kite.login]``;
+    reads the secret files.  Raises ConfigError."""
+    from .login import CHROMIUM_FLAGS, Credentials, LoginSettings, Selectors, totp_code
+    k = "kite.login."
+    sel = Selectors()
+    for name in ("user_id", "password", "submit", "totp", "error"):
+        setattr(sel, name, cfg.get(f"{k}selectors.{name}", str, getattr(sel, name)))
+    settings = LoginSettings(
+        login_url=kc.login_url, api_url=kc.api_url,
+        browser=cfg.get(k + "browser", str, "/usr/bin/chromium"),
+        browser_flags=tuple(cfg.get(k + "browser_flags", list, list(CHROMIUM_FLAGS))),
+        use_browser=not no_browser and cfg.get(k + "use_browser", bool, True),
+        http_fallback=cfg.get(k + "http_fallback", bool, True),
+        timeout=cfg.get(k + "timeout", float, 30.0, check=positive),
+        selectors=sel,
+    )
+    creds = Credentials(
+        api_key=kc.api_key,
+        api_secret=cfg.secret(k + "api_secret_file"),
+        user_id=cfg.get(k + "user_id", str, check=lambda v: None if v.strip() else "must not be empty"),
+        password=cfg.secret(k + "password_file"),
+        totp_secret=cfg.secret(k + "totp_secret_file"),
+        totp_file=cfg.get(k + "totp_secret_file", str),
+    )
+    try:
+        totp_code(creds.totp_secret, min_left=0)
+    except ValueError:
+        raise ConfigError(k + "totp_secret_file", cfg.file,
+                          f"the secret in {creds.totp_file} is not a base32 TOTP secret") from None
+    attempts = cfg.get(k + "attempts", int, 4, check=lambda v: None if 1 <= v <= 20 else "must be 1..20")
+    delays = cfg.get(k + "retry_delays", list, [15, 60, 180],
+                     check=lambda v: None if all(isinstance(x, (int, float)) and x >= 0 for x in v)
+                     else "must be a list of seconds >= 0")
+    return creds, settings, attempts, [float(x) for x in delays]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", envvar="FEEDS_KITE_CONFIG", default="/etc/feeds/kite.toml",
+              show_default=True, help="TOML configuration file.")
+@click.option("--check", is_flag=True, help="Only validate the stored token (exit 0 valid, 1 not).")
+@click.option("--force", is_flag=True, help="Log in even when the stored token is still valid.")
+@click.option("--no-browser", is_flag=True, help="Skip the browser; use the HTTP login only.")
+@exit_on_config_error
+def token_main(config_path: str, check: bool, force: bool, no_browser: bool) -> None:
+    """Renew the Kite access token: log in (headless Chromium, or HTTP
+    without a browser) with the user id, password and TOTP, exchange the
+    request_token, validate and store the access token."""
+    from .login import CredentialsRejected, LoginError, renew
+    setup_logging()
+    cfg = Config.load(config_path)
+    kc = load_settings(cfg)
+    store = TokenStore(kc.token_file)
+    if check or not force:
+        try:
+            tok = store.load_current(kc.api_key)
+            validate(tok, kc.api_url)
+            log.info("stored access token is valid: %s", tok.describe())
+            if check:
+                sys.exit(0)
+            log.info("nothing to do (use --force to log in anyway)")
+            sys.exit(0)
+        except TokenError as e:
+            if check:
+                log.error("%s", e)
+                sys.exit(1)
+            log.info("renewing: %s", e)
+        except Exception as e:
+            if check:
+                log.error("cannot check the stored token: %s", _first_line(e))
+                sys.exit(1)
+            log.info("renewing: the stored token could not be checked (%s)", _first_line(e))
+    creds, settings, attempts, delays = load_login(cfg, kc, no_browser)
+    try:
+        renew(creds, settings, store, attempts=attempts, delays=delays)
+    except CredentialsRejected as e:
+        log.error("token renewal failed: %s", e)
+        sys.exit(1)
+    except LoginError as e:
+        log.error("%s", e)
+        sys.exit(1)
