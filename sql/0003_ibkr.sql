@@ -57,9 +57,11 @@ CREATE TABLE ibkr_session_status (
     actual_bars    integer     NOT NULL DEFAULT 0,
     first_bar      timestamptz,
     last_bar       timestamptz,
-    error          text,                   -- last error read for this session (IB code and text)
+    error          text,                   -- last error read for this session (IB code and text; kept
+                                           -- after a successful retry, as a record)
     note           text,                   -- why actual < expected, bars dropped, ...
     attempts       integer     NOT NULL DEFAULT 0,   -- historical requests sent for it
+    requested_at   timestamptz,            -- when the last one was sent (a new run's pacing starts from these)
     updated_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (symbol, session_date)
 );

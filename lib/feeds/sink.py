@@ -95,6 +95,25 @@ class SinkStats:
     outages: int = 0
 
 
+def load_sink_settings(cfg, default_spool_dir: str) -> dict:
+    """Validate a program's ``[sink]`` section (a :class:`feeds.config.Config`).
+
+    Keys: ``spool_dir`` (used when systemd gives no StateDirectory),
+    ``flow_timeout`` (s without data or storage progress before watchdog
+    pings stop), ``flush_interval`` (0 < s <= 1), ``batch_rows``,
+    ``max_pending``.  Raises :class:`feeds.config.ConfigError`.
+    """
+    from .config import positive
+    return dict(
+        spool_dir=cfg.get("sink.spool_dir", str, default_spool_dir),
+        flow_timeout=cfg.get("sink.flow_timeout", float, 20.0, check=positive),
+        flush_interval=cfg.get("sink.flush_interval", float, 0.2,
+                               check=lambda v: None if 0 < v <= 1.0 else "must be > 0 and <= 1.0 s"),
+        batch_rows=cfg.get("sink.batch_rows", int, 20_000, check=positive),
+        max_pending=cfg.get("sink.max_pending", int, 200_000, check=positive),
+    )
+
+
 class Spool:
     """Append-only, crash-tolerant spool of batches on disk.
 

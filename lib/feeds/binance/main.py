@@ -16,7 +16,7 @@ import click
 from ..config import Config, ConfigError, database_dsn, exit_on_config_error, non_negative, positive
 from ..health import Health
 from ..runtime import install_stop_signals, setup_logging, state_dir, tune_gc, watchdog_interval
-from ..sink import Sink
+from ..sink import Sink, load_sink_settings
 from . import adapter as A
 from .collector import BinanceCollector, Settings
 
@@ -82,18 +82,6 @@ def load_settings(cfg: Config, shard: str | None = None, symbols: str | None = N
     return s
 
 
-def load_sink_settings(cfg: Config) -> dict:
-    """Validate ``[sink]``; raises ConfigError."""
-    return dict(
-        spool_dir=cfg.get("sink.spool_dir", str, "/var/lib/feeds/binance"),
-        flow_timeout=cfg.get("sink.flow_timeout", float, 20.0, check=positive),
-        flush_interval=cfg.get("sink.flush_interval", float, 0.2,
-                               check=lambda v: None if 0 < v <= 1.0 else "must be > 0 and <= 1.0 s"),
-        batch_rows=cfg.get("sink.batch_rows", int, 20_000, check=positive),
-        max_pending=cfg.get("sink.max_pending", int, 200_000, check=positive),
-    )
-
-
 async def _amain(dsn: str, sk: dict, settings: Settings, unit: str) -> int:
     spool = state_dir(sk["spool_dir"])
     health = Health(unit=unit, flow_timeout=sk["flow_timeout"])
@@ -137,7 +125,7 @@ def main(config_path: str, shard: str | None, symbols: str | None, unit: str | N
     setup_logging()
     cfg = Config.load(config_path)
     settings = load_settings(cfg, shard, symbols)
-    sink_settings = load_sink_settings(cfg)
+    sink_settings = load_sink_settings(cfg, "/var/lib/feeds/binance")
     dsn = database_dsn(cfg)
     unit = unit or ("feed-binance@%dof%d.service" % settings.shard if settings.shard != (1, 1)
                     else "feed-binance.service")

@@ -225,6 +225,7 @@ class RunSummary:
     contract_errors: dict[str, str] = field(default_factory=dict)
     elapsed: float = 0.0
     failed: str | None = None
+    stopped: bool = False
     request_times: list[float] = field(default_factory=list)
 
     def line(self) -> str:
@@ -235,7 +236,7 @@ class RunSummary:
                  f"{self.requests} requests", f"{self.bars:,} bars stored", f"{self.errors} IB errors",
                  f"{self.pacing_violations} pacing violations", f"{self.reconnects} reconnects"]
         head = f"run {self.run_id} " if self.run_id is not None else ""
-        state = f"FAILED ({self.failed})" if self.failed else "finished"
+        state = f"FAILED ({self.failed})" if self.failed else ("stopped" if self.stopped else "finished")
         return f"summary: {head}{state} in {fmt_duration(self.elapsed)}: " + ", ".join(parts)
 
 
@@ -636,6 +637,7 @@ class Backfill:
             await self._db(self.store.update_run, sm.run_id, client_id=self.client_id)
             plan = await self.plan(sel)
             await self._apply_plan(plan, first_time=True)
+            await self._seed_pacing()
             log.info("plan: %d sessions to fetch for %d contracts (%s), %d holidays recorded; pacing implies %s",
                      len(self._queue), len(plan.contracts),
                      ", ".join(f"{c.row.symbol} {c.requests}" for c in plan.contracts), sm.holidays,
@@ -645,6 +647,9 @@ class Backfill:
         except BackfillFailed as e:
             sm.failed = str(e)
             log.error("%s", e)
+        except asyncio.CancelledError:  # SIGTERM/SIGINT: every committed session stays; the next run goes on
+            sm.stopped = True
+            log.info("stopped by a signal; the next run goes on from the status table")
         except Exception as e:  # database or client failure: say what, leave the rest to the next run
             sm.failed = f"{type(e).__name__}: {e}".strip()
             log.exception("backfill failed")
@@ -654,7 +659,7 @@ class Backfill:
                 await asyncio.gather(progress, return_exceptions=True)
             self._stop.set()
             sm.left_pending = len(self._planned - self._finished)
-            if sm.failed is None and sm.left_pending:
+            if sm.failed is None and sm.left_pending and not sm.stopped:
                 sm.failed = f"{sm.left_pending} sessions left PENDING after {self.s.max_attempts} attempts"
             sm.pacing_violations = self.limiter.violations
             sm.elapsed = time.monotonic() - self._t0
@@ -665,13 +670,17 @@ class Backfill:
             self.notifier.notify("STATUS=" + line[:1000])
             try:
                 await self._db(self.store.update_run, sm.run_id, finished=True,
-                               state="failed" if sm.failed else "finished", sessions_planned=sm.planned,
+                               state="failed" if sm.failed else ("interrupted" if sm.stopped else "finished"), sessions_planned=sm.planned,
                                sessions_done=sm.done, requests=sm.requests, bars_stored=sm.bars, errors=sm.errors,
                                pacing_violations=sm.pacing_violations, reconnects=sm.reconnects, summary=line)
             except Exception as e:  # the summary line above already says what happened
                 log.error("run log not updated: %s", e)
             if self.ib is not None:
                 self.ib.disconnect()
+            try:
+                await self._db(self.store.close)   # also releases the advisory lock
+            except Exception as e:
+                log.warning("database connection not closed cleanly: %s", e)
             self._shutdown_executor()
         return sm
 
@@ -741,19 +750,45 @@ class Backfill:
             return
         self._queue.append(job)
 
+    def _keys(self, res: _Resolved, session: Session) -> tuple[tuple, tuple]:
+        """The limiter's identical-request key and contract key for a session."""
+        what = self.s.what_to_show
+        ident = (res.con_id, res.row.exchange, _utc_end(session.close), DURATION, BAR_SIZE, what, self.s.use_rth,
+                 FORMAT_DATE)
+        return ident, (res.con_id, res.row.exchange, what)
+
+    async def _seed_pacing(self) -> None:
+        """Count the requests earlier runs sent within the last window
+        (``requested_at`` in the status table): IB remembers them too."""
+        recent = await self._db(self.store.recent_requests, self.limiter.window)
+        entries = []
+        weight = self.limiter.weight_for(self.s.what_to_show)
+        for sym, day, age in recent:
+            res = self._resolved.get(sym)
+            ident = ckey = None
+            if res is not None and res.con_id:
+                session = self.calendar(res.row.calendar).session(day)
+                if session is not None:
+                    ident, ckey = self._keys(res, session)
+            entries.append((age, ident, ckey, weight))
+        if entries:
+            self.limiter.seed(entries)
+            log.info("pacing: %d requests sent in the last %s by an earlier run are counted", len(entries),
+                     fmt_duration(self.limiter.window))
+
     async def _fetch(self, job: _Job) -> None:
         res, session, sm = job.res, job.session, self.summary
         row = res.row
         what = self.s.what_to_show
         end = _utc_end(session.close)
-        ident = (res.con_id, row.exchange, end, DURATION, BAR_SIZE, what, self.s.use_rth, FORMAT_DATE)
-        ckey = (res.con_id, row.exchange, what)
+        ident, ckey = self._keys(res, session)
         await self.limiter.acquire(ident, ckey, self.limiter.weight_for(what))
         ib = self.ib
         if ib is None or not self._ready.is_set() or not ib.isConnected():
             self.limiter.release()
             self._queue.appendleft(job)
             return
+        await self._db(self.store.note_request, row.symbol, res.con_id, session)
         job.attempts += 1
         self._attempts[job.key] = job.attempts
         sm.requests += 1

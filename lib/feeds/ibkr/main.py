@@ -28,6 +28,7 @@ import datetime as dt
 import logging
 import re
 import shlex
+import signal
 import sys
 import time
 
@@ -179,6 +180,20 @@ async def _test_connection(bf: Backfill, sel: Selection) -> int:
     return 0 if ok else 1
 
 
+async def _run(bf: Backfill, sel: Selection, args: str):
+    """The run, ended cleanly (summary written) by SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+
+    def stop(name: str) -> None:
+        log.info("%s received: stopping after writing the summary", name)
+        if task is not None:
+            task.cancel()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig.name)
+    return await bf.run(sel, args)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", envvar="FEEDS_IBKR_CONFIG", default="/etc/feeds/ibkr.toml",
               show_default=True, help="TOML configuration file.")
@@ -258,7 +273,7 @@ def main(config_path, symbols, from_, to, date, dry_run, retry_failed, priority_
              config_path, contracts_path, len(contracts), settings.host, settings.port, settings.pacing_scale)
     args = " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        summary = asyncio.run(bf.run(sel, args))
+        summary = asyncio.run(_run(bf, sel, args))
     except BackfillFailed as e:
         log.error("%s", e)
         sys.exit(EX_TEMPFAIL)

@@ -166,6 +166,22 @@ class PacingLimiter:
         if self.history is not None:
             self.history.append(now)
 
+    def seed(self, entries: Sequence[tuple[float, Hashable | None, Hashable | None, int]]) -> None:
+        """Count requests sent before this process started (a killed or
+        earlier run): ``(age_seconds, identical_key, contract_key, weight)``;
+        keys may be None (the request then only counts in the ten-minute
+        window).  Call before the first :meth:`acquire`."""
+        now = self.clock()
+        for age, ident, ckey, weight in sorted(entries, key=lambda e: -e[0]):
+            t = now - max(0.0, age)
+            if ident is not None:
+                self._identical[ident] = max(self._identical.get(ident, t), t)
+            if ckey is not None:
+                self._burst.setdefault(ckey, deque()).append((t, weight))
+            self._all.append((t, weight))
+            self._all_weight += weight
+        self._prune(now)
+
     # --------------------------------------------------------------- use
     async def acquire(self, identical_key: Hashable, contract_key: Hashable, weight: int = 1) -> float:
         """Wait until the request may be sent, then count it as sent and open.

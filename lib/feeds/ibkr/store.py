@@ -47,7 +47,7 @@ ON CONFLICT (symbol, session_date) DO UPDATE SET
     session_open = EXCLUDED.session_open, session_close = EXCLUDED.session_close,
     expected_bars = EXCLUDED.expected_bars, actual_bars = EXCLUDED.actual_bars,
     first_bar = EXCLUDED.first_bar, last_bar = EXCLUDED.last_bar,
-    error = EXCLUDED.error, note = EXCLUDED.note,
+    error = COALESCE(EXCLUDED.error, s.error), note = EXCLUDED.note,
     attempts = s.attempts + EXCLUDED.attempts, updated_at = now()
 """
 
@@ -188,9 +188,10 @@ class BackfillStore:
 
     def commit_session(self, symbol: str, con_id: int | None, session: Session, status: str,
                        rows: Sequence[tuple], first: dt.datetime | None, last: dt.datetime | None,
-                       error: str | None, note: str | None, attempts: int = 1) -> None:
+                       error: str | None, note: str | None, attempts: int = 0) -> None:
         """Replace the session's bars with ``rows`` and write its status, in
-        one transaction.  ``attempts`` is added to the stored count."""
+        one transaction.  ``attempts`` is added to the stored count
+        (requests are counted by :meth:`note_request`)."""
         with self.c.transaction():
             self.c.execute("DELETE FROM ibkr_bar_1min WHERE symbol = %s AND bar_start >= %s AND bar_start < %s",
                            (symbol, session.open, session.close))
@@ -204,7 +205,7 @@ class BackfillStore:
                                          last=last, error=error, note=note or None, attempts=attempts))
 
     def record_error(self, symbol: str, con_id: int | None, session: Session, status: str, error: str,
-                     attempts: int = 1) -> None:
+                     attempts: int = 0) -> None:
         """Record an error against a session without touching its bars:
         ``status`` PENDING (transient, will be retried) or ERROR."""
         self.c.execute(
@@ -218,6 +219,24 @@ class BackfillStore:
                WHERE s.status NOT IN ('COMPLETE', 'EARLY_CLOSE', 'HOLIDAY')""",
             (symbol, session.day, con_id, status, session.open, session.close, session.expected_bars, error,
              attempts))
+
+    def note_request(self, symbol: str, con_id: int | None, session: Session) -> None:
+        """Count a historical request about to be sent for the session and
+        remember when (``requested_at``)."""
+        self.c.execute(
+            """INSERT INTO ibkr_session_status AS s (symbol, session_date, con_id, status, session_open,
+                   session_close, expected_bars, attempts, requested_at)
+               VALUES (%s, %s, %s, 'PENDING', %s, %s, %s, 1, now())
+               ON CONFLICT (symbol, session_date) DO UPDATE SET attempts = s.attempts + 1, requested_at = now()""",
+            (symbol, session.day, con_id, session.open, session.close, session.expected_bars))
+
+    def recent_requests(self, seconds: float) -> list[tuple[str, dt.date, float]]:
+        """Requests sent in the last ``seconds`` (by any run):
+        ``(symbol, session_date, age in seconds)``, oldest first."""
+        return [(r[0], r[1], float(r[2])) for r in self.c.execute(
+            """SELECT symbol, session_date, extract(epoch FROM now() - requested_at) FROM ibkr_session_status
+                WHERE requested_at > now() - make_interval(secs => %s) ORDER BY requested_at""",
+            (seconds,)).fetchall()]
 
     # -------------------------------------------------------------- status report
     def summary(self, symbols: Sequence[str] | None = None) -> list[dict]:

@@ -86,11 +86,17 @@ def _reactor():
 
 
 def _route_twisted_logs() -> None:
-    """Send Twisted's own log events to Python logging (logger ``twisted``)."""
+    """Send Twisted's own log events to Python logging (logger ``twisted``,
+    warnings and up unless debugging).  kiteconnect's ticker logs every close
+    as an error, clean ones included; the collector logs connection events
+    itself, so that logger is kept for debugging."""
     from twisted.python import log as tlog
     if not getattr(_route_twisted_logs, "done", False):
         tlog.PythonLoggingObserver(loggerName="twisted").start()
         _route_twisted_logs.done = True
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("twisted").setLevel(logging.WARNING)
+        logging.getLogger("kiteconnect").setLevel(logging.CRITICAL)
 
 
 class KiteCollector:
@@ -121,7 +127,8 @@ class KiteCollector:
             for sub in subs:
                 c.by_mode.setdefault(sub.mode, []).append(sub.instrument_token)
             self.conns.append(c)
-        self.mode_streams = {m: health.stream(m) for m in A.MODES}
+        used = {sub.mode for subs in plan for sub in subs}
+        self.mode_streams = {m: health.stream(m) if m in used else StreamHealth() for m in A.MODES}
         self.truncated = 0
         self.text_messages = 0
         self.failure: str | None = None
@@ -303,13 +310,13 @@ class KiteCollector:
     async def run(self, stop: asyncio.Event, until: datetime | None = None) -> int:
         reactor = _reactor()
         self._start_reactor()
+        log.info("connecting %d connection(s) to %s for %d instruments", len(self.conns), self.s.ticker_url,
+                 sum(len(c.subs) for c in self.conns))
         for c in self.conns:
             c.ticker = self._make_ticker(c)
             c.last = time.monotonic()
             reactor.callFromThread(c.ticker.connect)
             await self._sleep(stop, self.s.connect_stagger)
-        log.info("connecting %d connection(s) to %s for %d instruments", len(self.conns), self.s.ticker_url,
-                 sum(len(c.subs) for c in self.conns))
         rc = RC_OK
         next_status = time.monotonic() + min(2.0, self.s.status_interval)
         next_hb = time.monotonic() + 1.0

@@ -1,0 +1,169 @@
+"""The pacing limiter against IB's rules, on a fake clock, checked by the simulator's own pacer."""
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from feeds.ibkr.pacing import PacingLimiter, is_pacing_violation, max_in_window, utilisation
+from feeds.sim.tws_pacing import HistoricalPacer
+
+
+class FakeTime:
+    def __init__(self):
+        self.t = 1000.0
+
+    def clock(self) -> float:
+        return self.t
+
+    async def sleep(self, d: float) -> None:
+        self.t += d
+        await asyncio.sleep(0)
+
+
+def limiter(ft: FakeTime, **kw) -> PacingLimiter:
+    kw.setdefault("keep_history", True)
+    return PacingLimiter(clock=ft.clock, sleep=ft.sleep, **kw)
+
+
+def drive(lim: PacingLimiter, ft: FakeTime, requests, pacer: HistoricalPacer | None = None, answer=0.0):
+    """Acquire each (identical_key, contract_key, weight) in order; each answer takes `answer` s."""
+    refused = []
+
+    async def main():
+        for ident, ckey, w in requests:
+            await lim.acquire(ident, ckey, w)
+            if pacer is not None:
+                rule = pacer.check(ident, ckey, weight=w)
+                if rule:
+                    refused.append(rule)
+            ft.t += answer
+            lim.release()
+    asyncio.run(main())
+    return refused
+
+
+def test_sixty_per_ten_minutes_then_waits_one_window():
+    ft = FakeTime()
+    lim = limiter(ft)
+    pacer = HistoricalPacer(clock=ft.clock)
+    reqs = [(("c", i), ("c%d" % (i % 20),), 1) for i in range(150)]
+    assert drive(lim, ft, reqs, pacer) == []
+    h = lim.history
+    assert h[59] - h[0] < 30                         # the first 60 go at once (5 per contract per 2 s)
+    assert h[60] - h[0] == pytest.approx(lim.window)  # the 61st waits for the first to leave the window
+    assert lim.window == pytest.approx(600 * 1.01 + 0.5)
+    assert max_in_window(h, 600.0) == 60
+    assert utilisation(h, 600.0) >= 0.98
+
+
+def test_scaled_limiter_never_violates_scaled_simulator_rules():
+    ft = FakeTime()
+    lim = limiter(ft, scale=0.01)
+    pacer = HistoricalPacer(scale=0.01, clock=ft.clock)
+    # three contracts, some identical repeats, some BID_ASK (counted twice)
+    reqs = []
+    for i in range(200):
+        c = i % 3
+        what = "BID_ASK" if i % 7 == 0 else "TRADES"
+        ident = ("con%d" % c, "SMART", "end%d" % (i // 3 % 40), what)   # repeats every 120 requests
+        reqs.append((ident, ("con%d" % c, "SMART", what), lim.weight_for(what)))
+    assert drive(lim, ft, reqs, pacer, answer=0.001) == []
+    assert pacer.accepted == 200 and all(v == 0 for v in pacer.violations.values())
+
+
+def test_same_contract_five_per_two_seconds():
+    ft = FakeTime()
+    lim = limiter(ft)
+    pacer = HistoricalPacer(clock=ft.clock)
+    reqs = [(("AAPL", i), ("AAPL", "SMART", "TRADES"), 1) for i in range(12)]
+    assert drive(lim, ft, reqs, pacer) == []
+    h = lim.history
+    assert h[4] == h[0] and h[5] - h[0] == pytest.approx(lim.burst_window)   # 6th waits ~2 s
+    assert lim.burst_window == pytest.approx(2 * 1.01 + 0.5)
+
+
+def test_bid_ask_counts_twice():
+    ft = FakeTime()
+    lim = limiter(ft)
+    reqs = [(("X", i), ("X%d" % i,), 2) for i in range(31)]
+    drive(lim, ft, reqs)
+    h = lim.history
+    assert h[29] == h[0] and h[30] - h[0] == pytest.approx(lim.window)   # 30 BID_ASK fill the window
+
+
+def test_identical_request_waits_fifteen_seconds():
+    ft = FakeTime()
+    lim = limiter(ft)
+    drive(lim, ft, [(("same",), ("a",), 1), (("other",), ("b",), 1), (("same",), ("a",), 1)])
+    h = lim.history
+    assert h[1] == h[0] and h[2] - h[0] == pytest.approx(15 * 1.01 + 0.5)
+
+
+def test_open_requests_limit():
+    ft = FakeTime()
+    lim = limiter(ft)
+    for i in range(50):
+        lim._record(("i", i), ("k", i), 1, ft.t)   # 50 open, none answered
+    assert math.isinf(lim.delay(("n",), ("n",), 1))
+    lim.release()
+    assert lim.open_requests == 49
+    lim._all.clear()
+    lim._all_weight = 0
+    assert lim.delay(("n",), ("n",), 1) == 0
+
+
+def test_violation_back_off_doubles_and_resets():
+    ft = FakeTime()
+    lim = limiter(ft, scale=0.1)
+    assert lim.violation() == pytest.approx(1.5)
+    assert lim.violation() == pytest.approx(3.0)
+    assert lim.delay(("a",), ("a",), 1) == pytest.approx(3.0)
+    for _ in range(10):
+        lim.violation()
+    assert lim.violation() == pytest.approx(lim.window)      # capped at one window
+    lim.success()
+    assert lim.violation() == pytest.approx(1.5)
+    assert lim.violations == 14
+
+
+def test_seed_counts_an_earlier_runs_requests():
+    ft = FakeTime()
+    lim = limiter(ft)
+    # a killed run sent 60 requests 100 s ago, one of them identical to ours 5 s ago
+    lim.seed([(100.0, ("old", i), ("c",), 1) for i in range(59)] + [(5.0, ("mine",), ("m",), 1)])
+    assert lim.delay(("new",), ("n",), 1) == pytest.approx(lim.window - 100.0)
+    assert lim.delay(("mine",), ("m",), 1) == pytest.approx(lim.window - 100.0)
+    lim2 = limiter(FakeTime())
+    lim2.seed([(5.0, ("mine",), ("m",), 1)])
+    assert lim2.delay(("mine",), ("m",), 1) == pytest.approx(lim2.identical_window - 5.0)
+
+
+def test_estimate_and_plan_duration():
+    ft = FakeTime()
+    lim = limiter(ft)
+    w = lim.window
+    assert lim.estimate(0) == 0 and lim.estimate(60) == 0
+    assert lim.estimate(61) == pytest.approx(w) and lim.estimate(121) == pytest.approx(2 * w)
+    drive(lim, ft, [(("x", i), ("c%d" % (i % 30),), 1) for i in range(60)])
+    assert lim.estimate(1) == pytest.approx(w - (ft.t - lim.history[0]))
+    assert lim.plan_duration([0]) == 0
+    assert lim.plan_duration([252, 252, 252]) == pytest.approx(12 * w)        # 756 requests
+    assert lim.plan_duration([4]) == 0                                         # one burst
+    assert lim.plan_duration([10]) == pytest.approx(lim.burst_window)          # 6th must wait 2 s
+
+
+def test_utilisation_measure():
+    assert utilisation([0.0], 6.0) == 1.0
+    assert utilisation([i * 0.001 for i in range(60)], 6.0) == 1.0               # no wait needed
+    times = [0.0] * 60 + [6.0] * 60 + [12.0]
+    assert utilisation(times, 6.0) == pytest.approx(1.0)
+    assert utilisation([0.0] * 60 + [12.0], 6.0) == pytest.approx(0.5)
+    assert max_in_window([0, 1, 2, 6, 7], 6) == 3
+
+
+def test_pacing_text_recognised():
+    assert is_pacing_violation(162, "Historical Market Data Service error message:Historical data request pacing violation")
+    assert not is_pacing_violation(162, "Historical Market Data Service error message:HMDS query returned no data: X")
+    assert not is_pacing_violation(200, "pacing violation")
