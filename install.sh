@@ -2,7 +2,8 @@
 # Install (or update) the feeds collectors on a Debian/Ubuntu machine with systemd.
 #
 #   sudo ./install.sh           collectors pointed at the real venues
-#   sudo ./install.sh --demo    also start the Binance simulator and point feed-binance at it
+#   sudo ./install.sh --demo    also start the Binance and TWS simulators and point
+#                               feed-binance and feed-backfill at them
 #
 # Safe to re-run: packages, users, database objects and units are created only when
 # missing; configuration in /etc/feeds is never overwritten (a newer default is put
@@ -134,21 +135,40 @@ EOF
         rm -f "$dropin/demo.conf"
     fi
 done
+dropin_bf="$UNITDIR/feed-backfill.service.d"
+if [ $DEMO = 1 ]; then
+    install -d "$dropin_bf"
+    cat > "$dropin_bf/demo.conf" <<EOF
+# Written by install.sh --demo: feed-backfill talks to the TWS simulator (feed-sim-tws on
+# 127.0.0.1:7497, IB's pacing windows scaled to 1/100) and fetches the last 20 days.
+[Unit]
+Wants=feed-sim-tws.service
+After=feed-sim-tws.service
+[Service]
+Environment=FEEDS_IBKR_PACING_SCALE=0.01
+Environment="FEEDS_BACKFILL_ARGS=--from 20d"
+EOF
+else
+    rm -f "$dropin_bf/demo.conf"
+fi
 systemctl daemon-reload
 
 verify=$(systemd-analyze verify "$UNITDIR"/feed-*.service "$UNITDIR"/feed-*.timer 2>&1 || true)
 [ -z "$verify" ] || { echo "$verify" >&2; die "systemd-analyze verify reported problems"; }
 
 systemctl enable --now feed-maintain.timer >/dev/null 2>&1
+systemctl enable --now feed-backfill.timer >/dev/null 2>&1
 systemctl enable feed-binance.service >/dev/null 2>&1
 if [ $START = 1 ]; then
     if [ $DEMO = 1 ]; then
-        systemctl enable feed-sim-binance.service >/dev/null 2>&1
-        systemctl restart feed-sim-binance.service
+        systemctl enable feed-sim-binance.service feed-sim-tws.service >/dev/null 2>&1
+        systemctl restart feed-sim-binance.service feed-sim-tws.service
+        systemctl start --no-block feed-backfill.service
     else
-        systemctl disable --now feed-sim-binance.service >/dev/null 2>&1 || true
+        systemctl disable --now feed-sim-binance.service feed-sim-tws.service >/dev/null 2>&1 || true
     fi
     systemctl restart feed-binance.service
     say "feed-binance: $(systemctl is-active feed-binance.service)"
 fi
-say "done. Status: systemctl status feed-binance; journalctl -u feed-binance -f; feedctl status"
+say "done. Status: systemctl status feed-binance; journalctl -u feed-binance -f; feedctl status;"
+say "      systemctl list-timers 'feed-*'; journalctl -u feed-backfill"

@@ -84,7 +84,7 @@ def statuses(dsn: str) -> dict[tuple[str, dt.date], dict]:
         cur = c.execute("""SELECT symbol, session_date, status, expected_bars, actual_bars, first_bar, last_bar,
                                   error, note, attempts FROM ibkr_session_status""")
         names = [d.name for d in cur.description]
-        return {(r[0], r[1]): dict(zip(names, r)) for r in cur.fetchall()}
+        return {(r[0], r[1]): dict(zip(names, r, strict=True)) for r in cur.fetchall()}
 
 
 def bar_counts(dsn: str) -> dict[tuple[str, dt.date], int]:
@@ -143,7 +143,8 @@ def test_spx_recording_four_sessions_complete_and_equal_to_the_file(db):
     assert sorted(st) == [("SPX", d) for d in days]
     for d in days:
         s = st[("SPX", d)]
-        assert (s["status"], s["expected_bars"], s["actual_bars"], s["error"], s["note"]) == ("COMPLETE", 390, 390, None, None)
+        assert (s["status"], s["expected_bars"], s["actual_bars"]) == ("COMPLETE", 390, 390)
+        assert s["error"] is None and s["note"] is None
         assert s["first_bar"].astimezone(ET).time() == dt.time(9, 30)
         assert s["last_bar"].astimezone(ET).time() == dt.time(15, 59)
         assert s["attempts"] == 1
@@ -251,6 +252,43 @@ def test_thin_contract_recorded_complete_with_fewer_bars_and_not_refetched(db):
     assert first.requests == 18 and second.requests == 0 and again == []
 
 
+def test_unsettled_session_is_partial_and_fetched_again(db):
+    """Fetched at 12:00 New York during the session (an explicit --date):
+    PARTIAL with the bars so far; the next run, after the close, replaces
+    them with the whole session (COMPLETE)."""
+    noon = dt.datetime(2024, 7, 2, 12, 0, tzinfo=ET)
+    day = dt.date(2024, 7, 2)
+
+    async def main():
+        sim = RecordingSim(**sim_kw(generate=("AAPL",), clock=noon.timestamp))
+        await sim.start()
+        try:
+            lim = PacingLimiter(scale=0.001)
+            bf = Backfill(settings(sim, 0.001), contracts("AAPL"), BackfillStore(db), limiter=lim, notifier=Notes(),
+                          now=lambda: noon)
+            first = await bf.run(Selection(first=day, last=day))
+        finally:
+            await sim.stop()
+        mid = statuses(db)[("AAPL", day)], bar_counts(db)[("AAPL", day)]
+        sim = RecordingSim(**sim_kw(generate=("AAPL",)))
+        await sim.start()
+        try:
+            second, _ = await backfill(db, contracts("AAPL"), Selection(first=day, last=day), sim)
+            third, _ = await backfill(db, contracts("AAPL"), Selection(first=day, last=day), sim)
+        finally:
+            await sim.stop()
+        return first, mid, second, third
+
+    first, (mid, mid_bars), second, third = run(main())
+    assert mid["status"] == "PARTIAL" and mid["actual_bars"] == mid_bars == 151      # 09:30..12:00 (in progress)
+    assert mid["note"] == "fetched before the session settled (151 of 390 bars)"
+    assert first.statuses["PARTIAL"] == 1 and first.failed is None
+    s = statuses(db)[("AAPL", day)]
+    assert (s["status"], s["actual_bars"], s["attempts"], s["note"]) == ("COMPLETE", 390, 2, None)
+    assert bar_counts(db)[("AAPL", day)] == 390
+    assert (second.requests, third.requests) == (1, 0)
+
+
 def test_unknown_symbol_is_error_with_ib_message_and_others_complete(db):
     async def main():
         sim = RecordingSim(**sim_kw(generate=("AAPL", "MSFT")))
@@ -328,14 +366,17 @@ def test_pacing_violations_recognised_backed_off_and_recorded(db):
     """A limiter scaled too fast for the simulator (half its windows): the
     simulator refuses with 162 pacing violation; the run backs off, records
     the error on the session, retries, and every session completes."""
+    first, last = dt.date(2024, 1, 2), dt.date(2024, 2, 29)
+    n_sessions = sum(1 for _, s in XNYS.days(first, last) if s is not None)
+
     async def main():
-        sim = RecordingSim(**sim_kw(generate=("AAPL", "MSFT"), pacing_scale=0.01))
+        sim = RecordingSim(**sim_kw(generate=("AAPL", "MSFT"), pacing_scale=0.004))
         await sim.start()
         try:
-            lim = PacingLimiter(scale=0.005, keep_history=True)
-            bf = Backfill(settings(sim, 0.005, max_attempts=30), contracts("AAPL", "MSFT"), BackfillStore(db),
+            lim = PacingLimiter(scale=0.002, keep_history=True)
+            bf = Backfill(settings(sim, 0.002, max_attempts=30), contracts("AAPL", "MSFT"), BackfillStore(db),
                           limiter=lim, notifier=Notes())
-            sm = await asyncio.wait_for(bf.run(Selection(first=dt.date(2024, 1, 2), last=dt.date(2024, 3, 28))), 90)
+            sm = await asyncio.wait_for(bf.run(Selection(first=first, last=last)), 90)
             return sm, sim.stats()
         finally:
             await sim.stop()
@@ -343,12 +384,14 @@ def test_pacing_violations_recognised_backed_off_and_recorded(db):
     sm, stats = run(main())
     refused = sum(stats["pacing_violations"].values())
     assert refused >= 1 and sm.pacing_violations == refused
+    assert stats["historical"]["served"] == 2 * n_sessions
     st = statuses(db)
     done = [s for s in st.values() if s["status"] != "HOLIDAY"]
-    assert len(done) == 2 * 61 and all(s["status"] == "COMPLETE" for s in done)
+    assert len(done) == 2 * n_sessions and all(s["status"] == "COMPLETE" for s in done)
     hit = [s for s in done if s["error"] and "pacing violation" in s["error"]]
-    assert hit and all(s["attempts"] >= 2 for s in hit)
-    assert sm.requests == 122 + refused and sm.failed is None
+    assert len(hit) >= 1 and all(s["attempts"] >= 2 for s in hit)
+    assert sum(s["attempts"] for s in done) == sm.requests == 2 * n_sessions + refused
+    assert sm.failed is None
 
 
 # ------------------------------------------------------------------ connection
@@ -379,11 +422,29 @@ def test_forced_disconnect_mid_run_reconnects_and_finishes(db):
         assert c.execute("SELECT reconnects, state FROM ibkr_backfill_run").fetchone() == (1, "finished")
 
 
+def test_disconnect_while_resolving_contracts_reconnects(db):
+    async def main():
+        sim = RecordingSim(**sim_kw(generate=("AAPL", "MSFT")))
+        await sim.start()
+        try:
+            sim.fail_after(1, "reqHeadTimeStamp")   # the second head timestamp request: connection closed
+            sm, _ = await backfill(db, contracts("AAPL", "MSFT"), Selection(first=dt.date(2024, 3, 4),
+                                                                           last=dt.date(2024, 3, 8)), sim)
+            return sm, sim.stats()
+        finally:
+            await sim.stop()
+
+    sm, stats = run(main())
+    assert stats["connections"]["accepted"] == 2 and stats["connections"]["forced_disconnects"] == 1
+    assert stats["requests"]["reqHeadTimeStamp"] == 3          # AAPL once (kept), MSFT twice
+    assert sm.failed is None and sm.statuses["COMPLETE"] == 10
+
+
 def test_connectivity_1100_pauses_requests_until_1102(db):
     gap = 0.6
 
     async def main():
-        sim = RecordingSim(**sim_kw(generate=("AAPL", "MSFT"), pacing_scale=0.005))
+        sim = RecordingSim(**sim_kw(generate=("AAPL", "MSFT"), pacing_scale=0.002))
         await sim.start()
         marks = {}
 
@@ -396,7 +457,7 @@ def test_connectivity_1100_pauses_requests_until_1102(db):
         try:
             task = asyncio.create_task(cut())
             sm, _ = await backfill(db, contracts("AAPL", "MSFT"), Selection(first=dt.date(2024, 1, 2),
-                                                                           last=dt.date(2024, 3, 28)), sim, scale=0.005)
+                                                                           last=dt.date(2024, 2, 15)), sim, scale=0.002)
             await task
             return sm, sim.stats(), sim.hist_log, marks["lost"]
         finally:
@@ -409,6 +470,37 @@ def test_connectivity_1100_pauses_requests_until_1102(db):
     assert during == [] and after
     assert sm.failed is None and sm.reconnects == 0
     assert all(s["status"] == "COMPLETE" for s in statuses(db).values() if s["status"] != "HOLIDAY")
+
+
+def test_connectivity_1101_data_lost_resends_open_requests(db):
+    """1100 then 1101 ("data lost") while requests are open (the simulator
+    answers after 50 ms): the open requests are cancelled and sent again, the
+    run finishes with every session complete."""
+    async def main():
+        sim = RecordingSim(**sim_kw(generate=("AAPL", "MSFT"), latency=0.05))
+        await sim.start()
+
+        async def cut():
+            while len(sim.hist_log) < 10:
+                await asyncio.sleep(0.002)
+            sim.connectivity_loss(gap=0.01, data_lost=True)
+
+        try:
+            task = asyncio.create_task(cut())
+            sm, _ = await backfill(db, contracts("AAPL", "MSFT"), Selection(first=dt.date(2024, 3, 4),
+                                                                           last=dt.date(2024, 3, 22)), sim)
+            await task
+            return sm, sim.stats(), requested(sim.hist_log)
+        finally:
+            await sim.stop()
+
+    sm, stats, reqs = run(main())
+    assert stats["errors_sent"].get(1101) == 1 and sm.connectivity_losses == 1
+    resent = len(reqs) - len(set(reqs))
+    assert resent >= 1 and stats["historical"]["cancelled"] >= 1
+    assert sm.failed is None and sm.reconnects == 0 and len(set(reqs)) == 30
+    assert all(s["status"] == "COMPLETE" for s in statuses(db).values())
+    assert set(bar_counts(db).values()) == {390}
 
 
 def test_client_id_in_use_takes_the_next_one(db):
@@ -461,7 +553,7 @@ def test_cli_dry_run_status_and_test_connection(cli_env, db):
     r = cli("--config", str(cfg), "--dry-run", "--symbols", "AAPL", "MSFT", "--from", "2024-01-01", "--to",
             "2024-12-31")
     assert r.exit_code == 0, r.output
-    lines = r.output.splitlines()
+    lines = r.stdout.splitlines()
     aapl = next(ln for ln in lines if ln.startswith("AAPL "))
     assert aapl.split()[-5:] == ["252", "0", "10", "0", "252"], aapl
     assert "2015-01-02 14:30" in aapl                                   # IB's head timestamp
@@ -472,7 +564,7 @@ def test_cli_dry_run_status_and_test_connection(cli_env, db):
 
     # dry run without --from: from the last finished session back to the head timestamp
     r = cli("--config", str(cfg), "--dry-run", "--symbols", "MSFT")
-    msft = next(ln for ln in r.output.splitlines() if ln.startswith("MSFT "))
+    msft = next(ln for ln in r.stdout.splitlines() if ln.startswith("MSFT "))
     last = XNYS.last_finished(dt.datetime.now(UTC), dt.timedelta(minutes=30)).day
     n = sum(1 for _, s in XNYS.days(dt.date(2015, 1, 2), last) if s is not None)
     assert f"2015-01-02 {last}" in " ".join(msft.split()) and msft.split()[-1] == str(n), msft
@@ -482,16 +574,21 @@ def test_cli_dry_run_status_and_test_connection(cli_env, db):
     assert r.exit_code == 0, r.output
     r = cli("--config", str(cfg), "--status")
     assert r.exit_code == 0, r.output
-    head, aapl = r.output.splitlines()[:2]
+    head, aapl = r.stdout.splitlines()[:2]
     assert head.split()[:8] == ["symbol", "complete", "early_close", "thin", "partial", "error", "pending", "holiday"]
     assert aapl.split() == ["AAPL", "3", "1", "0", "0", "0", "0", "1", "2024-07-01", "2024-07-05", "1,380"]
-    assert "last run 1: finished" in r.output and "8 requests" in r.output
+    assert "last run 1: finished" in r.stdout and "8 requests" in r.stdout
+
+    # --priority-only: only contracts with priority > 0 (AAPL)
+    r = cli("--config", str(cfg), "--dry-run", "--priority-only", "--from", "2024-07-01", "--to", "2024-07-05")
+    assert r.exit_code == 0, r.output
+    assert [ln.split()[0] for ln in r.stdout.splitlines()[1:-1]] == ["AAPL"]
 
     r = cli("--config", str(cfg), "--test-connection")
     assert r.exit_code == 0, r.output
-    assert r.output.startswith(f"connected to 127.0.0.1:{sim.port} clientId 71, server version 178")
-    assert "ok   AAPL conId 265598 STK SMART/NASDAQ US/Eastern calendar XNYS head timestamp 2015-01-02" in r.output
-    assert "ES" not in r.output                                        # FUT rows are not resolved
+    assert r.stdout.startswith(f"connected to 127.0.0.1:{sim.port} clientId 71, server version 178")
+    assert "ok   AAPL conId 265598 STK SMART/NASDAQ US/Eastern calendar XNYS head timestamp 2015-01-02" in r.stdout
+    assert "ES" not in r.stdout                                        # FUT rows are not resolved
 
 
 def test_cli_bad_contracts_file_exits_78(tmp_path, monkeypatch):

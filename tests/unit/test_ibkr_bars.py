@@ -1,6 +1,7 @@
 """Bar checks per session, the 16:00 row of the SPX recording, thin sessions, exact wire text."""
 from __future__ import annotations
 
+import asyncio
 import csv
 import datetime as dt
 import os
@@ -23,10 +24,10 @@ DAY = dt.date(2019, 11, 5)
 SESSION = XNYS.session(DAY)
 
 
-def bar(minute: int, o="10.00", h="10.50", l="9.50", c="10.20", v="100", wap="10.1", n=3, t=None) -> WireBar:
+def bar(minute: int, o="10.00", h="10.50", lo="9.50", c="10.20", v="100", wap="10.1", n=3, t=None) -> WireBar:
     t = t or SESSION.open + dt.timedelta(minutes=minute)
-    return WireBar(date=t, open=float(o), high=float(h), low=float(l), close=float(c), volume=float(v),
-                   average=float(wap), barCount=n, text=(o, h, l, c, v, wap))
+    return WireBar(date=t, open=float(o), high=float(h), low=float(lo), close=float(c), volume=float(v),
+                   average=float(wap), barCount=n, text=(o, h, lo, c, v, wap))
 
 
 def full_day():
@@ -100,9 +101,9 @@ def test_spx_recording_with_its_1600_row():
     bars = []
     for r in recs:
         t = dt.datetime.strptime(r["Date"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=ET)
-        o, h, l, c, v = r["Open"], r["High"], r["Low"], r["Close"], r["Volume"]
-        bars.append(WireBar(date=t.astimezone(UTC), open=float(o), high=float(h), low=float(l), close=float(c),
-                            volume=float(v), average=0.0, barCount=1, text=(o, h, l, c, v, "0")))
+        o, h, lo, c, v = r["Open"], r["High"], r["Low"], r["Close"], r["Volume"]
+        bars.append(WireBar(date=t.astimezone(UTC), open=float(o), high=float(h), low=float(lo), close=float(c),
+                            volume=float(v), average=0.0, barCount=1, text=(o, h, lo, c, v, "0")))
     chk = check_session("SPX", 416904, SESSION, bars)
     assert chk.failure is None and chk.actual == 390
     assert chk.note == "1 bar(s) outside the session dropped (16:00)"
@@ -111,16 +112,19 @@ def test_spx_recording_with_its_1600_row():
 
 
 def test_keep_wire_text_through_the_client_decoder():
-    ib = IB()
-    keep_wire_text(ib)
-    keep_wire_text(ib)                                  # idempotent
-    fut = ib.wrapper.startReq(7, container=[])
     fields = ["17", "7", "20191105 09:30:00 US/Eastern", "20191105 16:00:00 US/Eastern", "2",
               "1572964200", "3080.8", "3081.47", "3080.3", "3080.49", "2209795", "3080.75", "22098",
               "1572964260", "0.1", "0.30", "0.1", "0.2999999999999999999", "12.5", "0.2", "2"]
-    ib.client.decoder.interpret(fields)
-    assert fut.done()
-    got = fut.result()
+
+    async def main():
+        ib = IB()
+        keep_wire_text(ib)
+        keep_wire_text(ib)                              # idempotent
+        fut = ib.wrapper.startReq(7, container=[])
+        ib.client.decoder.interpret(fields)             # message 17 as TWS sends it
+        assert fut.done()
+        return fut.result()
+    got = asyncio.run(main())
     assert [type(b) for b in got] == [WireBar, WireBar] and isinstance(got[0], BarData)
     assert got[0].date == dt.datetime(2019, 11, 5, 14, 30, tzinfo=UTC)
     assert got[0].text == ("3080.8", "3081.47", "3080.3", "3080.49", "2209795", "3080.75")

@@ -8,7 +8,8 @@ import pytest
 from feeds.ibkr.contracts import ContractsError, load_contracts, parse_contracts
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAD = "symbol,secType,exchange,currency,primaryExchange,lastTradeDateOrContractMonth,strike,right,multiplier,priority\n"
+HEAD = ("symbol,secType,exchange,currency,primaryExchange,lastTradeDateOrContractMonth,strike,right,multiplier,"
+        "priority\n")
 
 
 def bad(text: str) -> ContractsError:

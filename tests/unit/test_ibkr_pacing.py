@@ -33,13 +33,13 @@ def drive(lim: PacingLimiter, ft: FakeTime, requests, pacer: HistoricalPacer | N
 
     async def main():
         for ident, ckey, w in requests:
-            await lim.acquire(ident, ckey, w)
+            ticket = await lim.acquire(ident, ckey, w)
             if pacer is not None:
                 rule = pacer.check(ident, ckey, weight=w)
                 if rule:
                     refused.append(rule)
             ft.t += answer
-            lim.release()
+            lim.release(ticket)
     asyncio.run(main())
     return refused
 
@@ -55,7 +55,7 @@ def test_sixty_per_ten_minutes_then_waits_one_window():
     assert h[60] - h[0] == pytest.approx(lim.window)  # the 61st waits for the first to leave the window
     assert lim.window == pytest.approx(600 * 1.01 + 0.5)
     assert max_in_window(h, 600.0) == 60
-    assert utilisation(h, 600.0) >= 0.98
+    assert utilisation(h, 600.0) == pytest.approx(600 / lim.window)   # 98.9 %
 
 
 def test_scaled_limiter_never_violates_scaled_simulator_rules():
@@ -104,14 +104,37 @@ def test_identical_request_waits_fifteen_seconds():
 def test_open_requests_limit():
     ft = FakeTime()
     lim = limiter(ft)
-    for i in range(50):
-        lim._record(("i", i), ("k", i), 1, ft.t)   # 50 open, none answered
+    tickets = [lim._record(("i", i), ("k", i), 1, ft.t) for i in range(50)]   # 50 open, none answered
     assert math.isinf(lim.delay(("n",), ("n",), 1))
-    lim.release()
+    lim.release(tickets[0])
     assert lim.open_requests == 49
-    lim._all.clear()
-    lim._all_weight = 0
+    ft.t += lim.window
     assert lim.delay(("n",), ("n",), 1) == 0
+
+
+def test_a_request_counts_from_its_answer():
+    """A server busy with earlier requests reads a request late; counting it
+    from its answer keeps the next window's requests far enough apart."""
+    ft = FakeTime()
+    lim = limiter(ft, scale=0.01)
+    pacer = HistoricalPacer(scale=0.01, clock=ft.clock)
+
+    async def batch(first: int, n: int, late: float) -> None:
+        tickets = [await lim.acquire(("x", i), ("c%d" % i,), 1) for i in range(first, first + n)]
+        ft.t += late                      # the server reads (and answers) them this much later
+        for i, ticket in zip(range(first, first + n), tickets, strict=True):
+            assert pacer.check(("x", i), ("c%d" % i,)) is None
+            lim.release(ticket)
+
+    async def main():
+        t0 = ft.t
+        await batch(0, 40, 0.5)
+        await batch(40, 20, 0.5)
+        await lim.acquire(("y",), ("d",), 1)
+        return t0
+    t0 = asyncio.run(main())
+    assert ft.t == pytest.approx(t0 + 0.5 + lim.window)   # first answers + one window, not first sends
+    assert pacer.check(("y",), ("d",)) is None            # the server's window has moved on by then
 
 
 def test_violation_back_off_doubles_and_resets():
@@ -160,10 +183,13 @@ def test_utilisation_measure():
     times = [0.0] * 60 + [6.0] * 60 + [12.0]
     assert utilisation(times, 6.0) == pytest.approx(1.0)
     assert utilisation([0.0] * 60 + [12.0], 6.0) == pytest.approx(0.5)
+    spread = [i * 0.02 for i in range(60)]                                    # a burst spread over 1.2 s
+    assert utilisation(spread + [t + 6.6 for t in spread], 6.0) == pytest.approx(6.0 / 6.6)
     assert max_in_window([0, 1, 2, 6, 7], 6) == 3
 
 
 def test_pacing_text_recognised():
-    assert is_pacing_violation(162, "Historical Market Data Service error message:Historical data request pacing violation")
+    hmds = "Historical Market Data Service error message:"
+    assert is_pacing_violation(162, hmds + "Historical data request pacing violation")
     assert not is_pacing_violation(162, "Historical Market Data Service error message:HMDS query returned no data: X")
     assert not is_pacing_violation(200, "pacing violation")

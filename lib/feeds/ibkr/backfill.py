@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -312,6 +311,7 @@ class Backfill:
 
     # ------------------------------------------------------------ helpers
     def calendar(self, name: str) -> SessionCalendar:
+        """The (cached) :class:`SessionCalendar` called ``name``."""
         cal = self._calendars.get(name)
         if cal is None:
             cal = self._calendars[name] = SessionCalendar(name)
@@ -358,24 +358,36 @@ class Backfill:
                 cid = self.s.client_id + i
                 ib = IB()
                 ib.RaiseRequestErrors = True
-                codes: list[tuple[int, str]] = []
+                in_use = asyncio.get_running_loop().create_future()
 
-                def collect(r, c, t, k, codes=codes):
-                    codes.append((c, t))
+                def collect(r, c, t, k, in_use=in_use):
+                    if c == 326 and not in_use.done():
+                        in_use.set_result(t)
 
                 ib.errorEvent += collect
+                attempt = asyncio.ensure_future(ib.connectAsync(
+                    self.s.host, self.s.port, clientId=cid, timeout=self.s.connect_timeout, readonly=True,
+                    fetchFields=StartupFetchNONE))
                 try:
-                    await ib.connectAsync(self.s.host, self.s.port, clientId=cid, timeout=self.s.connect_timeout,
-                                          readonly=True, fetchFields=StartupFetchNONE)
+                    # IB answers a clientId in use with 326 and closes: do not wait for the timeout.
+                    await asyncio.wait({attempt, in_use}, return_when=asyncio.FIRST_COMPLETED)
+                    if in_use.done():
+                        attempt.cancel()
+                        await asyncio.gather(attempt, return_exceptions=True)
+                        raise ConnectionError("clientId in use")
+                    attempt.result()
                 except (OSError, asyncio.TimeoutError, ConnectionError, RequestError) as e:
                     ib.disconnect()
                     ib.errorEvent -= collect
-                    if any(c == 326 for c, _ in codes):
+                    if in_use.done():
                         log.warning("clientId %d is in use (IB error 326); trying %d", cid, cid + 1)
                         last_err = "every clientId tried is in use (326)"
                         continue
                     last_err = f"{type(e).__name__}: {e}".strip().rstrip(":")
                     break
+                finally:
+                    if not in_use.done():
+                        in_use.cancel()
                 ib.errorEvent -= collect
                 self._attach(ib, cid)
                 return ib
@@ -551,10 +563,8 @@ class Backfill:
         plans = []
         for res in resolved:
             cal = self.calendar(res.row.calendar)
-            lo = min(d for d in (sel.first, self.s.earliest, res.head.date() if res.head else None,
-                                 dt.date(1990, 1, 1)) if d is not None)
             hi = sel.last or self.now().astimezone(cal.tz).date()
-            statuses = await self._db(self.store.statuses, [res.row.symbol], lo, hi)
+            statuses = await self._db(self.store.statuses, [res.row.symbol], dt.date(1900, 1, 1), hi)
             plans.append(self._plan_contract(res, sel, statuses))
         plan = Plan(plans)
         plan.duration = self.limiter.plan_duration([c.requests for c in plans])
@@ -611,6 +621,7 @@ class Backfill:
         try:
             return await self.plan(sel, resolve=self.ib is not None)
         finally:
+            self._stop.set()
             if self.ib is not None:
                 self.ib.disconnect()
             self._shutdown_executor()
@@ -628,14 +639,15 @@ class Backfill:
         sm = self.summary
         await self._db(self.store.connect)
         if not await self._db(self.store.try_lock):
+            await self._db(self.store.close)
+            self._shutdown_executor()
             raise BackfillFailed("another feed-backfill is running (database advisory lock held)")
         sm.run_id = await self._db(self.store.start_run, arguments, None)
         self.notifier.notify("STATUS=connecting")
         progress = None
         try:
-            self.ib = await self.connect()
+            plan = await self._connect_and_plan()
             await self._db(self.store.update_run, sm.run_id, client_id=self.client_id)
-            plan = await self.plan(sel)
             await self._apply_plan(plan, first_time=True)
             await self._seed_pacing()
             log.info("plan: %d sessions to fetch for %d contracts (%s), %d holidays recorded; pacing implies %s",
@@ -669,10 +681,11 @@ class Backfill:
             log.info("%s", line)
             self.notifier.notify("STATUS=" + line[:1000])
             try:
-                await self._db(self.store.update_run, sm.run_id, finished=True,
-                               state="failed" if sm.failed else ("interrupted" if sm.stopped else "finished"), sessions_planned=sm.planned,
-                               sessions_done=sm.done, requests=sm.requests, bars_stored=sm.bars, errors=sm.errors,
-                               pacing_violations=sm.pacing_violations, reconnects=sm.reconnects, summary=line)
+                state = "failed" if sm.failed else ("interrupted" if sm.stopped else "finished")
+                await self._db(self.store.update_run, sm.run_id, finished=True, state=state,
+                               sessions_planned=sm.planned, sessions_done=sm.done, requests=sm.requests,
+                               bars_stored=sm.bars, errors=sm.errors, pacing_violations=sm.pacing_violations,
+                               reconnects=sm.reconnects, summary=line)
             except Exception as e:  # the summary line above already says what happened
                 log.error("run log not updated: %s", e)
             if self.ib is not None:
@@ -683,6 +696,22 @@ class Backfill:
                 log.warning("database connection not closed cleanly: %s", e)
             self._shutdown_executor()
         return sm
+
+    async def _connect_and_plan(self) -> Plan:
+        """Connect and plan; a connection lost or a timeout while resolving
+        contracts means connecting again (at most ``max_attempts`` times)."""
+        deadline = time.monotonic() + self.s.reconnect_timeout
+        for attempt in range(1, self.s.max_attempts + 1):
+            self.ib = await self.connect(deadline)
+            try:
+                return await self.plan(self._selection)
+            except (ConnectionError, asyncio.TimeoutError) as e:
+                log.warning("contract resolution interrupted (%s), attempt %d of %d", e or type(e).__name__,
+                            attempt, self.s.max_attempts)
+                self._link_up = False
+                self._set_ready()
+                self.ib.disconnect()
+        raise BackfillFailed(f"contract resolution failed {self.s.max_attempts} times (no answer from TWS)")
 
     async def _run_workers(self) -> None:
         supervisor = asyncio.create_task(self._supervise())
@@ -712,8 +741,7 @@ class Backfill:
             self.summary.reconnects += 1
             log.warning("reconnecting to %s:%d (reconnect %d)", self.s.host, self.s.port, self.summary.reconnects)
             self.notifier.notify("STATUS=reconnecting to TWS/IB Gateway")
-            self.ib = await self.connect()
-            plan = await self.plan(self._selection)
+            plan = await self._connect_and_plan()
             await self._apply_plan(plan, first_time=False)
             log.info("reconnected: %d sessions left, taken from the status table", len(self._queue))
             self._changed.set()
@@ -782,13 +810,12 @@ class Backfill:
         what = self.s.what_to_show
         end = _utc_end(session.close)
         ident, ckey = self._keys(res, session)
-        await self.limiter.acquire(ident, ckey, self.limiter.weight_for(what))
+        ticket = await self.limiter.acquire(ident, ckey, self.limiter.weight_for(what))
         ib = self.ib
         if ib is None or not self._ready.is_set() or not ib.isConnected():
-            self.limiter.release()
+            self.limiter.release(ticket)
             self._queue.appendleft(job)
             return
-        await self._db(self.store.note_request, row.symbol, res.con_id, session)
         job.attempts += 1
         self._attempts[job.key] = job.attempts
         sm.requests += 1
@@ -796,15 +823,17 @@ class Backfill:
         fut = ib.wrapper.startReq(req_id, res.contract, container=[])
         self._inflight[req_id] = (job, fut)
         try:
+            # Sent right when the limiter allows it; counted in the status table just after.
             ib.client.reqHistoricalData(req_id, res.contract, end, DURATION, BAR_SIZE, what, self.s.use_rth,
                                         FORMAT_DATE, False, [])
+            await self._db(self.store.note_request, row.symbol, res.con_id, session)
             bars = await asyncio.wait_for(fut, self.s.request_timeout)
         except RequestError as e:
-            self.limiter.release()
+            self.limiter.release(ticket)
             await self._request_error(job, e.code, e.message)
             return
         except asyncio.TimeoutError:
-            self.limiter.release()
+            self.limiter.release(ticket)
             if ib.isConnected():
                 ib.client.cancelHistoricalData(req_id)
             err = f"no answer within {self.s.request_timeout:g}s"
@@ -813,7 +842,7 @@ class Backfill:
             self._requeue(job, err)
             return
         except ConnectionError as e:
-            self.limiter.release()
+            self.limiter.release(ticket)
             err = f"connection lost during the request ({e})"
             await self._db(self.store.record_error, row.symbol, res.con_id, session, "PENDING", err)
             if job.attempts >= self.s.max_attempts + 2:
@@ -823,7 +852,7 @@ class Backfill:
             return
         finally:
             self._inflight.pop(req_id, None)
-        self.limiter.release()
+        self.limiter.release(ticket)
         self.limiter.success()
         sm.request_times.append(time.monotonic())
         await self._store(job, bars)
@@ -863,8 +892,10 @@ class Backfill:
             status = "ERROR"
             error = f"no bar inside the session ({len(chk.dropped)} outside)" if chk.dropped else "empty answer"
         elif not session.settled(self.now(), self.s.settle):
+            # the missing minutes may simply be still to come: no "thin" verdict yet
             status = "PARTIAL"
-            note = "; ".join(x for x in ("fetched before the session settled", note) if x)
+            note = "; ".join([f"fetched before the session settled ({chk.actual} of {chk.expected} bars)"]
+                             + [n for n in note.split("; ") if n and not n.startswith("thin:")])
         else:
             status = "EARLY_CLOSE" if session.early_close else "COMPLETE"
         await self._db(self.store.commit_session, row.symbol, res.con_id, session, status, chk.rows, chk.first,
@@ -873,7 +904,11 @@ class Backfill:
         if status == "ERROR":
             log.error("%s %s: %s", row.symbol, session.day, error)
         elif note:
-            log.info("%s %s: %s %d/%d bars: %s", row.symbol, session.day, status, chk.actual, chk.expected, note)
+            # thin sessions are routine for illiquid contracts (the count is in --status): debug level
+            thin_only = note.startswith("thin:") and ";" not in note
+            level = logging.DEBUG if thin_only and status != "PARTIAL" else logging.INFO
+            log.log(level, "%s %s: %s %d/%d bars: %s", row.symbol, session.day, status, chk.actual, chk.expected,
+                    note)
         self._finish(job, status)
 
     # ---------------------------------------------------------- progress

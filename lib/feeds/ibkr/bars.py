@@ -80,9 +80,9 @@ def keep_wire_text(ib) -> None:
         req = int(req_id)
         it = iter(rest).__next__
         for _ in range(int(n)):
-            date, o, h, l, c, v, wap, count = it(), it(), it(), it(), it(), it(), it(), it()
-            bar = WireBar(date=date, open=float(o), high=float(h), low=float(l), close=float(c),
-                          volume=float(v), average=float(wap), barCount=int(count), text=(o, h, l, c, v, wap))
+            date, o, h, lo, c, v, wap, count = it(), it(), it(), it(), it(), it(), it(), it()
+            bar = WireBar(date=date, open=float(o), high=float(h), low=float(lo), close=float(c),
+                          volume=float(v), average=float(wap), barCount=int(count), text=(o, h, lo, c, v, wap))
             wrapper.historicalData(req, bar)
         wrapper.historicalDataEnd(req, start, end)
 
@@ -100,6 +100,8 @@ def _texts(bar: BarData) -> tuple[str, str, str, str, str, str]:
 
 def _utc(d) -> dt.datetime:
     if isinstance(d, dt.datetime):
+        if d.tzinfo is _UTC:
+            return d
         return d.astimezone(_UTC) if d.tzinfo else d.replace(tzinfo=_UTC)
     raise ValueError(f"bar date {d!r} is a date, not a time (a daily bar?)")
 
@@ -149,26 +151,24 @@ def check_session(symbol: str, con_id: int, session: Session, bars: Sequence[Bar
             t = _utc(bar.date)
         except ValueError as e:
             return _fail(out, str(e))
-        where = fmt_local(t, tz)
-        o, h, l, c, v, n = bar.open, bar.high, bar.low, bar.close, bar.volume, bar.barCount
-        if prev is not None:
+        o, h, lo, c, v, n = bar.open, bar.high, bar.low, bar.close, bar.volume, bar.barCount
+        if prev is not None and t <= prev:
             if t == prev:
-                return _fail(out, f"bar {where}: duplicate bar start")
-            if t < prev:
-                return _fail(out, f"bar {where}: not after the previous bar {fmt_local(prev, tz)}")
+                return _fail(out, f"bar {fmt_local(t, tz)}: duplicate bar start")
+            return _fail(out, f"bar {fmt_local(t, tz)}: not after the previous bar {fmt_local(prev, tz)}")
         prev = t
         if t.second or t.microsecond:
-            return _fail(out, f"bar {where}:{t.second:02d}: not on a whole minute")
-        if not (o > 0 and h > 0 and l > 0 and c > 0):
-            return _fail(out, f"bar {where}: price not positive (O {o} H {h} L {l} C {c})")
-        if h < max(o, c):
-            return _fail(out, f"bar {where}: high {h} < max(open {o}, close {c})")
-        if l > min(o, c):
-            return _fail(out, f"bar {where}: low {l} > min(open {o}, close {c})")
+            return _fail(out, f"bar {fmt_local(t, tz)}:{t.second:02d}: not on a whole minute")
+        if not (o > 0 and h > 0 and lo > 0 and c > 0):
+            return _fail(out, f"bar {fmt_local(t, tz)}: price not positive (O {o} H {h} L {lo} C {c})")
+        if h < (o if o > c else c):
+            return _fail(out, f"bar {fmt_local(t, tz)}: high {h} < max(open {o}, close {c})")
+        if lo > (c if o > c else o):
+            return _fail(out, f"bar {fmt_local(t, tz)}: low {lo} > min(open {o}, close {c})")
         if v < 0:
-            return _fail(out, f"bar {where}: negative volume {v}")
+            return _fail(out, f"bar {fmt_local(t, tz)}: negative volume {v}")
         if n < 0:
-            return _fail(out, f"bar {where}: negative barCount {n}")
+            return _fail(out, f"bar {fmt_local(t, tz)}: negative barCount {n}")
         if not (open_ <= t < close_):
             out.dropped.append(t)
             continue

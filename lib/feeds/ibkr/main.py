@@ -33,6 +33,7 @@ import sys
 import time
 
 import click
+import psycopg
 
 from ..config import EX_CONFIG, Config, ConfigError, database_dsn, exit_on_config_error, positive
 from ..runtime import setup_logging
@@ -175,6 +176,7 @@ async def _test_connection(bf: Backfill, sel: Selection) -> int:
                            f"{'/' + row.primary_exchange if row.primary_exchange else ''} {res.time_zone or '-'} "
                            f"calendar {row.calendar} head timestamp {res.head:%Y-%m-%d %H:%M %Z}")
     finally:
+        bf._stop.set()
         ib.disconnect()
         bf._shutdown_executor()
     return 0 if ok else 1
@@ -252,11 +254,20 @@ def main(config_path, symbols, from_, to, date, dry_run, retry_failed, priority_
             raise click.BadParameter(f"not in {contracts_path}: {', '.join(unknown)}", param_hint="--symbols")
     sel = Selection(symbols=sym_list, first=first, last=last, retry_failed=retry_failed, priority_only=priority_only)
 
+    try:
+        _act(settings, contracts, dsn, sel, status, test_connection, dry_run, config_path, contracts_path)
+    except psycopg.OperationalError as e:
+        log.error("cannot connect to the database: %s", str(e).strip().splitlines()[0] if str(e).strip() else e)
+        sys.exit(1)
+
+
+def _act(settings: Settings, contracts, dsn: str, sel: Selection, status: bool, test_connection: bool,
+         dry_run: bool, config_path: str, contracts_path: str) -> None:
     store = BackfillStore(dsn)
     if status:
         store.connect()
         try:
-            click.echo(format_status(store.summary(sym_list), store.last_errors(sym_list), store.last_run()))
+            click.echo(format_status(store.summary(sel.symbols), store.last_errors(sel.symbols), store.last_run()))
         finally:
             store.close()
         return

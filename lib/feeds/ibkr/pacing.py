@@ -20,7 +20,8 @@ simulator scaled the same way (``scale=0.01``: ten minutes become 6 s) keep
 the same proportions.  With the defaults the limiter uses 60 requests per
 606.5 s, 98.9 % of the allowed rate.
 
-When IB still reports a violation, :meth:`PacingLimiter.violation` pauses
+A request counts from its answer time once answered (see
+:class:`PacingLimiter`).  When IB still reports a violation, :meth:`PacingLimiter.violation` pauses
 every new request: 15 s (scaled) the first time, doubling after each further
 violation without a success in between, at most one window.
 """
@@ -29,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -57,6 +57,16 @@ class PacingRules:
     bid_ask_weight: int = 2
 
 
+class _Entry:
+    """One counted request: time ``t`` (send time, moved to the answer time
+    on release), weight and keys."""
+
+    __slots__ = ("t", "w", "ident", "ckey")
+
+    def __init__(self, t: float, w: int, ident: Hashable | None, ckey: Hashable | None):
+        self.t, self.w, self.ident, self.ckey = t, w, ident, ckey
+
+
 class PacingLimiter:
     """Delays historical requests so that none breaks IB's pacing rules.
 
@@ -64,12 +74,19 @@ class PacingLimiter:
     monotonic clock in seconds; ``sleep`` an awaitable sleep (both
     replaceable in tests).  Use from one event loop.
 
-    Per request: ``await acquire(identical_key, contract_key, weight)``
-    before sending it, ``release()`` when its answer (or error) arrived.
-    ``identical_key`` identifies identical requests (contract, exchange,
-    endDateTime, durationStr, barSizeSetting, whatToShow, useRTH,
-    formatDate); ``contract_key`` is (contract, exchange, whatToShow);
-    ``weight`` is 2 for BID_ASK (see :meth:`weight_for`).
+    Per request: ``ticket = await acquire(identical_key, contract_key,
+    weight)`` right before sending it, ``release(ticket)`` when its answer
+    (or error) arrived.  ``identical_key`` identifies identical requests
+    (contract, exchange, endDateTime, durationStr, barSizeSetting,
+    whatToShow, useRTH, formatDate); ``contract_key`` is (contract,
+    exchange, whatToShow); ``weight`` is 2 for BID_ASK (see
+    :meth:`weight_for`).
+
+    A request counts from the moment it is sent until its answer arrives,
+    and from then on as if it had been sent when answered: the answer time
+    is an upper bound of when IB read the request, so a server that reads a
+    request late (busy with earlier ones) never sees two requests closer
+    together than the limiter allowed.
     """
 
     def __init__(self, scale: float = 1.0, rules: PacingRules = PacingRules(), margin: float = 0.01,
@@ -95,10 +112,8 @@ class PacingLimiter:
         self.max_requests = rules.max_requests
         self.max_open = rules.max_open
         self.pause_base = rules.identical_window * scale
-        self._all: deque[tuple[float, int]] = deque()
-        self._all_weight = 0
-        self._identical: dict[Hashable, float] = {}
-        self._burst: dict[Hashable, deque[tuple[float, int]]] = {}
+        self._longest = max(self.window, self.identical_window, self.burst_window)
+        self._entries: list[_Entry] = []
         self._open = 0
         self._paused_until = 0.0
         self._strikes = 0
@@ -115,24 +130,20 @@ class PacingLimiter:
         return self.rules.bid_ask_weight if what_to_show.upper() == "BID_ASK" else 1
 
     def _prune(self, now: float) -> None:
-        while self._all and now - self._all[0][0] >= self.window:
-            self._all_weight -= self._all.popleft()[1]
-        if len(self._identical) > 2048:
-            self._identical = {k: t for k, t in self._identical.items() if now - t < self.identical_window}
-        if len(self._burst) > 2048:
-            self._burst = {k: q for k, q in self._burst.items() if q and now - q[-1][0] < self.burst_window}
+        if self._entries and any(now - e.t >= self._longest for e in self._entries):
+            self._entries = [e for e in self._entries if now - e.t < self._longest]
 
     @staticmethod
-    def _free_at(entries: deque[tuple[float, int]], total: int, weight: int, limit: int, window: float) -> float:
+    def _free_at(entries: list[_Entry], weight: int, limit: int, window: float) -> float:
         """Earliest time at which ``weight`` more fits under ``limit`` in
-        ``window`` given the (time, weight) entries, oldest first."""
-        excess = total + weight - limit
+        ``window`` given the entries (all inside the window)."""
+        excess = sum(e.w for e in entries) + weight - limit
         if excess <= 0:
             return -math.inf
-        for t, w in entries:
-            excess -= w
+        for e in sorted(entries, key=lambda e: e.t):
+            excess -= e.w
             if excess <= 0:
-                return t + window
+                return e.t + window
         return math.inf  # weight alone exceeds the limit
 
     def delay(self, identical_key: Hashable, contract_key: Hashable, weight: int = 1,
@@ -141,30 +152,27 @@ class PacingLimiter:
         while the open-request limit is reached).  Pure: records nothing."""
         now = self.clock() if now is None else now
         self._prune(now)
-        until = self._paused_until
-        last = self._identical.get(identical_key)
-        if last is not None:
-            until = max(until, last + self.identical_window)
-        burst = self._burst.get(contract_key)
-        if burst:
-            while burst and now - burst[0][0] >= self.burst_window:
-                burst.popleft()
-            until = max(until, self._free_at(burst, sum(w for _, w in burst), weight, self.burst_max,
-                                             self.burst_window))
-        until = max(until, self._free_at(self._all, self._all_weight, weight, self.max_requests, self.window))
         if self._open + 1 > self.max_open:
             return math.inf
+        until = self._paused_until
+        same = [e.t for e in self._entries if e.ident == identical_key and now - e.t < self.identical_window]
+        if same:
+            until = max(until, max(same) + self.identical_window)
+        burst = [e for e in self._entries if e.ckey == contract_key and now - e.t < self.burst_window]
+        if burst:
+            until = max(until, self._free_at(burst, weight, self.burst_max, self.burst_window))
+        inside = [e for e in self._entries if now - e.t < self.window]
+        until = max(until, self._free_at(inside, weight, self.max_requests, self.window))
         return max(0.0, until - now)
 
-    def _record(self, identical_key: Hashable, contract_key: Hashable, weight: int, now: float) -> None:
-        self._identical[identical_key] = now
-        self._burst.setdefault(contract_key, deque()).append((now, weight))
-        self._all.append((now, weight))
-        self._all_weight += weight
+    def _record(self, identical_key: Hashable, contract_key: Hashable, weight: int, now: float) -> _Entry:
+        e = _Entry(now, weight, identical_key, contract_key)
+        self._entries.append(e)
         self._open += 1
         self.sent += 1
         if self.history is not None:
             self.history.append(now)
+        return e
 
     def seed(self, entries: Sequence[tuple[float, Hashable | None, Hashable | None, int]]) -> None:
         """Count requests sent before this process started (a killed or
@@ -172,20 +180,15 @@ class PacingLimiter:
         keys may be None (the request then only counts in the ten-minute
         window).  Call before the first :meth:`acquire`."""
         now = self.clock()
-        for age, ident, ckey, weight in sorted(entries, key=lambda e: -e[0]):
-            t = now - max(0.0, age)
-            if ident is not None:
-                self._identical[ident] = max(self._identical.get(ident, t), t)
-            if ckey is not None:
-                self._burst.setdefault(ckey, deque()).append((t, weight))
-            self._all.append((t, weight))
-            self._all_weight += weight
+        for age, ident, ckey, weight in entries:
+            self._entries.append(_Entry(now - max(0.0, age), weight, ident, ckey))
         self._prune(now)
 
     # --------------------------------------------------------------- use
-    async def acquire(self, identical_key: Hashable, contract_key: Hashable, weight: int = 1) -> float:
-        """Wait until the request may be sent, then count it as sent and open.
-        Returns the seconds waited.  Callers are served in arrival order."""
+    async def acquire(self, identical_key: Hashable, contract_key: Hashable, weight: int = 1) -> _Entry:
+        """Wait until the request may be sent, then count it as sent and
+        open; returns the ticket for :meth:`release`.  Callers are served in
+        arrival order."""
         start = self.clock()
         async with self._lock:
             while True:
@@ -198,13 +201,15 @@ class PacingLimiter:
                 else:
                     await self.sleep(d)
             now = self.clock()
-            self._record(identical_key, contract_key, weight, now)
-        waited = now - start
-        self.waited += waited
-        return waited
+            ticket = self._record(identical_key, contract_key, weight, now)
+        self.waited += now - start
+        return ticket
 
-    def release(self) -> None:
-        """The answer (or error) of one acquired request arrived."""
+    def release(self, ticket: _Entry | None = None) -> None:
+        """The answer (or error) of one acquired request arrived: it no
+        longer counts as open, and counts from now on in every window."""
+        if ticket is not None:
+            ticket.t = max(ticket.t, self.clock())
         if self._open > 0:
             self._open -= 1
         self._released.set()
@@ -232,9 +237,11 @@ class PacingLimiter:
             return 0.0
         now = self.clock() if now is None else now
         self._prune(now)
-        slots = [now - self.window] * max(0, self.max_requests - self._all_weight)
-        for t, w in self._all:
-            slots.extend([t] * w)
+        inside = [e for e in self._entries if now - e.t < self.window]
+        used = sum(e.w for e in inside)
+        slots = [now - self.window] * max(0, self.max_requests - used)
+        for e in inside:
+            slots.extend([e.t] * e.w)
         slots = sorted(slots)[: self.max_requests]
         k = n - 1
         at = slots[k % self.max_requests] + self.window * (k // self.max_requests + 1)
@@ -255,20 +262,21 @@ class PacingLimiter:
 def utilisation(times: Sequence[float], window: float, max_requests: int = 60) -> float:
     """How much of the allowed rate a sequence of send times used.
 
-    The rules let request ``k`` (0-based) go no earlier than ``k // 60``
-    windows after the first one, so the least possible time between the
-    first and the last of ``N`` requests is ``((N - 1) // 60) * window``;
-    the result is that time divided by the actual span (1.0 when no wait was
-    needed).  ``window`` is IB's window, scaled like the run.
+    The ten-minute rule allows request ``k`` no earlier than ``window``
+    after request ``k - 60``; at the full allowed rate every such gap is
+    exactly one window.  The result is the mean of ``window / (t[k] -
+    t[k - 60])`` over every request that had a predecessor 60 back (1.0 when
+    there are 60 requests or fewer: no wait was needed).  ``window`` is IB's
+    window, scaled like the run; above 1.0 means the rule was broken.
     """
-    if len(times) < 2:
-        return 1.0
     ts = sorted(times)
-    ideal = ((len(ts) - 1) // max_requests) * window
-    span = ts[-1] - ts[0]
-    if ideal == 0:
+    if len(ts) <= max_requests:
         return 1.0
-    return ideal / span if span > 0 else math.inf
+    ratios = []
+    for k in range(max_requests, len(ts)):
+        gap = ts[k] - ts[k - max_requests]
+        ratios.append(window / gap if gap > 0 else math.inf)
+    return sum(ratios) / len(ratios)
 
 
 def max_in_window(times: Sequence[float], window: float) -> int:

@@ -135,7 +135,7 @@ class SessionCalendar:
     def _build(self, year: int) -> dict[dt.date, Session]:
         sched = self._cal.schedule(start_date=f"{year}-01-01", end_date=f"{year}-12-31")
         out: dict[dt.date, Session] = {}
-        for day, o, c in zip(sched.index, sched["market_open"], sched["market_close"]):
+        for day, o, c in zip(sched.index, sched["market_open"], sched["market_close"], strict=True):
             out[day.date()] = Session(day.date(), o.to_pydatetime().astimezone(dt.timezone.utc),
                                       c.to_pydatetime().astimezone(dt.timezone.utc), self.tz,
                                       self.regular_close)

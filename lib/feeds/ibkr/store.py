@@ -76,18 +76,21 @@ class BackfillStore:
         self.conn: psycopg.Connection | None = None
 
     def connect(self) -> "BackfillStore":
+        """Open the connection (autocommit; transactions are explicit).  Idempotent."""
         if self.conn is None or self.conn.closed:
             self.conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=self.connect_timeout,
                                         application_name="feed-backfill")
         return self
 
     def close(self) -> None:
+        """Close the connection (which also releases the advisory lock)."""
         if self.conn is not None:
             self.conn.close()
             self.conn = None
 
     @property
     def c(self) -> psycopg.Connection:
+        """The open connection (reconnects when it was closed)."""
         if self.conn is None or self.conn.closed:
             self.connect()
         assert self.conn is not None
@@ -133,6 +136,7 @@ class BackfillStore:
     def save_contract(self, symbol: str, con_id: int | None, sec_type: str, exchange: str, primary: str,
                       currency: str, time_zone: str | None, calendar: str,
                       head: dt.datetime | None) -> None:
+        """Upsert the contract as IB resolved it (NULL con_id/head keep the stored values)."""
         self.c.execute(
             """INSERT INTO ibkr_contract AS c (symbol, con_id, sec_type, exchange, primary_exchange, currency,
                    time_zone, calendar, head_timestamp, updated_at)
@@ -260,7 +264,7 @@ class BackfillStore:
                               {"s": list(symbols or [])}).fetchall()
         keys = ("symbol", "COMPLETE", "EARLY_CLOSE", "HOLIDAY", "PARTIAL", "ERROR", "PENDING", "thin",
                 "first", "last", "bars", "updated")
-        return [dict(zip(keys, r)) for r in rows]
+        return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def last_errors(self, symbols: Sequence[str] | None = None, limit: int = 10) -> list[tuple]:
         """The newest ERROR rows: (symbol, session_date, error)."""
@@ -271,5 +275,6 @@ class BackfillStore:
                               {"s": list(symbols or []), "n": limit}).fetchall()
 
     def last_run(self) -> tuple | None:
+        """(run_id, started_at, finished_at, state, requests, bars_stored, errors, summary) of the newest run."""
         return self.c.execute("""SELECT run_id, started_at, finished_at, state, requests, bars_stored, errors,
                                         summary FROM ibkr_backfill_run ORDER BY run_id DESC LIMIT 1""").fetchone()
