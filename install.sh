@@ -2,8 +2,8 @@
 # Install (or update) the feeds collectors on a Debian/Ubuntu machine with systemd.
 #
 #   sudo ./install.sh           collectors pointed at the real venues
-#   sudo ./install.sh --demo    also start the Binance and TWS simulators and point
-#                               feed-binance and feed-backfill at them
+#   sudo ./install.sh --demo    also start the Binance, TWS and Kite simulators and point
+#                               feed-binance, feed-backfill and feed-zerodha at them
 #
 # Safe to re-run: packages, users, database objects and units are created only when
 # missing; configuration in /etc/feeds is never overwritten (a newer default is put
@@ -49,6 +49,8 @@ if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
 fi
 need_pkg psql postgresql-client
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_pkg __none__ python3-venv
+# headless Chromium for the Kite login (feed-kite-token falls back to plain HTTP without it)
+[ -x /usr/bin/chromium ] || need_pkg __none__ chromium || say "chromium not installed: feed-kite-token will use the HTTP login"
 systemctl enable --now postgresql >/dev/null 2>&1 || true
 for c in $(ls /etc/postgresql 2>/dev/null); do
     for n in $(ls "/etc/postgresql/$c" 2>/dev/null); do
@@ -135,6 +137,29 @@ EOF
         rm -f "$dropin/demo.conf"
     fi
 done
+for unit in feed-zerodha.service feed-kite-token.service; do
+    dropin="$UNITDIR/$unit.d"
+    if [ $DEMO = 1 ]; then
+        install -d "$dropin"
+        cat > "$dropin/demo.conf" <<EOF
+# Written by install.sh --demo: Kite programs use the simulator's configuration.
+[Unit]
+Wants=feed-sim-kite.service
+After=feed-sim-kite.service
+[Service]
+Environment=FEEDS_KITE_CONFIG=$ETC/kite-demo.toml
+EOF
+    else
+        rm -f "$dropin/demo.conf"
+    fi
+done
+if [ $DEMO = 1 ]; then
+    # the simulator's demo credentials, written once, readable only by the service user
+    for pair in api-secret:simsecret password:simpassword totp-secret:JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP; do
+        f="$ETC/secrets/kite-demo-${pair%%:*}"
+        [ -e "$f" ] || ( umask 077; printf '%s\n' "${pair#*:}" > "$f"; chown feeds:feeds "$f"; chmod 600 "$f" )
+    done
+fi
 dropin_bf="$UNITDIR/feed-backfill.service.d"
 if [ $DEMO = 1 ]; then
     install -d "$dropin_bf"
@@ -158,14 +183,23 @@ verify=$(systemd-analyze verify "$UNITDIR"/feed-*.service "$UNITDIR"/feed-*.time
 
 systemctl enable --now feed-maintain.timer >/dev/null 2>&1
 systemctl enable --now feed-backfill.timer >/dev/null 2>&1
+kite_ready() { ! grep -q '^api_key = "your_api_key"' "$ETC/kite.toml" &&
+               for s in api-secret password totp-secret; do [ -s "$ETC/secrets/kite-$s" ] || return 1; done; }
+if [ $DEMO = 1 ] || kite_ready; then
+    systemctl enable --now feed-kite-token.timer feed-zerodha.timer >/dev/null 2>&1
+else
+    say "Kite not configured (api_key in $ETC/kite.toml, $ETC/secrets/kite-{api-secret,password,totp-secret}): its timers stay disabled"
+fi
 systemctl enable feed-binance.service >/dev/null 2>&1
 if [ $START = 1 ]; then
     if [ $DEMO = 1 ]; then
-        systemctl enable feed-sim-binance.service feed-sim-tws.service >/dev/null 2>&1
-        systemctl restart feed-sim-binance.service feed-sim-tws.service
+        systemctl enable feed-sim-binance.service feed-sim-tws.service feed-sim-kite.service >/dev/null 2>&1
+        systemctl restart feed-sim-binance.service feed-sim-tws.service feed-sim-kite.service
         systemctl start --no-block feed-backfill.service
+        systemctl start feed-kite-token.service && systemctl start --no-block feed-zerodha.service \
+            || say "feed-kite-token failed: journalctl -u feed-kite-token"
     else
-        systemctl disable --now feed-sim-binance.service feed-sim-tws.service >/dev/null 2>&1 || true
+        systemctl disable --now feed-sim-binance.service feed-sim-tws.service feed-sim-kite.service >/dev/null 2>&1 || true
     fi
     systemctl restart feed-binance.service
     say "feed-binance: $(systemctl is-active feed-binance.service)"

@@ -18,9 +18,9 @@ collector's ceiling.  Prints:
 * the collector's CPU seconds per million ticks and its peak RSS (VmHWM);
 * with ``--decoder kiteticker`` the same with KiteTicker's own parser.
 
-Target (issue): >= 20,000 ticks/s with peak RSS < 250 MB.
+Target: >= 20,000 ticks/s with peak RSS < 250 MB.
 
-Usage: bench/kite_collector.py [--instruments 3000] [--rate 12] [--window 30]
+Usage: bench/kite_collector.py [--instruments 3000] [--rate 25] [--window 30]
                                [--decoder native|kiteticker|both]
 """
 from __future__ import annotations
@@ -172,7 +172,7 @@ spool_dir = "{tmp}/spool"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--instruments", type=int, default=3000)
-    ap.add_argument("--rate", type=float, default=12.0, help="ticks/s per instrument asked of the simulator")
+    ap.add_argument("--rate", type=float, default=25.0, help="ticks/s per instrument asked of the simulator")
     ap.add_argument("--window", type=float, default=30.0)
     ap.add_argument("--decoder", choices=("native", "kiteticker", "both"), default="native")
     a = ap.parse_args()

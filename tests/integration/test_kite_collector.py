@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -68,7 +68,8 @@ class Collector:
     """bin/feed-zerodha as a child process; its log lines are kept in ``lines``."""
 
     def __init__(self, tmp: Path, dsn: str, sim: KiteSimulator, instruments: list[str] | None, *,
-                 kite: dict | None = None, token: str = "valid", args: tuple[str, ...] = ()):
+                 kite: dict | None = None, token: str = "valid", args: tuple[str, ...] = (),
+                 sink_extra: dict | None = None, notify: bool = False, sections: dict | None = None):
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.token_file = tmp / "state" / "access_token.json"
@@ -83,11 +84,13 @@ class Collector:
                "session_calendar": "none", "status_interval": 1.0, "silence_timeout": 5.0}
         cfg.update(kite or {})
         self.config = write_config(tmp / "kite.toml", {
-            "kite": cfg, "sink": {"spool_dir": str(tmp / "spool"), "flush_interval": 0.1}})
+            "kite": cfg, "sink": {"spool_dir": str(tmp / "spool"), "flush_interval": 0.1, **(sink_extra or {})},
+            **(sections or {})})
         env = {**os.environ, "FEEDS_DSN": dsn, "FEEDS_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
-        env.pop("NOTIFY_SOCKET", None)
-        env.pop("WATCHDOG_USEC", None)
         env.pop("STATE_DIRECTORY", None)
+        if not notify:
+            env.pop("NOTIFY_SOCKET", None)
+            env.pop("WATCHDOG_USEC", None)
         self.proc = subprocess.Popen([sys.executable, str(BIN), "--config", str(self.config), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
@@ -154,7 +157,8 @@ def sim_for(**kw) -> KiteSimulator:
 
 def q(dsn: str, sql: str, *args):
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return conn.execute(sql, args).fetchall()
+        cur = conn.execute(sql, args)
+        return cur.fetchall() if cur.description else []
 
 
 def wait_for(fn, timeout: float = 20.0, interval: float = 0.1):
@@ -408,7 +412,8 @@ def test_day_without_session_ends_at_once_successfully(tmp_path, db, collectors)
         assert c.wait(30) == 0
         assert time.monotonic() - t0 < 15
         assert sim.stats()["connections_total"] == 0
-    assert f"no NSE session on {today:%A %Y-%m-%d}" in c.output and "nothing to collect, exiting" in c.output
+    assert f"no NSE session on {today:%A %Y-%m-%d} (holiday in kite.extra_holidays): nothing to collect, exiting" \
+        in c.output
 
 
 def test_plan_for_2024_holiday_and_muhurat(tmp_path, db, collectors):
@@ -421,3 +426,143 @@ def test_plan_for_2024_holiday_and_muhurat(tmp_path, db, collectors):
     assert "no NSE session on Friday 2024-11-15 (NSE holiday" in hol.output
     assert "session 2024-11-01 18:00-19:00 IST (special): connect at 2024-11-01 17:55 IST, " \
            "stop at 2024-11-01 19:05 IST" in mur.output
+
+
+def test_instruments_from_the_table_the_file_and_the_command_line(tmp_path, db, collectors):
+    q(db, "insert into kite_subscription (exchange, tradingsymbol, mode) values ('NSE', 'SIMEQ00005', 'ltp'), "
+          "('NSE', 'SIMEQ00006', 'full'), ('NSE', 'SIMEQ00009', 'full')")
+    q(db, "update kite_subscription set enabled = false where tradingsymbol = 'SIMEQ00009'")
+    with sim_for(rate=0).running() as sim:
+        # file + table; the table's mode wins for an instrument in both
+        c = collectors(tmp_path / "a", db, sim, ["NSE:SIMEQ00006 quote", "NSE:SIMEQ00007 quote"],
+                       kite={"instruments_from_table": True})
+        conns = wait_for(lambda: [x for x in ticker_conns(sim) if x["subscribed"] == 3])
+        assert conns, c.output[-2000:]
+        tok = {r[0]: r[1] for r in q(db, "select tradingsymbol, instrument_token from kite_instrument")}
+        assert conns[0]["tokens"] == {"ltp": [tok["SIMEQ00005"]], "quote": [tok["SIMEQ00007"]],
+                                      "full": [tok["SIMEQ00006"]]}
+        assert c.stop() == 0
+        # the command line replaces both
+        d = collectors(tmp_path / "b", db, sim, ["NSE:SIMEQ00006"], kite={"instruments_from_table": True},
+                       args=("--instrument", "NSE:SIMEQ00008=ltp,NSE:INFY"))
+        conns = wait_for(lambda: [x for x in ticker_conns(sim) if x["subscribed"] == 2])
+        assert conns, d.output[-2000:]
+        assert sorted(conns[0]["tokens"]["ltp"] + conns[0]["tokens"]["full"]) == \
+            sorted([408065, q(db, "select instrument_token from kite_instrument where tradingsymbol = 'SIMEQ00008'")[0][0]])
+        assert d.stop() == 0
+    assert "3 instruments from " in c.output and "table kite_subscription" in c.output
+    assert "2 instruments from the command line" in d.output
+
+
+class NotifySocket:
+    """A NOTIFY_SOCKET for the child: every sd_notify datagram with its arrival time."""
+
+    def __init__(self, path: Path):
+        import socket as so
+        self.path = str(path)
+        self.sock = so.socket(so.AF_UNIX, so.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.msgs: list[tuple[float, str]] = []
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                continue
+            for part in data.decode().splitlines():
+                self.msgs.append((time.monotonic(), part))
+
+    def times(self, msg: str) -> list[float]:
+        return [t for t, m in self.msgs if m == msg]
+
+    def close(self):
+        self._stop = True
+        self._t.join(2)
+        self.sock.close()
+
+
+def test_ready_status_and_watchdog_follow_the_data(tmp_path, db, collectors, monkeypatch):
+    """READY=1 after the first stored batch; STATUS= lines; WATCHDOG=1 only while
+    messages arrive and rows are stored (a silent feed stops the pings)."""
+    ns = NotifySocket(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", ns.path)
+    monkeypatch.setenv("WATCHDOG_USEC", "3000000")          # pings every second
+    try:
+        with sim_for(rate=5).running() as sim:
+            c = collectors(tmp_path / "c", db, sim, ["NSE:SIMEQ00012 quote"],
+                           kite={"silence_timeout": 60.0}, sink_extra={"flow_timeout": 2.0}, notify=True)
+            assert wait_for(lambda: ns.times("READY=1"), timeout=20), c.output[-2000:]
+            ready = ns.times("READY=1")[0]
+            first_commit = c.wait_line("first batch stored; READY")
+            assert first_commit
+            assert wait_for(lambda: len([t for t in ns.times("WATCHDOG=1") if t > ready]) >= 3, timeout=10)
+            assert any(m.startswith("STATUS=quote ") or m.startswith("STATUS=frames ") for _, m in ns.msgs)
+            conn = ticker_conns(sim)[0]["id"]
+            sim.fault_silence(8, connection=conn)          # no ticks, no heartbeats for 8 s
+            t0 = time.monotonic()
+            time.sleep(6.0)
+            pings = [t - t0 for t in ns.times("WATCHDOG=1") if t > t0]
+            assert pings and max(pings) < 3.5, pings      # stopped once nothing arrived for flow_timeout
+            assert wait_for(lambda: [t for t in ns.times("WATCHDOG=1") if t > t0 + 8], timeout=10)  # resumed
+            assert c.stop() == 0
+        assert ns.times("STOPPING=1")
+    finally:
+        ns.close()
+
+
+def _ist_now():
+    from zoneinfo import ZoneInfo
+    return datetime.now(ZoneInfo("Asia/Kolkata"))
+
+
+def test_collector_stops_cleanly_after_the_session_close(tmp_path, db, collectors):
+    """A session (XNSE calendar plus kite.extra_sessions) that closed a moment
+    ago, with stop_after_close ending a few seconds from now: the collector
+    collects, then stops by itself with every row stored, exit 0."""
+    now = _ist_now()
+    close = now.replace(second=0, microsecond=0)
+    if close.hour == 0 and close.minute == 0:
+        pytest.skip("at midnight IST a session cannot have closed earlier the same day")
+    open_ = close.replace(hour=close.hour - 1) if close.hour else close.replace(minute=0)
+    stop_after = (now - close).total_seconds() + 6.0
+    with sim_for(rate=5).running() as sim:
+        c = collectors(tmp_path, db, sim, ["NSE:SIMEQ00013 quote"],
+                       kite={"session_calendar": "XNSE", "stop_after_close": stop_after},
+                       sections={"kite.extra_sessions": {now.date().isoformat(): [f"{open_:%H:%M}", f"{close:%H:%M}"]}})
+        assert wait_for(lambda: q(db, "select count(*) from kite_tick_quote")[0][0] >= 3), c.output[-2000:]
+        assert c.wait(30) == 0
+    assert f"session {now.date()} {open_:%H:%M}-{close:%H:%M} IST" in c.output
+    assert "session over (stop time" in c.output and "stopped: all rows committed or spooled" in c.output
+    assert q(db, "select count(*) from kite_tick_quote")[0][0] >= 10
+
+
+def test_before_the_session_it_reports_ready_and_waits(tmp_path, db, collectors, monkeypatch):
+    """Started before the session: READY=1 at once (the unit is up), a STATUS and
+    journal line saying when it connects, watchdog pings while waiting, no
+    connection yet; SIGTERM while waiting is a clean stop."""
+    now = _ist_now()
+    open_ = (now + timedelta(minutes=11)).replace(second=0, microsecond=0)
+    if (open_ + timedelta(minutes=1)).date() != now.date():
+        pytest.skip("too close to midnight IST for a later session today")
+    ns = NotifySocket(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", ns.path)
+    monkeypatch.setenv("WATCHDOG_USEC", "3000000")
+    try:
+        with sim_for(rate=5).running() as sim:
+            c = collectors(tmp_path / "c", db, sim, ["NSE:SIMEQ00014 quote"], notify=True,
+                           kite={"session_calendar": "XNSE"},
+                           sections={"kite.extra_sessions": {now.date().isoformat():
+                                                             [f"{open_:%H:%M}", f"{open_ + timedelta(minutes=1):%H:%M}"]}})
+            line = c.wait_line("waiting for the session")
+            assert f"connecting at {open_ - timedelta(minutes=5):%Y-%m-%d %H:%M} IST" in line
+            assert wait_for(lambda: ns.times("READY=1") and len(ns.times("WATCHDOG=1")) >= 2, timeout=10)
+            assert any(m.startswith("STATUS=waiting for the session") for _, m in ns.msgs)
+            assert sim.stats()["connections_total"] == 0
+            assert c.stop() == 0
+    finally:
+        ns.close()

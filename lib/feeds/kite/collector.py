@@ -308,6 +308,8 @@ class KiteCollector:
             pass
 
     async def run(self, stop: asyncio.Event, until: datetime | None = None) -> int:
+        """Connect, collect until ``stop`` is set or ``until`` (aware) passes,
+        close the connections; returns 0, 77 or 1 (see the class)."""
         reactor = _reactor()
         self._start_reactor()
         log.info("connecting %d connection(s) to %s for %d instruments", len(self.conns), self.s.ticker_url,

@@ -115,17 +115,16 @@ def totp_code(secret: str, min_left: float = 3.0, clock: Callable[[], float] = t
     """The current 6-digit TOTP code (30 s steps); when fewer than
     ``min_left`` seconds of its step remain, waits for the next step so the
     code is still valid when Kite checks it.  Raises ValueError for a
-    secret that is not base32."""
+    secret that is not base32 or too short for pyotp (fewer than 112 bits)."""
     try:
         totp = pyotp.TOTP(secret)
-        left = totp.interval - clock() % totp.interval
-        if left < min_left:
-            sleep(left + 0.05)
-        return totp.at(clock())
-    except (ValueError, TypeError) as e:
-        raise ValueError("the TOTP secret is not valid base32") from e
-    except Exception as e:             # binascii.Error is a ValueError; anything else: same message
-        raise ValueError("the TOTP secret is not valid base32") from e
+        totp.byte_secret()
+    except Exception as e:             # binascii.Error (a ValueError), too short, not a string
+        raise ValueError(f"the TOTP secret is not a usable base32 secret ({e})") from None
+    left = totp.interval - clock() % totp.interval
+    if left < min_left:
+        sleep(left + 0.05)
+    return totp.at(clock())
 
 
 def _login_page_url(settings: LoginSettings, api_key: str) -> str:
@@ -393,7 +392,7 @@ def renew(creds: Credentials, settings: LoginSettings, store: TokenStore, *, att
             if attempt == attempts:
                 break
             wait = delays[min(attempt - 1, len(delays) - 1)] if delays else 0.0
-            log.warning("token renewal attempt %d of %d failed: %s; retrying in %.0f s", attempt, attempts,
+            log.warning("token renewal attempt %d of %d failed: %s; retrying in %.3g s", attempt, attempts,
                         _scrub(str(e)) or type(e).__name__, wait)
             sleep(wait)
     raise LoginError(f"token renewal failed after {attempts} attempt(s): "

@@ -146,15 +146,19 @@ def load_settings(cfg: Config) -> KiteConfig:
 
 
 def load_sink_settings(cfg: Config) -> dict:
-    """Validate ``[sink]``; raises ConfigError."""
-    return dict(
-        spool_dir=cfg.get("sink.spool_dir", str, "/var/lib/feeds/zerodha"),
-        flow_timeout=cfg.get("sink.flow_timeout", float, 20.0, check=positive),
-        flush_interval=cfg.get("sink.flush_interval", float, 0.2,
-                               check=lambda v: None if 0 < v <= 1.0 else "must be > 0 and <= 1.0 s"),
-        batch_rows=cfg.get("sink.batch_rows", int, 20_000, check=positive),
-        max_pending=cfg.get("sink.max_pending", int, 200_000, check=positive),
-    )
+    """Validate ``[sink]`` (see :func:`feeds.sink.load_sink_settings`); raises
+    ConfigError.  ``max_pending`` defaults to 50,000 rows here: a full-mode
+    row takes about 1 kB of memory, and at saturation one batch is being
+    written while the next fills up to it, so the buffers stay near 100 MB."""
+    from ..sink import load_sink_settings as common
+    sk = common(cfg, "/var/lib/feeds/zerodha")
+    if "max_pending" not in cfg.get("sink", dict, {}):
+        sk["max_pending"] = 50_000
+    return sk
+
+
+class SourceUnavailable(Exception):
+    """The instrument list could not be read (the database is down): worth a restart."""
 
 
 def gather_specs(kc: KiteConfig, cli: tuple[str, ...], cli_file: str | None, dsn: str | None) -> tuple[list[InstrumentSpec], str]:
@@ -164,7 +168,8 @@ def gather_specs(kc: KiteConfig, cli: tuple[str, ...], cli_file: str | None, dsn
     configuration; else the file (``--instruments-file`` or
     ``kite.instruments_file``) plus, with ``kite.instruments_from_table``,
     the ``kite_subscription`` rows.  Raises ConfigError for a bad line, an
-    empty list or more than one API key carries.
+    empty list or more than one API key carries, :class:`SourceUnavailable`
+    when the table cannot be read.
     """
     if cli:
         specs: list[InstrumentSpec] = []
@@ -195,9 +200,8 @@ def gather_specs(kc: KiteConfig, cli: tuple[str, ...], cli_file: str | None, dsn
             try:
                 groups.append(read_spec_table(dsn or "", kc.default_mode))
             except Exception as e:
-                raise ConfigError("kite.instruments_from_table", kc.file,
-                                  f"cannot read kite_subscription: {str(e).strip().splitlines()[0] if str(e) else e}"
-                                  ) from None
+                raise SourceUnavailable(f"cannot read the instruments from table kite_subscription: "
+                                        f"{_first_line(e)}") from None
             names.append("table kite_subscription")
         specs = merge_specs(*groups)
         source = " + ".join(names) or "nothing"
@@ -346,7 +350,11 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
     kc = load_settings(cfg)
     sk = load_sink_settings(cfg)
     dsn = database_dsn(cfg)
-    specs, source = gather_specs(kc, instruments, instruments_file, dsn)
+    try:
+        specs, source = gather_specs(kc, instruments, instruments_file, dsn)
+    except SourceUnavailable as e:
+        log.error("%s", e)
+        sys.exit(1)
     calendar = NseCalendar(kc.extra_sessions, kc.extra_holidays) if kc.session_calendar == "XNSE" else None
     if at is not None:
         try:
@@ -451,9 +459,8 @@ def load_login(cfg: Config, kc: KiteConfig, no_browser: bool = False):
     )
     try:
         totp_code(creds.totp_secret, min_left=0)
-    except ValueError:
-        raise ConfigError(k + "totp_secret_file", cfg.file,
-                          f"the secret in {creds.totp_file} is not a base32 TOTP secret") from None
+    except ValueError as e:
+        raise ConfigError(k + "totp_secret_file", cfg.file, f"the secret in {creds.totp_file}: {e}") from None
     attempts = cfg.get(k + "attempts", int, 4, check=lambda v: None if 1 <= v <= 20 else "must be 1..20")
     delays = cfg.get(k + "retry_delays", list, [15, 60, 180],
                      check=lambda v: None if all(isinstance(x, (int, float)) and x >= 0 for x in v)
@@ -490,7 +497,7 @@ def token_main(config_path: str, check: bool, force: bool, no_browser: bool) -> 
             if check:
                 log.error("%s", e)
                 sys.exit(1)
-            log.info("renewing: %s", e)
+            log.info("logging in: %s", re.sub(r"[:;] run feed-kite-token.*$", "", str(e)))
         except Exception as e:
             if check:
                 log.error("cannot check the stored token: %s", _first_line(e))

@@ -94,6 +94,14 @@ class NseCalendar:
             return None
         return Session(day, oc[0], oc[1], self._kind(*oc))
 
+    def closed_reason(self, day: date) -> str:
+        """Why ``day`` has no session: weekend, calendar holiday or configured holiday."""
+        if day in self.extra_holidays:
+            return "holiday in kite.extra_holidays"
+        if day.weekday() >= 5:
+            return "weekend in the XNSE calendar"
+        return "NSE holiday in the XNSE calendar"
+
     def _kind(self, o: datetime, c: datetime) -> str:
         oi, ci = o.astimezone(IST).time(), c.astimezone(IST).time()
         if oi != self.REGULAR_OPEN:
@@ -144,8 +152,7 @@ def plan_run(now: datetime, calendar: NseCalendar | None, *, connect_before: tim
     day = now.astimezone(IST).date()
     s = calendar.session(day)
     if s is None:
-        what = "weekend" if day.weekday() >= 5 else "NSE holiday"
-        return RunPlan("none", f"no NSE session on {day:%A %Y-%m-%d} ({what} in the XNSE calendar)")
+        return RunPlan("none", f"no NSE session on {day:%A %Y-%m-%d} ({calendar.closed_reason(day)})")
     stop = s.close + stop_after
     if now >= stop:
         return RunPlan("over", f"today's session {s.describe()} has ended", session=s)
