@@ -121,60 +121,33 @@ runuser -u feeds -- "$PREFIX/bin/feed-migrate" --sql-dir "$PREFIX/sql"
 for u in "$SRC"/systemd/*.service "$SRC"/systemd/*.timer; do
     install -m 644 "$u" "$UNITDIR/$(basename "$u")"
 done
-for unit in feed-binance.service feed-binance@.service; do
-    dropin="$UNITDIR/$unit.d"
+# demo_dropin UNIT SIMULATOR SETTING...: with --demo, point UNIT at SIMULATOR through a drop-in
+# carrying the Environment= settings; without --demo, remove that drop-in.
+demo_dropin() {
+    local unit=$1 sim=$2 dir="$UNITDIR/$1.d"; shift 2
     if [ $DEMO = 1 ]; then
-        install -d "$dropin"
-        cat > "$dropin/demo.conf" <<EOF
-# Written by install.sh --demo: the collector reads the simulator's configuration.
-[Unit]
-Wants=feed-sim-binance.service
-After=feed-sim-binance.service
-[Service]
-Environment=FEEDS_BINANCE_CONFIG=$ETC/binance-demo.toml
-EOF
+        install -d "$dir"
+        {
+            echo "# Written by install.sh --demo: $unit uses $sim on loopback."
+            printf '[Unit]\nWants=%s\nAfter=%s\n[Service]\n' "$sim" "$sim"
+            for setting in "$@"; do echo "Environment=\"$setting\""; done
+        } > "$dir/demo.conf"
     else
-        rm -f "$dropin/demo.conf"
+        rm -f "$dir/demo.conf"
     fi
-done
-for unit in feed-zerodha.service feed-kite-token.service; do
-    dropin="$UNITDIR/$unit.d"
-    if [ $DEMO = 1 ]; then
-        install -d "$dropin"
-        cat > "$dropin/demo.conf" <<EOF
-# Written by install.sh --demo: Kite programs use the simulator's configuration.
-[Unit]
-Wants=feed-sim-kite.service
-After=feed-sim-kite.service
-[Service]
-Environment=FEEDS_KITE_CONFIG=$ETC/kite-demo.toml
-EOF
-    else
-        rm -f "$dropin/demo.conf"
-    fi
-done
+}
+demo_dropin feed-binance.service feed-sim-binance.service "FEEDS_BINANCE_CONFIG=$ETC/binance-demo.toml"
+demo_dropin feed-binance@.service feed-sim-binance.service "FEEDS_BINANCE_CONFIG=$ETC/binance-demo.toml"
+demo_dropin feed-zerodha.service feed-sim-kite.service "FEEDS_KITE_CONFIG=$ETC/kite-demo.toml"
+demo_dropin feed-kite-token.service feed-sim-kite.service "FEEDS_KITE_CONFIG=$ETC/kite-demo.toml"
+# the TWS simulator's pacing windows are scaled to 1/100; the demo fetches the last 20 days
+demo_dropin feed-backfill.service feed-sim-tws.service "FEEDS_IBKR_PACING_SCALE=0.01" "FEEDS_BACKFILL_ARGS=--from 20d"
 if [ $DEMO = 1 ]; then
-    # the simulator's demo credentials, written once, readable only by the service user
+    # the Kite simulator's demo credentials, written once, readable only by the service user
     for pair in api-secret:simsecret password:simpassword totp-secret:JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP; do
         f="$ETC/secrets/kite-demo-${pair%%:*}"
         [ -e "$f" ] || ( umask 077; printf '%s\n' "${pair#*:}" > "$f"; chown feeds:feeds "$f"; chmod 600 "$f" )
     done
-fi
-dropin_bf="$UNITDIR/feed-backfill.service.d"
-if [ $DEMO = 1 ]; then
-    install -d "$dropin_bf"
-    cat > "$dropin_bf/demo.conf" <<EOF
-# Written by install.sh --demo: feed-backfill talks to the TWS simulator (feed-sim-tws on
-# 127.0.0.1:7497, IB's pacing windows scaled to 1/100) and fetches the last 20 days.
-[Unit]
-Wants=feed-sim-tws.service
-After=feed-sim-tws.service
-[Service]
-Environment=FEEDS_IBKR_PACING_SCALE=0.01
-Environment="FEEDS_BACKFILL_ARGS=--from 20d"
-EOF
-else
-    rm -f "$dropin_bf/demo.conf"
 fi
 systemctl daemon-reload
 
