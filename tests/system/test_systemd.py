@@ -36,3 +36,10 @@ def test_binance_demo_install_run_kill_stop():
     for check in ("install.sh --demo", "feed-binance active", "rows growing", "journalctl -u feed-binance",
                   "kill -9 -> restarted", "ids contiguous", "clean exit", "buffer flushed"):
         assert any(check in ln for ln in out.splitlines() if ln.startswith("PASS")), check
+
+
+@pytest.mark.skipif(os.environ.get("FEEDS_SYSTEM_APT") != "1",
+                    reason="downloads PostgreSQL from the Debian mirror: set FEEDS_SYSTEM_APT=1 to run")
+def test_install_without_postgres_installs_it_with_apt():
+    out = run_script("install_without_postgres.sh")
+    assert "PASS: install.sh installed postgresql with apt" in out and "PASS: rows stored" in out
