@@ -23,9 +23,7 @@ import argparse
 import asyncio
 import csv
 import io
-import os
 import resource
-import socket
 import struct
 import subprocess
 import sys
@@ -35,31 +33,14 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from procstats import free_port, proc_cpu, wait_listening  # noqa: E402
 LENGTHS = {"full": 184, "quote": 44, "ltp": 8}
 
 
-def proc_cpu(pid: int) -> float:
-    """User+system CPU seconds of process ``pid``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_listening(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"simulator did not listen on port {port} within {timeout}s")
 
 
 async def run(args: argparse.Namespace, port: int, sim_pid: int) -> dict:

@@ -19,14 +19,10 @@ log = logging.getLogger("feeds")
 COMMON = "/etc/feeds/feeds.toml"
 
 
-def _dsn(config_path: str) -> str:
-    return database_dsn(Config.load(config_path) if Path(config_path).exists() or not _env_dsn()
-                        else Config({}, config_path))
-
-
-def _env_dsn() -> bool:
-    import os
-    return bool(os.environ.get("FEEDS_DSN"))
+def _common_config(config_path: str) -> Config:
+    """``feeds.toml``; an absent file reads as empty (enough when FEEDS_DSN is set,
+    otherwise ``database_dsn`` names the missing key)."""
+    return Config.load(config_path) if Path(config_path).exists() else Config({}, config_path)
 
 
 @click.command()
@@ -37,7 +33,7 @@ def migrate(config_path: str, sql_dir: Path | None) -> None:
     """Apply pending SQL migrations in order (idempotent)."""
     setup_logging()
     try:
-        done = apply(_dsn(config_path), sql_dir or default_sql_dir())
+        done = apply(database_dsn(_common_config(config_path)), sql_dir or default_sql_dir())
     except MigrationError as e:
         log.error("%s", e)
         sys.exit(1)
@@ -74,7 +70,7 @@ def run_maintenance(dsn: str, retention: dict[str, int] | None = None) -> list[t
 def maintain(config_path: str) -> None:
     """Create tomorrow's partitions and drop those older than the retention."""
     setup_logging()
-    cfg = Config.load(config_path) if Path(config_path).exists() else Config({}, config_path)
+    cfg = _common_config(config_path)
     retention = cfg.get("retention", dict, {})
     for k, v in retention.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -101,7 +97,7 @@ def feedctl() -> None:
 def status(config_path: str, as_json: bool, stale_after: int) -> None:
     """Each unit's systemd state and its last heartbeat; exit 1 if any
     active unit's heartbeat is stale."""
-    cfg = Config.load(config_path) if Path(config_path).exists() else Config({}, config_path)
+    cfg = _common_config(config_path)
     try:
         with psycopg.connect(database_dsn(cfg), connect_timeout=5) as conn:
             rows = conn.execute("SELECT unit, host, pid, state, status, updated_at, detail FROM feed_heartbeat "

@@ -86,13 +86,6 @@ class Config:
                 raise ConfigError(key, self.file, err)
         return node
 
-    def section(self, key: str) -> "Config":
-        """Sub-document at ``key`` (empty when absent)."""
-        sub = self.get(key, dict, {})
-        c = Config(sub, self.file)
-        c._prefix = key
-        return c
-
     def secret(self, key: str) -> str:
         """Read a secret from the file named by ``key`` (first line, stripped).
 
@@ -103,7 +96,8 @@ class Config:
             st = path.stat()
             if st.st_mode & 0o077:
                 raise ConfigError(key, self.file, f"secret file {path} is readable by group/others (chmod 600)")
-            return path.read_text().splitlines()[0].strip() if path.read_text() else ""
+            lines = path.read_text().splitlines()
+            return lines[0].strip() if lines else ""
         except FileNotFoundError:
             raise ConfigError(key, self.file, f"secret file {path} not found") from None
         except PermissionError:

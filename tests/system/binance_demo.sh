@@ -3,26 +3,12 @@
 # rows grow, kill -9 restarts it without losing aggTrades, stop is clean.
 # Prints PASS/FAIL lines; exit status 0 only if every check passed.
 set -uo pipefail
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-H=$REPO/tests/sdbox
 export SDTEST_DIR=${SDTEST_DIR:-/tmp/feeds-sdbox-$$}
 export SDTEST_NAME=${SDTEST_NAME:-feeds$$}
-export SDTEST_NET=host SDT_MASK_HOSTNET=""
-I="$H/in.sh"
-fail=0
-ok()  { echo "PASS: $*"; }
-bad() { echo "FAIL: $*"; fail=1; }
-waitfor() { local end=$(( $(date +%s) + $1 )); shift
-            until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -ge $end ] && return 1; sleep 0.5; done; }
-prop() { $I systemctl show -P "$2" "$1"; }
-sql()  { $I runuser -u postgres -- psql -qAt feeds -c "$1"; }
-dump() { echo "----- journal (last 150 lines)"; $I journalctl -b --no-pager | tail -150; }
+source "$(dirname "$0")/lib.sh"
 
-if ss -ltn 2>/dev/null | grep -q ':5432 '; then
-    echo "SKIP: a PostgreSQL on the host holds port 5432; the container's own cannot start"; exit 77
-fi
-trap '[ $fail = 0 ] || dump; $H/teardown.sh >/dev/null 2>&1' EXIT
-SDT_BIND="$REPO:/opt/src:ro" "$H/boot.sh" || { echo "FAIL: boot"; exit 1; }
+need_port 5432 "a PostgreSQL on the host; the container's own cannot start"
+boot "$REPO:/opt/src:ro"
 
 waitfor 60 $I runuser -u postgres -- pg_isready -q || bad "postgresql in the container"
 t=$(date +%s)

@@ -3,17 +3,10 @@
 # collector stores rows. Needs root and the Debian package mirror (the container shares the host
 # network); opt-in from pytest with FEEDS_SYSTEM_APT=1 because it downloads packages.
 set -uo pipefail
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-H=$REPO/tests/sdbox
 export SDTEST_DIR=${SDTEST_DIR:-/tmp/feeds-sdbox-apt-$$} SDTEST_NAME=${SDTEST_NAME:-feedsapt$$}
-export SDTEST_NET=host SDT_MASK_HOSTNET=""
-I="$H/in.sh"
-fail=0
-ok()  { echo "PASS: $*"; }
-bad() { echo "FAIL: $*"; fail=1; }
-if ss -ltn 2>/dev/null | grep -q ':5432 '; then echo "SKIP: port 5432 is taken on the host"; exit 77; fi
-trap '$H/teardown.sh >/dev/null 2>&1' EXIT
-SDT_BIND="$REPO:/opt/src:ro" "$H/boot.sh" || { echo "FAIL: boot"; exit 1; }
+source "$(dirname "$0")/lib.sh"
+need_port 5432 "a PostgreSQL on the host; the container's own cannot start"
+boot "$REPO:/opt/src:ro"
 $I bash -c 'systemctl stop postgresql; DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq "postgresql*" >/dev/null 2>&1;
             rm -rf /var/lib/postgresql /etc/postgresql'
 $I test -e /usr/lib/postgresql && bad "PostgreSQL still present" || ok "PostgreSQL removed in the container"

@@ -9,36 +9,18 @@
 # success; a clean stop.
 # Prints PASS/FAIL lines; exit status 0 only if every check passed (77: skipped).
 set -uo pipefail
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-H=$REPO/tests/sdbox
-SHARED=${FEEDS_SHARED_DATA:-$REPO/../shared/data}
 export SDTEST_DIR=${SDTEST_DIR:-/tmp/feeds-sdbox-kite-$$}
 export SDTEST_NAME=${SDTEST_NAME:-feedskite$$}
-export SDTEST_NET=host SDT_MASK_HOSTNET=""
-I="$H/in.sh"
-fail=0
-ok()  { echo "PASS: $*"; }
-bad() { echo "FAIL: $*"; fail=1; }
-waitfor() { local end=$(( $(date +%s) + $1 )); shift
-            until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -ge $end ] && return 1; sleep 0.5; done; }
-prop() { $I systemctl show -P "$2" "$1"; }
+source "$(dirname "$0")/lib.sh"
+SHARED=${FEEDS_SHARED_DATA:-$REPO/../shared/data}
 state_is() { [ "$(prop "$1" ActiveState)" = "$2" ]; }
-# (no "journalctl | grep -q": with pipefail, grep's early exit fails the pipe by SIGPIPE)
-jgrep() { local j; j=$($I journalctl -u "$1" --no-pager); grep -q -- "$2" <<< "$j"; }
-sql()  { $I runuser -u postgres -- psql -qAt feeds -c "$1"; }
-dump() { echo "----- journal (last 150 lines)"; $I journalctl -b --no-pager | tail -150; }
 
-if ss -ltn 2>/dev/null | grep -q ':5432 '; then
-    echo "SKIP: a PostgreSQL on the host holds port 5432; the container's own cannot start"; exit 77
-fi
-if ss -ltn 2>/dev/null | grep -q ':9300 '; then
-    echo "SKIP: port 9300 (the Kite simulator unit's) is taken on the host"; exit 77
-fi
+need_port 5432 "a PostgreSQL on the host; the container's own cannot start"
+need_port 9300 "the Kite simulator unit's"
 [ -x /usr/bin/chromium ] || { echo "SKIP: /usr/bin/chromium not installed (apt-get install chromium)"; exit 77; }
 binds="$REPO:/opt/src:ro"
 [ -d "$SHARED/kite" ] && binds="$binds $(cd "$SHARED" && pwd):/opt/shared-data:ro"
-trap '[ $fail = 0 ] || dump; $H/teardown.sh >/dev/null 2>&1' EXIT
-SDT_BIND="$binds" "$H/boot.sh" || { echo "FAIL: boot"; exit 1; }
+boot "$binds"
 
 waitfor 60 $I runuser -u postgres -- pg_isready -q || bad "postgresql in the container"
 t=$(date +%s)

@@ -1,0 +1,29 @@
+# Shared helpers of the system tests; source it after choosing SDTEST_DIR and SDTEST_NAME.
+# Every test boots its own container with the host network (so install.sh can reach the
+# package registries) and the container's own PostgreSQL on port 5432.
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+H=$REPO/tests/sdbox
+I="$H/in.sh"
+export SDTEST_NET=host SDT_MASK_HOSTNET=""
+fail=0
+ok()  { echo "PASS: $*"; }
+bad() { echo "FAIL: $*"; fail=1; }
+# waitfor SECONDS CMD...: poll CMD every 0.5 s until it succeeds or time runs out
+waitfor() { local end=$(( $(date +%s) + $1 )); shift
+            until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -ge $end ] && return 1; sleep 0.5; done; }
+prop() { $I systemctl show -P "$2" "$1"; }
+sql()  { $I runuser -u postgres -- psql -qAt feeds -c "$1"; }
+# (no "journalctl | grep -q": with pipefail, grep's early exit fails the pipe by SIGPIPE)
+jgrep() { local j; j=$($I journalctl -u "$1" --no-pager); grep -q -- "$2" <<< "$j"; }
+dump() { echo "----- journal (last ${1:-150} lines)"; $I journalctl -b --no-pager | tail -"${1:-150}"; }
+# need_port PORT WHAT [WAIT_SECONDS]: exit 77 (skip) if PORT stays taken on the host
+need_port() {
+    local end=$(( $(date +%s) + ${3:-0} ))
+    while ss -ltn 2>/dev/null | grep -q ":$1 " && [ "$(date +%s)" -lt $end ]; do sleep 5; done
+    if ss -ltn 2>/dev/null | grep -q ":$1 "; then echo "SKIP: port $1 ($2) is taken on the host"; exit 77; fi
+}
+# boot BINDS: boot the container (torn down at exit, journal dumped on failure)
+boot() {
+    trap '[ $fail = 0 ] || dump; $H/teardown.sh >/dev/null 2>&1' EXIT
+    SDT_BIND="$1" "$H/boot.sh" || { echo "FAIL: boot"; exit 1; }
+}
