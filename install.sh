@@ -169,7 +169,7 @@ if [ $START = 1 ]; then
         systemctl enable feed-sim-binance.service feed-sim-tws.service feed-sim-kite.service >/dev/null 2>&1
         systemctl restart feed-sim-binance.service feed-sim-tws.service feed-sim-kite.service
         systemctl start --no-block feed-backfill.service
-        systemctl start feed-kite-token.service && systemctl start --no-block feed-zerodha.service \
+        systemctl start feed-kite-token.service && systemctl restart --no-block feed-zerodha.service \
             || say "feed-kite-token failed: journalctl -u feed-kite-token"
     else
         systemctl disable --now feed-sim-binance.service feed-sim-tws.service feed-sim-kite.service >/dev/null 2>&1 || true

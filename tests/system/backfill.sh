@@ -53,11 +53,11 @@ waitfor 30 $I bash -c 'ss -ltn | grep -q 127.0.0.1:7497' && ok "feed-sim-tws lis
 
 # the timer: listed, with its next elapse at 18:00 New York time on a weekday
 lt=$($I systemctl list-timers --all --no-pager feed-backfill.timer)
-echo "$lt" | grep -q "feed-backfill.timer" && ok "systemctl list-timers lists feed-backfill.timer" \
+contains "$lt" "feed-backfill.timer" && ok "systemctl list-timers lists feed-backfill.timer" \
     || { bad "timer not listed"; echo "$lt"; }
 $I env TZ=America/New_York systemctl list-timers --all --no-pager feed-backfill.timer | sed -n '1,2p' | sed 's/^/    /'
 cal=$(prop feed-backfill.timer TimersCalendar)
-echo "$cal" | grep -q "America/New_York" && ok "OnCalendar written in America/New_York: $cal" || bad "calendar: $cal"
+contains "$cal" "America/New_York" && ok "OnCalendar written in America/New_York: $cal" || bad "calendar: $cal"
 next=$(prop feed-backfill.timer NextElapseUSecRealtime)
 ny=$(TZ=America/New_York date -d "$next" '+%a %H:%M %Z' 2>/dev/null)
 case "$ny" in
@@ -87,11 +87,11 @@ res=$(prop feed-backfill Result); code=$(prop feed-backfill ExecMainStatus); st=
 [ -n "$seen_status" ] && ok "systemctl status showed progress: $seen_status" || bad "no progress STATUS= seen"
 
 j=$($I journalctl -u feed-backfill --no-pager -o cat)
-echo "$j" | grep -q "progress: sessions " && ok "journalctl -u feed-backfill shows progress lines ($(echo "$j" | grep -c 'progress: sessions '))" \
+contains "$j" "progress: sessions " && ok "journalctl -u feed-backfill shows progress lines ($(echo "$j" | grep -c 'progress: sessions '))" \
     || bad "no progress line in the journal"
 summary=$(echo "$j" | grep "summary: run 1 finished" | tail -1)
 [ -n "$summary" ] && ok "journal summary: ${summary#*summary: }" || bad "no summary line in the journal"
-echo "$j" | grep -q "validated but not fetched" && ok "FUT/OPT rows validated, not fetched" || bad "FUT/OPT rows not reported"
+contains "$j" "validated but not fetched" && ok "FUT/OPT rows validated, not fetched" || bad "FUT/OPT rows not reported"
 
 complete=$(sql "select count(*) from ibkr_session_status where status in ('COMPLETE', 'EARLY_CLOSE')")
 others=$(sql "select count(*) from ibkr_session_status where status not in ('COMPLETE', 'EARLY_CLOSE', 'HOLIDAY')")
@@ -106,7 +106,7 @@ syms=$(sql "select count(distinct symbol) from ibkr_session_status")
 # a second run: nothing completed is requested again
 $I timeout 120 systemctl start feed-backfill
 s2=$($I journalctl -u feed-backfill --no-pager -o cat | grep "summary: run 2 " | tail -1)
-echo "$s2" | grep -q " 0 requests" && [ "$(prop feed-backfill Result)" = success ] \
+contains "$s2" " 0 requests" && [ "$(prop feed-backfill Result)" = success ] \
     && ok "second start: 0 requests (${s2#*summary: })" || bad "second run: $s2"
 
 # the operator's view

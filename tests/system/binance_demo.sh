@@ -25,7 +25,7 @@ out=$($I bash -c 'systemd-analyze verify /etc/systemd/system/feed-*.service /etc
 [ "$(prop feed-binance ActiveState)" = active ] && ok "feed-binance active (Type=notify, READY after first batch)" \
     || bad "feed-binance not active: $(prop feed-binance ActiveState)/$(prop feed-binance SubState)"
 [ "$(prop feed-binance User)" = feeds ] && ok "runs as the unprivileged user feeds" || bad "user"
-$I systemctl list-timers --all --no-pager | grep -q feed-maintain.timer && ok "feed-maintain.timer listed" || bad "timer"
+contains "$($I systemctl list-timers --all --no-pager)" feed-maintain.timer && ok "feed-maintain.timer listed" || bad "timer"
 
 n1=$(sql "select count(*) from binance_agg_trade"); sleep 5; n2=$(sql "select count(*) from binance_agg_trade")
 [ "${n2:-0}" -gt "${n1:-0}" ] && ok "rows growing: aggTrade $n1 -> $n2" || bad "rows not growing ($n1 -> $n2)"
@@ -33,7 +33,7 @@ bt=$(sql "select count(*) from binance_book_ticker"); mp=$(sql "select count(*) 
 [ "${bt:-0}" -gt 0 ] && [ "${mp:-0}" -gt 0 ] && ok "bookTicker $bt rows, markPrice $mp rows" || bad "bookTicker/markPrice empty"
 
 j=$($I journalctl -u feed-binance --no-pager)
-echo "$j" | grep -q "feed-binance starting" && echo "$j" | grep -q "status: " \
+contains "$j" "feed-binance starting" && contains "$j" "status: " \
     && ok "journalctl -u feed-binance shows start-up and status" || bad "journal lacks start-up/status"
 st=$(prop feed-binance StatusText); [ -n "$st" ] && ok "systemctl status line: $st" || bad "no StatusText"
 
@@ -60,7 +60,7 @@ $I systemctl stop feed-binance
 res=$(prop feed-binance Result); code=$(prop feed-binance ExecMainStatus)
 [ "$res" = success ] && [ "$code" = 0 ] && ok "systemctl stop: clean exit (Result=$res, status $code)" \
     || bad "stop: Result=$res status=$code"
-$I journalctl -u feed-binance --no-pager | grep -q "stopped: all rows committed or spooled" \
+jgrep feed-binance "stopped: all rows committed or spooled" \
     && ok "journal: buffer flushed at stop" || bad "no flush line at stop"
 c1=$(sql "select count(*) from binance_agg_trade"); sleep 2; c2=$(sql "select count(*) from binance_agg_trade")
 [ "$c1" = "$c2" ] && [ "$(gaps)" = 0 ] && ok "after stop: $c2 aggTrades, contiguous" || bad "after stop $c1/$c2 gaps $(gaps)"

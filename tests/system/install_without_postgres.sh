@@ -12,7 +12,7 @@ $I bash -c 'systemctl stop postgresql; DEBIAN_FRONTEND=noninteractive apt-get pu
 $I test -e /usr/lib/postgresql && bad "PostgreSQL still present" || ok "PostgreSQL removed in the container"
 out=$($I bash -c 'cd /opt/src && ./install.sh --demo' 2>&1); rc=$?
 [ $rc = 0 ] && ok "install.sh --demo" || { bad "install.sh rc=$rc"; echo "$out" | tail -20; }
-echo "$out" | grep -q "install.sh: installing postgresql" && ok "install.sh installed postgresql with apt" || bad "no apt install line"
+contains "$out" "install.sh: installing postgresql" && ok "install.sh installed postgresql with apt" || bad "no apt install line"
 [ "$($I systemctl is-active feed-binance)" = active ] && ok "feed-binance active" || bad "feed-binance not active"
 sleep 3
 n=$($I runuser -u postgres -- psql -qAt feeds -c "select count(*) from binance_agg_trade")

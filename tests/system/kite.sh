@@ -78,7 +78,7 @@ waitfor 30 $I bash -c 'exec 3<>/dev/tcp/127.0.0.1/9300' && ok "feed-sim-kite lis
 lt=$($I systemctl list-timers --all --no-pager)
 for t in feed-kite-token.timer feed-zerodha.timer; do
     line=$(echo "$lt" | grep " $t ")
-    if [ -n "$line" ] && ! echo "$line" | grep -q '^n/a'; then ok "list-timers: $(echo "$line" | tr -s ' ')"
+    if [ -n "$line" ] && ! contains "$line" '^n/a'; then ok "list-timers: $(echo "$line" | tr -s ' ')"
     else bad "$t not listed with a next elapse"; echo "$lt"; fi
 done
 next_ist() { TZ=Asia/Kolkata date -d "$(prop "$1" NextElapseUSecRealtime)" '+%a %H:%M'; }

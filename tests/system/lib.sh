@@ -13,14 +13,16 @@ waitfor() { local end=$(( $(date +%s) + $1 )); shift
             until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -ge $end ] && return 1; sleep 0.5; done; }
 prop() { $I systemctl show -P "$2" "$1"; }
 sql()  { $I runuser -u postgres -- psql -qAt feeds -c "$1"; }
-# (no "journalctl | grep -q": with pipefail, grep's early exit fails the pipe by SIGPIPE)
-jgrep() { local j; j=$($I journalctl -u "$1" --no-pager); grep -q -- "$2" <<< "$j"; }
+# Never "cmd | grep -q": with pipefail, grep's early exit can fail the pipe by SIGPIPE.
+contains() { grep -q -- "$2" <<< "$1"; }               # contains TEXT PATTERN
+jgrep() { contains "$($I journalctl -u "$1" --no-pager)" "$2"; }
+ports() { ss -ltn 2>/dev/null; }
 dump() { echo "----- journal (last ${1:-150} lines)"; $I journalctl -b --no-pager | tail -"${1:-150}"; }
 # need_port PORT WHAT [WAIT_SECONDS]: exit 77 (skip) if PORT stays taken on the host
 need_port() {
     local end=$(( $(date +%s) + ${3:-0} ))
-    while ss -ltn 2>/dev/null | grep -q ":$1 " && [ "$(date +%s)" -lt $end ]; do sleep 5; done
-    if ss -ltn 2>/dev/null | grep -q ":$1 "; then echo "SKIP: port $1 ($2) is taken on the host"; exit 77; fi
+    while contains "$(ports)" ":$1 " && [ "$(date +%s)" -lt $end ]; do sleep 5; done
+    if contains "$(ports)" ":$1 "; then echo "SKIP: port $1 ($2) is taken on the host"; exit 77; fi
 }
 # boot BINDS: boot the container (torn down at exit, journal dumped on failure)
 boot() {
