@@ -63,22 +63,31 @@ for _ in $(seq 1 60); do
 done
 runuser -u postgres -- psql -qAtc 'select 1' >/dev/null 2>&1 || die "PostgreSQL is not answering on its local socket"
 
-# --- user ---------------------------------------------------------------------
+# --- users -------------------------------------------------------------------------
+# feeds owns the database (feed-migrate, feed-maintain); each collector has its own user,
+# which is also its database role (peer authentication): feeds_binance, feeds_kite (feed-zerodha
+# and feed-kite-token, the only reader of the Kite secrets), feeds_ibkr (feed-backfill).
 install -D -m 644 "$SRC/systemd/feeds.sysusers" /etc/sysusers.d/feeds.conf
 install -D -m 644 "$SRC/systemd/feeds.tmpfiles" /etc/tmpfiles.d/feeds.conf
 systemd-sysusers /etc/sysusers.d/feeds.conf
 systemd-tmpfiles --create /etc/tmpfiles.d/feeds.conf
 
-# --- database role and database (peer authentication on the local socket) -----
+# --- database roles and database (peer authentication on the local socket) -----------
+# sql/0005_roles.sql grants each role what its program needs; the roles are made here, as
+# postgres, so that feed-migrate (run as feeds) needs no CREATEROLE.
 psql_pg() { runuser -u postgres -- psql -qAt -v ON_ERROR_STOP=1 "$@"; }
-if [ "$(psql_pg -c "select 1 from pg_roles where rolname='feeds'")" != 1 ]; then
-    psql_pg -c "CREATE ROLE feeds LOGIN"
-    say "created database role feeds"
-fi
+for role in feeds:LOGIN feeds_binance:LOGIN feeds_kite:LOGIN feeds_ibkr:LOGIN feeds_reader:NOLOGIN; do
+    if [ "$(psql_pg -c "select 1 from pg_roles where rolname='${role%%:*}'")" != 1 ]; then
+        psql_pg -c "CREATE ROLE ${role%%:*} ${role#*:}"
+        say "created database role ${role%%:*}"
+    fi
+done
 if [ "$(psql_pg -c "select 1 from pg_database where datname='feeds'")" != 1 ]; then
     psql_pg -c "CREATE DATABASE feeds OWNER feeds"
     say "created database feeds"
 fi
+# Only the owner creates tables (PostgreSQL before 15 lets every role create them in public).
+psql_pg -d feeds -c "REVOKE CREATE ON SCHEMA public FROM PUBLIC"
 
 # --- package in its own venv -------------------------------------------------------
 install -d -m 755 "$PREFIX" "$PREFIX/bin"
@@ -101,18 +110,66 @@ rm -rf "$PREFIX/sql"; cp -r "$SRC/sql" "$PREFIX/sql"
 install -m 644 "$SRC/README.md" "$PREFIX/README.md"
 
 # --- configuration: never overwrite the operator's copy ------------------------
+# /etc/feeds is readable by the group feeds (every service user is a member: feeds.toml);
+# each venue's files by that venue's user only; a secret by the one user that needs it.
+cfg_group() {  # cfg_group FILE: the group that reads a configuration file
+    case "$(basename "$1")" in
+        binance*) echo feeds_binance ;;
+        kite*) echo feeds_kite ;;
+        ibkr*|contracts*) echo feeds_ibkr ;;
+        *) echo feeds ;;
+    esac
+}
 install -d -m 750 -o root -g feeds "$ETC"
-install -d -m 750 -o feeds -g feeds "$ETC/secrets"
+# traversable by the service users, not listable; each secret file is 0600 of its user
+install -d -m 710 -o root -g feeds "$ETC/secrets"
+# An install from before the per-venue users: its feeds.toml named user=feeds in the dsn; now
+# each program connects as its own role. The former default is replaced; an edited copy loses
+# just that user=feeds.
+old_dsn='dsn = "host=/run/postgresql dbname=feeds user=feeds"'
+if [ -f "$ETC/feeds.toml" ] && [ "$(sha256sum < "$ETC/feeds.toml" | cut -c1-64)" = \
+     6ef47603b59e67ebb69e459c205bc0cd2324aed54137b0c00b81b3a7084ad398 ]; then
+    install -m 640 -o root -g feeds "$SRC/etc/feeds.toml" "$ETC/feeds.toml"
+    say "$ETC/feeds.toml: the former default replaced (no user= in the dsn: each program is its own role)"
+elif [ -f "$ETC/feeds.toml" ] && grep -qxF "$old_dsn" "$ETC/feeds.toml"; then
+    sed -i "s|^$old_dsn\$|dsn = \"host=/run/postgresql dbname=feeds\"|" "$ETC/feeds.toml"
+    say "$ETC/feeds.toml: user=feeds removed from the dsn (each program connects as its own role)"
+elif [ -f "$ETC/feeds.toml" ] && grep -q '^dsn = .*user=feeds[" ]' "$ETC/feeds.toml"; then
+    say "WARNING: $ETC/feeds.toml: the dsn names user=feeds: remove it, so that each program connects as its own role"
+fi
 for f in "$SRC"/etc/*; do
     dst="$ETC/$(basename "$f")"
     if [ ! -e "$dst" ]; then
-        install -m 640 -o root -g feeds "$f" "$dst"
+        install -m 640 -o root -g "$(cfg_group "$f")" "$f" "$dst"
         say "installed $dst"
     elif ! cmp -s "$f" "$dst"; then
-        install -m 640 -o root -g feeds "$f" "$dst.dist"
+        install -m 640 -o root -g "$(cfg_group "$f")" "$f" "$dst.dist"
         say "kept your $dst (the shipped default is in $dst.dist)"
     fi
 done
+# An install from before the per-venue users: venue files still in the group feeds move to the
+# venue's group; the Kite secrets and token, and each collector's spool, move to its user.
+for f in "$ETC"/*; do
+    [ -f "$f" ] && [ "$(stat -c %G "$f")" = feeds ] && [ "$(cfg_group "$f")" != feeds ] || continue
+    chgrp "$(cfg_group "$f")" "$f"
+    say "$f: now readable by the group $(cfg_group "$f") only"
+done
+for f in "$ETC"/secrets/kite-*; do
+    [ -f "$f" ] || continue
+    if [ "$(stat -c '%U %a' "$f")" != "feeds_kite 600" ]; then
+        chown feeds_kite:feeds_kite "$f"; chmod 600 "$f"
+        say "$f: now owned by feeds_kite, mode 600"
+    fi
+done
+own_state() {  # own_state DIR USER: give a StateDirectory (and what is in it) to its unit's user
+    [ -d "$1" ] || return 0
+    [ -n "$(find "$1" ! -user "$2" -print -quit)" ] || return 0
+    chown -R "$2:$2" "$1"
+    say "$1: now owned by $2"
+}
+own_state /var/lib/feeds/kite feeds_kite
+own_state /var/lib/feeds/zerodha feeds_kite
+for d in /var/lib/feeds/binance /var/lib/feeds/binance-*; do own_state "$d" feeds_binance; done
 
 # --- migrations ------------------------------------------------------------------------
 runuser -u feeds -- "$PREFIX/bin/feed-migrate" --sql-dir "$PREFIX/sql"
@@ -143,13 +200,23 @@ demo_dropin feed-kite-token.service feed-sim-kite.service "FEEDS_KITE_CONFIG=$ET
 # the TWS simulator's pacing windows are scaled to 1/100; the demo fetches the last 20 days
 demo_dropin feed-backfill.service feed-sim-tws.service "FEEDS_IBKR_PACING_SCALE=0.01" "FEEDS_BACKFILL_ARGS=--from 20d"
 if [ $DEMO = 1 ]; then
-    # the Kite simulator's demo credentials, written once, readable only by the service user
+    # the Kite simulator's demo credentials, written once, readable only by feeds_kite
     for pair in api-secret:simsecret password:simpassword totp-secret:JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP; do
         f="$ETC/secrets/kite-demo-${pair%%:*}"
-        [ -e "$f" ] || ( umask 077; printf '%s\n' "${pair#*:}" > "$f"; chown feeds:feeds "$f"; chmod 600 "$f" )
+        [ -e "$f" ] || ( umask 077; printf '%s\n' "${pair#*:}" > "$f"; chown feeds_kite:feeds_kite "$f"; chmod 600 "$f" )
     done
 fi
 systemctl daemon-reload
+# Collectors still running as the former shared user feeds: restart them as their own user
+# (a clean stop flushes every buffered row first).
+for u in $(systemctl list-units --state=active --plain --no-legend 'feed-binance*.service' feed-zerodha.service \
+           | awk '{print $1}'); do
+    pid=$(systemctl show -P MainPID "$u")
+    if [ "${pid:-0}" -gt 0 ] && [ "$(stat -c %U "/proc/$pid" 2>/dev/null)" = feeds ]; then
+        systemctl restart --no-block "$u"
+        say "restarted $u as its own user"
+    fi
+done
 
 verify=$(systemd-analyze verify "$UNITDIR"/feed-*.service "$UNITDIR"/feed-*.timer 2>&1 || true)
 [ -z "$verify" ] || { echo "$verify" >&2; die "systemd-analyze verify reported problems"; }

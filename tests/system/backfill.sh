@@ -100,6 +100,12 @@ syms=$(sql "select count(distinct symbol) from ibkr_session_status")
 [ "${complete:-0}" -ge 50 ] && [ "$others" = 0 ] && [ "$syms" = 5 ] && [ "$bars" = "$want" ] \
     && ok "$complete sessions COMPLETE for $syms contracts, $bars bars (= status rows' actual_bars), none PENDING/ERROR" \
     || bad "tables: complete=$complete others=$others symbols=$syms bars=$bars want=$want"
+[ "$(prop feed-backfill User)" = feeds_ibkr ] && ok "feed-backfill runs as its own user feeds_ibkr" \
+    || bad "user: $(prop feed-backfill User)"
+refused feeds_ibkr "delete from binance_agg_gap" "permission denied for table binance_agg_gap" \
+    && refused feeds_ibkr "drop table ibkr_bar_1min" "must be owner of table ibkr_bar_1min" \
+    && ok "as role feeds_ibkr, DELETE from binance_agg_gap and DROP TABLE ibkr_bar_1min refused" \
+    || bad "feeds_ibkr privileges too wide"
 [ "$(sql "select state from ibkr_backfill_run where run_id = 1")" = finished ] && ok "run log: run 1 finished" \
     || bad "run log: $(sql 'select run_id, state from ibkr_backfill_run')"
 
@@ -110,9 +116,9 @@ contains "$s2" " 0 requests" && [ "$(prop feed-backfill Result)" = success ] \
     && ok "second start: 0 requests (${s2#*summary: })" || bad "second run: $s2"
 
 # the operator's view
-$I runuser -u feeds -- /opt/feeds/bin/feed-backfill --status > "$SDTEST_DIR/status.txt" 2>&1 \
+$I runuser -u feeds_ibkr -- /opt/feeds/bin/feed-backfill --status > "$SDTEST_DIR/status.txt" 2>&1 \
     && grep -q "^AAPL " "$SDTEST_DIR/status.txt" && grep -q "last run 2: finished" "$SDTEST_DIR/status.txt" \
-    && ok "feed-backfill --status as the feeds user" || { bad "--status"; cat "$SDTEST_DIR/status.txt"; }
+    && ok "feed-backfill --status as the feeds_ibkr user" || { bad "--status"; cat "$SDTEST_DIR/status.txt"; }
 sed 's/^/    /' "$SDTEST_DIR/status.txt"
 
 echo "system test: $([ $fail = 0 ] && echo all checks passed || echo FAILED)"

@@ -60,13 +60,13 @@ sed -e 's|^api_key = .*|api_key = "simkey"|' \
     -e 's|^status_interval = .*|status_interval = 2|' \
     /etc/feeds/kite.toml > /etc/feeds/kite-demo.toml
 printf 'NSE:INFY full\nNSE:RELIANCE quote\nNSE:NIFTY 50 full\nNSE:SIMEQ00001 ltp\n' > /etc/feeds/kite-demo-instruments.txt
-chown root:feeds /etc/feeds/kite-demo.toml /etc/feeds/kite-demo-instruments.txt
+chown root:feeds_kite /etc/feeds/kite-demo.toml /etc/feeds/kite-demo-instruments.txt
 chmod 640 /etc/feeds/kite-demo.toml /etc/feeds/kite-demo-instruments.txt
 umask 077
 echo simsecret > /etc/feeds/secrets/kite-api-secret
 echo simpassword > /etc/feeds/secrets/kite-password
 echo JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP > /etc/feeds/secrets/kite-totp-secret
-chown feeds:feeds /etc/feeds/secrets/kite-*
+chown feeds_kite:feeds_kite /etc/feeds/secrets/kite-*
 systemctl daemon-reload
 systemctl enable --now feed-kite-token.timer feed-zerodha.timer >/dev/null 2>&1
 systemctl start feed-sim-kite.service
@@ -99,10 +99,13 @@ jt=$($I journalctl -u feed-kite-token --no-pager)
 grep -q "new access token stored in /var/lib/feeds/kite/access_token.json (user AB1234, .* by browser" <<< "$jt" \
     && ok "journal: token obtained in headless Chromium and validated" || { bad "no browser login line"; echo "$jt" | tail -20; }
 perm=$($I stat -c '%a %U' /var/lib/feeds/kite/access_token.json 2>/dev/null)
-[ "$perm" = "600 feeds" ] && ok "token file mode 0600, owner feeds" || bad "token file: '$perm'"
+[ "$perm" = "600 feeds_kite" ] && ok "token file mode 0600, owner feeds_kite" || bad "token file: '$perm'"
+{ $I runuser -u feeds_binance -- cat /var/lib/feeds/kite/access_token.json >/dev/null 2>&1 ||
+  $I runuser -u feeds_binance -- cat /etc/feeds/secrets/kite-password >/dev/null 2>&1; } \
+    && bad "feeds_binance reads the Kite token or secrets" || ok "as feeds_binance, reading the Kite token and secrets fails"
 grep -q -e simpassword -e JBSWY3DPEHPK3PXP -e simsecret <<< "$jt" && bad "a secret is in the journal" \
     || ok "no credential in the renewal's journal"
-$I runuser -u feeds -- env FEEDS_KITE_CONFIG=/etc/feeds/kite-demo.toml /opt/feeds/bin/feed-kite-token --check \
+$I runuser -u feeds_kite -- env FEEDS_KITE_CONFIG=/etc/feeds/kite-demo.toml /opt/feeds/bin/feed-kite-token --check \
     >/dev/null 2>&1 && ok "feed-kite-token --check: valid" || bad "--check"
 
 # --- the collector --------------------------------------------------------------------------------------
@@ -110,11 +113,14 @@ t=$(date +%s)
 $I systemctl start feed-zerodha.service || bad "systemctl start feed-zerodha"
 [ "$(prop feed-zerodha ActiveState)" = active ] && ok "feed-zerodha active (Type=notify, READY after the first batch, $(( $(date +%s) - t ))s)" \
     || bad "feed-zerodha not active: $(prop feed-zerodha ActiveState)/$(prop feed-zerodha SubState)"
-[ "$(prop feed-zerodha User)" = feeds ] && ok "runs as the unprivileged user feeds" || bad "user"
+[ "$(prop feed-zerodha User)" = feeds_kite ] && ok "runs as its own unprivileged user feeds_kite" \
+    || bad "user: $(prop feed-zerodha User)"
 waitfor 10 jgrep feed-kite-token "nothing to do" \
     && ok "the renewal ran first (ordered before feed-zerodha) and found the token valid" || bad "renewal not re-checked"
 n1=$(sql "select count(*) from kite_tick_full"); sleep 4; n2=$(sql "select count(*) from kite_tick_full")
 [ "${n2:-0}" -gt "${n1:-0}" ] && ok "ticks in PostgreSQL, growing: kite_tick_full $n1 -> $n2" || bad "full ticks not growing ($n1 -> $n2)"
+ki=$(sql "select count(*) from kite_instrument")
+[ "${ki:-0}" -ge 4 ] && ok "kite_instrument upserted by role feeds_kite: $ki rows" || bad "kite_instrument: '$ki' rows"
 q=$(sql "select count(*) from kite_tick_quote"); l=$(sql "select count(*) from kite_tick_ltp")
 [ "${q:-0}" -gt 0 ] && [ "${l:-0}" -gt 0 ] && ok "quote $q rows, ltp $l rows" || bad "quote/ltp empty ($q/$l)"
 if $I test -d /opt/shared-data/kite; then
@@ -127,7 +133,13 @@ grep -q "feed-zerodha starting" <<< "$j" && grep -q "status: " <<< "$j" \
     && ok "journalctl -u feed-zerodha shows start-up and status" || { bad "journal lacks start-up/status"; echo "$j" | tail; }
 st=$(prop feed-zerodha StatusText); [ -n "$st" ] && ok "systemctl status line: $st" || bad "no StatusText"
 hb=$(sql "select state from feed_heartbeat where unit = 'feed-zerodha.service'")
-[ "$hb" = running ] && ok "heartbeat row: running" || bad "heartbeat: '$hb'"
+[ "$hb" = running ] && ok "heartbeat row: running (written by role feeds_kite)" || bad "heartbeat: '$hb'"
+refused feeds_kite "insert into binance_kline (symbol, interval, open_time, close_time, open, high, low, close,
+        volume, trade_count, quote_volume, taker_buy_volume, taker_buy_quote_volume, recv_time, source)
+        values ('X', '1m', now(), now(), 1, 1, 1, 1, 1, 1, 1, 1, 1, now(), 'ws')" "permission denied for table binance_kline" \
+    && refused feeds_kite "truncate kite_tick_full" "permission denied for table kite_tick_full" \
+    && ok "as role feeds_kite, INSERT into binance_kline and TRUNCATE kite_tick_full refused" \
+    || bad "feeds_kite privileges too wide"
 
 $I systemctl stop feed-zerodha
 res=$(prop feed-zerodha Result); code=$(prop feed-zerodha ExecMainStatus)
@@ -151,7 +163,7 @@ $I mv /var/lib/feeds/kite/access_token.json.keep /var/lib/feeds/kite/access_toke
 # --- a day without a session: ends at once, successfully -----------------------------------------------------
 today=$(TZ=Asia/Kolkata date +%F)
 $I bash -c "sed -e 's|^session_calendar = .*|session_calendar = \"XNSE\"|' -e 's|^extra_holidays = .*|extra_holidays = [\"$today\"]|' \
-    /etc/feeds/kite-demo.toml > /etc/feeds/kite-holiday.toml && chown root:feeds /etc/feeds/kite-holiday.toml && chmod 640 /etc/feeds/kite-holiday.toml
+    /etc/feeds/kite-demo.toml > /etc/feeds/kite-holiday.toml && chown root:feeds_kite /etc/feeds/kite-holiday.toml && chmod 640 /etc/feeds/kite-holiday.toml
     printf '[Service]\nEnvironment=FEEDS_KITE_CONFIG=/etc/feeds/kite-holiday.toml\n' > /etc/systemd/system/feed-zerodha.service.d/zz-holiday.conf
     systemctl daemon-reload; systemctl reset-failed feed-zerodha"
 t=$(date +%s)

@@ -13,6 +13,10 @@ waitfor() { local end=$(( $(date +%s) + $1 )); shift
             until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -ge $end ] && return 1; sleep 0.5; done; }
 prop() { $I systemctl show -P "$2" "$1"; }
 sql()  { $I runuser -u postgres -- psql -qAt feeds -c "$1"; }
+# sql_as USER SQL: as the OS user USER, hence (peer authentication) as the database role USER
+sql_as() { $I runuser -u "$1" -- psql -qAt -v ON_ERROR_STOP=1 "host=/run/postgresql dbname=feeds" -c "$2" 2>&1; }
+# refused USER SQL PATTERN: the statement fails for USER with an error matching PATTERN
+refused() { local out; out=$(sql_as "$1" "$2") && return 1; contains "$out" "$3"; }
 # Never "cmd | grep -q": with pipefail, grep's early exit can fail the pipe by SIGPIPE.
 contains() { grep -q -- "$2" <<< "$1"; }               # contains TEXT PATTERN
 jgrep() { contains "$($I journalctl -u "$1" --no-pager)" "$2"; }

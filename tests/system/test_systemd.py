@@ -34,7 +34,17 @@ def run_script(name: str, timeout: int = 900) -> str:
 def test_binance_demo_install_run_kill_stop():
     out = run_script("binance_demo.sh")
     for check in ("install.sh --demo", "feed-binance active", "rows growing", "journalctl -u feed-binance",
-                  "kill -9 -> restarted", "ids contiguous", "clean exit", "buffer flushed"):
+                  "kill -9 -> restarted", "ids contiguous", "clean exit", "buffer flushed",
+                  "runs as its own unprivileged user feeds_binance",
+                  "as feeds_binance, reading the Kite secrets and token fails",
+                  "as role feeds_binance (peer authentication)",
+                  "INSERT into kite_tick_ltp refused", "INSERT into ibkr_bar_1min refused",
+                  "TRUNCATE binance_agg_trade refused", "DROP TABLE binance_agg_trade refused",
+                  "CREATE TABLE refused", "heartbeat row for feed-zerodha.service refused",
+                  "feed-binance still collecting as feeds_binance", "written by role feeds_binance",
+                  "re-run moved the former feeds files", "dsn no longer names user=feeds",
+                  "rows growing after re-install", "feed-migrate.service ran as feeds",
+                  "feed-maintain.service ran as feeds", "re-run restarted feed-binance@1of2"):
         assert any(check in ln for ln in out.splitlines() if ln.startswith("PASS")), check
 
 

@@ -12,5 +12,6 @@ def test_backfill_timer_and_oneshot_run_against_the_simulator():
     for check in ("feed-backfill.timer installed", "systemd-analyze verify prints nothing",
                   "list-timers lists feed-backfill.timer", "America/New_York", "18:00 New York, a weekday",
                   "ran to completion", "systemctl status showed progress", "shows progress lines",
-                  "journal summary", "none PENDING/ERROR", "second start: 0 requests", "--status as the feeds user"):
+                  "journal summary", "none PENDING/ERROR", "second start: 0 requests", "--status as the feeds_ibkr user", "runs as its own user feeds_ibkr",
+                  "DROP TABLE ibkr_bar_1min refused"):
         assert any(check in ln for ln in passed), check

@@ -26,7 +26,10 @@ def test_kite_timers_renewal_collector_journal():
     assert "FAIL:" not in out
     passed = [ln for ln in out.splitlines() if ln.startswith("PASS")]
     for check in ("list-timers: ", "feed-kite-token.timer next: ", "feed-zerodha.timer next: ",
-                  "token obtained in headless Chromium", "token file mode 0600", "feed-zerodha active",
+                  "token obtained in headless Chromium", "token file mode 0600, owner feeds_kite",
+                  "as feeds_binance, reading the Kite token and secrets fails", "feed-zerodha active",
+                  "runs as its own unprivileged user feeds_kite", "heartbeat row: running",
+                  "TRUNCATE kite_tick_full refused", "kite_instrument upserted by role feeds_kite",
                   "the renewal ran first", "ticks in PostgreSQL, growing", "journalctl -u feed-zerodha shows start-up",
                   "systemctl status line", "clean exit", "missing token: exit 77, not restarted",
                   "day without a session: exited at once with success"):
