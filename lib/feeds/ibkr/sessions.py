@@ -14,6 +14,7 @@ exchange when given, since ``SMART`` is a router, not a market):
   ``useRTH=1`` answer for SPX on a regular day is 390 bars, 09:30 to 15:59.
 
 The contracts file may name another calendar in its ``calendar`` column.
+Sessions, holidays and early closes come from :mod:`feeds.calendars`.
 
 Expected bars: one per minute from the session open up to (not including)
 the close, bars being labelled by their start: 390 on a regular NYSE day,
@@ -24,10 +25,8 @@ not recorded at all.
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import threading
-from dataclasses import dataclass
-from zoneinfo import ZoneInfo
+
+from ..calendars import ExchangeCalendar, Session, UnknownCalendar, calendar_names
 
 __all__ = ["Session", "SessionCalendar", "calendar_name_for", "calendar_names", "CALENDAR_BY_EXCHANGE",
            "UnknownCalendar"]
@@ -37,52 +36,6 @@ CALENDAR_BY_EXCHANGE: dict[str, str] = {
     "NYSE": "XNYS", "NASDAQ": "XNYS", "ISLAND": "XNYS", "ARCA": "XNYS", "AMEX": "XNYS",
     "BATS": "XNYS", "IEX": "XNYS", "SMART": "XNYS", "CBOE": "XNYS",
 }
-
-
-class UnknownCalendar(ValueError):
-    """No exchange calendar is known for an exchange, or a calendar name is unknown."""
-
-
-@dataclass(frozen=True, slots=True)
-class Session:
-    """One regular session of an exchange.
-
-    ``day``: the local trading date; ``open``/``close``: aware UTC datetimes
-    (the close is exclusive: the last one-minute bar starts one minute
-    before it); ``regular_close``: the calendar's usual close time (local);
-    ``tz``: the calendar's time zone.
-    """
-
-    day: dt.date
-    open: dt.datetime
-    close: dt.datetime
-    tz: ZoneInfo
-    regular_close: dt.time
-
-    @property
-    def expected_bars(self) -> int:
-        """One-minute bars in [open, close): 390 regular, 210 on a 13:00 close."""
-        return int((self.close - self.open).total_seconds() // 60)
-
-    @property
-    def early_close(self) -> bool:
-        """True when the session closes before the calendar's regular close."""
-        return self.close.astimezone(self.tz).time() < self.regular_close
-
-    def settled(self, now: dt.datetime, settle: dt.timedelta) -> bool:
-        """True once ``settle`` has passed after the close (IB's bars are final)."""
-        return now >= self.close + settle
-
-    def started(self, now: dt.datetime) -> bool:
-        return now >= self.open
-
-
-@functools.lru_cache(maxsize=1)
-def calendar_names() -> frozenset[str]:
-    """Every calendar name pandas_market_calendars knows."""
-    import pandas_market_calendars as mcal
-
-    return frozenset(mcal.get_calendar_names())
 
 
 def calendar_name_for(sec_type: str, exchange: str, primary_exchange: str = "", override: str = "") -> str:
@@ -104,69 +57,23 @@ def calendar_name_for(sec_type: str, exchange: str, primary_exchange: str = "", 
                           "name one in the calendar column")
 
 
-class SessionCalendar:
-    """Sessions and holidays of one exchange calendar (e.g. ``XNYS``).
-
-    Schedules are computed one calendar year at a time and cached;
-    thread-safe.  Raises :class:`UnknownCalendar` for an unknown name.
+class SessionCalendar(ExchangeCalendar):
+    """Sessions and holidays of one exchange calendar (e.g. ``XNYS``), from
+    :class:`feeds.calendars.ExchangeCalendar` (cached per year, shared,
+    thread-safe), with the backfill's view of the days to consider
+    (:meth:`days`).  Raises :class:`UnknownCalendar` for an unknown name.
     """
 
     def __init__(self, name: str = "XNYS"):
-        import pandas_market_calendars as mcal
-
-        if name not in calendar_names():
-            raise UnknownCalendar(f"unknown calendar {name!r}")
-        self.name = name
-        self._cal = mcal.get_calendar(name)
-        self.tz = ZoneInfo(str(self._cal.tz))
-        self.regular_close: dt.time = self._cal.close_time
-        self._years: dict[int, dict[dt.date, Session]] = {}
-        self._lock = threading.Lock()
-
-    def _year(self, year: int) -> dict[dt.date, Session]:
-        got = self._years.get(year)
-        if got is None:
-            with self._lock:
-                got = self._years.get(year)
-                if got is None:
-                    got = self._years[year] = self._build(year)
-        return got
-
-    def _build(self, year: int) -> dict[dt.date, Session]:
-        sched = self._cal.schedule(start_date=f"{year}-01-01", end_date=f"{year}-12-31")
-        out: dict[dt.date, Session] = {}
-        for day, o, c in zip(sched.index, sched["market_open"], sched["market_close"], strict=True):
-            out[day.date()] = Session(day.date(), o.to_pydatetime().astimezone(dt.timezone.utc),
-                                      c.to_pydatetime().astimezone(dt.timezone.utc), self.tz,
-                                      self.regular_close)
-        return out
-
-    def session(self, day: dt.date) -> Session | None:
-        """The session of local date ``day``, or None (weekend or holiday)."""
-        return self._year(day.year).get(day)
-
-    def is_holiday(self, day: dt.date) -> bool:
-        """A weekday without a session."""
-        return day.weekday() < 5 and self.session(day) is None
+        super().__init__(name)
 
     def days(self, first: dt.date, last: dt.date) -> list[tuple[dt.date, Session | None]]:
-        """Every weekday in ``[first, last]``, newest first, with its session
-        (None on a holiday)."""
+        """Every day of the exchange's week in ``[first, last]``, newest
+        first, with its session (None on a holiday)."""
         out = []
         day = last
         while day >= first:
-            if day.weekday() < 5:
+            if self.is_trading_week_day(day):
                 out.append((day, self.session(day)))
             day -= dt.timedelta(days=1)
         return out
-
-    def last_finished(self, now: dt.datetime, settle: dt.timedelta = dt.timedelta(0)) -> Session | None:
-        """The newest session whose close + ``settle`` is not after ``now``
-        (aware); None when none in the last 30 days."""
-        day = now.astimezone(self.tz).date()
-        for _ in range(30):
-            s = self.session(day)
-            if s is not None and s.settled(now, settle):
-                return s
-            day -= dt.timedelta(days=1)
-        return None

@@ -29,9 +29,12 @@ subclass first; the simulator serves both::
 
 Data sources
 ------------
-* **Replay** of recorded sessions (:class:`~feeds.sim.binance_replay.Recording`):
+* **Replay** of recorded sessions (:class:`~feeds.sim.binance_replay.Recording`:
+  ``*.frames`` lines ``<recv s>: <frame>`` or ``<recv ns> <frame>`` lines with
+  combined or raw frames, plain or gzip, detected automatically):
   frames are sent verbatim (combined frames byte for byte as recorded), at the
-  recorded pace times ``speed`` (``speed=0``: as fast as the clients read).
+  recorded pace (receive times) times ``speed`` (``speed=0``: as fast as the
+  clients read).
   A recording starts once every stream in it has a subscriber (over all
   connections), or ``replay_wait`` seconds after the first subscription.
   Afterwards the connections stay open and idle.
@@ -224,7 +227,8 @@ class BinanceSimulator:
 
     * ``host``, ``port``: listen address (``port=0``: ephemeral; read
       :attr:`port` after :meth:`start`).
-    * ``replay``: recording files (``*.frames``), played one after another;
+    * ``replay``: recording files (``*.frames`` or ``<recv ns> <frame>`` lines,
+      plain or gzip; see :mod:`feeds.sim.binance_replay`), played one after another;
       ``speed`` (1.0 = recorded pace, 0 = as fast as clients read);
       ``replay_wait`` (s, see module doc).
     * ``symbols``: number of generated symbols (``SYM0000USDT``...) or a list

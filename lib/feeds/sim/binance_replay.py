@@ -1,21 +1,49 @@
-"""Reader for recorded Binance USD-M WebSocket sessions (``*.frames`` files).
+"""Reader for recorded Binance USD-M WebSocket sessions.
 
-Line formats (see ``shared/data/README.md``):
+Two line formats are read, detected line by line, from plain or gzip files
+(gzip is recognised by its magic bytes, whatever the file is called):
 
-* ``<recv_unix_ts>: {"stream":"<name>","data":{...}}`` - one frame exactly as
-  received; the text of the data object is kept byte for byte;
-* ``wss://fstream.binance.com/stream?streams=a/b/... <-> <unix_ts>`` - the
-  connection that was recorded (its stream list);
-* ``<url> -> <recv_unix_ts>: <body>`` - a REST answer captured in the same
-  session (``/fapi/v1/depth`` snapshots are used for the REST depth endpoint);
-* ``configuration: {...}`` and blank lines - skipped.
+1. ``*.frames`` recordings (see ``shared/data/README.md``):
 
-A sibling ``<name>.rest`` file (same stem) is read too when present.
+   * ``<recv_unix_ts>: {"stream":"<name>","data":{...}}`` - one frame exactly
+     as received, the receive time in seconds (decimals allowed); the text of
+     the data object is kept byte for byte;
+   * ``wss://fstream.binance.com/stream?streams=a/b/... <-> <unix_ts>`` - the
+     connection that was recorded (its stream list);
+   * ``<url> -> <recv_unix_ts>: <body>`` - a REST answer captured in the same
+     session (``/fapi/v1/depth`` snapshots are used for the REST depth
+     endpoint);
+   * ``configuration: {...}`` and blank lines - skipped.
+
+2. Receive-time-prefixed frames, as other public recordings store them:
+   ``<recv_time> <frame>`` - an integer receive time in nanoseconds since
+   the Unix epoch, one space, then the raw JSON frame as received.  (A
+   timestamp too small to be nanoseconds is read by its magnitude as
+   microseconds, milliseconds or seconds.)  The frame is either a
+   combined-stream object ``{"stream":..,"data":..}`` or a raw event
+   ``{"e":..,"s":..,...}`` from a ``/ws`` connection.  A raw event gets the
+   stream name Binance gives that event type: ``<symbol>@aggTrade``,
+   ``@bookTicker``, ``@kline_<interval>``, ``@markPrice``, ``@ticker``,
+   ``@miniTicker``, ``@forceOrder`` and ``@depth`` (a raw event does not say
+   which update speed or level count was subscribed, so ``@depth@100ms``
+   recordings replay as ``@depth``); its text is sent verbatim as the data.
+   Lines that are not frames (subscription replies, arrays, unknown event
+   types) are skipped and counted.
+
+Frames are replayed in file order, paced by their receive times (see
+:class:`~feeds.sim.binance.BinanceSimulator`, ``speed``).  A sibling REST
+file (``<stem>.rest``, or ``<stem>.rest.gz``; for ``x.frames.gz`` the stem
+is ``x``) is read too when present.  A gzip file cut short (a recording
+that was interrupted) is read up to the cut, with a warning.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
+import re
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -26,6 +54,61 @@ from .binance_market import parse_scaled
 from .binance_streams import StreamNameError, parse_stream
 
 log = logging.getLogger(__name__)
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_RECV_PREFIXED = re.compile(rb"^(\d{9,20}) +(?=[{\[])")
+
+#: Event type (``e``) of a raw frame -> stream kind Binance serves it on.
+RAW_EVENT_KINDS: dict[str, str] = {
+    "aggTrade": "aggTrade",
+    "bookTicker": "bookTicker",
+    "markPriceUpdate": "markPrice",
+    "24hrTicker": "ticker",
+    "24hrMiniTicker": "miniTicker",
+    "forceOrder": "forceOrder",
+    "depthUpdate": "depth",
+}
+
+
+def _recv_seconds(stamp: int) -> float:
+    """An integer receive time (ns, or by magnitude us/ms/s) in seconds."""
+    if stamp >= 10**17:
+        return stamp / 1e9
+    if stamp >= 10**14:
+        return stamp / 1e6
+    if stamp >= 10**11:
+        return stamp / 1e3
+    return float(stamp)
+
+
+def read_lines(path: Path) -> Iterator[bytes]:
+    """The lines of ``path``, gunzipped when it is gzip (by its magic bytes).
+
+    Raises ``OSError`` when the file cannot be read or is not valid gzip;
+    a gzip stream cut short ends the lines with a warning.
+    """
+    with open(path, "rb") as f:
+        gz = f.read(2) == _GZIP_MAGIC
+    if not gz:
+        with open(path, "rb") as f:
+            yield from f
+        return
+    n = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                yield line
+    except (EOFError, zlib.error) as exc:
+        log.warning("%s: gzip data ends early after line %d (%s); the rest is not replayed", path, n, exc)
+
+
+def rest_sibling(path: Path) -> Path | None:
+    """The REST capture beside a recording: ``<stem>.rest`` or ``<stem>.rest.gz``."""
+    base = path.with_suffix("") if path.suffix == ".gz" else path
+    for cand in (base.with_suffix(".rest"), base.with_suffix(".rest.gz")):
+        if cand != path and cand.exists():
+            return cand
+    return None
 
 
 @dataclass(slots=True)
@@ -55,7 +138,8 @@ class Recording:
     ``streams``: every stream name that has frames; ``symbols``: upper-case
     symbols; ``price_scale``/``qty_scale``: most decimals seen per symbol;
     ``kline_symbols``: symbols with recorded 1m kline frames;
-    ``skipped``: lines that were neither frames nor REST captures.
+    ``skipped``: lines that were neither frames nor REST captures;
+    ``unknown_events``: event types of raw frames that were skipped.
     """
 
     path: Path
@@ -67,6 +151,7 @@ class Recording:
     kline_symbols: set[str] = field(default_factory=set)
     frame_count: int = 0
     skipped: int = 0
+    unknown_events: set = field(default_factory=set)
 
     @property
     def frames(self) -> list[ReplayItem]:
@@ -75,19 +160,20 @@ class Recording:
 
     @classmethod
     def load(cls, path: str | Path) -> "Recording":
-        """Read ``path`` (and ``<stem>.rest`` beside it, if any).
+        """Read ``path`` (plain or gzip; either line format, see the module
+        doc) and the REST capture beside it, if any.
 
-        Raises ``OSError`` if the file cannot be read and ``ValueError`` if it
-        holds no frame at all.
+        Raises ``OSError`` if the file cannot be read (or is damaged gzip)
+        and ``ValueError`` if it holds no frame at all.
         """
         path = Path(path)
         rec = cls(path=path)
-        for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
+        for lineno, line in enumerate(read_lines(path), 1):
             rec._parse_line(line, lineno)
-        rest = path.with_suffix(".rest")
-        if rest.exists() and rest != path:
+        rest = rest_sibling(path)
+        if rest is not None:
             extra = cls(path=rest)
-            for lineno, line in enumerate(rest.read_bytes().splitlines(), 1):
+            for lineno, line in enumerate(read_lines(rest), 1):
                 extra._parse_line(line, lineno)
             rec.items.extend(it for it in extra.items if it.rest_path)
             rec.items.sort(key=lambda it: it.ts)  # stable: file order kept on ties
@@ -102,6 +188,10 @@ class Recording:
         if line.startswith(b"http://") or line.startswith(b"https://"):
             self._parse_rest(line, lineno)
             return
+        m = _RECV_PREFIXED.match(line)
+        if m is not None:
+            self._parse_frame(_recv_seconds(int(m.group(1))), line[m.end():], lineno)
+            return
         head, sep, body = line.partition(b": ")
         try:
             ts = float(head)
@@ -110,11 +200,27 @@ class Recording:
         if not sep or ts is None or not body.startswith(b"{"):
             self.skipped += 1
             return
+        self._parse_frame(ts, body, lineno)
+
+    def _parse_frame(self, ts: float, body: bytes, lineno: int) -> None:
         try:
             msg = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            log.warning("%s:%d: skipped unreadable frame (%s)", self.path, lineno, exc)
+            self.skipped += 1
+            return
+        if isinstance(msg, dict) and "stream" in msg:
+            self._combined_frame(ts, body, msg, lineno)
+        elif isinstance(msg, dict) and "e" in msg:
+            self._raw_frame(ts, body, msg, lineno)
+        else:
+            self.skipped += 1  # a reply to a request, an array stream, ...
+
+    def _combined_frame(self, ts: float, body: bytes, msg: dict, lineno: int) -> None:
+        try:
             stream = parse_stream(msg["stream"])
             data = msg["data"]
-        except (orjson.JSONDecodeError, KeyError, TypeError, StreamNameError) as exc:
+        except (KeyError, TypeError, StreamNameError) as exc:
             log.warning("%s:%d: skipped unreadable frame (%s)", self.path, lineno, exc)
             self.skipped += 1
             return
@@ -124,12 +230,41 @@ class Recording:
             # re-serialisation (values equal, spelling may differ).
             raw = orjson.dumps(data)
             body = b'{"stream":"' + stream.name.encode() + b'","data":' + raw + b"}"
-        symbol = stream.symbol.upper()
+        self._add(ts, stream.name, stream.symbol, body, raw, data)
+
+    def _raw_frame(self, ts: float, body: bytes, data: dict, lineno: int) -> None:
+        e = data.get("e")
+        symbol = data.get("s")
+        if e == "kline":
+            interval = (data.get("k") or {}).get("i") if isinstance(data.get("k"), dict) else None
+            kind = f"kline_{interval}" if isinstance(interval, str) else None
+        elif e == "forceOrder":
+            kind = "forceOrder"
+            symbol = (data.get("o") or {}).get("s") if isinstance(data.get("o"), dict) else None
+        else:
+            kind = RAW_EVENT_KINDS.get(e) if isinstance(e, str) else None
+        if kind is None or not isinstance(symbol, str):
+            if e not in self.unknown_events:
+                self.unknown_events.add(e)
+                log.warning("%s:%d: raw event %r is not replayed (no stream known for it)", self.path, lineno, e)
+            self.skipped += 1
+            return
+        try:
+            stream = parse_stream(f"{symbol.lower()}@{kind}")
+        except StreamNameError as exc:
+            log.warning("%s:%d: skipped raw event (%s)", self.path, lineno, exc)
+            self.skipped += 1
+            return
+        combined = b'{"stream":"' + stream.name.encode() + b'","data":' + body + b"}"
+        self._add(ts, stream.name, stream.symbol, combined, body, data)
+
+    def _add(self, ts: float, stream: str, symbol: str, body: bytes, raw: bytes, data) -> None:
+        symbol = symbol.upper()
         if isinstance(data, dict):
             symbol = str(data.get("s", symbol)).upper()
             self._note_scales(symbol, data)
-        self.items.append(ReplayItem(ts, stream.name, symbol, body, raw, data))
-        self.streams.add(stream.name)
+        self.items.append(ReplayItem(ts, stream, symbol, body, raw, data))
+        self.streams.add(stream)
         self.symbols.add(symbol)
         self.frame_count += 1
 

@@ -1,0 +1,112 @@
+"""The one place that reaches into ib_async's internals: historical bars
+with the exact decimal text TWS sent.
+
+ib_async 2.1.0 (pinned in setup.cfg) turns every price of a historical bar
+into a ``float`` in its decoder (``Decoder.historicalData``, the handler of
+incoming message 17, HISTORICAL_DATA).  Prices are stored exactly as TWS
+sent them, so :func:`keep_wire_text` replaces that handler in the client's
+``decoder.handlers`` table with one that reads the same fields and yields
+:class:`WireBar` objects: ordinary ``BarData`` (floats, as ib_async users
+expect) that also carry the decimal text.
+
+The replaced handler and the table are not part of ib_async's public API:
+:func:`check_version` refuses any other ib_async version than
+:data:`PINNED_VERSION`, and :func:`keep_wire_text` checks the shape of what
+it replaces; ``tests/unit/test_ibkr_wire.py`` is the contract test.  When
+ib_async is upgraded, review the patch against the new decoder and move the
+pin in setup.cfg and here together.
+
+Venue document: TWS API message HISTORICAL_DATA (incoming id 17) for server
+versions >= 124: reqId, startDateStr, endDateStr, itemCount, then per bar
+date, open, high, low, close, volume, WAP, barCount (no message version,
+no per-bar hasGaps field).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import ib_async
+from ib_async import BarData
+
+__all__ = ["PINNED_VERSION", "HISTORICAL_DATA", "WireBar", "WireVersionError", "check_version", "keep_wire_text"]
+
+#: The ib_async version whose decoder the patch was written against (setup.cfg pins the same).
+PINNED_VERSION = "2.1.0"
+
+#: TWS API incoming message id of HISTORICAL_DATA (a key of ``Decoder.handlers``).
+HISTORICAL_DATA = 17
+
+
+class WireVersionError(RuntimeError):
+    """The installed ib_async is not the pinned version, or its decoder no
+    longer has the shape the patch replaces."""
+
+
+@dataclass
+class WireBar(BarData):
+    """A historical bar with the decimal text TWS sent:
+    ``text = (open, high, low, close, volume, WAP)``."""
+
+    text: tuple[str, str, str, str, str, str] = ("", "", "", "", "", "")
+
+
+def check_version(version: str | None = None) -> None:
+    """Raise :class:`WireVersionError` unless ib_async ``version`` (default:
+    the installed ``ib_async.__version__``) is :data:`PINNED_VERSION`."""
+    found = ib_async.__version__ if version is None else version
+    if found != PINNED_VERSION:
+        raise WireVersionError(
+            f"ib_async {found} is installed, but feeds.ibkr.wire replaces a decoder handler of ib_async "
+            f"{PINNED_VERSION} (message {HISTORICAL_DATA}, historicalData): install ib_async=={PINNED_VERSION} "
+            "as setup.cfg pins it, or review the patch against the new version")
+
+
+def _check_handler(handler) -> None:
+    """The handler being replaced must be ib_async's ``Decoder.historicalData(fields)``."""
+    if getattr(handler, "_keeps_text", False):
+        return
+    name = getattr(handler, "__name__", "")
+    try:
+        params = list(inspect.signature(handler).parameters)
+    except (TypeError, ValueError):
+        params = []
+    if name != "historicalData" or params != ["fields"]:
+        raise WireVersionError(
+            f"ib_async's decoder handler for message {HISTORICAL_DATA} is {handler!r}, not "
+            "historicalData(fields): the decoder changed; review feeds.ibkr.wire")
+
+
+def keep_wire_text(ib) -> None:
+    """Make ``ib`` (an ``ib_async.IB``) produce :class:`WireBar` for
+    historical bars (message 17).  Idempotent; survives reconnects (the
+    decoder belongs to the client object).
+
+    Raises :class:`WireVersionError` when ib_async is not the pinned
+    version or its handler table has not the expected shape.
+    """
+    check_version()
+    decoder = ib.client.decoder
+    handlers = getattr(decoder, "handlers", None)
+    if not isinstance(handlers, dict) or HISTORICAL_DATA not in handlers:
+        raise WireVersionError(f"ib_async's decoder has no handler table entry {HISTORICAL_DATA}; "
+                               "review feeds.ibkr.wire")
+    current = handlers[HISTORICAL_DATA]
+    if getattr(current, "_keeps_text", False):
+        return
+    _check_handler(current)
+    wrapper = decoder.wrapper
+
+    def historical_data(fields: list[str]) -> None:
+        _, req_id, start, end, n, *rest = fields
+        req = int(req_id)
+        it = iter(rest).__next__
+        for _ in range(int(n)):
+            date, o, h, lo, c, v, wap, count = it(), it(), it(), it(), it(), it(), it(), it()
+            bar = WireBar(date=date, open=float(o), high=float(h), low=float(lo), close=float(c),
+                          volume=float(v), average=float(wap), barCount=int(count), text=(o, h, lo, c, v, wap))
+            wrapper.historicalData(req, bar)
+        wrapper.historicalDataEnd(req, start, end)
+
+    historical_data._keeps_text = True  # type: ignore[attr-defined]
+    handlers[HISTORICAL_DATA] = historical_data
