@@ -2,6 +2,8 @@
 import asyncio
 import time
 
+import pytest
+
 from feeds.binance import adapter as A
 from feeds.binance.collector import BinanceCollector, Settings
 from feeds.binance.rest import WeightLimiter, kline_weight
@@ -32,6 +34,7 @@ class FakeRest:
         self.trades = trades or []
         self.klines_data = klines or []
         self.calls = []
+        self.limiter = WeightLimiter(1200)
 
     async def agg_trades(self, symbol, from_id, limit=1000):
         self.calls.append(("aggTrades", symbol, from_id))
@@ -174,3 +177,170 @@ def test_exchange_info_refresh_adds_connections_and_retires_delisted(monkeypatch
         assert all(r.retired for r in c.routes.values() if r.symbol == "BBBUSDT")
         assert not any(r.retired for r in c.routes.values() if r.symbol != "BBBUSDT")
     asyncio.run(go())
+
+
+# ---------------------------------------------------------------- implausible input
+
+def book(u, e=1_700_000_000_000, **kw):
+    d = {"e": "bookTicker", "u": u, "s": "BTCUSDT", "b": "1.5", "B": "2", "a": "1.6", "A": "3", "T": e, "E": e}
+    d.update(kw)
+    return {"stream": "btcusdt@bookTicker", "data": d}
+
+
+def stored(c, table, col=1):
+    return [r[col] for r in c.sink.rows.get(table, [])]
+
+
+def test_far_ahead_book_ticker_ids_do_not_make_later_messages_duplicates():
+    """u = 2**63 (beyond bigint) and u + 10**12, before any state and in mid-stream."""
+    c = make(FakeRest())
+    u = 600_859_600_576
+    ids = [2 ** 63, u + 10 ** 12] + list(range(u, u + 5)) + [u + 5 + 10 ** 12] + list(range(u + 5, u + 10))
+    for x in ids:
+        c.handle({"stream": "btcusdt@bookTicker", "data": book(x)["data"]})
+    assert stored(c, "binance_book_ticker") == list(range(u, u + 10))
+    assert c.counters["duplicates_skipped"] == 0
+    assert c.health.malformed == 3
+    assert c.last_book["BTCUSDT"] == u + 9
+
+
+def test_far_ahead_agg_trade_id_is_not_state_not_a_gap_and_not_stored():
+    rest = FakeRest()
+    c = make(rest)
+
+    async def go():
+        for a in [1, 2, 3, 10 ** 12 + 4, 4, 5, 6, 2 ** 63]:
+            c.handle({"stream": "btcusdt@aggTrade", "data": agg(a)})
+    run(c, go)
+    assert stored(c, "binance_agg_trade") == [1, 2, 3, 4, 5, 6]
+    assert c.counters["gaps"] == 0 and rest.calls == []
+    assert c.counters["duplicates_skipped"] == 0 and c.health.malformed == 2
+
+
+def test_genuine_agg_trade_jump_is_accepted_when_confirmed_and_its_gap_filled():
+    j = 3_000_000                                    # beyond max_id_jump (1,000,000): a long disconnect
+    rest = FakeRest(trades=[{k: v for k, v in agg(a).items() if k not in ("e", "E", "s")}
+                            for a in range(j - 10, j)])
+    c = make(rest)
+    c.s.gap_fill_max_trades = 10
+
+    async def go():
+        for a in [1, 2, 3, j, j + 1, j + 2, j + 3]:
+            c.handle({"stream": "btcusdt@aggTrade", "data": agg(a)})
+    run(c, go)
+    ids = stored(c, "binance_agg_trade")
+    assert ids[:3] == [1, 2, 3] and [a for a in ids if a >= j] == [j, j + 1, j + 2, j + 3]
+    assert c.counters["id_jumps_accepted"] == 1 and c.counters["gaps"] == 1
+    assert rest.calls == [("aggTrades", "BTCUSDT", j - 10)]       # the newest gap_fill_max_trades
+    assert c.health.malformed == 0
+
+
+@pytest.mark.parametrize("bad", [
+    {"E": 0}, {"E": 10 ** 15}, {"T": 10 ** 15}, {"p": "-1.5"}, {"p": "1e400"}, {"p": "9" * 100},
+    {"p": "\u0661.\u0665"}, {"q": "-1"}, {"s": "ETHUSDT"},
+])
+def test_out_of_range_agg_trade_is_malformed_and_leaves_no_state(bad):
+    c = make(FakeRest())
+    c.handle({"stream": "btcusdt@aggTrade", "data": dict(agg(10 ** 12), **bad)})
+    assert c.health.malformed == 1 and c.sink.rows == {} and not c.agg_ids.pending and not c.last_agg
+    for a in (1, 2, 3, 4):
+        c.handle({"stream": "btcusdt@aggTrade", "data": agg(a)})
+    assert stored(c, "binance_agg_trade") == [1, 2, 3, 4] and c.counters["duplicates_skipped"] == 0
+
+
+def test_kline_with_wrong_types_or_far_future_is_malformed_and_handle_does_not_raise():
+    m0 = (int(time.time() * 1000) // 60_000 - 3) * 60_000
+    rest = FakeRest(klines=[rest_kline(m0 + i * 60_000) for i in range(3)])
+    c = make(rest)
+
+    async def go():
+        for change in ({"s": ["BTCUSDT"]}, {"i": ["1m"]}, {"s": {"x": 1}}, {"t": 4102444800000},
+                       {"t": 10 ** 15}, {"x": "true"}):
+            msg = kmsg(m0, True)
+            msg["data"]["k"].update(change)
+            c.handle(msg)                                # never raises out of handle()
+        far = kmsg(4102444800000, True, e=4102444800000 + 1000)      # 2100-01-01, closed
+        c.handle(far)
+        c.handle(kmsg(m0, True))
+        c.handle(kmsg(m0 + 60_000, True))
+    run(c, go)
+    assert c.health.malformed == 7
+    opens = sorted(A.text_to_dt(r[2]).timestamp() * 1000 for r in c.sink.rows["binance_kline"])
+    assert opens == [m0, m0 + 60_000] and c.counters["duplicates_skipped"] == 0
+    assert rest.calls == []
+
+
+def test_frame_decoding_and_count_malformed_of_the_runtime_health():
+    """With a Health that has count_malformed/seen (the runtime interface), those are used."""
+    from feeds.binance import wire
+
+    class SH:
+        def __init__(self):
+            self.count, self.last, self.window_count = 0, 0.0, 0
+
+        def seen(self):
+            self.count += 1
+            self.last = time.monotonic()
+
+    class H:
+        def __init__(self):
+            self.calls, self.streams, self.malformed = [], {}, 0
+
+        def stream(self, name):
+            return self.streams.setdefault(name, SH())
+
+        def count_malformed(self, where, reason):
+            self.calls.append((where, reason))
+            self.malformed += 1
+            return self.malformed
+
+    h = H()
+    c = BinanceCollector(Settings(symbols=["BTCUSDT"]), Sink(), h)
+    c.plan(["BTCUSDT"])
+    c.handle(wire.Frame('{"stream":"btcusdt@bookTicker","data":{"e":"bookTicker","u":5'))   # cut short
+    c.handle(wire.Frame(b'{"stream":"btcusdt@bookTicker","data":' + repr(book(2 ** 63)["data"]).replace(
+        "'", '"').encode() + b"}"))
+    assert [w for w, _ in h.calls] == ["frame", "btcusdt@bookTicker"] and "2**63-1" in h.calls[1][1]
+    assert h.streams["btcusdt@bookTicker"].count == 1
+
+
+def test_runtime_interface_kind_figures_periodic():
+    c = make(FakeRest())
+    assert c.stream_kind("btcusdt@aggTrade") == "aggTrade" and c.stream_kind("btcusdt@kline_1m") == "kline"
+    assert c.stream_kind("nope") == "?"
+    c.handle(book(7))                                 # the first id of a symbol: held for confirmation
+    f = c.figures()
+    assert f["ids_held"] == 1 and f["duplicates_skipped"] == 0 and "gaps" in f and "rest_weight_1m" in f
+    c.s.id_adopt_lone_after = 0.0
+    c.book_ids.adopt_lone_after = 0.0
+    c.periodic()                                      # nothing contradicted it: stored
+    assert stored(c, "binance_book_ticker") == [7] and c.figures()["ids_held"] == 0
+
+
+def test_rest_retry_after_and_weight_header_stay_in_range():
+    from feeds.binance.rest import retry_after, used_weight
+    assert [retry_after(v) for v in ("30", "0", "-5", "1e400", "nan", "inf", None, "Wed, 21 Oct 2015 07:28:00 GMT",
+                                     "86400")] == [30.0, 1.0, 1.0, 60.0, 60.0, 60.0, 60.0, 60.0, 600.0]
+    assert [used_weight(v) for v in ("1200", "\u0661\u0662", "-1", "9" * 30, None, "")] == [1200, None, None, None,
+                                                                                             None, None]
+
+
+def test_exchange_info_symbols_that_cannot_be_stream_names_are_skipped():
+    from feeds.binance.rest import BinanceRest
+
+    async def go():
+        r = BinanceRest("http://127.0.0.1:1")
+        try:
+            async def info():
+                return {"symbols": [
+                    {"symbol": "BTCUSDT", "contractType": "PERPETUAL", "status": "TRADING", "quoteAsset": "USDT"},
+                    {"symbol": "BAD/USDT", "contractType": "PERPETUAL", "status": "TRADING", "quoteAsset": "USDT"},
+                    {"symbol": ["X"], "contractType": "PERPETUAL", "status": "TRADING", "quoteAsset": "USDT"},
+                    {"symbol": "\u5e01\u5b89USDT", "contractType": "PERPETUAL", "status": "TRADING",
+                     "quoteAsset": "USDT"},
+                    "not an object"]}
+            r.exchange_info = info
+            return await r.perpetual_symbols()
+        finally:
+            await r.close()
+    assert asyncio.run(go()) == ["BTCUSDT", "\u5e01\u5b89USDT"]

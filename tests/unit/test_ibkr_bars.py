@@ -138,3 +138,34 @@ def test_plain_bardata_falls_back_to_shortest_float_text():
                 average=3080.75, barCount=2)
     chk = check_session("SPX", 1, SESSION, [b])
     assert chk.rows[0][3:9] == ("3080.8", "3081.47", "3080.3", "3080.49", "10.0", "3080.75")
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"o": "1e400"}, "open exponent"),                     # float() reads it as inf: passes the float checks
+    ({"h": "inf"}, "high not an ASCII decimal"),
+    ({"c": "\u0661\u0660.\u0662"}, "close not an ASCII decimal"),   # float() reads Arabic-Indic digits
+    ({"lo": "9." + "5" * 100}, "low not an ASCII decimal"),
+    ({"v": "1e30"}, "volume exponent"),
+    ({"wap": "nan"}, "WAP not an ASCII decimal"),
+    ({"n": 2 ** 63}, "barCount"),
+])
+def test_bar_texts_and_counts_out_of_range_fail_the_session(kw, words):
+    bars = full_day()
+    b = bars[100]
+    text = dict(zip(("o", "h", "lo", "c", "v", "wap"), b.text))
+    text.update({k: v for k, v in kw.items() if k != "n"})
+    bars[100] = WireBar(date=b.date, open=b.open, high=b.high, low=b.low, close=b.close, volume=b.volume,
+                        average=b.average, barCount=kw.get("n", b.barCount),
+                        text=(text["o"], text["h"], text["lo"], text["c"], text["v"], text["wap"]))
+    chk = check_session("AAPL", 1, SESSION, bars)
+    assert chk.failure is not None and words in chk.failure and "2019-11-05 11:10" in chk.failure
+    assert chk.rows == []
+
+
+def test_bar_in_the_future_fails_the_session():
+    """'now' is injectable: the 2019 session seen from its own 12:00 has no 12:11 bar yet."""
+    noon = SESSION.open + dt.timedelta(minutes=150)
+    chk = check_session("AAPL", 1, SESSION, full_day(), now=noon)
+    assert chk.failure is not None and "in the future" in chk.failure and "12:11" in chk.failure
+    assert check_session("AAPL", 1, SESSION, full_day()[:160], now=noon).failure is None
+    assert check_session("AAPL", 1, SESSION, full_day()).failure is None        # the wall clock: long past

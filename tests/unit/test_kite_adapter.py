@@ -218,3 +218,70 @@ def test_table_definitions_match_the_rows():
         assert len(rows[0]) == len(table.columns)
         assert table.columns[-2:] == ("recv_time", "seq") and table.partition_column == "recv_time"
     assert A.TABLE_OF == {"ltp": "kite_tick_ltp", "quote": "kite_tick_quote", "full": "kite_tick_full"}
+
+
+# ---------------------------------------------------------------- ranges
+
+NOW_S = 1625461887                                     # 2021-07-05 10:41:27 IST, the recording
+
+
+def _full_packet(ltt: int, ts: int, tok: int = 408065) -> bytes:
+    return struct.pack(">16I", tok, 157370, 5, 157000, 1000, 10, 20, 157000, 158000, 156000, 156500,
+                       ltt, 0, 0, 0, ts) + bytes(120)
+
+
+@pytest.fixture
+def recording_day(monkeypatch):
+    """'Now' is the recording's moment: the window ends 10 minutes later."""
+    from feeds import plausible as P
+    monkeypatch.setattr(A, "WINDOW", P.Window(P.KITE_START_MS, ahead_ms=600_000, clock=lambda: NOW_S * 1000))
+
+
+@pytest.mark.parametrize("ltt, ts", [
+    (NOW_S, 4_000_000_000),                 # exchange time in 2096
+    (NOW_S + 3600, NOW_S),                  # last trade an hour ahead of now
+    (NOW_S, 1_000_000_000),                 # 2001: before Kite existed
+    (1, NOW_S),                             # 1970
+])
+def test_full_packet_with_implausible_exchange_time_is_skipped_and_counted(recording_day, ltt, ts):
+    ok = struct.pack(">II", 408065, 157370)
+    reasons = []
+    d = A.FrameDecoder(on_bad=reasons.append)
+    ltp, quote, full = d.decode(frame([ok, _full_packet(ltt, ts), _full_packet(NOW_S, NOW_S), ok]), RECV)
+    assert [r[-1] for r in ltp] == [0, 3] and [r[-1] for r in full] == [2] and quote == []
+    assert d.malformed == 1 and len(reasons) == 1 and "exchange time" in reasons[0]
+
+
+def test_index_full_packet_with_a_future_timestamp_is_skipped(recording_day):
+    tok = 256265
+    q = struct.pack(">IIIIIIi", tok, 2200050, 2210000, 2190000, 2195000, 2199000, 1050)
+    d = A.FrameDecoder()
+    _, quote, full = d.decode(frame([q + struct.pack(">I", NOW_S + 86400), q + struct.pack(">I", NOW_S)]), RECV)
+    assert [r[-1] for r in full] == [1] and d.malformed == 1
+
+
+def test_zero_and_current_times_pass_with_the_wall_clock():
+    now = int(time.time())
+    _, _, full = A.FrameDecoder().decode(frame([_full_packet(now - 5, now), _full_packet(0, 0)]), RECV)
+    assert len(full) == 2 and full[1][11] is None and full[1][15] is None
+
+
+def test_implausible_ticks_from_kiteticker(recording_day, ist_local_time):
+    base = {"mode": "ltp", "instrument_token": 408065, "last_price": 1573.7}
+    assert A.rows_from_ticks([base], RECV)[0][0][1] == "1573.70"
+    for bad in (-1.0, float("inf"), float("nan"), 2.0 ** 40):
+        with pytest.raises(A.Malformed):
+            A.rows_from_ticks([dict(base, last_price=bad)], RECV)
+    # with on_bad, only the bad tick is skipped
+    reasons = []
+    ltp, _, _ = A.rows_from_ticks([base, dict(base, last_price=-5.0), base], RECV, on_bad=reasons.append)
+    assert [r[-1] for r in ltp] == [0, 2] and len(reasons) == 1
+    from kiteconnect import KiteTicker
+    parse = KiteTicker("k", "t")._parse_binary
+    ticks = parse(frame([_full_packet(NOW_S, 4_000_000_000)]))
+    with pytest.raises(A.Malformed, match="exchange time"):
+        A.rows_from_ticks(ticks, RECV)
+    ticks = parse(frame([_full_packet(NOW_S, NOW_S)]))
+    ticks[0]["volume_traded"] = -3
+    with pytest.raises(A.Malformed, match="quantity"):
+        A.rows_from_ticks(ticks, RECV)

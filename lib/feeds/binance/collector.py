@@ -22,7 +22,14 @@ Completeness:
   (or an aggTrade stream that the 24h ticker shows to be behind) causes its
   connection to be replaced the same way.
 * Reconnects use capped exponential backoff with full jitter.
-* A malformed frame is counted, logged and skipped.
+* A malformed frame - bad JSON, a missing key, a wrong type, or a value
+  outside its plausible range (a time before 2019-09 or ahead of now, an id
+  beyond ``bigint``, a negative price) - is counted, logged and skipped; it
+  never reaches the de-duplication state, and the connection stays up.
+* An aggTrade or bookTicker id that jumps far from the last accepted one is
+  held until the following messages confirm it (see :class:`BinanceCollector`).
+
+python-binance's internals are patched only in :mod:`.wire`.
 
 Venue document: Binance "USDⓈ-M Futures / Websocket Market Streams" and
 "Market Data Endpoints".
@@ -34,15 +41,16 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Callable
 
 import orjson
-from binance import BinanceSocketManager
-from binance.enums import FuturesType
-from binance.ws.constants import WSListenerState
 
+from .. import plausible as P
 from ..sink import Sink
 from ..health import Health
 from . import adapter as A
+from . import wire
 from .rest import BinanceRest
 
 log = logging.getLogger(__name__)
@@ -50,7 +58,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Settings:
-    """Collector settings (see ``etc/binance.toml`` for the meaning of each)."""
+    """Collector settings (see ``etc/binance.toml`` for the meaning of each).
+
+    Plausibility (see :mod:`feeds.plausible`): ``max_future_s`` - venue
+    times more than this many seconds ahead of now are malformed;
+    ``max_id_jump`` - per kind, the largest step of an id (aggTrade ``a``,
+    bookTicker ``u``) accepted on one message's evidence; a larger one is
+    held until ``id_confirmations`` further messages continue it;
+    ``id_adopt_lone_after`` - seconds after which the held first messages of
+    a symbol without any state are accepted when nothing contradicts them.
+    """
     rest_url: str = "https://fapi.binance.com"
     ws_url: str = "wss://fstream.binance.com"
     symbols: list[str] = field(default_factory=list)
@@ -73,24 +90,20 @@ class Settings:
     watchdog_interval: float = 2.0
     connect_stagger: float = 0.1
     symbols_refresh: float = 3600.0
+    max_future_s: float = 600.0
+    max_id_jump: dict[str, int] = field(default_factory=lambda: {
+        A.AGG_TRADE: 1_000_000, A.BOOK_TICKER: 10_000_000_000})
+    id_confirmations: int = 2
+    id_adopt_lone_after: float = 60.0
 
 
-class _Frame:
-    """A received frame, decoded by :meth:`BinanceCollector.handle` rather than
-    inside python-binance's read loop (which formats every message it queues
-    into a debug string; this object's repr is free)."""
-
-    __slots__ = ("raw",)
-
-    def __init__(self, raw):
-        self.raw = raw
-
-    def __repr__(self) -> str:
-        return "<frame>"
-
-
-async def _no_reconnect(*_a, **_k) -> None:
-    """Stands in for ``ReconnectingWebsocket.connect`` once a socket is being closed."""
+def _seen_fallback(sh) -> Callable[[], None]:
+    """``StreamHealth.seen`` for a Health without it: count one message now."""
+    def seen() -> None:
+        sh.count += 1
+        sh.window_count += 1
+        sh.last = time.monotonic()
+    return seen
 
 
 @dataclass
@@ -101,6 +114,7 @@ class _Route:
     slot: "_Slot"
     interval: str = ""
     retired: bool = False      # symbol no longer listed: its silence is expected
+    seen: Callable[[], None] | None = None
 
 
 @dataclass
@@ -123,6 +137,24 @@ class BinanceCollector:
     Run with ``await collector.run(stop_event)``; it returns after
     ``stop_event`` is set and every socket is closed (the caller then closes
     the sink).  Raises ValueError when the symbol list is empty.
+
+    Runtime interface: :meth:`run`, :meth:`stream_kind`, :meth:`figures`,
+    :meth:`periodic`.
+
+    De-duplication state and plausibility: a message is first checked by the
+    adapter (types and ranges: times, ids, prices; see
+    :mod:`feeds.binance.adapter`); one that fails is counted as malformed and
+    never touches any state.  aggTrade ``a`` and bookTicker ``u`` then pass a
+    :class:`~feeds.plausible.SequenceGuard` per symbol: an id within
+    ``max_id_jump`` after the last accepted one is stored (aggTrade: a step
+    above 1 is a gap, filled from REST); one at or just behind it is a
+    duplicate; one farther away in either direction - or the first ids of a
+    symbol without state - is held and stored only when
+    ``id_confirmations`` further messages continue it (then it becomes the
+    state: a genuine jump after a long disconnect, or a bad state read back
+    at start).  Held ids that regular messages contradict are counted as
+    malformed.  markPrice and ticker are de-duplicated by event time and
+    klines by open time, both inside the time window of the adapter.
     """
 
     def __init__(self, settings: Settings, sink: Sink, health: Health, dsn: str | None = None):
@@ -135,20 +167,79 @@ class BinanceCollector:
         self.slots: list[_Slot] = []
         self._slot_tasks: list[asyncio.Task] = []
         self._next_refresh = 0.0
-        self.last_agg: dict[str, int] = {}
+        jumps = settings.max_id_jump
+        conf, lone = settings.id_confirmations, settings.id_adopt_lone_after
+        self.agg_ids = P.SequenceGuard(jumps.get(A.AGG_TRADE, 1_000_000), conf, adopt_lone_after=lone)
+        self.book_ids = P.SequenceGuard(jumps.get(A.BOOK_TICKER, 10_000_000_000), conf, adopt_lone_after=lone)
+        self.last_agg: dict[str, int] = self.agg_ids.last       # the guards' state, by symbol
+        self.last_book: dict[str, int] = self.book_ids.last
         self.last_trade_id: dict[str, int] = {}
         self.ticker_last_trade: dict[str, tuple[int, float]] = {}
-        self.last_book: dict[str, int] = {}
         self.last_mark: dict[str, int] = {}
         self.last_ticker: dict[str, int] = {}
         self.last_kline: dict[tuple[str, str], int] = {}
         self.kline_filling: set[tuple[str, str]] = set()
         self.gaps_open: set[str] = set()
         self.counters = {"gaps": 0, "gap_trades_filled": 0, "klines_filled": 0, "reconnects": 0,
-                         "rollovers": 0, "stale": 0, "duplicates_skipped": 0}
+                         "rollovers": 0, "stale": 0, "duplicates_skipped": 0, "id_jumps_accepted": 0}
         self._tasks: set[asyncio.Task] = set()
         self._stop: asyncio.Event | None = None
         self.symbols: list[str] = []
+        self._count_malformed = getattr(health, "count_malformed", None)
+        A.WINDOW.ahead_ms = int(settings.max_future_s * 1000)
+        A.WINDOW.refresh()
+
+    # ------------------------------------------------------------ runtime interface
+    def stream_kind(self, stream: str) -> str:
+        """The kind of a stream name for STATUS grouping (``aggTrade``, ``bookTicker``,
+        ``markPrice@1s``, ``ticker``, ``kline``), ``"?"`` for an unknown name."""
+        r = self.routes.get(stream)
+        return r.kind if r is not None else "?"
+
+    def figures(self) -> dict[str, int | float]:
+        """Counters for STATUS and the heartbeat: gaps, fills, reconnects,
+        rollovers, stale streams, duplicates, accepted id jumps, ids held for
+        confirmation and the REST weight used in the last minute."""
+        f: dict[str, int | float] = dict(self.counters)
+        f["ids_held"] = self.agg_ids.held() + self.book_ids.held()
+        f["rest_weight_1m"] = self.rest.limiter.used if self.rest is not None else 0
+        return f
+
+    def periodic(self) -> None:
+        """Every status interval: replace connections of stale streams, accept
+        the lone held first ids of quiet symbols, refresh the time window and
+        (when symbols come from exchangeInfo) re-read the symbol list when due."""
+        self.check_staleness()
+        self.release_lone_ids()
+        A.WINDOW.refresh()
+        now = time.monotonic()
+        if not self.s.symbols and self.s.symbols_refresh and self._stop is not None and now >= self._next_refresh:
+            self._next_refresh = now + self.s.symbols_refresh
+            self._spawn(self.refresh_symbols())
+
+    def _malformed(self, where: str, reason: str) -> None:
+        """Count one malformed or implausible input and log it (one line)."""
+        f = self._count_malformed
+        if f is not None:
+            f(where, reason)
+            return
+        h = self.health
+        h.malformed += 1
+        log.warning("malformed input skipped (%d so far): %s: %s", h.malformed, where, reason)
+
+    def _status(self, text: str) -> None:
+        f = getattr(self.health, "notify_status", None)
+        if f is not None:
+            f(text)
+        else:
+            self.health.notifier.notify(f"STATUS={text}"[:1000])
+
+    def _publish_figures(self) -> None:
+        f = getattr(self.health, "set_figures", None)
+        if f is not None:
+            f(self.figures())
+        else:
+            self.health.extra.update(self.figures())
 
     # ------------------------------------------------------------ planning
     async def discover_symbols(self) -> list[str]:
@@ -179,20 +270,22 @@ class BinanceCollector:
                 chunk = items[j:j + per]
                 slot = _Slot(len(self.slots) + len(slots), cat, [c[0] for c in chunk])
                 for name, kind, sym, iv in chunk:
-                    self.routes[name] = _Route(kind, sym, self.health.stream(name), slot, iv)
+                    sh = self.health.stream(name)
+                    seen = getattr(sh, "seen", None) or _seen_fallback(sh)
+                    self.routes[name] = _Route(kind, sym, sh, slot, iv, seen=seen)
                 slots.append(slot)
         return slots
 
     # ------------------------------------------------------------ hot path
     def handle(self, msg) -> None:
-        """Process one decoded message from a combined stream."""
-        h = self.health
-        if type(msg) is _Frame:
+        """Process one message from a combined stream: a :class:`wire.Frame`
+        (raw text) or an already decoded dict.  Never raises for bad input:
+        it is counted as malformed (with one journal line) and skipped."""
+        if type(msg) is wire.Frame:
             try:
                 msg = orjson.loads(msg.raw)
             except orjson.JSONDecodeError as e:
-                h.malformed += 1
-                log.warning("malformed frame skipped (%d so far): %s: %.120r", h.malformed, e, msg.raw)
+                self._malformed("frame", f"not JSON ({e}): {msg.raw!r:.120}")
                 return
         try:
             stream = msg["stream"]
@@ -202,13 +295,9 @@ class BinanceCollector:
             if isinstance(msg, dict) and msg.get("e") == "error":
                 log.warning("socket event: %s %s", msg.get("type"), msg.get("m"))
                 return
-            h.malformed += 1
-            log.warning("malformed frame skipped (%d so far): %.200r", h.malformed, msg)
+            self._malformed("frame", f"not a frame of a subscribed stream: {msg!r:.200}")
             return
-        sh = route.health
-        sh.count += 1
-        sh.window_count += 1
-        sh.last = time.monotonic()
+        route.seen()
         recv = A.now_text()
         kind = route.kind
         try:
@@ -217,59 +306,127 @@ class BinanceCollector:
             if kind == A.AGG_TRADE:
                 row = A.agg_trade_row(data, recv)
                 sym, a = row[0], row[1]
-                last = self.last_agg.get(sym)
-                if last is not None:
-                    if a <= last:
-                        self.counters["duplicates_skipped"] += 1
-                        return
+                if sym != route.symbol:
+                    raise A.Malformed(f"symbol {sym} on the stream of {route.symbol}")
+                g = self.agg_ids
+                last = g.last.get(sym)
+                if last is not None and last < a <= last + g.max_jump:
+                    if g.pending and sym in g.pending:
+                        self._reject_held(stream, kind, sym, g.inline(sym), last)
                     if a != last + 1:
                         self._gap(sym, last + 1, a - 1)
-                self.last_agg[sym] = a
-                self.last_trade_id[sym] = row[5]
-                self.sink.add("binance_agg_trade", row)
+                    g.last[sym] = a
+                    self.last_trade_id[sym] = row[5]
+                    self.sink.add("binance_agg_trade", row)
+                elif last is not None and last - g.max_jump <= a <= last:
+                    self.counters["duplicates_skipped"] += 1
+                else:
+                    self._hold(stream, kind, g, sym, a, row)
             elif kind == A.BOOK_TICKER:
                 row = A.book_ticker_row(data, recv)
-                u = row[1]
-                if u <= self.last_book.get(row[0], -1):
+                sym, u = row[0], row[1]
+                if sym != route.symbol:
+                    raise A.Malformed(f"symbol {sym} on the stream of {route.symbol}")
+                g = self.book_ids
+                last = g.last.get(sym)
+                if last is not None and last < u <= last + g.max_jump:
+                    if g.pending and sym in g.pending:
+                        self._reject_held(stream, kind, sym, g.inline(sym), last)
+                    g.last[sym] = u
+                    self.sink.add("binance_book_ticker", row)
+                elif last is not None and last - g.max_jump <= u <= last:
                     self.counters["duplicates_skipped"] += 1
-                    return
-                self.last_book[row[0]] = u
-                self.sink.add("binance_book_ticker", row)
+                else:
+                    self._hold(stream, kind, g, sym, u, row)
             elif kind == A.MARK_PRICE:
                 row = A.mark_price_row(data, recv)
+                sym = row[0]
+                if sym != route.symbol:
+                    raise A.Malformed(f"symbol {sym} on the stream of {route.symbol}")
                 e = data["E"]
-                if e <= self.last_mark.get(row[0], -1):
+                if e <= self.last_mark.get(sym, -1):
                     self.counters["duplicates_skipped"] += 1
                     return
-                self.last_mark[row[0]] = e
+                self.last_mark[sym] = e
                 self.sink.add("binance_mark_price", row)
             elif kind == A.TICKER:
                 row = A.ticker_row(data, recv)
+                sym = row[0]
+                if sym != route.symbol:
+                    raise A.Malformed(f"symbol {sym} on the stream of {route.symbol}")
                 e = data["E"]
-                if e <= self.last_ticker.get(row[0], -1):
+                if e <= self.last_ticker.get(sym, -1):
                     self.counters["duplicates_skipped"] += 1
                     return
-                self.last_ticker[row[0]] = e
-                prev = self.ticker_last_trade.get(row[0])
+                self.last_ticker[sym] = e
+                prev = self.ticker_last_trade.get(sym)
                 if prev is None or prev[0] != row[15]:
-                    self.ticker_last_trade[row[0]] = (row[15], sh.last)
+                    self.ticker_last_trade[sym] = (row[15], route.health.last)
                 self.sink.add("binance_ticker_24h", row)
             elif kind == A.KLINE:
-                self._kline(data, recv)
-        except A.Malformed as e:
-            h.malformed += 1
-            log.warning("malformed %s message on %s skipped (%d so far): %s", kind, stream, h.malformed, e)
+                self._kline(data, recv, route)
+        except (ValueError, KeyError, TypeError) as e:     # A.Malformed is a ValueError
+            self._malformed(stream, f"{kind}: {e}" if isinstance(e, ValueError) else f"{kind}: {e!r}")
 
-    def _kline(self, data: dict, recv: str) -> None:
+    def _hold(self, stream: str, kind: str, g: P.SequenceGuard, sym: str, x: int, row: tuple) -> None:
+        """An id without state or far from it: held until confirmed (see the class doc)."""
+        adopted, previous, rejected, dup = g.hold(sym, x, row)
+        if dup:
+            self.counters["duplicates_skipped"] += 1
+            return
+        if rejected:
+            self._reject_held(stream, kind, sym, rejected, g.last.get(sym))
+        if adopted is not None:
+            self._adopt(kind, sym, adopted, previous)
+
+    def _reject_held(self, stream: str, kind: str, sym: str, rows: list, state: int | None) -> None:
+        for row in rows:
+            self._malformed(stream, f"{kind} id {row[1]} of {sym} not confirmed by the following messages "
+                                    f"(accepted id {state if state is not None else 'none'}); dropped")
+
+    def _adopt(self, kind: str, sym: str, rows: list, previous: int | None) -> None:
+        """Store confirmed held rows (ids increasing); their last id is already the state."""
+        first = rows[0][1]
+        if previous is not None:
+            self.counters["id_jumps_accepted"] += 1
+            log.warning("%s ids of %s move from %d to %d, confirmed by %d messages; accepted",
+                        kind, sym, previous, first, len(rows) - 1)
+        if kind == A.AGG_TRADE:
+            prev = previous if previous is not None and first > previous else None
+            for row in rows:
+                a = row[1]
+                if prev is not None and a != prev + 1:
+                    self._gap(sym, prev + 1, a - 1)
+                prev = a
+            self.last_trade_id[sym] = rows[-1][5]
+            self.sink.add_many("binance_agg_trade", rows)
+        else:
+            self.sink.add_many("binance_book_ticker", rows)
+
+    def release_lone_ids(self) -> int:
+        """Store the held first ids of symbols without state that nothing
+        contradicted for ``id_adopt_lone_after`` seconds.  Returns rows stored."""
+        n = 0
+        for kind, g in ((A.AGG_TRADE, self.agg_ids), (A.BOOK_TICKER, self.book_ids)):
+            for sym, rows in g.expire():
+                self._adopt(kind, sym, rows, None)
+                n += len(rows)
+        return n
+
+    def _kline(self, data: dict, recv: str, route: _Route) -> None:
         k = data.get("k")
         if type(k) is not dict:
             raise A.Malformed("kline without k")
         sym, iv, t, closed = k.get("s"), k.get("i"), k.get("t"), k.get("x")
-        if type(t) is not int or iv not in A.INTERVAL_MS or type(closed) is not bool:
-            raise A.Malformed(f"kline fields t/i/x invalid: {t!r} {iv!r} {closed!r}")
+        if type(sym) is not str or sym != route.symbol:
+            raise A.Malformed(f"kline symbol {sym!r:.40} on the stream of {route.symbol}")
+        if type(iv) is not str or iv != route.interval:
+            raise A.Malformed(f"kline interval {iv!r:.40} on a {route.interval} stream")
+        if type(closed) is not bool:
+            raise A.Malformed(f"kline x not a boolean: {closed!r:.40}")
+        _, _, step = A.kline_times(t, k.get("T"), iv)       # t inside the time window, on the grid
         key = (sym, iv)
         last = self.last_kline.get(key)
-        step = A.INTERVAL_MS[iv]
         if last is not None and t - step > last and key not in self.kline_filling:
             # closed klines (last, t) missing: fill them from REST
             self.kline_filling.add(key)
@@ -329,8 +486,7 @@ class BinanceCollector:
                     try:
                         rows.append(A.rest_agg_trade_row(symbol, it, recv))
                     except A.Malformed as e:
-                        self.health.malformed += 1
-                        log.warning("malformed REST aggTrade skipped: %s", e)
+                        self._malformed(f"REST aggTrades {symbol}", str(e))
             if rows:
                 self.sink.add_many("binance_agg_trade", rows)
                 filled += len(rows)
@@ -371,8 +527,7 @@ class BinanceCollector:
                             rows.append(A.rest_kline_row(symbol, interval, k, recv))
                             last_t = k[0]
                     except (A.Malformed, IndexError, TypeError) as e:
-                        self.health.malformed += 1
-                        log.warning("malformed REST kline skipped: %s", e)
+                        self._malformed(f"REST klines {symbol} {interval}", f"{e}")
                 if not rows:
                     break
                 self.sink.add_many("binance_kline", rows)
@@ -394,58 +549,14 @@ class BinanceCollector:
         return random.uniform(0, min(self.s.backoff_max, self.s.backoff_base * (2 ** attempt)))
 
     async def _open(self, slot: _Slot):
-        """Open one python-binance combined-stream socket for ``slot``."""
-        bm = BinanceSocketManager(self.rest.client, max_queue_size=100_000)
-        bm.FSTREAM_URL = self.s.ws_url.rstrip("/") + "/"
-        sock = bm.futures_multiplex_socket(slot.streams, futures_type=FuturesType.USD_M, category=slot.category)
-        sock.json_loads = _Frame                 # decoded in handle(): a bad frame is counted, the socket lives
-        # No per-receive timeout: python-binance then awaits each frame directly
-        # instead of through a timer task (a third of its cost per message).
-        # Silence is detected per stream by check_staleness(), and _close()
-        # closes the socket under the read loop, so nothing waits forever.
-        sock.TIMEOUT = None
-        await sock.__aenter__()
-        return sock
+        """Open one python-binance combined-stream socket for ``slot`` (see :mod:`.wire`)."""
+        return await wire.open_combined(self.rest.client, self.s.ws_url, slot.streams, slot.category)
 
     async def _pump(self, sock, first: asyncio.Event) -> None:
-        """Hand every message of ``sock`` to :meth:`handle`.  Messages already
-        queued by python-binance's read loop are taken in one go; ``recv()``
-        (with its closed-loop detection) is awaited only when none wait."""
-        handle = self.handle
-        recv = sock.recv
-        queue = sock._queue
-        get = queue.get_nowait
-        msg = await recv()
-        first.set()
-        handle(msg)
-        while True:
-            if queue.empty():
-                handle(await recv())
-            else:
-                for _ in range(queue.qsize()):
-                    handle(get())
+        await wire.pump(sock, self.handle, first)
 
     async def _close(self, sock, task: asyncio.Task | None) -> None:
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-        # python-binance's read loop only notices an exit request between
-        # receives; mark it exiting, make sure a reconnect in progress cannot
-        # revive it, then close the socket under it
-        sock.ws_state = WSListenerState.EXITING
-        sock.connect = _no_reconnect
-        try:
-            if sock.ws is not None:
-                await asyncio.wait_for(sock.ws.close(), 2)
-        except (asyncio.TimeoutError, Exception) as e:
-            log.debug("socket close: %r", e)
-        try:
-            await asyncio.wait_for(sock.__aexit__(None, None, None), 5)
-        except (asyncio.TimeoutError, Exception) as e:
-            log.debug("socket exit: %r", e)
+        await wire.close(sock, task)
 
     async def _run_slot(self, slot: _Slot) -> None:
         attempt = 0
@@ -562,26 +673,36 @@ class BinanceCollector:
 
     async def load_resume_state(self) -> None:
         """Last stored aggTrade id and closed kline per symbol, so that a
-        restart fills its downtime.  Best effort: skipped if the database is down."""
+        restart fills its downtime.  Best effort: skipped if the database is down.
+
+        Only rows of the last ``resume_lookback_hours`` and not beyond
+        ``max_future_s`` after now count: a row stamped in the future cannot
+        be the last one received.  An aggTrade id read back here is state
+        like any other: live ids far behind it are held and, once confirmed,
+        replace it (see the class doc), so an implausible id stored by an
+        older version cannot make later trades duplicates."""
         if not self.dsn:
             return
         import psycopg
+        back, ahead = self.s.resume_lookback_hours * 3600, self.s.max_future_s
 
         def q():
             with psycopg.connect(self.dsn, connect_timeout=5) as conn:
                 aggs = conn.execute(
                     """SELECT s, (SELECT agg_id FROM binance_agg_trade t
                                    WHERE t.symbol = s AND t.trade_time > now() - make_interval(secs => %s)
+                                     AND t.trade_time <= now() + make_interval(secs => %s)
                                    ORDER BY agg_id DESC LIMIT 1)
                          FROM unnest(%s::text[]) AS s""",
-                    (self.s.resume_lookback_hours * 3600, self.symbols)).fetchall()
+                    (back, ahead, self.symbols)).fetchall()
                 kl = conn.execute(
                     """SELECT s, i, (SELECT open_time FROM binance_kline k
                                       WHERE k.symbol = s AND k.interval = i
                                         AND k.open_time > now() - make_interval(secs => %s)
+                                        AND k.open_time <= now() + make_interval(secs => %s)
                                       ORDER BY open_time DESC LIMIT 1)
                          FROM unnest(%s::text[]) AS s, unnest(%s::text[]) AS i""",
-                    (self.s.resume_lookback_hours * 3600, self.symbols, self.s.kline_intervals)).fetchall()
+                    (back, ahead, self.symbols, self.s.kline_intervals)).fetchall()
                 gaps = conn.execute("SELECT symbol, first_id, last_id FROM binance_agg_gap "
                                     "WHERE symbol = ANY(%s) ORDER BY symbol, first_id", (self.symbols,)).fetchall()
                 return aggs, kl, gaps
@@ -591,38 +712,37 @@ class BinanceCollector:
             log.warning("resume state not loaded (%s); gaps during the downtime will not be filled", e)
             return
         for s, a in aggs:
-            if a is not None:
+            if a is not None and 0 <= a <= P.INT64_MAX:
                 self.last_agg[s] = a
         for s, i, t in kl:
             if t is not None:
-                self.last_kline[(s, i)] = int(t.timestamp() * 1000)
+                self.last_kline[(s, i)] = (t - A.EPOCH) // timedelta(milliseconds=1)
         log.info("resume state: last aggTrade id for %d symbols, last kline for %d, %d unfinished gap fill(s)",
                  sum(1 for _, a in aggs if a is not None), sum(1 for *_, t in kl if t is not None), len(gaps))
         for sym, first, last in gaps:
             self._spawn(self._fill_agg(sym, first, last))
 
     async def _supervise(self) -> None:
+        """Stand-alone supervision (until the collector runtime takes it over):
+        figures, watchdog tick, a status line and :meth:`periodic` every
+        status interval, heartbeat; raises when the sink's writer died."""
         s = self.s
+        h = self.health
         next_status = time.monotonic() + min(2.0, s.status_interval)
         next_hb = time.monotonic() + 1.0
         while not self._stop.is_set():
-            self.health.extra.update({k: v for k, v in self.counters.items()})
-            self.health.extra["rest_weight_1m"] = self.rest.limiter.used
-            self.health.tick()
+            self._publish_figures()
+            h.tick()
             now = time.monotonic()
             if now >= next_status:
-                line = self.health.status_line(lambda n: self.routes[n].kind if n in self.routes else "?")
-                log.info("status: %s", line)
                 next_status = now + s.status_interval
-                self.check_staleness()
+                log.info("status: %s", h.status_line(self.stream_kind))
+                self.periodic()
             if self.dsn and now >= next_hb:
                 next_hb = now + s.heartbeat_interval
-                await asyncio.to_thread(self.health.heartbeat, self.dsn)
+                await asyncio.to_thread(h.heartbeat, self.dsn)
             if self.sink.fatal:
                 raise RuntimeError(f"sink writer failed: {self.sink.fatal!r}")
-            if not s.symbols and s.symbols_refresh and now >= self._next_refresh:
-                self._next_refresh = now + s.symbols_refresh
-                self._spawn(self.refresh_symbols())
             await self._sleep(s.watchdog_interval)
 
     async def refresh_symbols(self) -> tuple[list[str], list[str]]:
@@ -673,7 +793,7 @@ class BinanceCollector:
                 wait = self._backoff(attempt) + 1.0
                 attempt += 1
                 log.warning("exchangeInfo failed (%s); retrying in %.1fs", str(e) or type(e).__name__, wait)
-                self.health.notifier.notify(f"STATUS=waiting for exchangeInfo: {e}"[:200])
+                self._status(f"waiting for exchangeInfo: {e}"[:200])
                 await self._sleep(wait)
         return None
 
@@ -689,7 +809,7 @@ class BinanceCollector:
                  sum(1 for x in self.slots if x.category == "market"),
                  sum(1 for x in self.slots if x.category == "public"))
         await self.load_resume_state()
-        self.health.notifier.notify(f"STATUS=connecting {len(self.slots)} connections")
+        self._status(f"connecting {len(self.slots)} connections")
         self._next_refresh = time.monotonic() + self.s.symbols_refresh
         slot_tasks = self._slot_tasks = []
         for slot in self.slots:
@@ -713,3 +833,6 @@ class BinanceCollector:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            held = self.agg_ids.held() + self.book_ids.held()
+            if held:
+                log.info("%d message(s) held for id confirmation not stored at stop", held)

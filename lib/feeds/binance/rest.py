@@ -9,13 +9,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 
 from binance import AsyncClient
 from binance.exceptions import BinanceAPIException
 
+from .. import plausible as P
+
 log = logging.getLogger(__name__)
+
+#: a pause asked for by ``Retry-After`` is kept within these seconds
+RETRY_AFTER_MIN, RETRY_AFTER_MAX, RETRY_AFTER_DEFAULT = 1.0, 600.0, 60.0
+
+
+def retry_after(value) -> float:
+    """Seconds to pause from a ``Retry-After`` header: a finite number of
+    seconds clamped to 1 .. 600; 60 when absent or not a number (``"1e400"``,
+    ``"nan"``, an HTTP date)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return RETRY_AFTER_DEFAULT
+    if not math.isfinite(v):
+        return RETRY_AFTER_DEFAULT
+    return min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, v))
+
+
+def used_weight(value) -> int | None:
+    """``X-MBX-USED-WEIGHT-1M`` -> int, or None unless ASCII digits (at most 9)."""
+    if type(value) is str and value.isascii() and value.isdigit() and len(value) <= 9:
+        return int(value)
+    return None
 
 
 def kline_weight(limit: int) -> int:
@@ -109,11 +135,8 @@ class BinanceRest:
                 res = await fn(**params)
             except BinanceAPIException as e:
                 if e.status_code in (429, 418):
-                    retry = 60.0
-                    try:
-                        retry = float(e.response.headers.get("Retry-After", 60))
-                    except Exception:
-                        pass
+                    headers = getattr(e.response, "headers", None) or {}
+                    retry = retry_after(headers.get("Retry-After"))
                     log.warning("REST %s answered %s (%s); pausing %ss", fn.__name__, e.status_code, e.message, retry)
                     self.limiter.penalise(retry)
                     continue
@@ -121,7 +144,7 @@ class BinanceRest:
             resp = self.client.response
             if resp is not None:
                 used = resp.headers.get("X-MBX-USED-WEIGHT-1M") or resp.headers.get("x-mbx-used-weight-1m")
-                self.limiter.observe(int(used) if used and used.isdigit() else None)
+                self.limiter.observe(used_weight(used))
             return res
         raise RuntimeError(f"REST {fn.__name__} still rate limited after retries")
 
@@ -136,13 +159,19 @@ class BinanceRest:
                                 startTime=start_ms, endTime=end_ms, limit=limit)
 
     async def perpetual_symbols(self, quote_assets: list[str] | None = None) -> list[str]:
-        """Symbols with contractType PERPETUAL and status TRADING, sorted."""
+        """Symbols with contractType PERPETUAL and status TRADING, sorted.
+        A listed name that is not a plausible symbol (see
+        :func:`feeds.plausible.symbol`: it would become a stream name) is
+        skipped with a warning."""
         info = await self.exchange_info()
         out = []
         for s in info.get("symbols", []):
-            if s.get("contractType") != "PERPETUAL" or s.get("status") != "TRADING":
+            if not isinstance(s, dict) or s.get("contractType") != "PERPETUAL" or s.get("status") != "TRADING":
                 continue
             if quote_assets and s.get("quoteAsset") not in quote_assets:
                 continue
-            out.append(s["symbol"])
+            try:
+                out.append(P.symbol(s.get("symbol")))
+            except P.Malformed as e:
+                log.warning("exchangeInfo: %s; skipped", e)
         return sorted(out)

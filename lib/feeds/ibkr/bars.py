@@ -17,9 +17,12 @@ decides exactly as comparing the decimals would.
 Checks (:func:`check_session`)
 ------------------------------
 Each bar: high >= max(open, close), low <= min(open, close), prices
-positive, volume not negative, barCount not negative, start on a whole
-minute, inside the session ``[open, close)``, strictly increasing (so no
-duplicates).  A bar that fails any of these, except "inside the session",
+positive, volume not negative, barCount not negative and within ``bigint``,
+start on a whole minute, not more than :data:`MAX_AHEAD` after now, inside
+the session ``[open, close)``, strictly increasing (so no duplicates); the
+stored texts are ASCII decimals of bounded size (:func:`feeds.plausible.decimal`:
+no ``inf``/``nan``, no ``1e400``, no non-ASCII digits), prices > 0, volume
+>= 0, WAP of any sign.  A bar that fails any of these, except "inside the session",
 makes the whole answer unusable: the session is recorded as ERROR with the
 first failure and none of its bars are stored.
 
@@ -48,6 +51,7 @@ from dataclasses import dataclass, field
 
 from ib_async import BarData
 
+from .. import plausible as P
 from .sessions import Session
 
 __all__ = ["WireBar", "keep_wire_text", "SessionCheck", "check_session", "BAR_COLUMNS", "fmt_local"]
@@ -56,6 +60,8 @@ __all__ = ["WireBar", "keep_wire_text", "SessionCheck", "check_session", "BAR_CO
 BAR_COLUMNS = ("symbol", "bar_start", "con_id", "open", "high", "low", "close", "volume", "wap", "bar_count")
 
 _UTC = dt.timezone.utc
+#: a bar may start at most this far after the wall clock (clock skew); later is implausible
+MAX_AHEAD = dt.timedelta(minutes=10)
 
 
 @dataclass
@@ -135,12 +141,16 @@ class SessionCheck:
         return len(self.rows)
 
 
-def check_session(symbol: str, con_id: int, session: Session, bars: Sequence[BarData]) -> SessionCheck:
+def check_session(symbol: str, con_id: int, session: Session, bars: Sequence[BarData],
+                  now: dt.datetime | None = None) -> SessionCheck:
     """Check IB's bars for one session and build the rows to store.
 
     ``bars``: BarData/WireBar with aware ``date`` (formatDate 2 gives UTC).
-    Never raises for bad bars: the failure is in the result.
+    ``now``: the wall clock (aware; default the current time), for the
+    "not in the future" check.  Never raises for bad bars: the failure is in
+    the result.
     """
+    latest = (now or dt.datetime.now(_UTC)) + MAX_AHEAD
     out = SessionCheck(expected=session.expected_bars)
     tz = session.tz
     open_, close_ = session.open, session.close
@@ -169,10 +179,21 @@ def check_session(symbol: str, con_id: int, session: Session, bars: Sequence[Bar
             return _fail(out, f"bar {fmt_local(t, tz)}: negative volume {v}")
         if n < 0:
             return _fail(out, f"bar {fmt_local(t, tz)}: negative barCount {n}")
+        if type(n) is not int or n > P.INT64_MAX:
+            return _fail(out, f"bar {fmt_local(t, tz)}: barCount {n!r:.40} not a 64-bit integer")
+        if t > latest:
+            return _fail(out, f"bar {fmt_local(t, tz)}: in the future")
         if not (open_ <= t < close_):
             out.dropped.append(t)
             continue
         to, th, tl, tc, tv, tw = _texts(bar)
+        try:
+            for text, what, sign in ((to, "open", P.POSITIVE), (th, "high", P.POSITIVE), (tl, "low", P.POSITIVE),
+                                     (tc, "close", P.POSITIVE), (tv, "volume", P.NON_NEGATIVE),
+                                     (tw, "WAP", P.SIGNED)):
+                P.decimal(text, what, sign)
+        except P.Malformed as e:
+            return _fail(out, f"bar {fmt_local(t, tz)}: {e}")
         rows.append((symbol, t, con_id, to, th, tl, tc, tv, tw, n))
     if rows:
         out.first, out.last = rows[0][1], rows[-1][1]

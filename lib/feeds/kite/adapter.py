@@ -42,13 +42,24 @@ Every row ends with ``recv_time`` (text from :func:`now_text`, the frame's
 receive time) and ``seq`` (the packet's position in its frame); with
 ``instrument_token`` they form the tables' natural key, so a replayed spool
 never duplicates a tick.
+
+Ranges (:mod:`feeds.plausible`): prices and quantities are unsigned 32-bit
+integers on the wire, so they are never negative and always fit; 0 is a
+valid price (an empty depth level, an instrument not traded yet).  The
+exchange times (``last_trade_time``, ``exchange_timestamp``) must be 0 (no
+time) or inside :data:`WINDOW`: not before 2010 (Kite did not exist) and not
+more than 10 minutes ahead of now.  A packet outside these ranges is skipped
+and counted like a packet of unknown length; ticks from KiteTicker are held
+to the same ranges (prices must come back as 0 .. 2**32-1 units).
 """
 from __future__ import annotations
 
 import struct
 import time
 from datetime import datetime, timedelta
+from typing import Callable
 
+from .. import plausible
 from ..sink import Table
 
 SEGMENT_CDS = 3
@@ -85,9 +96,25 @@ assert (_LTP.size, _INDEX_QUOTE.size, _INDEX_FULL.size, _QUOTE.size, _FULL.size)
 _U16 = struct.Struct(">H")
 
 
-class Malformed(ValueError):
+class Malformed(plausible.Malformed):
     """A frame whose packet headers do not add up (cut short, or a packet of a
-    length no packet kind has)."""
+    length no packet kind has), or a tick outside its plausible range."""
+
+
+#: The plausible range of Kite exchange times (epoch ms; packets carry seconds):
+#: from 2010-01-01 to 10 minutes ahead of now.  A module-level policy; tests
+#: may replace it (or its ``clock``, then call ``WINDOW.refresh()``).
+WINDOW = plausible.Window(plausible.KITE_START_MS, ahead_ms=10 * plausible.MINUTE_MS)
+_U32_MAX = (1 << 32) - 1
+
+
+def _times_ok(*secs: int) -> str | None:
+    """None if every epoch-second time is 0 or inside :data:`WINDOW`, else the reason."""
+    w = WINDOW
+    for sec in secs:
+        if sec and not w.ok(sec * 1000):
+            return f"exchange time {sec} s outside {w.lo // 1000}..{w.hi // 1000} s"
+    return None
 
 
 def divisor(instrument_token: int) -> int:
@@ -162,14 +189,22 @@ class FrameDecoder:
     text and returns ``(ltp_rows, quote_rows, full_rows)`` (lists of tuples
     in the column order of :data:`LTP_TABLE`, :data:`QUOTE_TABLE`,
     :data:`FULL_TABLE`).  A 1-byte heartbeat gives three empty lists.
-    Packets of an unknown length are skipped and counted in ``malformed``
-    (as KiteTicker skips them); a frame cut short raises :class:`Malformed`
+    Packets of an unknown length, and packets whose exchange times are
+    outside :data:`WINDOW`, are skipped and counted in ``malformed`` (as
+    KiteTicker skips unknown packets); ``on_bad(reason)``, if set, is called
+    once for each such packet.  A frame cut short raises :class:`Malformed`
     after the rows of its complete packets were kept in ``partial``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_bad: Callable[[str], None] | None = None) -> None:
         self.malformed = 0
         self.partial: tuple[list, list, list] = ([], [], [])
+        self.on_bad = on_bad
+
+    def _bad(self, reason: str) -> None:
+        self.malformed += 1
+        if self.on_bad is not None:
+            self.on_bad(reason)
 
     def decode(self, frame: bytes, recv: str) -> tuple[list, list, list]:
         ltp: list = []
@@ -182,6 +217,8 @@ class FrameDecoder:
         j = 2
         u16 = _U16.unpack_from
         texts = _TEXTS
+        w = WINDOW
+        lo, hi = w.lo // 1000, w.hi // 1000      # exchange times in seconds; 0 = none
         for seq in range(count):
             if j + 2 > n:
                 self.partial = (ltp, quote, full)
@@ -195,6 +232,13 @@ class FrameDecoder:
             if length == 184:
                 v = _FULL.unpack_from(frame, j)
                 tok = v[0]
+                if not ((lo <= v[11] <= hi or not v[11]) and (lo <= v[15] <= hi or not v[15])):
+                    bad = _times_ok(v[11], v[15])
+                    if bad:
+                        self._bad(f"full packet of {tok}: {bad}")
+                        j = end
+                        continue
+                    lo, hi = w.lo // 1000, w.hi // 1000
                 P = texts[divisor(tok)]
                 full.append((
                     tok, P[v[1]], v[2], P[v[3]], v[4], v[5], v[6], P[v[7]], P[v[8]], P[v[9]], P[v[10]],
@@ -218,6 +262,13 @@ class FrameDecoder:
             elif length == 28 or length == 32:
                 v = (_INDEX_FULL if length == 32 else _INDEX_QUOTE).unpack_from(frame, j)
                 tok = v[0]
+                if length == 32 and v[7] and not lo <= v[7] <= hi:
+                    bad = _times_ok(v[7])
+                    if bad:
+                        self._bad(f"index packet of {tok}: {bad}")
+                        j = end
+                        continue
+                    lo, hi = w.lo // 1000, w.hi // 1000
                 P = texts[divisor(tok)]
                 # layout: last_price, high, low, open, close, change; stored as open, high, low, close
                 base = (tok, P[v[1]], None, None, None, None, None, P[v[4]], P[v[2]], P[v[3]], P[v[5]])
@@ -227,7 +278,7 @@ class FrameDecoder:
                     full.append(base + (None, None, None, None, epoch_text(v[7]),
                                         None, None, None, None, None, None, recv, seq))
             else:
-                self.malformed += 1
+                self._bad(f"packet {seq + 1} of {count}: no packet kind is {length} bytes long")
             j = end
         return ltp, quote, full
 
@@ -241,17 +292,42 @@ _SECOND = timedelta(seconds=1)
 def _naive_ist_text(dt) -> str | None:
     if dt is None:
         return None
-    return epoch_text((dt - _IST_EPOCH) // _SECOND)
+    sec = (dt - _IST_EPOCH) // _SECOND
+    bad = _times_ok(sec)
+    if bad:
+        raise Malformed(bad)
+    return epoch_text(sec)
 
 
-def rows_from_ticks(ticks: list[dict], recv: str) -> tuple[list, list, list]:
+def _units(x: float, div: int) -> int:
+    """A KiteTicker price (units / divisor, a float) -> integer units 0 .. 2**32-1."""
+    try:
+        u = int(round(x * div))
+    except (OverflowError, ValueError, TypeError):
+        raise Malformed(f"price not a finite number: {x!r:.40}") from None
+    if not 0 <= u <= _U32_MAX:
+        raise Malformed(f"price {x!r:.40} outside 0 .. 2**32-1 units of 1/{div}")
+    return u
+
+
+def _u32(x) -> int:
+    if type(x) is int and 0 <= x <= _U32_MAX:
+        return x
+    raise Malformed(f"quantity not an integer 0 .. 2**32-1: {x!r:.40}")
+
+
+def rows_from_ticks(ticks: list[dict], recv: str,
+                    on_bad: Callable[[str], None] | None = None) -> tuple[list, list, list]:
     """KiteTicker tick dicts (kiteconnect 5.2.2 ``on_ticks``) -> rows.
 
     Returns ``(ltp_rows, quote_rows, full_rows)`` exactly as
     :meth:`FrameDecoder.decode` returns them for the same frame.  Datetimes
     must be naive IST wall-clock times (KiteTicker's ``fromtimestamp`` in a
     process running with ``TZ=Asia/Kolkata``).  Raises KeyError/TypeError
-    for a dict that is not a KiteTicker tick.
+    for a dict that is not a KiteTicker tick.  A tick outside the ranges of
+    the packets (prices 0 .. 2**32-1 units, quantities unsigned 32-bit,
+    exchange times inside :data:`WINDOW`) is skipped and ``on_bad(reason)``
+    called; without ``on_bad`` it raises :class:`Malformed` (a ValueError).
     """
     ltp: list = []
     quote: list = []
@@ -259,39 +335,44 @@ def rows_from_ticks(ticks: list[dict], recv: str) -> tuple[list, list, list]:
     for seq, t in enumerate(ticks):
         tok = t["instrument_token"]
         div = divisor(tok)
-        P = _TEXTS[div]
+        T = _TEXTS[div]
 
         def p(x: float) -> str:
-            return P[int(round(x * div))]
-        mode = t["mode"]
-        if mode == MODE_LTP:
-            ltp.append((tok, p(t["last_price"]), recv, seq))
-            continue
-        o = t["ohlc"]
-        if "volume_traded" in t:
-            base = (tok, p(t["last_price"]), t["last_traded_quantity"], p(t["average_traded_price"]),
-                    t["volume_traded"], t["total_buy_quantity"], t["total_sell_quantity"],
-                    p(o["open"]), p(o["high"]), p(o["low"]), p(o["close"]))
-        else:                                   # index packet
-            base = (tok, p(t["last_price"]), None, None, None, None, None,
-                    p(o["open"]), p(o["high"]), p(o["low"]), p(o["close"]))
-        if mode == MODE_QUOTE:
-            quote.append(base + (recv, seq))
-            continue
-        depth = t.get("depth")
-        if depth is None:                       # index full
-            full.append(base + (None, None, None, None, _naive_ist_text(t.get("exchange_timestamp")),
-                                None, None, None, None, None, None, recv, seq))
-            continue
-        b, s = depth["buy"], depth["sell"]
-        full.append(base + (
-            _naive_ist_text(t.get("last_trade_time")), t["oi"], t["oi_day_high"], t["oi_day_low"],
-            _naive_ist_text(t.get("exchange_timestamp")),
-            "{%s}" % ",".join(p(x["price"]) for x in b),
-            "{%s}" % ",".join("%d" % x["quantity"] for x in b),
-            "{%s}" % ",".join("%d" % x["orders"] for x in b),
-            "{%s}" % ",".join(p(x["price"]) for x in s),
-            "{%s}" % ",".join("%d" % x["quantity"] for x in s),
-            "{%s}" % ",".join("%d" % x["orders"] for x in s),
-            recv, seq))
+            return T[_units(x, div)]
+        try:
+            mode = t["mode"]
+            if mode == MODE_LTP:
+                ltp.append((tok, p(t["last_price"]), recv, seq))
+                continue
+            o = t["ohlc"]
+            if "volume_traded" in t:
+                base = (tok, p(t["last_price"]), _u32(t["last_traded_quantity"]), p(t["average_traded_price"]),
+                        _u32(t["volume_traded"]), _u32(t["total_buy_quantity"]), _u32(t["total_sell_quantity"]),
+                        p(o["open"]), p(o["high"]), p(o["low"]), p(o["close"]))
+            else:                                   # index packet
+                base = (tok, p(t["last_price"]), None, None, None, None, None,
+                        p(o["open"]), p(o["high"]), p(o["low"]), p(o["close"]))
+            if mode == MODE_QUOTE:
+                quote.append(base + (recv, seq))
+                continue
+            depth = t.get("depth")
+            if depth is None:                       # index full
+                full.append(base + (None, None, None, None, _naive_ist_text(t.get("exchange_timestamp")),
+                                    None, None, None, None, None, None, recv, seq))
+                continue
+            b, s = depth["buy"], depth["sell"]
+            full.append(base + (
+                _naive_ist_text(t.get("last_trade_time")), _u32(t["oi"]), _u32(t["oi_day_high"]),
+                _u32(t["oi_day_low"]), _naive_ist_text(t.get("exchange_timestamp")),
+                "{%s}" % ",".join(p(x["price"]) for x in b),
+                "{%s}" % ",".join("%d" % _u32(x["quantity"]) for x in b),
+                "{%s}" % ",".join("%d" % _u32(x["orders"]) for x in b),
+                "{%s}" % ",".join(p(x["price"]) for x in s),
+                "{%s}" % ",".join("%d" % _u32(x["quantity"]) for x in s),
+                "{%s}" % ",".join("%d" % _u32(x["orders"]) for x in s),
+                recv, seq))
+        except Malformed as e:
+            if on_bad is None:
+                raise
+            on_bad(f"tick {seq + 1} of {len(ticks)} ({tok}): {e}")
     return ltp, quote, full
