@@ -344,3 +344,20 @@ def test_exchange_info_symbols_that_cannot_be_stream_names_are_skipped():
         finally:
             await r.close()
     assert asyncio.run(go()) == ["BTCUSDT", "\u5e01\u5b89USDT"]
+
+
+def test_held_first_ids_are_stored_at_stop_and_unconfirmed_outliers_are_counted():
+    """A stop ends the wait of a symbol's first, not yet confirmed ids: they are
+    stored; a far-ahead id that contradicts an accepted state is counted, not stored."""
+    c = make(FakeRest())
+    u = 600_859_600_576
+    c.handle({"stream": "btcusdt@bookTicker", "data": book(u)["data"]})     # first id: held
+    assert stored(c, "binance_book_ticker") == []
+    c._settle_held_at_stop()
+    assert stored(c, "binance_book_ticker") == [u]
+    for x in (u + 1, u + 2, u + 1 + 10 ** 12):                               # the last one is held
+        c.handle({"stream": "btcusdt@bookTicker", "data": book(x)["data"]})
+    before = c.health.malformed
+    c._settle_held_at_stop()
+    assert stored(c, "binance_book_ticker") == [u, u + 1, u + 2]
+    assert c.health.malformed == before + 1

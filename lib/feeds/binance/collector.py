@@ -413,6 +413,24 @@ class BinanceCollector:
                 n += len(rows)
         return n
 
+    def _settle_held_at_stop(self) -> None:
+        """At stop, the lone first runs of symbols without state are stored (the
+        stop ends their wait, as ``id_adopt_lone_after`` would); runs that
+        contradict an accepted state stay unconfirmed and are counted as
+        malformed, each with its journal line, never stored silently."""
+        stored = 0
+        for kind, g in ((A.AGG_TRADE, self.agg_ids), (A.BOOK_TICKER, self.book_ids)):
+            for sym, rows in g.expire(now=float("inf")):
+                self._adopt(kind, sym, rows, None)
+                stored += len(rows)
+            for sym, p in list(g.pending.items()):
+                stream = A.stream_name(sym, kind)
+                for run in p.runs:
+                    self._reject_held(stream, kind, sym, run.items, g.last.get(sym))
+                del g.pending[sym]
+        if stored:
+            log.info("%d first message(s) awaiting id confirmation stored at stop", stored)
+
     def _kline(self, data: dict, recv: str, route: _Route) -> None:
         k = data.get("k")
         if type(k) is not dict:
@@ -833,6 +851,4 @@ class BinanceCollector:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            held = self.agg_ids.held() + self.book_ids.held()
-            if held:
-                log.info("%d message(s) held for id confirmation not stored at stop", held)
+            self._settle_held_at_stop()
