@@ -5,24 +5,34 @@ import json
 import logging
 import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 import psycopg
+from psycopg import errors as pgerr
 
-from .config import Config, ConfigError, database_dsn, exit_on_config_error
+from .config import Config, ConfigError, exit_on_config_error
 from .migrate import MigrationError, apply, default_sql_dir
+from .db import connect
 from .runtime import setup_logging
+from .settings import FEEDS_FILE, database_dsn, empty, load
 
 log = logging.getLogger("feeds")
 COMMON = "/etc/feeds/feeds.toml"
 
 
 def _common_config(config_path: str) -> Config:
-    """``feeds.toml``; an absent file reads as empty (enough when FEEDS_DSN is set,
-    otherwise ``database_dsn`` names the missing key)."""
-    return Config.load(config_path) if Path(config_path).exists() else Config({}, config_path)
+    """``feeds.toml``, checked; an absent file reads as empty (enough when
+    FEEDS_DSN is set, otherwise ``database_dsn`` names the missing key)."""
+    return load(config_path, FEEDS_FILE) if Path(config_path).exists() else empty(config_path, FEEDS_FILE)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
 
 
 @click.command()
@@ -38,29 +48,90 @@ def migrate(config_path: str, sql_dir: Path | None) -> None:
         log.error("%s", e)
         sys.exit(1)
     except psycopg.OperationalError as e:
-        log.error("cannot connect to the database: %s", str(e).strip().splitlines()[0])
+        log.error("cannot connect to the database: %s", _first_line(e))
         sys.exit(1)
     log.info("migrations: %s", ", ".join(done) if done else "nothing to apply (up to date)")
 
 
-def run_maintenance(dsn: str, retention: dict[str, int] | None = None) -> list[tuple[str, int, int]]:
+class UnknownTables(Exception):
+    """Retention was given for tables feed-maintain does not manage.
+    ``tables``: those names; ``known``: the partitioned tables."""
+
+    def __init__(self, tables: list[str], known: list[str]):
+        self.tables, self.known = tables, known
+        super().__init__(f"not partitioned tables: {', '.join(tables)}")
+
+
+@dataclass
+class Maintenance:
+    """What :func:`run_maintenance` did: ``done`` as ``(table, created,
+    dropped)`` and ``failed`` as ``{table: reason}`` (tables whose locks were
+    not granted within the retries)."""
+
+    done: list[tuple[str, int, int]] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter(self.done)
+
+
+_LOCK_ERRORS = (pgerr.LockNotAvailable, pgerr.QueryCanceled)
+
+
+def run_maintenance(dsn: str, retention: dict[str, int] | None = None, *, lock_timeout: float = 5.0,
+                    statement_timeout: float = 60.0, attempts: int = 5, retry_delay: float = 2.0) -> Maintenance:
     """Create daily partitions ahead and drop those past retention.
 
-    ``retention``: optional ``{table: keep_days}`` overriding
-    ``feed_partitioned_table.keep_days``.  Returns ``(table, created, dropped)``.
+    ``retention``: optional ``{table: keep_days}`` overriding (and stored in)
+    ``feed_partitioned_table.keep_days``.  Each statement waits at most
+    ``lock_timeout`` seconds for its locks and runs at most
+    ``statement_timeout`` seconds (a DDL statement waiting for a lock makes
+    every later reader and writer of the table queue behind it); one refused
+    is tried again up to ``attempts`` times, ``retry_delay`` seconds later,
+    doubled each time (at most 30 s).  A table still refused is left for the
+    next run and reported in ``failed``; the others are maintained.
+
+    Returns :class:`Maintenance` (iterating it gives the ``(table, created,
+    dropped)`` of the tables done).  Raises :class:`UnknownTables` (nothing
+    changed) for retention of a table that is not a partitioned table, and
+    ``psycopg.Error`` when the database fails otherwise.
     """
-    out = []
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for table, days in (retention or {}).items():
-            conn.execute("UPDATE feed_partitioned_table SET keep_days = %s WHERE table_name = %s::regclass",
-                         (days, table))
+    out = Maintenance()
+    with connect(dsn, application_name="feed-maintain", statement_timeout=statement_timeout,
+                    lock_timeout=lock_timeout) as conn:
         rows = conn.execute("SELECT table_name::text, keep_days, ahead_days FROM feed_partitioned_table "
                             "ORDER BY 1").fetchall()
+        known = [r[0] for r in rows]
+        unknown = [t for t in (retention or {}) if t not in known]
+        if unknown:
+            raise UnknownTables(unknown, known)
         for table, keep, ahead in rows:
-            created = conn.execute("SELECT feeds_ensure_day_partitions(%s::regclass, "
-                                   "(now() AT TIME ZONE 'UTC')::date, %s)", (table, ahead + 1)).fetchone()[0]
-            dropped = conn.execute("SELECT feeds_drop_day_partitions(%s::regclass, %s)", (table, keep)).fetchone()[0]
-            out.append((table, created, dropped))
+            keep = (retention or {}).get(table, keep)
+
+            def work(table=table, keep=keep, ahead=ahead) -> tuple[int, int]:
+                with conn.transaction():
+                    conn.execute("UPDATE feed_partitioned_table SET keep_days = %s "
+                                 "WHERE table_name = %s::regclass AND keep_days <> %s", (keep, table, keep))
+                    created = conn.execute("SELECT feeds_ensure_day_partitions(%s::regclass, "
+                                           "(now() AT TIME ZONE 'UTC')::date, %s)", (table, ahead + 1)).fetchone()[0]
+                    dropped = conn.execute("SELECT feeds_drop_day_partitions(%s::regclass, %s)",
+                                           (table, keep)).fetchone()[0]
+                return created, dropped
+            delay = retry_delay
+            for attempt in range(1, attempts + 1):
+                try:
+                    created, dropped = work()
+                except _LOCK_ERRORS as e:
+                    if attempt == attempts:
+                        out.failed[table] = f"{_first_line(e)} ({attempts} attempt(s))"
+                        break
+                    log.warning("%s: %s; attempt %d of %d, next in %.1f s", table, _first_line(e), attempt,
+                                attempts, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                else:
+                    out.done.append((table, created, dropped))
+                    break
     return out
 
 
@@ -68,20 +139,30 @@ def run_maintenance(dsn: str, retention: dict[str, int] | None = None) -> list[t
 @click.option("--config", "config_path", envvar="FEEDS_CONFIG", default=COMMON, show_default=True)
 @exit_on_config_error
 def maintain(config_path: str) -> None:
-    """Create tomorrow's partitions and drop those older than the retention."""
+    """Create tomorrow's partitions and drop those older than the retention.
+
+    Exit status: 0 every table maintained; 1 a table could not be maintained
+    (its locks were not granted within the retries; it is named) or the
+    database failed; 78 a configuration error (also retention for a table
+    that is not a partitioned table)."""
     setup_logging()
     cfg = _common_config(config_path)
-    retention = cfg.get("retention", dict, {})
-    for k, v in retention.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"retention.{k}", cfg.file, "must be an integer number of days >= 1")
+    dsn = database_dsn(cfg)
     try:
-        res = run_maintenance(database_dsn(cfg), retention)
+        res = run_maintenance(dsn, cfg["retention"], lock_timeout=cfg["maintain.lock_timeout"],
+                              statement_timeout=cfg["maintain.statement_timeout"],
+                              attempts=cfg["maintain.attempts"], retry_delay=cfg["maintain.retry_delay"])
+    except UnknownTables as e:
+        raise ConfigError(f"retention.{e.tables[0]}", cfg.file,
+                          f"not a partitioned table (feed-maintain manages: {', '.join(e.known) or 'none'})") from None
     except psycopg.Error as e:
-        log.error("maintenance failed: %s", str(e).strip().splitlines()[0])
+        log.error("maintenance failed: %s", _first_line(e))
         sys.exit(1)
-    for table, created, dropped in res:
+    for table, created, dropped in res.done:
         log.info("%s: %d partition(s) created, %d dropped", table, created, dropped)
+    for table, reason in res.failed.items():
+        log.error("%s: not maintained: %s", table, reason)
+    sys.exit(1 if res.failed else 0)
 
 
 @click.group()
@@ -99,11 +180,11 @@ def status(config_path: str, as_json: bool, stale_after: int) -> None:
     active unit's heartbeat is stale."""
     cfg = _common_config(config_path)
     try:
-        with psycopg.connect(database_dsn(cfg), connect_timeout=5) as conn:
+        with connect(database_dsn(cfg), application_name="feedctl", statement_timeout=10.0) as conn:
             rows = conn.execute("SELECT unit, host, pid, state, status, updated_at, detail FROM feed_heartbeat "
                                 "ORDER BY unit").fetchall()
     except psycopg.Error as e:
-        click.echo(f"database unreachable: {str(e).strip().splitlines()[0]}", err=True)
+        click.echo(f"database unreachable: {_first_line(e)}", err=True)
         sys.exit(2)
     now = datetime.now(timezone.utc)
     out, bad = [], False

@@ -1,17 +1,21 @@
-"""Configuration loading with one-line errors.
+"""Configuration documents, one-line errors and secret files.
 
 Configuration files are TOML (``tomllib``).  Defaults ship in ``etc/`` and are
 installed to ``/etc/feeds/``; the operator edits the copies there.  Secrets
 (passwords, TOTP seeds, DSN passwords) live in separate files readable only by
 the service user and are referenced by path, never inlined in unit files.
 
-A bad or missing key raises :class:`ConfigError`, whose ``str()`` is one line
-naming the key and the file.  Programs turn it into exit status 78
-(``EX_CONFIG``), which every unit lists in ``RestartPreventExitStatus=``.
+Every setting is declared once in :mod:`feeds.settings`, whose
+:func:`~feeds.settings.load` reads and checks a whole file and returns a
+:class:`Config`.  A bad, missing or unknown key raises :class:`ConfigError`,
+whose ``str()`` is one line naming the key and the file.  Programs turn it
+into exit status 78 (``EX_CONFIG``), which every unit lists in
+``RestartPreventExitStatus=``.
 """
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import tomllib
 from pathlib import Path
@@ -25,10 +29,11 @@ class ConfigError(Exception):
     """A configuration key is missing or invalid.
 
     Attributes: ``key`` (dotted path, e.g. ``binance.rest_url``), ``file`` (path
-    of the configuration file), ``reason`` (short text).
+    of the configuration file), ``reason`` (short text, one line).
     """
 
     def __init__(self, key: str, file: str | os.PathLike, reason: str):
+        reason = " ".join(str(reason).split())          # always one line
         self.key, self.file, self.reason = key, str(file), reason
         super().__init__(f"configuration error in {self.file}: key '{key}': {reason}")
 
@@ -37,19 +42,23 @@ _MISSING = object()
 
 
 class Config:
-    """A loaded TOML document with typed, path-named accessors.
+    """A TOML document: ``data`` (the parsed tables) and ``file`` (its path).
 
-    ``get("binance.symbols", list, default)`` returns the value at that dotted
-    path, checked against the type; a missing key without default or a value of
-    the wrong type raises :class:`ConfigError`.
+    Loaded through :func:`feeds.settings.load`, it also carries ``values``
+    (every declared setting of its kind, checked, defaults filled in) and
+    ``given`` (the keys the file sets); ``cfg["sink.batch_rows"]`` returns a
+    value.
     """
 
-    def __init__(self, data: dict, file: str | os.PathLike):
+    def __init__(self, data: dict, file: str | os.PathLike, values: dict | None = None,
+                 given: set[str] | None = None):
         self.data, self.file = data, str(file)
+        self.values: dict[str, Any] = values or {}
+        self.given: set[str] = given or set()
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Config":
-        """Parse the TOML file at ``path``.
+        """Parse the TOML file at ``path`` (no checks of its keys).
 
         Raises :class:`ConfigError` (key ``-``) when the file is missing,
         unreadable or not valid TOML.
@@ -60,14 +69,36 @@ class Config:
                 return cls(tomllib.load(f), p)
         except FileNotFoundError:
             raise ConfigError("-", p, "file not found") from None
+        except IsADirectoryError:
+            raise ConfigError("-", p, "is a directory, not a file") from None
         except PermissionError:
             raise ConfigError("-", p, "permission denied") from None
+        except UnicodeDecodeError:
+            raise ConfigError("-", p, "not valid TOML (not UTF-8 text)") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError("-", p, f"not valid TOML ({e})") from None
 
+    def __getitem__(self, key: str) -> Any:
+        """The checked value (or declared default) of a declared setting;
+        KeyError for a key the file kind does not declare."""
+        return self.values[key]
+
+    def require(self, key: str) -> Any:
+        """Like ``cfg[key]``, but a setting left unset (None) raises ConfigError."""
+        v = self.values.get(key)
+        if v is None:
+            raise ConfigError(key, self.file, "missing")
+        return v
+
+    def secret(self, key: str) -> str:
+        """The secret in the file named by setting ``key`` (see :func:`read_secret`)."""
+        return read_secret(self.require(key), key, self.file)
+
     def get(self, key: str, typ: type | tuple = object, default: Any = _MISSING,
             check: Callable[[Any], str | None] | None = None) -> Any:
-        """Value at dotted ``key``; ``check`` returns an error text or None."""
+        """Value at dotted ``key`` checked against ``typ``; ``check`` returns an
+        error text or None.  Kept for code that reads a raw document; programs
+        use the declarations of :mod:`feeds.settings`."""
         node: Any = self.data
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
@@ -86,22 +117,46 @@ class Config:
                 raise ConfigError(key, self.file, err)
         return node
 
-    def secret(self, key: str) -> str:
-        """Read a secret from the file named by ``key`` (first line, stripped).
 
-        The file must not be readable by group or others. Raises ConfigError.
-        """
-        path = Path(self.get(key, str))
-        try:
-            st = path.stat()
-            if st.st_mode & 0o077:
-                raise ConfigError(key, self.file, f"secret file {path} is readable by group/others (chmod 600)")
-            lines = path.read_text().splitlines()
-            return lines[0].strip() if lines else ""
-        except FileNotFoundError:
-            raise ConfigError(key, self.file, f"secret file {path} not found") from None
-        except PermissionError:
-            raise ConfigError(key, self.file, f"secret file {path} not readable") from None
+def read_secret(path: str | os.PathLike, key: str, file: str | os.PathLike) -> str:
+    """First line (stripped) of the secret file ``path``, named by setting
+    ``key`` of configuration ``file``.
+
+    The file must be a regular, non-empty file readable by this user and by
+    no group or other user (mode 0600 or stricter).  Raises
+    :class:`ConfigError` otherwise.
+    """
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)      # a FIFO must not block the start
+    except FileNotFoundError:
+        raise ConfigError(key, file, f"secret file {p} not found") from None
+    except PermissionError:
+        raise ConfigError(key, file, f"secret file {p} not readable by this user") from None
+    except OSError as e:
+        raise ConfigError(key, file, f"secret file {p} not readable ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(key, file, f"secret file {p} is a directory, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(key, file, f"secret file {p} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ConfigError(key, file, f"secret file {p} is readable by group/others (chmod 600)")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(65536)
+    except OSError as e:
+        raise ConfigError(key, file, f"secret file {p} not readable ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(key, file, f"secret file {p} is not UTF-8 text") from None
+    value = lines[0].strip() if lines else ""
+    if not value:
+        raise ConfigError(key, file, f"secret file {p} is empty")
+    return value
 
 
 def positive(v) -> str | None:
@@ -110,6 +165,15 @@ def positive(v) -> str | None:
 
 def non_negative(v) -> str | None:
     return None if v >= 0 else "must be >= 0"
+
+
+def within(lo, hi, why: str = "", unit: str = "") -> Callable[[Any], str | None]:
+    """Check ``lo <= v <= hi``; the message names the range (and ``why``)."""
+    def check(v):
+        if lo <= v <= hi:
+            return None
+        return f"must be {lo}..{hi}{' ' + unit if unit else ''}{f' ({why})' if why else ''}"
+    return check
 
 
 def one_of(*choices) -> Callable[[Any], str | None]:
@@ -133,20 +197,7 @@ def exit_on_config_error(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def database_dsn(cfg: Config) -> str:
-    """libpq connection string from ``[database]``: ``dsn`` (string) and an
-    optional ``password_file`` whose content is added as the password.
-    Environment ``FEEDS_DSN`` overrides (used by tests and demos)."""
-    env = os.environ.get("FEEDS_DSN")
-    if env:
-        return env
-    if "database" not in cfg.data:
-        common = Path(cfg.file).with_name("feeds.toml")
-        if common.exists() and Path(cfg.file) != common:
-            return database_dsn(Config.load(common))
-    dsn = cfg.get("database.dsn", str)
-    pwfile = cfg.get("database.password_file", str, "")
-    if pwfile:
-        pw = cfg.secret("database.password_file")
-        from psycopg.conninfo import make_conninfo
-        dsn = make_conninfo(dsn, password=pw)
-    return dsn
+    """libpq connection string of a loaded configuration (see
+    :func:`feeds.settings.database_dsn`)."""
+    from .settings import database_dsn as dsn
+    return dsn(cfg)

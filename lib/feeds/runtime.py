@@ -1,5 +1,6 @@
 """Process plumbing shared by the bin/ programs: logging for the journal,
-signals, state directory, watchdog period."""
+signals, state directory, watchdog period and the sd_notify socket.
+:mod:`feeds.service` puts them together for the collectors."""
 from __future__ import annotations
 
 import asyncio
@@ -7,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 
@@ -59,3 +61,19 @@ def install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -
         stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+
+
+@lru_cache(maxsize=None)
+def sd_notifier():
+    """The process's one sd_notify(3) sender (``sdnotify.SystemdNotifier``;
+    a no-op when ``NOTIFY_SOCKET`` is unset)."""
+    import sdnotify
+    return sdnotify.SystemdNotifier()
+
+
+def notify(*messages: str) -> None:
+    """Send each of ``messages`` (``READY=1``, ``STATUS=...``, ...) to systemd."""
+    n = sd_notifier()
+    for m in messages:
+        n.notify(m)
+

@@ -47,7 +47,9 @@ flush_interval = 1.0
     assert took < 30
     stored = q(db, "select (select count(*) from binance_agg_trade) + (select count(*) from binance_book_ticker)")[0][0]
     assert stored == sent
-    m = re.search(r"stopped: all rows committed or spooled \((\d+) rows pending at stop", err)
+    m = re.search(r"stopped: all rows committed or spooled \(([\d,]+) committed, 0 spooled, 0 rejected, 0 lost; "
+                  r"[\d,]+ pending at stop\)", err)
     assert m, err[-2000:]
+    assert int(m.group(1).replace(",", "")) == stored              # the stop line counts what the tables hold
     assert q(db, "select count(*) from feed_heartbeat where unit = 'feed-binance-proc-test'")[0][0] == 1
     assert not list((tmp_path / "spool").glob("spool-*.bin"))

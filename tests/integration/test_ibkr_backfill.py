@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import datetime as dt
+import json
 import os
 import time
 from decimal import Decimal
@@ -108,6 +109,27 @@ async def backfill(dsn, rows, sel, sim, scale=0.001, timeout=60, notes=None, **k
     return sm, bf
 
 
+async def backfill_service(dsn, rows, sel, sim, notes, scale=0.001, timeout=60, **kw) -> tuple[RunSummary, int]:
+    """The run as feed-backfill makes it: through the collector runtime, whose
+    status lines (the progress) and sd_notify messages go to ``notes``."""
+    from feeds.ibkr.main import BackfillJob
+    from feeds.service import Service
+
+    lim = PacingLimiter(scale=scale, keep_history=True)
+    s = settings(sim, scale, **kw)
+    svc = Service(UNIT, dsn, status_interval=s.status_interval, notifier=notes)
+    made = []
+
+    def prepare(svc):
+        made.append(Backfill(s, rows, BackfillStore(dsn), limiter=lim, notifier=svc.health))
+        return BackfillJob(made[0], sel, "")
+    rc = await asyncio.wait_for(svc.serve(prepare), timeout)
+    return made[0].summary, rc
+
+
+UNIT = "feed-backfill-test.service"
+
+
 def run(coro, timeout=120):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
@@ -186,7 +208,8 @@ def test_generated_year_matches_the_nyse_calendar(db):
         await sim.start()
         try:
             sel = Selection(first=dt.date(2024, 1, 1), last=dt.date(2024, 12, 31))
-            sm, _ = await backfill(db, contracts(*syms), sel, sim, status_interval=0.5, notes=notes, concurrency=6)
+            sm, rc = await backfill_service(db, contracts(*syms), sel, sim, notes, status_interval=0.5, concurrency=6)
+            assert rc == 0
             return sm, sim.stats(), requested(sim.hist_log)
         finally:
             await sim.stop()
@@ -221,7 +244,15 @@ def test_generated_year_matches_the_nyse_calendar(db):
     assert stats["historical"]["served"] == 756
     progress = [m for m in notes.msgs if m.startswith("STATUS=progress: sessions ")]
     assert progress and "ETA" in progress[-1]
-    assert notes.msgs[-1].startswith("STATUS=summary: run ") and "756 sessions planned, 756 done" in notes.msgs[-1]
+    last = [m for m in notes.msgs if m.startswith("STATUS=")][-1]
+    assert last.startswith("STATUS=summary: run ") and "756 sessions planned, 756 done" in last
+    assert notes.msgs[-1] == "STOPPING=1"
+    # the heartbeat row, as feedctl status shows it: the run's summary, stopped
+    with psycopg.connect(db) as c:
+        state, status, detail = c.execute("SELECT state, status, detail FROM feed_heartbeat WHERE unit = %s",
+                                          (UNIT,)).fetchone()
+    assert (state, status) == ("stopped", last[len("STATUS="):])
+    assert detail["done"] == 756 and detail["bars"] == sm.bars
 
 
 # ------------------------------------------------------------------ thin, errors
@@ -572,6 +603,21 @@ def test_cli_dry_run_status_and_test_connection(cli_env, db):
     # a real run for one week, then the status table
     r = cli("--config", str(cfg), "--symbols", "AAPL,MSFT", "--from", "2024-07-01", "--to", "2024-07-05")
     assert r.exit_code == 0, r.output
+    # its heartbeat row is what feedctl status shows
+    from feeds.cli import feedctl
+    r = CliRunner().invoke(feedctl, ["status", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    row = next(x for x in json.loads(r.stdout) if x["unit"] == "feed-backfill.service")
+    assert row["state"] == "stopped" and row["status"].startswith("summary: run 1 finished in "), row
+    # a second feed-backfill while one runs: exit 75, and the running one's heartbeat row is left alone
+    from feeds.ibkr.store import _LOCK_KEY
+    beat = "SELECT updated_at, state FROM feed_heartbeat WHERE unit = 'feed-backfill.service'"
+    with psycopg.connect(db, autocommit=True) as running:
+        running.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        before = running.execute(beat).fetchone()
+        r = cli("--config", str(cfg), "--symbols", "AAPL", "--from", "2024-07-08", "--to", "2024-07-08")
+        assert r.exit_code == 75 and "another feed-backfill is running" in r.output, r.output
+        assert running.execute(beat).fetchone() == before
     r = cli("--config", str(cfg), "--status")
     assert r.exit_code == 0, r.output
     head, aapl = r.stdout.splitlines()[:2]

@@ -19,12 +19,16 @@ class FakeSink:
         self.fatal = None
         self.spooling = False
         self.last_error = None
+        self.reason = None
 
         class S:
             commits = 0
             spooled_rows = 0
             tables = {}
         self.stats = S()
+
+    def status_reason(self):
+        return self.reason
 
 
 def make():
@@ -95,3 +99,55 @@ def test_lag_histogram_percentiles_from_text_and_datetime():
     rows = [((now - timedelta(milliseconds=ms)).isoformat(),) for ms in range(1, 101)]
     h.add_rows(rows, 0, now)
     assert 49 <= h.percentile(50) <= 51 and 98 <= h.percentile(99) <= 100
+
+
+def test_seen_counts_messages_now():
+    h, n, s = make()
+    st = h.stream("a@aggTrade")
+    before = time.monotonic()
+    st.seen()
+    st.seen(3)
+    assert (st.count, st.window_count) == (4, 4) and st.last >= before
+    assert h.stream("a@aggTrade") is st
+
+
+def test_malformed_inputs_counted_and_their_lines_throttled(monkeypatch, caplog):
+    import logging
+    from feeds import health as H
+    clock = [1000.0]
+    monkeypatch.setattr(H.time, "monotonic", lambda: clock[0])
+    caplog.set_level(logging.WARNING, logger="feeds.health")
+    h, n, s = make()
+    for i in range(25):
+        assert h.count_malformed("btcusdt@aggTrade", f"price not a decimal string ({i})") == i + 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 20 and h.malformed == 25
+    assert lines[0] == "malformed input from btcusdt@aggTrade skipped (1 so far): price not a decimal string (0)"
+    clock[0] += 61.0                                   # a minute later: the five not logged are summarised
+    h.tick()
+    assert caplog.records[-1].getMessage() == ("5 more malformed input(s) in the last minute not logged one by one "
+                                               "(25 so far)")
+    h.tick()
+    assert len(caplog.records) == 21                    # once
+    h.count_malformed("btcusdt@aggTrade", "again")      # a new minute: logged
+    assert caplog.records[-1].getMessage().endswith("(26 so far): again")
+    assert "malformed 26" in h.status_line(lambda name: name)
+
+
+def test_figures_and_status_notes():
+    h, n, s = make()
+    h.notify_status("waiting for exchangeInfo")
+    assert n.sent == ["STATUS=waiting for exchangeInfo"] and h.last_status == "waiting for exchangeInfo"
+    h.set_figures({"gaps": 1234, "reconnects": 0, "ids_held": 2.5})
+    line = h.status_line(lambda name: name)
+    assert "gaps 1,234" in line and "ids_held 2.5" in line and "reconnects" not in line
+    s.reason = "BACK-PRESSURE: spool write failed: No space left on device"
+    assert "BACK-PRESSURE: spool write failed" in h.status_line(lambda name: name)
+    h.set_figures({"gaps": 1})
+    assert h.figures == {"gaps": 1} and h.extra is h.figures
+
+
+def test_job_without_sink_or_streams_is_ready_and_healthy():
+    n = Notifier()
+    h = Health(unit="feed-backfill.service", notifier=n)
+    assert h.tick() and n.sent == ["READY=1", "WATCHDOG=1"] and h.state == "running"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from feeds.config import Config
+from feeds.settings import IBKR_FILE, load
 from feeds.ibkr.backfill import RunSummary, fmt_duration
 from feeds.ibkr.main import format_status, load_settings, main
 
@@ -31,7 +31,7 @@ def invoke(*args, env=None):
 
 
 def test_shipped_config_loads_with_documented_defaults():
-    s, contracts = load_settings(Config.load(ROOT / "etc" / "ibkr.toml"))
+    s, contracts = load_settings(load(ROOT / "etc" / "ibkr.toml", IBKR_FILE))
     assert (s.host, s.port, s.client_id, s.concurrency, s.pacing_scale) == ("127.0.0.1", 7497, 71, 4, 1.0)
     assert s.settle == dt.timedelta(minutes=30) and s.status_interval == 30 and s.earliest is None
     assert s.what_to_show == "TRADES" and s.use_rth is True
@@ -122,7 +122,7 @@ def test_units():
     assert svc["Service"]["Type"] == "oneshot" and svc["Service"]["NotifyAccess"] == "main"
     assert svc["Service"]["ExecStart"].startswith("/opt/feeds/bin/feed-backfill")
     assert "78" in svc["Service"]["RestartPreventExitStatus"].split()
-    assert svc["Service"]["User"] == "feeds" and svc["Unit"]["StartLimitBurst"]
+    assert svc["Service"]["User"] == "feeds_ibkr" and svc["Unit"]["StartLimitBurst"]
     timer = _unit("feed-backfill.timer")
     assert timer["Timer"]["OnCalendar"] == "Mon..Fri *-*-* 18:00:00 America/New_York"
     assert timer["Timer"]["Persistent"] == "true" and timer["Install"]["WantedBy"] == "timers.target"

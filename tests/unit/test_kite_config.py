@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 from feeds.config import Config, ConfigError
 from feeds.kite.main import gather_specs, load_login, load_settings
+from feeds.settings import KITE_FILE, load
 
 SHIPPED = ROOT / "etc" / "kite.toml"
 
@@ -18,11 +19,11 @@ SHIPPED = ROOT / "etc" / "kite.toml"
 def cfg(tmp_path, text: str) -> Config:
     p = tmp_path / "kite.toml"
     p.write_text(text)
-    return Config.load(p)
+    return load(p, KITE_FILE)
 
 
 def test_shipped_default_is_valid_and_uses_kite_limits():
-    kc = load_settings(Config.load(SHIPPED))
+    kc = load_settings(load(SHIPPED, KITE_FILE))
     assert (kc.max_connections, kc.max_instruments_per_connection, kc.capacity) == (3, 3000, 9000)
     assert kc.session_calendar == "XNSE" and kc.default_mode == "full" and kc.collector.decoder == "native"
     assert (kc.connect_before_open, kc.stop_after_close) == (300.0, 300.0)
@@ -125,12 +126,12 @@ def test_programs_exit_78_with_one_line(tmp_path, prog):
 
 
 def test_sink_defaults_bound_the_buffer(tmp_path):
-    from feeds.kite.main import load_sink_settings
-    sk = load_sink_settings(cfg(tmp_path, '[kite]\napi_key = "k"\n'))
+    from feeds.service import sink_settings
+    sk = sink_settings(cfg(tmp_path, '[kite]\napi_key = "k"\n'))
     assert sk["max_pending"] == 50_000 and sk["spool_dir"] == "/var/lib/feeds/zerodha"
-    assert load_sink_settings(cfg(tmp_path, '[sink]\nmax_pending = 5000\n'))["max_pending"] == 5000
+    assert sink_settings(cfg(tmp_path, '[kite]\napi_key = "k"\n[sink]\nmax_pending = 5000\n'))["max_pending"] == 5000
     with pytest.raises(ConfigError, match="sink.flush_interval"):
-        load_sink_settings(cfg(tmp_path, '[sink]\nflush_interval = 2.0\n'))
+        sink_settings(cfg(tmp_path, '[kite]\napi_key = "k"\n[sink]\nflush_interval = 2.0\n'))
 
 
 def test_unreadable_subscription_table_is_not_a_configuration_error(tmp_path):

@@ -52,9 +52,12 @@ lost) pauses new requests until 1101 or 1102; 1101 ("data lost") also
 re-sends the requests that were open.  2104, 2106, 2158 and the other 21xx
 codes are information, logged, not counted as errors.
 
-Progress: every ``status_interval`` seconds a journal line and sd_notify
-``STATUS=`` (sessions done/total, requests, bars, ETA from the pacing
-rules); a final ``summary:`` line.
+Progress: :meth:`Backfill.progress_line` (sessions done/total, requests,
+bars, ETA from the pacing rules) and :meth:`Backfill.figures`, which the
+runtime (:mod:`feeds.service`) shows every ``status_interval`` seconds in
+the journal, sd_notify ``STATUS=`` and the heartbeat row;
+:meth:`Backfill.periodic` writes the counters to the run log.  A final
+``summary:`` line ends the run.
 """
 from __future__ import annotations
 
@@ -267,7 +270,8 @@ class Backfill:
         store: a :class:`~feeds.ibkr.store.BackfillStore` (used from one
             worker thread only).
         limiter: the pacing limiter (default: one with ``settings.pacing_scale``).
-        notifier: object with ``notify(str)`` for sd_notify (default: sdnotify's).
+        notifier: object with ``notify(str)`` for sd_notify (default: the
+            process's, :func:`feeds.runtime.sd_notifier`).
         now: returns the current time (aware); default UTC wall clock.
 
     :meth:`run` fetches; :meth:`dry_run` only plans.  Raises
@@ -282,8 +286,8 @@ class Backfill:
         self.store = store
         self.limiter = limiter or PacingLimiter(scale=settings.pacing_scale)
         if notifier is None:
-            import sdnotify
-            notifier = sdnotify.SystemdNotifier()
+            from ..runtime import sd_notifier
+            notifier = sd_notifier()
         self.notifier = notifier
         self.now = now or (lambda: dt.datetime.now(dt.timezone.utc))
         self._calendars: dict[str, SessionCalendar] = {}
@@ -308,6 +312,7 @@ class Backfill:
         self._selection = Selection()
         self._total = 0
         self._t0 = time.monotonic()
+        self._run_log: asyncio.Future | None = None
 
     # ------------------------------------------------------------ helpers
     def calendar(self, name: str) -> SessionCalendar:
@@ -644,7 +649,6 @@ class Backfill:
             raise BackfillFailed("another feed-backfill is running (database advisory lock held)")
         sm.run_id = await self._db(self.store.start_run, arguments, None)
         self.notifier.notify("STATUS=connecting")
-        progress = None
         try:
             plan = await self._connect_and_plan()
             await self._db(self.store.update_run, sm.run_id, client_id=self.client_id)
@@ -654,7 +658,6 @@ class Backfill:
                      len(self._queue), len(plan.contracts),
                      ", ".join(f"{c.row.symbol} {c.requests}" for c in plan.contracts), sm.holidays,
                      fmt_duration(plan.duration))
-            progress = asyncio.create_task(self._progress_loop())
             await self._run_workers()
         except BackfillFailed as e:
             sm.failed = str(e)
@@ -666,10 +669,9 @@ class Backfill:
             sm.failed = f"{type(e).__name__}: {e}".strip()
             log.exception("backfill failed")
         finally:
-            if progress is not None:
-                progress.cancel()
-                await asyncio.gather(progress, return_exceptions=True)
             self._stop.set()
+            if self._run_log is not None:
+                await asyncio.gather(self._run_log, return_exceptions=True)
             sm.left_pending = len(self._planned - self._finished)
             if sm.failed is None and sm.left_pending and not sm.stopped:
                 sm.failed = f"{sm.left_pending} sessions left PENDING after {self.s.max_attempts} attempts"
@@ -923,17 +925,27 @@ class Backfill:
                 f"bars {sm.bars:,}, errors {sm.errors}, pacing waits {fmt_duration(self.limiter.waited)}"
                 f"{', reconnects ' + str(sm.reconnects) if sm.reconnects else ''}, ETA {fmt_duration(eta)}")
 
-    async def _progress_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.s.status_interval)
-            line = self.progress_line()
-            log.info("%s", line)
-            self.notifier.notify("STATUS=" + line)
-            if self.summary.run_id is not None:
-                sm = self.summary
-                try:
-                    await self._db(self.store.update_run, sm.run_id, sessions_planned=sm.planned,
-                                   sessions_done=sm.done, requests=sm.requests, bars_stored=sm.bars,
-                                   errors=sm.errors, reconnects=sm.reconnects)
-                except Exception as e:
-                    log.warning("run log not updated: %s", e)
+    def figures(self) -> dict[str, int]:
+        """Counters for the heartbeat: sessions planned and done, requests,
+        bars, IB errors, pacing violations, reconnects."""
+        sm = self.summary
+        return {"sessions": self._total, "done": sm.done, "requests": sm.requests, "bars": sm.bars,
+                "errors": sm.errors, "pacing violations": self.limiter.violations, "reconnects": sm.reconnects}
+
+    def periodic(self) -> None:
+        """Write the progress counters to this run's ``ibkr_backfill_run``
+        row (in the background; skipped while the previous write runs)."""
+        if self.summary.run_id is None or self._stop.is_set():
+            return
+        if self._run_log is None or self._run_log.done():
+            self._run_log = asyncio.ensure_future(self._write_progress())
+
+    async def _write_progress(self) -> None:
+        sm = self.summary
+        if self._stop.is_set():             # the run's own last write follows
+            return
+        try:
+            await self._db(self.store.update_run, sm.run_id, sessions_planned=sm.planned, sessions_done=sm.done,
+                           requests=sm.requests, bars_stored=sm.bars, errors=sm.errors, reconnects=sm.reconnects)
+        except Exception as e:
+            log.warning("run log not updated: %s", e)

@@ -15,6 +15,11 @@ every weekday evening after the US close, or by hand::
     feed-backfill --status                 per-symbol summary table from the database
     feed-backfill --test-connection        connect, resolve every contract, exit
 
+A run goes through the collector runtime (:mod:`feeds.service`): progress
+in the journal and ``STATUS=`` every ``status_interval``, a heartbeat row
+in ``feed_heartbeat`` (``feedctl status``; unit ``feed-backfill.service``
+or ``--unit``), SIGTERM and SIGINT end it cleanly with the summary written.
+
 Exit status: 0 the run finished (sessions IB refused are ERROR rows and
 in the summary), 1 the run could not finish (no connection, database
 failure, sessions left PENDING after ``max_attempts``), 75 another
@@ -28,15 +33,15 @@ import datetime as dt
 import logging
 import re
 import shlex
-import signal
 import sys
 import time
 
 import click
 import psycopg
 
-from ..config import EX_CONFIG, Config, ConfigError, database_dsn, exit_on_config_error, positive
-from ..runtime import setup_logging
+from .. import service
+from ..config import EX_CONFIG, Config, ConfigError, exit_on_config_error
+from ..settings import IBKR_FILE, database_dsn
 from .backfill import Backfill, BackfillFailed, Plan, Selection, Settings, fmt_duration
 from .contracts import ContractsError, load_contracts
 from .pacing import PacingLimiter
@@ -48,45 +53,18 @@ _REL = re.compile(r"^(\d{1,5})d$")
 
 
 def load_settings(cfg: Config) -> tuple[Settings, str]:
-    """Validate ``[ibkr]`` and ``[backfill]``; returns the settings and the
-    contracts file path.  Raises ConfigError."""
+    """:class:`Settings` and the contracts file path from a loaded
+    ``ibkr.toml`` (checked by :func:`feeds.settings.load`)."""
     i, b = "ibkr.", "backfill."
-
-    def earliest(v: str):
-        if v == "":
-            return None
-        try:
-            dt.date.fromisoformat(v)
-        except ValueError:
-            return "expected YYYY-MM-DD or an empty string"
-        return None
-
-    early = cfg.get(b + "earliest", str, "", check=earliest)
+    early = cfg[b + "earliest"]
     s = Settings(
-        host=cfg.get(i + "host", str, "127.0.0.1", check=lambda v: None if v.strip() else "empty"),
-        port=cfg.get(i + "port", int, 7497, check=lambda v: None if 1 <= v <= 65535 else "must be 1..65535"),
-        client_id=cfg.get(i + "client_id", int, 71,
-                          check=lambda v: None if 0 <= v <= 2**31 - 100 else "must be 0..2147483547"),
-        client_id_tries=cfg.get(i + "client_id_tries", int, 5, check=positive),
-        connect_timeout=cfg.get(i + "connect_timeout", float, 15.0, check=positive),
-        request_timeout=cfg.get(b + "request_timeout", float, 120.0, check=positive),
-        concurrency=cfg.get(b + "concurrency", int, 4,
-                            check=lambda v: None if 1 <= v <= 50 else "must be 1..50 (IB allows 50 open requests)"),
-        max_attempts=cfg.get(b + "max_attempts", int, 4, check=positive),
-        reconnect_timeout=cfg.get(b + "reconnect_timeout", float, 600.0, check=positive),
-        what_to_show=cfg.get(b + "what_to_show", str, "TRADES",
-                             check=lambda v: None if v == "TRADES" else "only TRADES is backfilled"),
-        use_rth=cfg.get(b + "use_rth", bool, True,
-                        check=lambda v: None if v else "must be true (sessions are regular trading hours)"),
-        settle=dt.timedelta(minutes=cfg.get(b + "settle_minutes", float, 30.0,
-                                            check=lambda v: None if v >= 0 else "must be >= 0")),
-        status_interval=cfg.get(b + "status_interval", float, 30.0, check=positive),
-        pacing_scale=cfg.get(b + "pacing_scale", float, 1.0,
-                             check=lambda v: None if 0 < v <= 1 else "must be > 0 and <= 1 (1 = IB's real limits)"),
+        **{n: cfg[i + n] for n in ("host", "port", "client_id", "client_id_tries", "connect_timeout")},
+        **{n: cfg[b + n] for n in ("request_timeout", "concurrency", "max_attempts", "reconnect_timeout",
+                                   "what_to_show", "use_rth", "status_interval", "pacing_scale")},
+        settle=dt.timedelta(minutes=cfg[b + "settle_minutes"]),
         earliest=dt.date.fromisoformat(early) if early else None,
     )
-    contracts = cfg.get(i + "contracts_file", str, "/etc/feeds/contracts.csv")
-    return s, contracts
+    return s, cfg[i + "contracts_file"]
 
 
 def _date(value: str | None, option: str, today: dt.date) -> dt.date | None:
@@ -182,18 +160,47 @@ async def _test_connection(bf: Backfill, sel: Selection) -> int:
     return 0 if ok else 1
 
 
-async def _run(bf: Backfill, sel: Selection, args: str):
-    """The run, ended cleanly (summary written) by SIGTERM or SIGINT."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
+class BackfillJob:
+    """One backfill run as a collector of :mod:`feeds.service`: the runtime
+    gives it signals, STATUS= (the progress line), the heartbeat row and the
+    clean stop.  ``run`` returns 0 (finished or stopped by a signal), 1 (the
+    run could not finish) or 75 (another feed-backfill holds the lock)."""
 
-    def stop(name: str) -> None:
-        log.info("%s received: stopping after writing the summary", name)
-        if task is not None:
-            task.cancel()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop, sig.name)
-    return await bf.run(sel, args)
+    def __init__(self, bf: Backfill, sel: Selection, arguments: str):
+        self.bf, self.sel, self.arguments = bf, sel, arguments
+
+    async def run(self, stop: asyncio.Event) -> int:
+        work = asyncio.ensure_future(self.bf.run(self.sel, self.arguments))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not work.done():
+            work.cancel()           # the run writes its summary, then returns it
+        try:
+            summary = await work
+        except BackfillFailed as e:
+            log.error("%s", e)
+            return EX_TEMPFAIL
+        except asyncio.CancelledError:
+            if not stop.is_set():
+                raise
+            log.info("stopped by a signal before the run started")
+            return 0
+        return 1 if summary.failed else 0
+
+    def stream_kind(self, stream: str) -> str:
+        return stream
+
+    def figures(self) -> dict[str, int]:
+        return self.bf.figures()
+
+    def periodic(self) -> None:
+        self.bf.periodic()
+
+    def status_line(self) -> str:
+        return self.bf.progress_line()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -212,17 +219,18 @@ async def _run(bf: Backfill, sel: Selection, args: str):
 @click.option("--pacing-scale", type=float, default=None, envvar="FEEDS_IBKR_PACING_SCALE",
               help="Override [backfill] pacing_scale (only for simulators with scaled windows).")
 @click.option("--status-interval", type=float, default=None, help="Override [backfill] status_interval (s).")
+@click.option("--unit", envvar="FEEDS_UNIT", default="feed-backfill.service", show_default=True,
+              help="Name used for the heartbeat row.")
 @click.argument("more_symbols", nargs=-1, metavar="")
 @exit_on_config_error
 def main(config_path, symbols, from_, to, date, dry_run, retry_failed, priority_only, status, test_connection,
-         pacing_scale, status_interval, more_symbols):
+         pacing_scale, status_interval, unit, more_symbols):
     """Backfill IBKR one-minute bars into PostgreSQL, newest session first,
     within IB's historical-data pacing rules."""
-    setup_logging()
+    cfg = service.start(config_path, IBKR_FILE)
     for name in ("ib_async.wrapper", "ib_async.client", "ib_async.ib", "ib_async.Decoder"):
         # Every IB error is logged once by the backfill with its session; the client's own lines would repeat it.
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    cfg = Config.load(config_path)
     settings, contracts_path = load_settings(cfg)
     if pacing_scale is not None:
         if not 0 < pacing_scale <= 1:
@@ -255,14 +263,14 @@ def main(config_path, symbols, from_, to, date, dry_run, retry_failed, priority_
     sel = Selection(symbols=sym_list, first=first, last=last, retry_failed=retry_failed, priority_only=priority_only)
 
     try:
-        _act(settings, contracts, dsn, sel, status, test_connection, dry_run, config_path, contracts_path)
+        _act(settings, contracts, dsn, sel, status, test_connection, dry_run, config_path, contracts_path, unit)
     except psycopg.OperationalError as e:
         log.error("cannot connect to the database: %s", str(e).strip().splitlines()[0] if str(e).strip() else e)
         sys.exit(1)
 
 
 def _act(settings: Settings, contracts, dsn: str, sel: Selection, status: bool, test_connection: bool,
-         dry_run: bool, config_path: str, contracts_path: str) -> None:
+         dry_run: bool, config_path: str, contracts_path: str, unit: str) -> None:
     store = BackfillStore(dsn)
     if status:
         store.connect()
@@ -272,25 +280,32 @@ def _act(settings: Settings, contracts, dsn: str, sel: Selection, status: bool, 
             store.close()
         return
     limiter = PacingLimiter(scale=settings.pacing_scale)
-    bf = Backfill(settings, contracts, store, limiter=limiter)
     if test_connection:
-        sys.exit(asyncio.run(_test_connection(bf, sel)))
+        sys.exit(asyncio.run(_test_connection(Backfill(settings, contracts, store, limiter=limiter), sel)))
     if dry_run:
-        plan = asyncio.run(bf.dry_run(sel))
+        plan = asyncio.run(Backfill(settings, contracts, store, limiter=limiter).dry_run(sel))
         click.echo(format_plan(plan, limiter.window, limiter.max_requests))
         store.close()
         return
     log.info("feed-backfill starting: config %s, contracts %s (%d rows), TWS %s:%d, pacing scale %g",
              config_path, contracts_path, len(contracts), settings.host, settings.port, settings.pacing_scale)
     args = " ".join(shlex.quote(a) for a in sys.argv[1:])
-    try:
-        summary = asyncio.run(_run(bf, sel, args))
-    except BackfillFailed as e:
-        log.error("%s", e)
+    # The lock first (the run takes it again on the same session): a second feed-backfill
+    # must not touch the running one's heartbeat row.
+    if not store.connect().try_lock():
+        store.close()
+        log.error("another feed-backfill is running (database advisory lock held)")
         sys.exit(EX_TEMPFAIL)
+    svc = service.Service(unit, dsn, status_interval=settings.status_interval)
+
+    def prepare(svc: service.Service) -> BackfillJob:
+        # STATUS= lines of the run (connecting, the summary) also go to the heartbeat row
+        return BackfillJob(Backfill(settings, contracts, store, limiter=limiter, notifier=svc.health), sel, args)
+    try:
+        rc = svc.run(prepare)
     finally:
         store.close()
-    sys.exit(1 if summary.failed else 0)
+    sys.exit(rc)
 
 
-__all__ = ["main", "load_settings", "format_plan", "format_status", "ConfigError"]
+__all__ = ["main", "load_settings", "format_plan", "format_status", "BackfillJob", "ConfigError"]

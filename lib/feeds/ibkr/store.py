@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import psycopg
 
+from ..db import connect
 from .bars import BAR_COLUMNS
 from .sessions import Session
 
@@ -76,10 +77,13 @@ class BackfillStore:
         self.conn: psycopg.Connection | None = None
 
     def connect(self) -> "BackfillStore":
-        """Open the connection (autocommit; transactions are explicit).  Idempotent."""
+        """Open the connection (:func:`feeds.db.connect`: autocommit, transactions
+        are explicit; statements limited to 60 s, lock waits to 10 s).  Idempotent."""
         if self.conn is None or self.conn.closed:
-            self.conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=self.connect_timeout,
-                                        application_name="feed-backfill")
+            # A session's delete, COPY and status upsert take well under a second; the limits only
+            # keep a stuck server or a held lock from stalling the run forever.
+            self.conn = connect(self.dsn, application_name="feed-backfill", statement_timeout=60.0,
+                                lock_timeout=10.0, connect_timeout=self.connect_timeout)
         return self
 
     def close(self) -> None:
@@ -99,7 +103,8 @@ class BackfillStore:
     # ---------------------------------------------------------------- lock
     def try_lock(self) -> bool:
         """Take the advisory lock that makes this the only running
-        feed-backfill; False when another process holds it."""
+        feed-backfill; False when another session holds it (this session may
+        take it again: the lock counts)."""
         return bool(self.c.execute("SELECT pg_try_advisory_lock(%s)", (_LOCK_KEY,)).fetchone()[0])
 
     # ------------------------------------------------------------- run log

@@ -5,7 +5,8 @@ most 3 per API key, 3000 instruments each; see
 :func:`feeds.kite.instruments.plan_connections`).  KiteTicker runs on
 Twisted: the reactor runs in its own thread (as KiteTicker's ``threaded``
 mode does) and every callback runs there; the asyncio loop of the main
-thread supervises (health, status, silence, the end of the session).
+thread watches silence, failures and the end of the session, while the
+runtime (:mod:`feeds.service`) reports health, status and heartbeats.
 Twisted's reactor cannot be restarted, so one process runs one collection.
 
 Per connection, on the first connect every instrument is subscribed and put
@@ -49,13 +50,12 @@ _HTTP_STATUS = re.compile(r"\((\d{3})\s*-")
 
 @dataclass
 class Settings:
-    """Collector settings (see ``etc/kite.toml`` for each)."""
+    """Collector settings (see ``etc/kite.toml`` for each; times in seconds).
+    ``watchdog_interval``: the longest pause between checks for silence."""
     api_key: str = ""
     ticker_url: str = "wss://ws.kite.trade"
     decoder: str = "native"
     silence_timeout: float = 10.0
-    status_interval: float = 10.0
-    heartbeat_interval: float = 10.0
     watchdog_interval: float = 2.0
     reconnect_max_delay: int = 30
     reconnect_max_tries: int = 300
@@ -103,23 +103,25 @@ class KiteCollector:
     """Collect ticks for ``plan`` (a list of connections, each a list of
     :class:`Subscription`) with access token ``access_token`` into ``sink``.
 
-    ``await run(stop, until)`` connects, collects until ``stop`` is set or
-    the aware datetime ``until`` passes, closes the connections and returns
-    an exit status: 0 (stopped or session over), 77 (Kite refused the
-    access token: it expired or was revoked), 1 (a connection gave up
+    ``await run(stop)`` connects, collects until ``stop`` is set or the
+    aware datetime ``until`` passes, closes the connections and returns an
+    exit status: 0 (stopped or session over), 77 (Kite refused the access
+    token: it expired or was revoked), 1 (a connection gave up
     reconnecting, or the sink failed).  The caller closes the sink.
     Call ``run`` once per process (Twisted's reactor cannot restart).
+    A collector of :mod:`feeds.service` (``stream_kind``, ``figures``,
+    ``periodic``).
     """
 
     def __init__(self, settings: Settings, access_token: str, plan: list[list[Subscription]], sink: Sink,
-                 health: Health, dsn: str | None = None):
+                 health: Health, until: datetime | None = None):
         if settings.decoder not in ("native", "kiteticker"):
             raise ValueError("decoder must be 'native' or 'kiteticker'")
         self.s = settings
         self.access_token = access_token
         self.sink = sink
         self.health = health
-        self.dsn = dsn
+        self.until = until
         self.decoder = A.FrameDecoder()
         self.conns: list[_Connection] = []
         for i, subs in enumerate(plan, 1):
@@ -129,8 +131,8 @@ class KiteCollector:
             self.conns.append(c)
         used = {sub.mode for subs in plan for sub in subs}
         self.mode_streams = {m: health.stream(m) if m in used else StreamHealth() for m in A.MODES}
-        self.truncated = 0
         self.text_messages = 0
+        self._unknown_packets = 0
         self.failure: str | None = None
         self.failure_rc = RC_FAILED
         self._store_since = 0.0
@@ -139,16 +141,12 @@ class KiteCollector:
 
     # ------------------------------------------------------------ reactor thread: callbacks
     def _store(self, rows: tuple[list, list, list]) -> None:
-        now = time.monotonic()
-        self._store_since = now
+        self._store_since = time.monotonic()
         try:
             for mode, batch in zip(A.MODES, rows):
                 if batch:
                     self.sink.add_many(A.TABLE_OF[mode], batch)
-                    st = self.mode_streams[mode]
-                    st.count += len(batch)
-                    st.window_count += len(batch)
-                    st.last = now
+                    self.mode_streams[mode].seen(len(batch))
         except RuntimeError as e:          # the sink is closed or its writer died
             if self.failure is None:
                 self.failure = f"sink refused rows: {e}"
@@ -156,12 +154,8 @@ class KiteCollector:
             self._store_since = 0.0
 
     def _on_message(self, c: _Connection, payload: bytes, is_binary: bool) -> None:
-        now = time.monotonic()
-        c.last = now
-        st = c.stream
-        st.count += 1
-        st.window_count += 1
-        st.last = now
+        c.last = time.monotonic()
+        c.stream.seen()
         if not is_binary:
             self.text_messages += 1
             if self._texts_logged < 100:
@@ -175,23 +169,23 @@ class KiteCollector:
         if self.s.decoder != "native":
             return                          # decoded by KiteTicker, see _on_ticks
         recv = A.now_text()
+        dec = self.decoder
         try:
-            rows = self.decoder.decode(payload, recv)
+            rows = dec.decode(payload, recv)
         except A.Malformed as e:
-            rows = self.decoder.partial
-            self.truncated += 1
-            log.warning("connection %d: malformed frame (%s); its %d complete packet(s) kept",
-                        c.index, e, sum(map(len, rows)))
-        self.health.malformed = self.decoder.malformed + self.truncated
+            rows = dec.partial
+            self.health.count_malformed(f"connection {c.index}",
+                                        f"frame cut short ({e}); its {sum(map(len, rows))} complete packet(s) kept")
+        while self._unknown_packets < dec.malformed:
+            self._unknown_packets += 1
+            self.health.count_malformed(f"connection {c.index}", "packet of an unknown length skipped")
         self._store(rows)
 
     def _on_ticks(self, c: _Connection, ticks: list) -> None:
         try:
             rows = A.rows_from_ticks(ticks, A.now_text())
         except (KeyError, TypeError, ValueError) as e:
-            self.truncated += 1
-            self.health.malformed = self.truncated
-            log.warning("connection %d: ticks not understood (%r); skipped", c.index, e)
+            self.health.count_malformed(f"connection {c.index}", f"ticks not understood ({e!r}); skipped")
             return
         self._store(rows)
 
@@ -294,12 +288,21 @@ class KiteCollector:
                 out.append(c.index)
         return out
 
-    def _extra(self) -> None:
-        h = self.health.extra
-        h["connections"] = f"{sum(c.open for c in self.conns)}/{len(self.conns)} open"
-        h["reconnects"] = sum(max(0, c.generation - 1) for c in self.conns)
-        h["silent"] = sum(c.silences for c in self.conns)
-        h["instruments"] = sum(len(c.subs) for c in self.conns)
+    # ------------------------------------------------------------ the runtime's interface
+    def stream_kind(self, stream: str) -> str:
+        """``frames`` for a connection's messages, else the mode (full, quote, ltp)."""
+        return "frames" if stream.startswith("connection") else stream
+
+    def figures(self) -> dict[str, int]:
+        """Connections (planned and open), reconnects, silence drops,
+        instruments and Kite's text messages."""
+        return {"connections": len(self.conns), "open": sum(c.open for c in self.conns),
+                "reconnects": sum(max(0, c.generation - 1) for c in self.conns),
+                "silent": sum(c.silences for c in self.conns),
+                "instruments": sum(len(c.subs) for c in self.conns), "text messages": self.text_messages}
+
+    def periodic(self) -> None:
+        """Nothing beyond the checks of :meth:`run`."""
 
     async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
         try:
@@ -307,11 +310,12 @@ class KiteCollector:
         except asyncio.TimeoutError:
             pass
 
-    async def run(self, stop: asyncio.Event, until: datetime | None = None) -> int:
-        """Connect, collect until ``stop`` is set or ``until`` (aware) passes,
-        close the connections; returns 0, 77 or 1 (see the class)."""
+    async def run(self, stop: asyncio.Event) -> int:
+        """Connect, collect until ``stop`` is set or ``until`` passes, close
+        the connections; returns 0, 77 or 1 (see the class)."""
         reactor = _reactor()
         self._start_reactor()
+        until = self.until
         log.info("connecting %d connection(s) to %s for %d instruments", len(self.conns), self.s.ticker_url,
                  sum(len(c.subs) for c in self.conns))
         for c in self.conns:
@@ -320,8 +324,6 @@ class KiteCollector:
             reactor.callFromThread(c.ticker.connect)
             await self._sleep(stop, self.s.connect_stagger)
         rc = RC_OK
-        next_status = time.monotonic() + min(2.0, self.s.status_interval)
-        next_hb = time.monotonic() + 1.0
         check = min(self.s.watchdog_interval, max(0.1, self.s.silence_timeout / 4))
         try:
             while not stop.is_set():
@@ -337,16 +339,6 @@ class KiteCollector:
                     rc = RC_FAILED
                     break
                 self.check_silence()
-                self._extra()
-                self.health.tick()
-                now = time.monotonic()
-                if now >= next_status:
-                    line = self.health.status_line(lambda n: "frames" if n.startswith("connection") else n)
-                    log.info("status: %s", line)
-                    next_status = now + self.s.status_interval
-                if self.dsn and now >= next_hb:
-                    next_hb = now + self.s.heartbeat_interval
-                    await asyncio.to_thread(self.health.heartbeat, self.dsn)
                 wait = check
                 if until is not None:
                     wait = min(wait, (until - datetime.now(UTC)).total_seconds())

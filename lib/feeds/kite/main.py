@@ -5,8 +5,8 @@
 after the session's close; also at once on a day without a session),
 77 when the access token is missing, expired or refused (renew it first),
 78 on a configuration error (one line naming the key and file; also for
-more instruments than one API key carries), 1 on a runtime failure
-(systemd restarts the unit).
+more instruments than one API key carries), 1 on a runtime failure or
+when rows could not be written at the stop (systemd restarts the unit).
 
 ``feed-kite-token`` exit status: 0 when a valid token is stored (renewed,
 or still valid), 1 when the renewal failed (the reason is the last journal
@@ -15,7 +15,6 @@ token: 0 valid, 1 not.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
@@ -26,28 +25,19 @@ from datetime import date, datetime, time as dtime, timedelta, timezone
 
 import click
 
-from ..config import Config, ConfigError, database_dsn, exit_on_config_error, one_of, positive
-from ..runtime import install_stop_signals, setup_logging, state_dir, tune_gc, watchdog_interval
+from .. import service
+from ..config import Config, ConfigError, exit_on_config_error
+from ..settings import KITE_FILE, database_dsn, hhmm
 from . import adapter as A
 from .collector import RC_TOKEN, KiteCollector, Settings
-from .instruments import (MAX_CONNECTIONS_PER_API_KEY, MAX_INSTRUMENTS_PER_CONNECTION, InstrumentSpec, SpecError,
-                          TooManyInstruments, merge_specs, parse_spec, plan_connections, read_spec_file,
-                          read_spec_table, resolve)
+from .instruments import (InstrumentSpec, SpecError, TooManyInstruments, merge_specs, parse_spec, plan_connections,
+                          read_spec_file, read_spec_table, resolve)
 from .session import IST, NseCalendar, plan_run
 from .token import TokenError, TokenStore, validate
 
 log = logging.getLogger("feeds.kite")
 UTC = timezone.utc
 EX_NOPERM = 77
-_URL = re.compile(r"^(https?|wss?)://[^\s/]+")
-
-
-def _url(*schemes: str):
-    def check(v: str):
-        if not _URL.match(v) or v.split(":", 1)[0] not in schemes:
-            return f"not a {'/'.join(schemes)} URL: {v!r}"
-        return None
-    return check
 
 
 def use_ist_localtime() -> None:
@@ -59,7 +49,7 @@ def use_ist_localtime() -> None:
 
 @dataclass
 class KiteConfig:
-    """Validated ``[kite]`` section."""
+    """Validated ``[kite]`` section (see :data:`feeds.settings.KITE`)."""
     file: str
     api_key: str
     api_url: str
@@ -74,6 +64,7 @@ class KiteConfig:
     stop_after_close: float
     max_connections: int
     max_instruments_per_connection: int
+    status_interval: float = 10.0
     extra_sessions: dict[date, tuple[dtime, dtime]] = field(default_factory=dict)
     extra_holidays: list[date] = field(default_factory=list)
     collector: Settings = field(default_factory=Settings)
@@ -83,78 +74,25 @@ class KiteConfig:
         return self.max_connections * self.max_instruments_per_connection
 
 
-def _hhmm(v: str) -> dtime | None:
-    m = re.fullmatch(r"(\d{1,2}):(\d{2})", v.strip()) if isinstance(v, str) else None
-    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
-        return None
-    return dtime(int(m.group(1)), int(m.group(2)))
+def _time(text: str) -> dtime:
+    h, m = hhmm(text)
+    return dtime(h, m)
 
 
 def load_settings(cfg: Config) -> KiteConfig:
-    """Validate ``[kite]``; raises ConfigError naming the key."""
+    """:class:`KiteConfig` from a loaded ``kite.toml`` (checked by
+    :func:`feeds.settings.load`)."""
     k = "kite."
-    kc = KiteConfig(
-        file=cfg.file,
-        api_key=cfg.get(k + "api_key", str, check=lambda v: None if v.strip() else "must not be empty"),
-        api_url=cfg.get(k + "api_url", str, "https://api.kite.trade", check=_url("http", "https")),
-        ticker_url=cfg.get(k + "ticker_url", str, "wss://ws.kite.trade", check=_url("ws", "wss")),
-        login_url=cfg.get(k + "login_url", str, "https://kite.zerodha.com", check=_url("http", "https")),
-        token_file=cfg.get(k + "token_file", str, "/var/lib/feeds/kite/access_token.json"),
-        instruments_file=cfg.get(k + "instruments_file", str, "/etc/feeds/kite-instruments.txt"),
-        instruments_from_table=cfg.get(k + "instruments_from_table", bool, False),
-        default_mode=cfg.get(k + "default_mode", str, "full", check=one_of(*A.MODES)),
-        session_calendar=cfg.get(k + "session_calendar", str, "XNSE", check=one_of("XNSE", "none")),
-        connect_before_open=cfg.get(k + "connect_before_open", float, 300.0,
-                                    check=lambda v: None if 0 <= v <= 3600 else "must be 0..3600 s"),
-        stop_after_close=cfg.get(k + "stop_after_close", float, 300.0,
-                                 check=lambda v: None if 0 <= v <= 3600 else "must be 0..3600 s"),
-        max_connections=cfg.get(k + "max_connections", int, MAX_CONNECTIONS_PER_API_KEY,
-                                check=lambda v: None if 1 <= v <= MAX_CONNECTIONS_PER_API_KEY
-                                else f"must be 1..{MAX_CONNECTIONS_PER_API_KEY} (Kite's limit per API key)"),
-        max_instruments_per_connection=cfg.get(
-            k + "max_instruments_per_connection", int, MAX_INSTRUMENTS_PER_CONNECTION,
-            check=lambda v: None if 1 <= v <= MAX_INSTRUMENTS_PER_CONNECTION
-            else f"must be 1..{MAX_INSTRUMENTS_PER_CONNECTION} (Kite's limit per connection)"),
-    )
-    for day, hours in cfg.get(k + "extra_sessions", dict, {}).items():
-        key = f"{k}extra_sessions.{day}"
-        try:
-            d = date.fromisoformat(day)
-        except ValueError:
-            raise ConfigError(key, cfg.file, "keys must be dates YYYY-MM-DD") from None
-        if not (isinstance(hours, list) and len(hours) == 2 and all(_hhmm(h) for h in hours)
-                and _hhmm(hours[0]) < _hhmm(hours[1])):
-            raise ConfigError(key, cfg.file, 'expected ["HH:MM", "HH:MM"] (open, close in IST)')
-        kc.extra_sessions[d] = (_hhmm(hours[0]), _hhmm(hours[1]))
-    for day in cfg.get(k + "extra_holidays", list, []):
-        try:
-            kc.extra_holidays.append(date.fromisoformat(str(day)))
-        except ValueError:
-            raise ConfigError(k + "extra_holidays", cfg.file, f"not a date YYYY-MM-DD: {day!r}") from None
-    kc.collector = Settings(
-        api_key=kc.api_key, ticker_url=kc.ticker_url,
-        decoder=cfg.get(k + "decoder", str, "native", check=one_of("native", "kiteticker")),
-        silence_timeout=cfg.get(k + "silence_timeout", float, 10.0,
-                                check=lambda v: None if 1 <= v <= 300 else "must be 1..300 s"),
-        status_interval=cfg.get(k + "status_interval", float, 10.0, check=positive),
-        reconnect_max_delay=cfg.get(k + "reconnect_max_delay", int, 30,
-                                    check=lambda v: None if 5 <= v <= 300 else "must be 5..300 s (KiteTicker: >= 5)"),
-        reconnect_max_tries=cfg.get(k + "reconnect_max_tries", int, 300,
-                                    check=lambda v: None if 1 <= v <= 300 else "must be 1..300 (KiteTicker: <= 300)"),
-    )
+    kc = KiteConfig(file=cfg.file, **{n: cfg[k + n] for n in (
+        "api_key", "api_url", "ticker_url", "login_url", "token_file", "instruments_file",
+        "instruments_from_table", "default_mode", "session_calendar", "connect_before_open", "stop_after_close",
+        "max_connections", "max_instruments_per_connection", "status_interval")})
+    for day, (open_, close) in cfg[k + "extra_sessions"].items():
+        kc.extra_sessions[date.fromisoformat(day)] = (_time(open_), _time(close))
+    kc.extra_holidays = [d if isinstance(d, date) else date.fromisoformat(str(d)) for d in cfg[k + "extra_holidays"]]
+    kc.collector = Settings(api_key=kc.api_key, ticker_url=kc.ticker_url, **{n: cfg[k + n] for n in (
+        "decoder", "silence_timeout", "reconnect_max_delay", "reconnect_max_tries")})
     return kc
-
-
-def load_sink_settings(cfg: Config) -> dict:
-    """Validate ``[sink]`` (see :func:`feeds.sink.load_sink_settings`); raises
-    ConfigError.  ``max_pending`` defaults to 50,000 rows here: a full-mode
-    row takes about 1 kB of memory, and at saturation one batch is being
-    written while the next fills up to it, so the buffers stay near 100 MB."""
-    from ..sink import load_sink_settings as common
-    sk = common(cfg, "/var/lib/feeds/zerodha")
-    if "max_pending" not in cfg.get("sink", dict, {}):
-        sk["max_pending"] = 50_000
-    return sk
 
 
 class SourceUnavailable(Exception):
@@ -242,9 +180,9 @@ def _retry(what: str, fn, attempts: int = 4, delay: float = 2.0):
 
 def _store_instruments(dsn: str, rows: list[dict]) -> None:
     """Upsert the resolved instruments into ``kite_instrument`` (best effort)."""
-    import psycopg
+    from ..db import connect
     try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        with connect(dsn, application_name="feed-zerodha") as conn:
             with conn.transaction():
                 with conn.cursor() as cur:
                     cur.executemany(
@@ -266,68 +204,20 @@ def _store_instruments(dsn: str, rows: list[dict]) -> None:
         log.warning("instrument names not stored in kite_instrument (%s)", _first_line(e))
 
 
-async def _wait_for_start(start: datetime, stop: asyncio.Event, reason: str) -> None:
-    """Before the session: READY at once, then WATCHDOG pings (nothing can
-    flow yet) and a STATUS line until ``start``."""
-    import sdnotify
-    n = sdnotify.SystemdNotifier()
-    local = start.astimezone(IST)
-    line = f"waiting for the session: {reason}; connecting at {local:%Y-%m-%d %H:%M} IST"
-    log.info("%s", line)
-    n.notify("READY=1")
-    n.notify("STATUS=" + line)
-    step = watchdog_interval(2.0)
-    while not stop.is_set():
-        left = (start - datetime.now(UTC)).total_seconds()
-        if left <= 0:
-            return
-        n.notify("WATCHDOG=1")
-        try:
-            await asyncio.wait_for(stop.wait(), min(step, left))
-        except asyncio.TimeoutError:
-            pass
+def _collect(kc: KiteConfig, sk: dict, dsn: str, plan_conns, access_token: str, run_plan, unit: str) -> int:
+    """Run the collector through the runtime (waiting for the session first
+    when started before it); returns the exit status."""
+    svc = service.Service(unit, dsn, tables=A.TABLES, sink=sk, status_interval=kc.status_interval)
 
-
-async def _amain(kc: KiteConfig, sk: dict, dsn: str, plan_conns, access_token: str, run_plan, unit: str) -> int:
-    from ..health import Health
-    from ..sink import Sink
-    spool = state_dir(sk["spool_dir"])
-    health = Health(unit=unit, flow_timeout=sk["flow_timeout"])
-    sink = Sink(dsn, spool, A.TABLES, flush_interval=sk["flush_interval"], batch_rows=sk["batch_rows"],
-                max_pending=sk["max_pending"], on_commit=health.on_commit).start()
-    health.sink = sink
-    kc.collector.watchdog_interval = watchdog_interval(kc.collector.watchdog_interval)
-    stop = asyncio.Event()
-    install_stop_signals(asyncio.get_running_loop(), stop)
-    rc = 0
-    if run_plan.start is not None and run_plan.start > datetime.now(UTC):
-        health.ready = True             # READY was sent: the unit is up, waiting
-        await _wait_for_start(run_plan.start, stop, run_plan.reason)
-    if not stop.is_set():
-        collector = KiteCollector(kc.collector, access_token, plan_conns, sink, health, dsn=dsn)
-        tune_gc()
-        try:
-            rc = await collector.run(stop, until=run_plan.stop)
-        except Exception as e:
-            log.critical("collector failed: %s", e, exc_info=True)
-            rc = 1
-    health.notifier.notify("STOPPING=1")
-    pending = sink.pending
-    ok = await asyncio.to_thread(sink.close, 60.0)
-    stored = sum(t.stored for t in sink.stats.tables.values())
-    log.info("stopped: %s (%d rows pending at stop; %d stored in this run; %d spooled)",
-             "all rows committed or spooled" if ok else "NOT all rows written", pending, stored,
-             sink.stats.spooled_rows)
-    return rc if ok else 1
-
-
-def _notify_and_exit(line: str, rc: int) -> None:
-    import sdnotify
-    n = sdnotify.SystemdNotifier()
-    n.notify("READY=1")
-    n.notify("STATUS=" + line[:1000])
-    n.notify("STOPPING=1")
-    sys.exit(rc)
+    async def prepare(svc: service.Service) -> KiteCollector | None:
+        if run_plan.start is not None and run_plan.start > datetime.now(UTC):
+            line = (f"waiting for the session: {run_plan.reason}; connecting at "
+                    f"{run_plan.start.astimezone(IST):%Y-%m-%d %H:%M} IST")
+            if not await svc.wait_until(run_plan.start, line):
+                return None
+        kc.collector.watchdog_interval = svc.watchdog_interval
+        return KiteCollector(kc.collector, access_token, plan_conns, svc.sink, svc.health, until=run_plan.stop)
+    return svc.run(prepare)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -344,12 +234,11 @@ def _notify_and_exit(line: str, rc: int) -> None:
 def main(config_path: str, instruments: tuple[str, ...], instruments_file: str | None, at: str | None,
          unit: str) -> None:
     """Collect Zerodha Kite ticks (full, quote, LTP) during NSE sessions into PostgreSQL."""
-    setup_logging()
-    use_ist_localtime()
-    cfg = Config.load(config_path)
+    cfg = service.start(config_path, KITE_FILE)
     kc = load_settings(cfg)
-    sk = load_sink_settings(cfg)
+    sk = service.sink_settings(cfg)
     dsn = database_dsn(cfg)
+    use_ist_localtime()
     try:
         specs, source = gather_specs(kc, instruments, instruments_file, dsn)
     except SourceUnavailable as e:
@@ -378,7 +267,7 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
     if run_plan.action != "collect":
         line = f"{run_plan.reason}: nothing to collect, exiting"
         log.info("%s", line)
-        _notify_and_exit(line, 0)
+        service.exit_notified(line, 0)
     store = TokenStore(kc.token_file)
     try:
         tok = store.load_current(kc.api_key)
@@ -423,7 +312,7 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
              "connection(s) of at most %d, ticker %s, %s; token %s", config_path, len(subs), source,
              modes["full"], modes["quote"], modes["ltp"], len(plan_conns), kc.max_instruments_per_connection,
              kc.ticker_url, run_plan.reason, tok.describe())
-    rc = asyncio.run(_amain(kc, sk, dsn, plan_conns, tok.access_token, run_plan, unit))
+    rc = _collect(kc, sk, dsn, plan_conns, tok.access_token, run_plan, unit)
     if rc == RC_TOKEN:
         print("feed-zerodha: Kite refused the access token during the session; run feed-kite-token",
               file=sys.stderr, flush=True)
@@ -435,37 +324,31 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
 def load_login(cfg: Config, kc: KiteConfig, no_browser: bool = False):
     """Credentials and login settings from ``[kite]`` and ``[kite.login]``;
     reads the secret files.  Raises ConfigError."""
-    from .login import CHROMIUM_FLAGS, Credentials, LoginSettings, Selectors, totp_code
+    from .login import Credentials, LoginSettings, Selectors, totp_code
     k = "kite.login."
-    sel = Selectors()
-    for name in ("user_id", "password", "submit", "totp", "error"):
-        setattr(sel, name, cfg.get(f"{k}selectors.{name}", str, getattr(sel, name)))
+    sel = Selectors(**{n: cfg[f"{k}selectors.{n}"] for n in ("user_id", "password", "submit", "totp", "error")})
     settings = LoginSettings(
         login_url=kc.login_url, api_url=kc.api_url,
-        browser=cfg.get(k + "browser", str, "/usr/bin/chromium"),
-        browser_flags=tuple(cfg.get(k + "browser_flags", list, list(CHROMIUM_FLAGS))),
-        use_browser=not no_browser and cfg.get(k + "use_browser", bool, True),
-        http_fallback=cfg.get(k + "http_fallback", bool, True),
-        timeout=cfg.get(k + "timeout", float, 30.0, check=positive),
+        browser=cfg[k + "browser"],
+        browser_flags=tuple(cfg[k + "browser_flags"]),
+        use_browser=not no_browser and cfg[k + "use_browser"],
+        http_fallback=cfg[k + "http_fallback"],
+        timeout=cfg[k + "timeout"],
         selectors=sel,
     )
     creds = Credentials(
         api_key=kc.api_key,
         api_secret=cfg.secret(k + "api_secret_file"),
-        user_id=cfg.get(k + "user_id", str, check=lambda v: None if v.strip() else "must not be empty"),
+        user_id=cfg.require(k + "user_id"),
         password=cfg.secret(k + "password_file"),
         totp_secret=cfg.secret(k + "totp_secret_file"),
-        totp_file=cfg.get(k + "totp_secret_file", str),
+        totp_file=cfg[k + "totp_secret_file"],
     )
     try:
         totp_code(creds.totp_secret, min_left=0)
     except ValueError as e:
         raise ConfigError(k + "totp_secret_file", cfg.file, f"the secret in {creds.totp_file}: {e}") from None
-    attempts = cfg.get(k + "attempts", int, 4, check=lambda v: None if 1 <= v <= 20 else "must be 1..20")
-    delays = cfg.get(k + "retry_delays", list, [15, 60, 180],
-                     check=lambda v: None if all(isinstance(x, (int, float)) and x >= 0 for x in v)
-                     else "must be a list of seconds >= 0")
-    return creds, settings, attempts, [float(x) for x in delays]
+    return creds, settings, cfg[k + "attempts"], list(cfg[k + "retry_delays"])
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -480,9 +363,10 @@ def token_main(config_path: str, check: bool, force: bool, no_browser: bool) -> 
     without a browser) with the user id, password and TOTP, exchange the
     request_token, validate and store the access token."""
     from .login import CredentialsRejected, LoginError, renew
-    setup_logging()
-    cfg = Config.load(config_path)
+    cfg = service.start(config_path, KITE_FILE)
     kc = load_settings(cfg)
+    # the credentials are checked first: a bad secret file stops the program whether or not a login is due
+    login = None if check else load_login(cfg, kc, no_browser)
     store = TokenStore(kc.token_file)
     if check or not force:
         try:
@@ -503,7 +387,7 @@ def token_main(config_path: str, check: bool, force: bool, no_browser: bool) -> 
                 log.error("cannot check the stored token: %s", _first_line(e))
                 sys.exit(1)
             log.info("renewing: the stored token could not be checked (%s)", _first_line(e))
-    creds, settings, attempts, delays = load_login(cfg, kc, no_browser)
+    creds, settings, attempts, delays = login
     try:
         renew(creds, settings, store, attempts=attempts, delays=delays)
     except CredentialsRejected as e:

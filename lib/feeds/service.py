@@ -1,0 +1,278 @@
+"""The collector runtime: one process, one collector, from start to clean stop.
+
+Every collector program (``feed-binance``, ``feed-zerodha``,
+``feed-backfill``) is a small ``main`` that validates its options and then
+hands a collector to :class:`Service`, which owns everything around it:
+
+* logging for the journal and the configuration (:func:`start`),
+* the sink (:class:`feeds.sink.Sink`, with the ``[sink]`` settings of the
+  file: :func:`sink_settings`), for programs that store through one,
+* :class:`feeds.health.Health`, SIGTERM/SIGINT (a clean stop),
+* the supervise loop: :meth:`Health.tick` (READY once the first batch is
+  stored, WATCHDOG=1 while data flows and is stored) every watchdog
+  interval; every status interval the collector's ``figures()``, the
+  status line (STATUS= and a ``status:`` journal line) and the collector's
+  ``periodic()``; every heartbeat interval the ``feed_heartbeat`` row,
+* the clean stop: ``STOPPING=1``, the sink closed (every row committed or
+  spooled), the final heartbeat row and the stop line
+  (``stopped: all rows committed or spooled (12,345 committed, 0 spooled,
+  0 rejected, 0 lost; 35 pending at stop)``, from ``Sink.outcome()``); the
+  exit status is the collector's, and non-zero whenever rows were lost.
+
+A collector is any object with::
+
+    async def run(self, stop: asyncio.Event) -> int | None
+        # collect until ``stop`` is set; returns an exit status (None = 0)
+    def stream_kind(self, stream: str) -> str      # groups streams in STATUS=
+    def figures(self) -> dict[str, int | float]    # counters for STATUS= and the heartbeat
+    def periodic(self) -> None                     # called every status interval
+
+and, for a job without streams (feed-backfill), optionally
+``status_line() -> str``, which replaces the per-stream rates.
+
+sd_notify goes through one place: :func:`feeds.runtime.notify` (and the
+:class:`Health` of the service, whose notifier is the same).
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from .config import Config
+from .health import Health
+from .runtime import (install_stop_signals, notify, sd_notifier, setup_logging, state_dir, tune_gc,
+                      watchdog_interval)
+from .settings import Schema, load
+from .sink import Sink, Table
+
+log = logging.getLogger("feeds")
+
+#: Sink constructor arguments taken from ``[sink]``.
+SINK_KEYS = ("flush_interval", "batch_rows", "max_pending", "statement_timeout", "lock_timeout",
+             "spool_max_bytes")
+
+
+class Collector(Protocol):
+    """What :class:`Service` runs (see the module docstring)."""
+
+    async def run(self, stop: asyncio.Event) -> int | None: ...
+
+    def stream_kind(self, stream: str) -> str: ...
+
+    def figures(self) -> dict[str, int | float]: ...
+
+    def periodic(self) -> None: ...
+
+
+def start(config_path: str, schema: Schema) -> Config:
+    """Logging for the journal, then the configuration file at
+    ``config_path`` read as a ``schema`` file.  Raises ConfigError."""
+    setup_logging()
+    return load(config_path, schema)
+
+
+def sink_settings(cfg: Config) -> dict[str, Any]:
+    """The ``[sink]`` settings of a loaded configuration: ``spool_dir``,
+    ``flow_timeout`` and the :class:`Sink` keyword arguments
+    (:data:`SINK_KEYS`)."""
+    return {k.split(".", 1)[1]: v for k, v in cfg.values.items() if k.startswith("sink.")}
+
+
+def exit_notified(line: str, rc: int) -> None:
+    """End a ``Type=notify`` program that has nothing to do: READY, the
+    reason as STATUS=, STOPPING, then exit with ``rc``."""
+    notify("READY=1", "STATUS=" + line[:1000], "STOPPING=1")
+    sys.exit(rc)
+
+
+class Service:
+    """Runs one collector in this process.
+
+    Args:
+        unit: the systemd unit name (heartbeat key, e.g. ``feed-zerodha.service``).
+        dsn: libpq connection string (sink and heartbeat); empty: no heartbeat.
+        tables: the :class:`Table` definitions of the sink; empty: no sink.
+        sink: the ``[sink]`` settings (:func:`sink_settings`); needed with ``tables``.
+        status_interval: seconds between status lines.
+        heartbeat_interval: seconds between heartbeat rows.
+        supervise: False for a collector that still runs its own supervise
+            loop (tick, status, heartbeat); the runtime then only starts it
+            and stops it cleanly.
+        notifier: sd_notify sender (default: :func:`feeds.runtime.sd_notifier`).
+        close_timeout: seconds the sink may take to flush at stop.
+
+    :meth:`run` returns the exit status.
+    """
+
+    def __init__(self, unit: str, dsn: str, *, tables: Iterable[Table] = (), sink: dict | None = None,
+                 status_interval: float = 10.0, heartbeat_interval: float = 10.0, supervise: bool = True,
+                 notifier=None, close_timeout: float = 60.0):
+        self.unit, self.dsn = unit, dsn
+        self.tables = tuple(tables)
+        self.sink_settings = dict(sink or {})
+        self.status_interval = status_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.watchdog_interval = watchdog_interval(2.0)
+        self.supervise = supervise
+        self.close_timeout = close_timeout
+        self.notifier = notifier or sd_notifier()
+        self.health = Health(unit=unit, flow_timeout=self.sink_settings.get("flow_timeout", 20.0),
+                             notifier=self.notifier)
+        self.sink: Sink | None = None
+        self.stop: asyncio.Event | None = None
+        self.failure: str | None = None
+        self.collector: Collector | None = None
+        self._hb: asyncio.Future | None = None
+
+    # ------------------------------------------------------------ set-up
+    def _make_sink(self) -> Sink:
+        s = self.sink_settings
+        kwargs = {k: s[k] for k in SINK_KEYS if k in s}
+        spool = state_dir(s.get("spool_dir", "/var/lib/feeds"))
+        return Sink(self.dsn, spool, self.tables, on_commit=self.health.on_commit, **kwargs).start()
+
+    def run(self, prepare: Callable[["Service"], Collector | None | Awaitable[Collector | None]]) -> int:
+        """Run in a new event loop: :meth:`serve`.  Returns the exit status."""
+        return asyncio.run(self.serve(prepare))
+
+    async def serve(self, prepare) -> int:
+        """Create the sink, call ``prepare(service)`` (returns the collector,
+        or None when there is nothing to collect; may be a coroutine, e.g. to
+        :meth:`wait_until` the session), run it, stop cleanly.  Returns the
+        exit status: the collector's; 1 when it raised or the sink's writer
+        died; non-zero whenever rows were lost."""
+        self.stop = asyncio.Event()
+        install_stop_signals(asyncio.get_running_loop(), self.stop)
+        rc = 0
+        try:
+            if self.tables:
+                self.sink = self._make_sink()
+                self.health.sink = self.sink
+            collector = prepare(self)
+            if inspect.isawaitable(collector):
+                collector = await collector
+            if collector is not None and not self.stop.is_set():
+                if self.sink is not None:
+                    tune_gc()           # a few short-lived containers per message: collect less often
+                rc = await self._collect(collector)
+        except Exception as e:
+            log.critical("collector failed: %s", e, exc_info=True)
+            rc = 1
+        return await self._finish(rc)
+
+    # ------------------------------------------------------------ running
+    async def _collect(self, collector: Collector) -> int:
+        self.collector = collector
+        task = asyncio.ensure_future(collector.run(self.stop))
+        sup = asyncio.ensure_future(self._supervise(collector, task)) if self.supervise else None
+        try:
+            rc = await task
+        finally:
+            if sup is not None:
+                sup.cancel()
+                await asyncio.gather(sup, return_exceptions=True)
+        rc = int(rc or 0)
+        if self.failure is not None and rc == 0:
+            rc = 1
+        return rc
+
+    async def _supervise(self, collector: Collector, task: asyncio.Future) -> None:
+        h, sink = self.health, self.sink
+        now = time.monotonic()
+        next_status = now + min(2.0, self.status_interval)
+        next_hb = now + min(1.0, self.heartbeat_interval)
+        while not task.done():
+            h.tick()
+            now = time.monotonic()
+            if now >= next_status:
+                next_status = now + self.status_interval
+                self.report(collector)
+            if self.dsn and now >= next_hb and (self._hb is None or self._hb.done()):
+                next_hb = now + self.heartbeat_interval
+                self._figures(collector)
+                self._hb = asyncio.ensure_future(asyncio.to_thread(h.heartbeat, self.dsn))
+            if sink is not None and sink.fatal and self.failure is None:
+                self.failure = f"sink writer failed: {sink.fatal!r}"
+                log.error("%s", self.failure)
+                self.stop.set()
+            await asyncio.wait([task], timeout=self.watchdog_interval)
+
+    def _figures(self, collector: Collector) -> None:
+        try:
+            self.health.set_figures(collector.figures())
+        except Exception:
+            log.exception("collector figures failed")
+
+    def report(self, collector: Collector) -> str:
+        """One status step: figures, the status line (STATUS= and the
+        journal), then ``collector.periodic()``.  Returns the line."""
+        h = self.health
+        self._figures(collector)
+        own = getattr(collector, "status_line", None)
+        if own is not None:
+            line = own()
+            h.notify_status(line)
+        else:
+            line = h.status_line(collector.stream_kind)
+        log.info("status: %s", line)
+        try:
+            collector.periodic()
+        except Exception:
+            log.exception("collector periodic work failed")
+        return line
+
+    async def wait_until(self, when: datetime, line: str) -> bool:
+        """Before the work starts (e.g. a session's open): READY at once
+        (the unit is up), ``line`` as STATUS= and in the journal, WATCHDOG
+        pings (nothing can flow yet) and heartbeat rows until ``when``
+        (aware).  Returns False when stopped while waiting."""
+        h = self.health
+        log.info("%s", line)
+        h.ready, h.state = True, "waiting"
+        self.notifier.notify("READY=1")
+        h.notify_status(line)
+        next_hb = time.monotonic()
+        while not self.stop.is_set():
+            left = (when - datetime.now(timezone.utc)).total_seconds()
+            if left <= 0:
+                return True
+            self.notifier.notify("WATCHDOG=1")
+            if self.dsn and time.monotonic() >= next_hb and (self._hb is None or self._hb.done()):
+                next_hb = time.monotonic() + self.heartbeat_interval
+                self._hb = asyncio.ensure_future(asyncio.to_thread(h.heartbeat, self.dsn))
+            try:
+                await asyncio.wait_for(self.stop.wait(), min(self.watchdog_interval, left))
+            except asyncio.TimeoutError:
+                pass
+        return False
+
+    # ------------------------------------------------------------ clean stop
+    async def _finish(self, rc: int) -> int:
+        h, sink = self.health, self.sink
+        self.notifier.notify("STOPPING=1")
+        h.state = "stopping"
+        if self._hb is not None:
+            await asyncio.gather(self._hb, return_exceptions=True)
+        if sink is not None:
+            pending = sink.pending
+            ok = await asyncio.to_thread(sink.close, self.close_timeout)
+            outcome = sink.outcome()
+            whole = ok and not outcome.lost
+            line = (f"stopped: {'all rows committed or spooled' if whole else 'ROWS LOST'} "
+                    f"({outcome.line()}; {pending:,} pending at stop)")
+            if not whole:
+                rc = rc or 1
+            h.last_status = line
+            (log.info if whole else log.error)("%s", line)
+        h.state = "stopped" if rc == 0 else "failed"
+        if self.collector is not None and self.supervise:
+            self._figures(self.collector)
+        if self.dsn:
+            await asyncio.to_thread(h.heartbeat, self.dsn)
+        return rc

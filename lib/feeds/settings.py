@@ -1,0 +1,530 @@
+"""Every configuration setting, declared once, and the one function that loads a file.
+
+A :class:`Setting` gives a dotted key, its type, default, check and a
+one-line meaning.  A :class:`Schema` is a kind of configuration file (what
+``feeds.toml``, ``binance.toml``, ``kite.toml`` or ``ibkr.toml`` may hold):
+the settings it declares and, where one program differs, its own defaults.
+:func:`load` reads a file, refuses unknown keys, checks every type and value
+and fills in the defaults; the programs then read ``cfg["sink.batch_rows"]``.
+
+Types: ``str``, ``int`` (not a boolean), ``float`` (an integer is accepted),
+``bool``, ``list[T]`` (every item a T), and ``dict[str, T]`` for a table
+whose entries the operator names (``[binance.stale_after]``,
+``[retention]``): there ``check`` applies to each value and ``entry`` to
+each name, and an error names the entry (``retention.binance_agg_trade``).
+A default of :data:`REQUIRED` makes the key mandatory; a default of None
+leaves it unset (the program that needs it asks with ``cfg.require``).
+
+Errors are :class:`feeds.config.ConfigError`: one line naming the key and the
+file; the programs exit 78.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from .binance import adapter as binance_adapter
+from .config import Config, ConfigError, non_negative, one_of, positive, within
+from .kite import adapter as kite_adapter
+from .kite.instruments import MAX_CONNECTIONS_PER_API_KEY, MAX_INSTRUMENTS_PER_CONNECTION
+from .kite.login import CHROMIUM_FLAGS, Selectors
+
+REQUIRED = object()
+"""Default of a setting that must be given."""
+
+Check = Callable[[Any], "str | None"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration key.
+
+    ``key``: dotted path (``sink.flush_interval``).  ``type``: see the module
+    docstring.  ``default``: the value when the file does not set it
+    (:data:`REQUIRED`: must be set; None: unset).  ``meaning``: one line.
+    ``check(value)`` returns an error text or None.  ``entry(name)``: for
+    ``dict`` settings, the check of each entry's name.
+    """
+
+    key: str
+    type: Any
+    default: Any
+    meaning: str
+    check: Check | None = None
+    entry: Check | None = None
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A kind of configuration file: ``name`` (e.g. ``binance.toml``),
+    ``programs`` that read it, its ``settings`` and per-file ``defaults``
+    (key -> default) where it differs from the declaration."""
+
+    name: str
+    programs: str
+    settings: tuple[Setting, ...]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        keys = [s.key for s in self.settings]
+        dup = {k for k in keys if keys.count(k) > 1}
+        if dup:
+            raise ValueError(f"settings declared twice in {self.name}: {sorted(dup)}")
+        for k in self.defaults:
+            if k not in keys:
+                raise ValueError(f"{self.name}: default for undeclared key {k}")
+
+    def setting(self, key: str) -> Setting | None:
+        return self.by_key.get(key)
+
+    @property
+    def by_key(self) -> dict[str, Setting]:
+        return {s.key: s for s in self.settings}
+
+    def default(self, key: str) -> Any:
+        return self.defaults[key] if key in self.defaults else self.by_key[key].default
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def dsn_check(v: str) -> str | None:
+    """A libpq connection string (``key=value ...`` or a ``postgresql://`` URI)."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+    try:
+        conninfo_to_dict(v)
+    except ProgrammingError as e:
+        # libpq quotes the token it stumbled on, which may be part of a password
+        return "not a valid libpq connection string (" + re.sub(r'"[^"]*"', '"..."', _first_line(e)) + ")"
+    return None
+
+
+def _not_empty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+_URL = re.compile(r"^(https?|wss?)://[^\s/]+")
+
+
+def url(*schemes: str) -> Check:
+    def check(v: str):
+        if not _URL.match(v) or v.split(":", 1)[0] not in schemes:
+            return f"not a {'/'.join(schemes)} URL: {v!r}"
+        return None
+    return check
+
+
+def _subset(allowed, what: str) -> Check:
+    allowed = tuple(allowed)
+
+    def check(v: list):
+        bad = [x for x in v if x not in allowed]
+        if not v or bad:
+            return f"must be a non-empty subset of {list(allowed)}" + (f" ({bad[0]!r} is not)" if bad else "")
+        return None
+    return check
+
+
+def _symbols(v: list) -> str | None:
+    for s in v:
+        if not re.fullmatch(r"[A-Za-z0-9_]+", s):
+            return f"not a symbol: {s!r}"
+    return None
+
+
+def shard_check(v: str) -> str | None:
+    """``KofN`` with 1 <= K <= N, or empty (every symbol)."""
+    if not v:
+        return None
+    m = re.fullmatch(r"(\d+)of(\d+)", v)
+    if not m or not (1 <= int(m.group(1)) <= int(m.group(2))):
+        return f"expected KofN with 1 <= K <= N (e.g. 1of2), got {v!r}"
+    return None
+
+
+def _iso_date(v) -> str | None:
+    if isinstance(v, date):
+        return None
+    try:
+        date.fromisoformat(str(v))
+    except ValueError:
+        return f"not a date YYYY-MM-DD: {v!r}"
+    return None
+
+
+def _dates(v: list) -> str | None:
+    for d in v:
+        err = _iso_date(d)
+        if err:
+            return err
+    return None
+
+
+def _earliest(v: str) -> str | None:
+    return None if v == "" or _iso_date(v) is None else "expected YYYY-MM-DD or an empty string"
+
+
+def hhmm(v) -> tuple[int, int] | None:
+    """``"HH:MM"`` -> (hour, minute), or None when not a time of day."""
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", v.strip()) if isinstance(v, str) else None
+    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
+        return None
+    return int(m.group(1)), int(m.group(2))
+
+
+def _session_hours(v: list) -> str | None:
+    if len(v) == 2 and all(hhmm(h) for h in v) and hhmm(v[0]) < hhmm(v[1]):
+        return None
+    return 'expected ["HH:MM", "HH:MM"] (open, close in IST)'
+
+
+def _table_name(name: str) -> str | None:
+    return None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?", name) else \
+        "not a table name"
+
+
+def _seconds_list(v: list) -> str | None:
+    return None if all(x >= 0 for x in v) else "must be a list of seconds >= 0"
+
+
+# ----------------------------------------------------------------------------- declarations
+
+DATABASE = (
+    Setting("database.dsn", str, None, "libpq connection string of the feeds database "
+            "(FEEDS_DSN in the environment overrides it)", dsn_check),
+    Setting("database.password_file", str, "", "file whose first line is the database password "
+            "(mode 0600); empty: none"),
+)
+
+SINK = (
+    Setting("sink.spool_dir", str, "/var/lib/feeds", "spool directory when systemd gives no StateDirectory="),
+    Setting("sink.flush_interval", float, 0.2, "seconds a row may wait before its batch is written",
+            lambda v: None if 0 < v <= 1.0 else "must be > 0 and <= 1.0 s"),
+    Setting("sink.batch_rows", int, 20_000, "pending rows that start a write at once", positive),
+    Setting("sink.max_pending", int, 200_000, "rows waiting for the writer before reading pauses "
+            "(back-pressure)", positive),
+    Setting("sink.flow_timeout", float, 20.0, "seconds without data or storage progress before "
+            "watchdog pings stop", positive),
+    Setting("sink.statement_timeout", float, 10.0, "seconds a sink statement may run before PostgreSQL "
+            "cancels it", positive),
+    Setting("sink.lock_timeout", float, 5.0, "seconds a sink statement may wait for a lock", positive),
+    Setting("sink.spool_max_bytes", int, 2 << 30, "largest spool on disk, in bytes, before back-pressure",
+            lambda v: None if v >= 1 << 20 else "must be >= 1048576 (1 MiB)"),
+)
+
+RETENTION = (
+    Setting("retention", dict[str, int], {}, "days of daily partitions kept, per partitioned table "
+            "(feed-maintain)", lambda v: None if v >= 1 else "must be an integer number of days >= 1",
+            entry=_table_name),
+)
+
+MAINTAIN = (
+    Setting("maintain.lock_timeout", float, 5.0, "seconds feed-maintain's DDL waits for a table lock "
+            "(collectors queue behind a waiting lock)", positive),
+    Setting("maintain.statement_timeout", float, 60.0, "seconds one feed-maintain statement may run",
+            positive),
+    Setting("maintain.attempts", int, 5, "tries per table when a lock is not granted in time",
+            within(1, 20)),
+    Setting("maintain.retry_delay", float, 2.0, "seconds before the second try; doubled for each "
+            "further one (at most 30 s)", positive),
+)
+
+_KINDS = binance_adapter.KINDS
+BINANCE = (
+    Setting("binance.rest_url", str, REQUIRED, "Binance USD-M futures REST base URL", url("http", "https")),
+    Setting("binance.ws_url", str, REQUIRED, "Binance USD-M futures WebSocket base URL", url("ws", "wss")),
+    Setting("binance.symbols", list[str], [], "symbols to collect; empty: every perpetual in TRADING "
+            "status from exchangeInfo", _symbols),
+    Setting("binance.quote_assets", list[str], [], "restrict the automatic list to these quote assets"),
+    Setting("binance.streams", list[str], list(_KINDS), "stream kinds collected per symbol",
+            _subset(_KINDS, "stream kinds")),
+    Setting("binance.kline_intervals", list[str], ["1m"], "kline intervals collected",
+            _subset(binance_adapter.INTERVAL_MS, "intervals")),
+    Setting("binance.max_streams_per_connection", int, 200, "streams per combined-stream connection",
+            within(1, 1024, "Binance limit")),
+    Setting("binance.rollover_after", float, 23 * 3600.0, "seconds after which a connection is replaced "
+            "(Binance closes at 24 h)",
+            lambda v: None if 0 < v < 86400 else "must be > 0 and < 86400 (Binance closes at 24 h)"),
+    Setting("binance.backoff_max", float, 60.0, "reconnect backoff cap in seconds", positive),
+    Setting("binance.rest_weight_budget", int, 1200, "REST request weight per minute for gap fills",
+            within(1, 2400, "Binance limit per minute")),
+    Setting("binance.gap_fill_max_trades", int, 1_000_000, "largest aggTrade gap filled from REST per symbol",
+            positive),
+    Setting("binance.resume_lookback_hours", float, 48.0, "hours looked back at start for the last stored "
+            "aggTrade and kline", non_negative),
+    Setting("binance.status_interval", float, 10.0, "seconds between status lines", positive),
+    Setting("binance.symbols_refresh", float, 3600.0, "seconds between exchangeInfo re-reads; 0 = never",
+            non_negative),
+    Setting("binance.shard", str, "", "collect share K of N of the symbols (KofN); empty: all", shard_check),
+    Setting("binance.stale_after", dict[str, float], {}, "seconds of silence after which a stream kind's "
+            "connection is replaced", non_negative,
+            entry=lambda k: None if k in _KINDS else f"unknown stream kind; use one of {sorted(_KINDS)}"),
+)
+
+KITE = (
+    Setting("kite.api_key", str, REQUIRED, "the Kite Connect app's api_key", _not_empty),
+    Setting("kite.api_url", str, "https://api.kite.trade", "Kite Connect REST base URL", url("http", "https")),
+    Setting("kite.ticker_url", str, "wss://ws.kite.trade", "Kite ticker WebSocket URL", url("ws", "wss")),
+    Setting("kite.login_url", str, "https://kite.zerodha.com", "Kite login page base URL", url("http", "https")),
+    Setting("kite.token_file", str, "/var/lib/feeds/kite/access_token.json", "access token file written by "
+            "feed-kite-token"),
+    Setting("kite.instruments_file", str, "/etc/feeds/kite-instruments.txt", "instrument list file "
+            "(EXCHANGE:TRADINGSYMBOL [mode] a line)"),
+    Setting("kite.instruments_from_table", bool, False, "also collect the enabled rows of kite_subscription"),
+    Setting("kite.default_mode", str, "full", "mode of a line without one", one_of(*kite_adapter.MODES)),
+    Setting("kite.session_calendar", str, "XNSE", "exchange calendar of the sessions; none: collect until "
+            "stopped", one_of("XNSE", "none")),
+    Setting("kite.connect_before_open", float, 300.0, "seconds before the open to connect",
+            within(0, 3600, unit="s")),
+    Setting("kite.stop_after_close", float, 300.0, "seconds after the close to stop", within(0, 3600, unit="s")),
+    Setting("kite.max_connections", int, MAX_CONNECTIONS_PER_API_KEY, "ticker connections used",
+            within(1, MAX_CONNECTIONS_PER_API_KEY, "Kite's limit per API key")),
+    Setting("kite.max_instruments_per_connection", int, MAX_INSTRUMENTS_PER_CONNECTION,
+            "instruments per ticker connection",
+            within(1, MAX_INSTRUMENTS_PER_CONNECTION, "Kite's limit per connection")),
+    Setting("kite.extra_sessions", dict[str, list[str]], {}, "sessions the installed calendar does not "
+            "know: date = [open, close] IST", _session_hours,
+            entry=lambda k: "keys must be dates YYYY-MM-DD" if _iso_date(k) else None),
+    Setting("kite.extra_holidays", list, [], "days without a session the installed calendar does not know",
+            _dates),
+    Setting("kite.decoder", str, "native", "ticker frame decoder", one_of("native", "kiteticker")),
+    Setting("kite.silence_timeout", float, 10.0, "seconds without any message before a connection is "
+            "dropped and reconnected", within(1, 300, unit="s")),
+    Setting("kite.status_interval", float, 10.0, "seconds between status lines", positive),
+    Setting("kite.reconnect_max_delay", int, 30, "KiteTicker's longest wait between reconnects (s)",
+            within(5, 300, "KiteTicker: >= 5", "s")),
+    Setting("kite.reconnect_max_tries", int, 300, "KiteTicker's reconnect attempts",
+            within(1, 300, "KiteTicker: <= 300")),
+    Setting("kite.login.user_id", str, None, "Kite user id (feed-kite-token)", _not_empty),
+    Setting("kite.login.api_secret_file", str, None, "file holding the app's api_secret (mode 0600)"),
+    Setting("kite.login.password_file", str, None, "file holding the Kite password (mode 0600)"),
+    Setting("kite.login.totp_secret_file", str, None, "file holding the base32 TOTP secret (mode 0600)"),
+    Setting("kite.login.browser", str, "/usr/bin/chromium", "Chromium executable driven headless"),
+    Setting("kite.login.browser_flags", list[str], list(CHROMIUM_FLAGS), "Chromium command-line flags"),
+    Setting("kite.login.use_browser", bool, True, "log in with the browser"),
+    Setting("kite.login.http_fallback", bool, True, "log in with the page's HTTP requests when the "
+            "browser fails"),
+    Setting("kite.login.timeout", float, 30.0, "seconds per login page step or request", positive),
+    Setting("kite.login.attempts", int, 4, "login tries", within(1, 20)),
+    Setting("kite.login.retry_delays", list[float], [15.0, 60.0, 180.0], "seconds between login tries "
+            "(the last repeats)", _seconds_list),
+    *(Setting(f"kite.login.selectors.{name}", str, getattr(Selectors, name), f"CSS selector of the login "
+              f"page's {name.replace('_', ' ')} (comma list: first visible match)")
+      for name in ("user_id", "password", "submit", "totp", "error")),
+)
+
+IBKR = (
+    Setting("ibkr.host", str, "127.0.0.1", "TWS / IB Gateway host", lambda v: None if v.strip() else "empty"),
+    Setting("ibkr.port", int, 7497, "TWS / IB Gateway API port", within(1, 65535)),
+    Setting("ibkr.client_id", int, 71, "API clientId", within(0, 2**31 - 100)),
+    Setting("ibkr.client_id_tries", int, 5, "clientIds tried when one is in use (326)", positive),
+    Setting("ibkr.connect_timeout", float, 15.0, "seconds to wait for the API handshake", positive),
+    Setting("ibkr.contracts_file", str, "/etc/feeds/contracts.csv", "the contracts to backfill (CSV)"),
+    Setting("backfill.earliest", str, "", "never plan sessions before this date (YYYY-MM-DD); empty: "
+            "IB's head timestamp", _earliest),
+    Setting("backfill.request_timeout", float, 120.0, "seconds without an answer before a request is "
+            "cancelled and tried again", positive),
+    Setting("backfill.concurrency", int, 4, "historical requests open at once",
+            within(1, 50, "IB allows 50 open requests")),
+    Setting("backfill.max_attempts", int, 4, "tries per session and run for transient failures", positive),
+    Setting("backfill.reconnect_timeout", float, 600.0, "seconds to keep reconnecting before the run "
+            "gives up", positive),
+    Setting("backfill.what_to_show", str, "TRADES", "whatToShow of the bars",
+            lambda v: None if v == "TRADES" else "only TRADES is backfilled"),
+    Setting("backfill.use_rth", bool, True, "useRTH of the bars",
+            lambda v: None if v else "must be true (sessions are regular trading hours)"),
+    Setting("backfill.settle_minutes", float, 30.0, "minutes after a session's close before its bars "
+            "are final", lambda v: None if v >= 0 else "must be >= 0"),
+    Setting("backfill.status_interval", float, 30.0, "seconds between progress lines", positive),
+    Setting("backfill.pacing_scale", float, 1.0, "1 = IB's pacing windows; smaller only for a scaled "
+            "simulator", lambda v: None if 0 < v <= 1 else "must be > 0 and <= 1 (1 = IB's real limits)"),
+)
+
+FEEDS_FILE = Schema("feeds.toml", "feed-migrate, feed-maintain, feedctl", DATABASE + RETENTION + MAINTAIN)
+BINANCE_FILE = Schema("binance.toml", "feed-binance", DATABASE + BINANCE + SINK,
+                      defaults={"sink.spool_dir": "/var/lib/feeds/binance"})
+# A full-mode row takes about 1 kB: 50,000 pending rows keep the buffers near 100 MB.
+KITE_FILE = Schema("kite.toml", "feed-zerodha, feed-kite-token", DATABASE + KITE + SINK,
+                   defaults={"sink.spool_dir": "/var/lib/feeds/zerodha", "sink.max_pending": 50_000})
+IBKR_FILE = Schema("ibkr.toml", "feed-backfill", DATABASE + IBKR)
+
+SCHEMAS = {s.name: s for s in (FEEDS_FILE, BINANCE_FILE, KITE_FILE, IBKR_FILE)}
+"""Every kind of configuration file, by its installed name."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _type_name(typ) -> str:
+    return typ.__name__ if isinstance(typ, type) else str(typ)
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _conform(value: Any, typ: Any) -> tuple[bool, Any]:
+    """(fits, value converted) for the declared ``typ``."""
+    if typ is Any or typ is object:
+        return True, value
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    origin = typing.get_origin(typ)
+    if origin in (types.UnionType, typing.Union):
+        for t in typing.get_args(typ):
+            ok, v = _conform(value, t)
+            if ok:
+                return True, v
+        return False, value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (item,) = typing.get_args(typ)
+        out = []
+        for x in value:
+            ok, v = _conform(x, item)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if isinstance(typ, type):
+        return isinstance(value, typ), value
+    raise TypeError(f"unsupported setting type {typ!r}")
+
+
+def _value(s: Setting, key: str, raw: Any, file: str) -> Any:
+    """Check one declared value (for ``dict`` settings: every entry)."""
+    if typing.get_origin(s.type) is dict:
+        if not isinstance(raw, dict):
+            raise ConfigError(key, file, f"expected a table of entries, got {type(raw).__name__} {_short(raw)}")
+        _, item = typing.get_args(s.type)
+        out = {}
+        for name, v in raw.items():
+            ekey = f"{key}.{name}"
+            if s.entry is not None:
+                err = s.entry(name)
+                if err:
+                    raise ConfigError(ekey, file, err)
+            ok, v2 = _conform(v, item)
+            if not ok:
+                raise ConfigError(ekey, file, f"expected {_type_name(item)}, got {type(v).__name__} {_short(v)}")
+            if s.check is not None:
+                err = s.check(v2)
+                if err:
+                    raise ConfigError(ekey, file, err)
+            out[name] = v2
+        return out
+    ok, v = _conform(raw, s.type)
+    if not ok:
+        raise ConfigError(key, file, f"expected {_type_name(s.type)}, got {type(raw).__name__} {_short(raw)}")
+    if s.check is not None:
+        err = s.check(v)
+        if err:
+            raise ConfigError(key, file, err)
+    return v
+
+
+def _sections(keys) -> set[str]:
+    """Every table that holds a declared key (``kite.login`` for ``kite.login.user_id``)."""
+    return {k.rsplit(".", i)[0] for k in keys for i in range(1, k.count(".") + 1)}
+
+
+def _unknown(key: str, schema: Schema, file: str) -> ConfigError:
+    names = list(schema.by_key) + sorted(_sections(schema.by_key))
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.75)
+    hint = f"did you mean '{close[0]}'?" if close else f"{schema.name} ({schema.programs}) has no such setting"
+    return ConfigError(key, file, f"unknown key ({hint})")
+
+
+def check_document(doc: Config, schema: Schema) -> Config:
+    """Check a parsed document against ``schema``; fills ``doc.values`` and
+    ``doc.given``.  Raises :class:`ConfigError`."""
+    decl = schema.by_key
+    sections = _sections(decl)
+    values: dict[str, Any] = {}
+
+    def walk(table: dict, prefix: str) -> None:
+        for name, raw in table.items():
+            key = prefix + name
+            s = decl.get(key)
+            if s is not None:
+                values[key] = _value(s, key, raw, doc.file)
+            elif key in sections:
+                if not isinstance(raw, dict):
+                    raise ConfigError(key, doc.file, f"expected a table [{key}], got {type(raw).__name__} "
+                                                     f"{_short(raw)}")
+                walk(raw, key + ".")
+            else:
+                raise _unknown(key, schema, doc.file)
+
+    walk(doc.data, "")
+    doc.given = set(values)
+    for key in decl:
+        if key not in values:
+            d = schema.default(key)
+            if d is REQUIRED:
+                raise ConfigError(key, doc.file, "missing")
+            values[key] = d
+    doc.values = values
+    return doc
+
+
+def load(path: str | os.PathLike, schema: Schema) -> Config:
+    """Read the configuration file at ``path`` as a ``schema`` file.
+
+    Returns a :class:`~feeds.config.Config` whose ``cfg[key]`` gives every
+    declared setting (checked, or its default).  Raises
+    :class:`~feeds.config.ConfigError` for a missing or unreadable file,
+    invalid TOML, an unknown key, a wrong type, a value its check refuses or
+    a missing required key.
+    """
+    return check_document(Config.load(path), schema)
+
+
+def empty(path: str | os.PathLike, schema: Schema) -> Config:
+    """The defaults of ``schema``, as if the file at ``path`` were empty."""
+    return check_document(Config({}, path), schema)
+
+
+def database_dsn(cfg: Config) -> str:
+    """The libpq connection string for a loaded configuration.
+
+    ``FEEDS_DSN`` in the environment wins (tests and demos); else
+    ``database.dsn`` of the file, or of ``feeds.toml`` beside it when the
+    file sets none; a ``database.password_file`` adds the password.
+    Raises :class:`ConfigError` (missing or malformed DSN, bad secret file).
+    """
+    env = os.environ.get("FEEDS_DSN")
+    if env:
+        err = dsn_check(env)
+        if err:
+            raise ConfigError("FEEDS_DSN", "the environment", err)
+        return env
+    if cfg.values.get("database.dsn") is None:
+        common = Path(cfg.file).with_name("feeds.toml")
+        if common.exists() and Path(cfg.file) != common:
+            return database_dsn(load(common, FEEDS_FILE))
+    if "database.dsn" not in cfg.values:
+        raise ConfigError("database.dsn", cfg.file, "missing")
+    dsn = cfg.require("database.dsn")
+    if cfg["database.password_file"]:
+        from psycopg.conninfo import make_conninfo
+        dsn = make_conninfo(dsn, password=cfg.secret("database.password_file"))
+    return dsn
