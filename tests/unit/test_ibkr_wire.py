@@ -103,3 +103,19 @@ def test_idempotent_and_refuses_a_changed_decoder():
     with pytest.raises(WireVersionError, match="no handler table entry 17"):
         keep_wire_text(gone)
 
+
+
+def test_bars_reexports_the_one_implementation():
+    from feeds.ibkr import bars
+    assert bars.WireBar is WireBar and bars.keep_wire_text is keep_wire_text
+
+
+def test_feed_backfill_refuses_another_version_with_one_line(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from feeds.ibkr.main import main
+    monkeypatch.setattr(ib_async, "__version__", "2.2.0")
+    r = CliRunner().invoke(main, ["--config", str(tmp_path / "absent.toml"), "--status"])
+    assert r.exit_code == 1
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "ib_async 2.2.0 is installed" in lines[0]

@@ -161,3 +161,24 @@ def test_callback_shapes_the_collector_uses():
         assert callable(getattr(kt, name))
     # the collector quiets the library's logs through the "kiteconnect" logger
     assert kt_module.log is logging.getLogger("kiteconnect.ticker")
+
+
+def test_feed_zerodha_refuses_another_version_with_one_line(monkeypatch, restore_tz, tmp_path):
+    from click.testing import CliRunner
+
+    from feeds.kite.main import main
+    cfg = tmp_path / "kite.toml"
+    cfg.write_text('[kite]\napi_key = "k"\nsession_calendar = "none"\n')
+    monkeypatch.setattr(wire, "installed_version", lambda: "6.0.0")
+    r = CliRunner().invoke(main, ["--config", str(cfg), "--instrument", "NSE:INFY"],
+                           env={"FEEDS_DSN": "host=127.0.0.1 port=1 dbname=x"})
+    assert r.exit_code == 1
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "kiteconnect 6.0.0 is installed" in lines[0]
+
+
+def test_the_collector_reaches_kiteticker_internals_only_through_wire():
+    from feeds.kite import collector
+    src = inspect.getsource(collector)
+    for internal in ('"ws"', '"factory"', ".ws.", ".factory", "dropConnection", "ticker.connect"):
+        assert internal not in src, internal

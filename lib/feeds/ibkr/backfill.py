@@ -76,11 +76,12 @@ from ib_async import IB, Contract
 from ib_async.ib import StartupFetchNONE
 from ib_async.wrapper import RequestError
 
-from .bars import check_session, keep_wire_text
+from .bars import check_session
 from .contracts import ContractRow
 from .pacing import PacingLimiter, is_pacing_violation
 from .sessions import Session, SessionCalendar
 from .store import DONE_STATUSES, BackfillStore
+from .wire import keep_wire_text
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +355,9 @@ class Backfill:
         """Connect (read-only, no start-up account/order fetches) with a
         unique clientId; retries with back-off until ``attempts_deadline``
         (monotonic; default now + reconnect_timeout).  Raises
-        :class:`BackfillFailed`."""
+        :class:`BackfillFailed`, and :class:`feeds.ibkr.wire.WireVersionError`
+        when the installed ib_async is not the one the bar decoder patch
+        was written for."""
         deadline = attempts_deadline if attempts_deadline is not None else time.monotonic() + self.s.reconnect_timeout
         delay = 0.5
         last_err = ""
@@ -362,6 +365,7 @@ class Backfill:
             for i in range(max(1, self.s.client_id_tries)):
                 cid = self.s.client_id + i
                 ib = IB()
+                keep_wire_text(ib)          # before any socket: a WireVersionError leaves nothing open
                 ib.RaiseRequestErrors = True
                 in_use = asyncio.get_running_loop().create_future()
 
@@ -403,7 +407,6 @@ class Backfill:
             delay = min(delay * 2, 30.0)
 
     def _attach(self, ib: IB, cid: int) -> None:
-        keep_wire_text(ib)
         ib.errorEvent += self._on_error
         ib.disconnectedEvent += lambda ib=ib: self._on_disconnect(ib)
         self.ib = ib
@@ -885,7 +888,8 @@ class Backfill:
     async def _store(self, job: _Job, bars: list) -> None:
         res, session = job.res, job.session
         row = res.row
-        chk = check_session(row.symbol, res.con_id or 0, session, bars)
+        now = self.now()
+        chk = check_session(row.symbol, res.con_id or 0, session, bars, now=now)
         error = None
         note = chk.note
         if chk.failure is not None:
@@ -893,7 +897,7 @@ class Backfill:
         elif not chk.rows:
             status = "ERROR"
             error = f"no bar inside the session ({len(chk.dropped)} outside)" if chk.dropped else "empty answer"
-        elif not session.settled(self.now(), self.s.settle):
+        elif not session.settled(now, self.s.settle):
             # the missing minutes may simply be still to come: no "thin" verdict yet
             status = "PARTIAL"
             note = "; ".join([f"fetched before the session settled ({chk.actual} of {chk.expected} bars)"]

@@ -2,17 +2,14 @@
 
 Exact values
 ------------
-ib_async 2.1.0 turns every price of a historical bar into a ``float``
-(decoder ``historicalData``, message 17).  Prices are stored here exactly as
-TWS sent them, so :func:`keep_wire_text` replaces the client's handler for
-message 17 with one that reads the same fields (TWS API message
-HISTORICAL_DATA for server versions >= 124: reqId, start, end, barCount,
-then per bar date, open, high, low, close, volume, WAP, barCount) and yields
-:class:`WireBar` objects: ordinary ``BarData`` (floats, as ib_async users
-expect) that also carry the decimal text.  The floats are used only for the
-checks: a decimal with at most 15 significant digits converts to the
-nearest double, which preserves order and equality, so comparing the floats
-decides exactly as comparing the decimals would.
+Prices are stored exactly as TWS sent them: :func:`feeds.ibkr.wire.keep_wire_text`
+(the one place that patches ib_async's decoder; re-exported here) makes
+the client yield :class:`~feeds.ibkr.wire.WireBar` objects, ordinary
+``BarData`` (floats) that also carry the decimal text of TWS API message
+HISTORICAL_DATA.  The floats are used only for the checks: a decimal with
+at most 15 significant digits converts to the nearest double, which
+preserves order and equality, so comparing the floats decides exactly as
+comparing the decimals would.
 
 Checks (:func:`check_session`)
 ------------------------------
@@ -53,6 +50,7 @@ from ib_async import BarData
 
 from .. import plausible as P
 from .sessions import Session
+from .wire import WireBar, keep_wire_text
 
 __all__ = ["WireBar", "keep_wire_text", "SessionCheck", "check_session", "BAR_COLUMNS", "fmt_local"]
 
@@ -62,38 +60,6 @@ BAR_COLUMNS = ("symbol", "bar_start", "con_id", "open", "high", "low", "close", 
 _UTC = dt.timezone.utc
 #: a bar may start at most this far after the wall clock (clock skew); later is implausible
 MAX_AHEAD = dt.timedelta(minutes=10)
-
-
-@dataclass
-class WireBar(BarData):
-    """A historical bar with the decimal text TWS sent:
-    ``text = (open, high, low, close, volume, WAP)``."""
-
-    text: tuple[str, str, str, str, str, str] = ("", "", "", "", "", "")
-
-
-def keep_wire_text(ib) -> None:
-    """Make ``ib`` (an ``ib_async.IB``) produce :class:`WireBar` for
-    historical bars (message 17).  Idempotent; survives reconnects (the
-    decoder belongs to the client object)."""
-    decoder = ib.client.decoder
-    if getattr(decoder.handlers.get(17), "_keeps_text", False):
-        return
-    wrapper = decoder.wrapper
-
-    def historical_data(fields: list[str]) -> None:
-        _, req_id, start, end, n, *rest = fields
-        req = int(req_id)
-        it = iter(rest).__next__
-        for _ in range(int(n)):
-            date, o, h, lo, c, v, wap, count = it(), it(), it(), it(), it(), it(), it(), it()
-            bar = WireBar(date=date, open=float(o), high=float(h), low=float(lo), close=float(c),
-                          volume=float(v), average=float(wap), barCount=int(count), text=(o, h, lo, c, v, wap))
-            wrapper.historicalData(req, bar)
-        wrapper.historicalDataEnd(req, start, end)
-
-    historical_data._keeps_text = True  # type: ignore[attr-defined]
-    decoder.handlers[17] = historical_data
 
 
 def _texts(bar: BarData) -> tuple[str, str, str, str, str, str]:

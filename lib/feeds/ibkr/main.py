@@ -22,9 +22,10 @@ or ``--unit``), SIGTERM and SIGINT end it cleanly with the summary written.
 
 Exit status: 0 the run finished (sessions IB refused are ERROR rows and
 in the summary), 1 the run could not finish (no connection, database
-failure, sessions left PENDING after ``max_attempts``), 75 another
-feed-backfill is running, 78 bad configuration or contracts file (one line
-naming the file, line and field or key).
+failure, sessions left PENDING after ``max_attempts``; at start, an
+installed ib_async other than the version :mod:`feeds.ibkr.wire` patches),
+75 another feed-backfill is running, 78 bad configuration or contracts file
+(one line naming the file, line and field or key).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from .backfill import Backfill, BackfillFailed, Plan, Selection, Settings, fmt_d
 from .contracts import ContractsError, load_contracts
 from .pacing import PacingLimiter
 from .store import BackfillStore
+from .wire import WireVersionError, check_version
 
 log = logging.getLogger("feeds.ibkr")
 EX_TEMPFAIL = 75
@@ -227,6 +229,11 @@ def main(config_path, symbols, from_, to, date, dry_run, retry_failed, priority_
          pacing_scale, status_interval, unit, more_symbols):
     """Backfill IBKR one-minute bars into PostgreSQL, newest session first,
     within IB's historical-data pacing rules."""
+    try:
+        check_version()
+    except WireVersionError as e:
+        click.echo(f"feed-backfill: {e}", err=True)
+        sys.exit(1)
     cfg = service.start(config_path, IBKR_FILE)
     for name in ("ib_async.wrapper", "ib_async.client", "ib_async.ib", "ib_async.Decoder"):
         # Every IB error is logged once by the backfill with its session; the client's own lines would repeat it.

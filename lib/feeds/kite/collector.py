@@ -24,6 +24,10 @@ with no message at all (data, heartbeat or text) for ``silence_timeout``
 seconds is aborted here, and KiteTicker's reconnecting factory opens a new
 one (and resubscribes).
 
+Every use of KiteTicker beyond its documented callbacks and methods (the
+current socket, the connection factory, ``connect()`` on a running reactor)
+goes through :mod:`feeds.kite.wire`.
+
 Venue document: Kite Connect v3 "WebSocket streaming".
 """
 from __future__ import annotations
@@ -39,6 +43,7 @@ from datetime import datetime, timezone
 from ..health import Health, StreamHealth
 from ..sink import Sink
 from . import adapter as A
+from . import wire as W
 from .instruments import Subscription
 
 log = logging.getLogger(__name__)
@@ -122,7 +127,8 @@ class KiteCollector:
         self.sink = sink
         self.health = health
         self.until = until
-        self.decoder = A.FrameDecoder()
+        # packets of an unknown length or out of range: counted once each, in the health counter
+        self.decoder = A.FrameDecoder(on_bad=lambda r: self.health.count_malformed("kite frame", r))
         self.conns: list[_Connection] = []
         for i, subs in enumerate(plan, 1):
             c = _Connection(i, subs, health.stream(f"connection {i}"))
@@ -132,7 +138,6 @@ class KiteCollector:
         used = {sub.mode for subs in plan for sub in subs}
         self.mode_streams = {m: health.stream(m) if m in used else StreamHealth() for m in A.MODES}
         self.text_messages = 0
-        self._unknown_packets = 0
         self.failure: str | None = None
         self.failure_rc = RC_FAILED
         self._store_since = 0.0
@@ -176,15 +181,13 @@ class KiteCollector:
             rows = dec.partial
             self.health.count_malformed(f"connection {c.index}",
                                         f"frame cut short ({e}); its {sum(map(len, rows))} complete packet(s) kept")
-        while self._unknown_packets < dec.malformed:
-            self._unknown_packets += 1
-            self.health.count_malformed(f"connection {c.index}", "packet of an unknown length skipped")
         self._store(rows)
 
     def _on_ticks(self, c: _Connection, ticks: list) -> None:
         try:
-            rows = A.rows_from_ticks(ticks, A.now_text())
-        except (KeyError, TypeError, ValueError) as e:
+            rows = A.rows_from_ticks(ticks, A.now_text(),
+                                     on_bad=lambda r: self.health.count_malformed(f"connection {c.index}", r))
+        except (KeyError, TypeError, ValueError) as e:      # not KiteTicker ticks at all
             self.health.count_malformed(f"connection {c.index}", f"ticks not understood ({e!r}); skipped")
             return
         self._store(rows)
@@ -258,9 +261,7 @@ class KiteCollector:
 
     @staticmethod
     def _drop(c: _Connection) -> None:
-        ws = getattr(c.ticker, "ws", None)
-        if ws is not None:
-            ws.dropConnection(abort=True)
+        W.abort_connection(c.ticker)
 
     # ------------------------------------------------------------ main thread
     def _start_reactor(self) -> None:
@@ -321,7 +322,7 @@ class KiteCollector:
         for c in self.conns:
             c.ticker = self._make_ticker(c)
             c.last = time.monotonic()
-            reactor.callFromThread(c.ticker.connect)
+            reactor.callFromThread(W.connect_in_reactor, c.ticker)
             await self._sleep(stop, self.s.connect_stagger)
         rc = RC_OK
         check = min(self.s.watchdog_interval, max(0.1, self.s.silence_timeout / 4))
@@ -352,7 +353,7 @@ class KiteCollector:
         if not reactor.running:
             return
         for c in self.conns:
-            if c.ticker is not None and getattr(c.ticker, "factory", None) is not None:
+            if c.ticker is not None and W.connection_started(c.ticker):
                 reactor.callFromThread(c.ticker.close, 1000, "collector stopping")
         deadline = time.monotonic() + 3.0
         while any(c.open for c in self.conns) and time.monotonic() < deadline:

@@ -5,8 +5,10 @@
 after the session's close; also at once on a day without a session),
 77 when the access token is missing, expired or refused (renew it first),
 78 on a configuration error (one line naming the key and file; also for
-more instruments than one API key carries), 1 on a runtime failure or
-when rows could not be written at the stop (systemd restarts the unit).
+more instruments than one API key carries), 1 on a runtime failure, when
+rows could not be written at the stop (systemd restarts the unit), or at
+start when the installed kiteconnect is not the version
+:mod:`feeds.kite.wire` relies on or the system lacks the Asia/Kolkata zone.
 
 ``feed-kite-token`` exit status: 0 when a valid token is stored (renewed,
 or still valid), 1 when the renewal failed (the reason is the last journal
@@ -16,7 +18,6 @@ token: 0 valid, 1 not.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import time
@@ -34,17 +35,11 @@ from .instruments import (InstrumentSpec, SpecError, TooManyInstruments, merge_s
                           read_spec_file, read_spec_table, resolve)
 from .session import IST, NseCalendar, plan_run
 from .token import TokenError, TokenStore, validate
+from .wire import WireVersionError, use_ist_localtime
 
 log = logging.getLogger("feeds.kite")
 UTC = timezone.utc
 EX_NOPERM = 77
-
-
-def use_ist_localtime() -> None:
-    """Make the process's local time IST, so that the naive datetimes
-    KiteTicker builds with ``datetime.fromtimestamp`` are IST wall clock."""
-    os.environ["TZ"] = "Asia/Kolkata"
-    time.tzset()
 
 
 @dataclass
@@ -238,7 +233,11 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
     kc = load_settings(cfg)
     sk = service.sink_settings(cfg)
     dsn = database_dsn(cfg)
-    use_ist_localtime()
+    try:
+        use_ist_localtime()
+    except (WireVersionError, RuntimeError) as e:
+        log.error("%s", e)
+        sys.exit(1)
     try:
         specs, source = gather_specs(kc, instruments, instruments_file, dsn)
     except SourceUnavailable as e:
