@@ -6,7 +6,8 @@ import csv
 import datetime as dt
 import json
 import os
-import time
+import itertools
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -46,14 +47,18 @@ LINES = {
 
 class RecordingSim(TwsSimulator):
     """The simulator, also recording every reqHistoricalData it reads:
-    ``(monotonic time, symbol, endDateTime)``."""
+    ``(symbol, endDateTime)``; ``on_request(n)``, when set,
+    is called with the number read so far, before the request is answered."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        self.hist_log: list[tuple[float, str, str]] = []
+        self.hist_log: list[tuple[str, str]] = []
+        self.on_request: Callable[[int], None] | None = None
 
     def _historical_data(self, conn, f):
-        self.hist_log.append((time.monotonic(), f[3].upper(), f[15]))
+        self.hist_log.append((f[3].upper(), f[15]))
+        if self.on_request is not None:
+            self.on_request(len(self.hist_log))
         return super()._historical_data(conn, f)
 
 
@@ -74,7 +79,7 @@ def contracts(*symbols: str):
 def requested(log, since: int = 0) -> list[tuple[str, dt.date]]:
     """(symbol, session date) of recorded requests (endDateTime is the session close in UTC)."""
     out = []
-    for _, sym, end in log[since:]:
+    for sym, end in log[since:]:
         t = dt.datetime.strptime(end, "%Y%m%d-%H:%M:%S").replace(tzinfo=UTC)
         out.append((sym, t.astimezone(ET).date()))
     return out
@@ -102,14 +107,14 @@ def settings(sim, scale: float, **kw) -> Settings:
     return Settings(port=sim.port, pacing_scale=scale, **kw)
 
 
-async def backfill(dsn, rows, sel, sim, scale=0.001, timeout=60, notes=None, **kw) -> tuple[RunSummary, Backfill]:
+async def backfill(dsn, rows, sel, sim, scale=0.001, timeout=300, notes=None, **kw) -> tuple[RunSummary, Backfill]:
     lim = PacingLimiter(scale=scale, keep_history=True)
     bf = Backfill(settings(sim, scale, **kw), rows, BackfillStore(dsn), limiter=lim, notifier=notes or Notes())
     sm = await asyncio.wait_for(bf.run(sel), timeout)
     return sm, bf
 
 
-async def backfill_service(dsn, rows, sel, sim, notes, scale=0.001, timeout=60, **kw) -> tuple[RunSummary, int]:
+async def backfill_service(dsn, rows, sel, sim, notes, scale=0.001, timeout=300, **kw) -> tuple[RunSummary, int]:
     """The run as feed-backfill makes it: through the collector runtime, whose
     status lines (the progress) and sd_notify messages go to ``notes``."""
     from feeds.ibkr.main import BackfillJob
@@ -130,7 +135,7 @@ async def backfill_service(dsn, rows, sel, sim, notes, scale=0.001, timeout=60, 
 UNIT = "feed-backfill-test.service"
 
 
-def run(coro, timeout=120):
+def run(coro, timeout=600):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
@@ -394,27 +399,35 @@ def test_unsubscribed_contract_354_recorded_as_error(db):
 
 
 def test_pacing_violations_recognised_backed_off_and_recorded(db):
-    """A limiter scaled too fast for the simulator (half its windows): the
-    simulator refuses with 162 pacing violation; the run backs off, records
-    the error on the session, retries, and every session completes."""
+    """IB's clock disagrees with ours: the simulator's pacing clock advances a
+    fixed 0.0395 s per historical request, whatever the real time, so its
+    ten-minute window (2.4 s at scale 0.004) holds 61 requests and the 61st
+    request is refused with 162 pacing violation however the limiter spaced
+    them.  The run backs off, records the error on the session, retries, and
+    every session completes."""
     first, last = dt.date(2024, 1, 2), dt.date(2024, 2, 29)
     n_sessions = sum(1 for _, s in XNYS.days(first, last) if s is not None)
+    assert 2 * n_sessions > 60                          # more requests than one window allows
+    step = 0.0395                                       # 60 steps: 2.37 s < 2.4 s; 61 steps: 2.41 s
+    ticks = itertools.count(1)
 
     async def main():
-        sim = RecordingSim(**sim_kw(generate=("AAPL", "MSFT"), pacing_scale=0.004))
+        sim = RecordingSim(**sim_kw(generate=("AAPL", "MSFT"), pacing_scale=0.004,
+                                    pacer_clock=lambda: next(ticks) * step))
         await sim.start()
         try:
             lim = PacingLimiter(scale=0.002, keep_history=True)
             bf = Backfill(settings(sim, 0.002, max_attempts=30), contracts("AAPL", "MSFT"), BackfillStore(db),
                           limiter=lim, notifier=Notes())
-            sm = await asyncio.wait_for(bf.run(Selection(first=first, last=last)), 90)
+            sm = await asyncio.wait_for(bf.run(Selection(first=first, last=last)), 300)
             return sm, sim.stats()
         finally:
             await sim.stop()
 
     sm, stats = run(main())
     refused = sum(stats["pacing_violations"].values())
-    assert refused >= 1 and sm.pacing_violations == refused
+    assert refused >= 1 and stats["pacing_violations"]["max_60_per_10min"] == refused
+    assert sm.pacing_violations == refused
     assert stats["historical"]["served"] == 2 * n_sessions
     st = statuses(db)
     done = [s for s in st.values() if s["status"] != "HOLIDAY"]
@@ -472,55 +485,73 @@ def test_disconnect_while_resolving_contracts_reconnects(db):
 
 
 def test_connectivity_1100_pauses_requests_until_1102(db):
+    """1100 (connectivity lost) while requests flow: no request is sent from
+    the moment the client reads it until it reads 1102 (restored); then the
+    run goes on and finishes with every session complete."""
     gap = 0.6
 
     async def main():
         sim = RecordingSim(**sim_kw(generate=("AAPL", "MSFT"), pacing_scale=0.002))
         await sim.start()
-        marks = {}
+        lim = PacingLimiter(scale=0.002, keep_history=True)
+        bf = Backfill(settings(sim, 0.002), contracts("AAPL", "MSFT"), BackfillStore(db), limiter=lim,
+                      notifier=Notes())
+        sent_when: dict[int, int] = {}      # IB code -> requests the client had sent when it read that code
 
-        async def cut():
-            while len(sim.hist_log) < 20:
-                await asyncio.sleep(0.002)
-            marks["lost"] = time.monotonic()
-            sim.connectivity_loss(gap=gap, data_lost=False)
+        def on_error(req_id, code, text, contract):
+            if code in (1100, 1102):
+                sent_when.setdefault(code, bf.summary.requests)
 
+        def cut(n: int) -> None:
+            if n == 20:                     # mid-run: the 20th request read, more to come
+                bf.ib.errorEvent += on_error
+                sim.connectivity_loss(gap=gap, data_lost=False)
+
+        sim.on_request = cut
         try:
-            task = asyncio.create_task(cut())
-            sm, _ = await backfill(db, contracts("AAPL", "MSFT"), Selection(first=dt.date(2024, 1, 2),
-                                                                           last=dt.date(2024, 2, 15)), sim, scale=0.002)
-            await task
-            return sm, sim.stats(), sim.hist_log, marks["lost"]
+            sm = await asyncio.wait_for(bf.run(Selection(first=dt.date(2024, 1, 2), last=dt.date(2024, 2, 15))),
+                                        300)
+            return sm, sim.stats(), sent_when
         finally:
             await sim.stop()
 
-    sm, stats, log, lost = run(main())
+    sm, stats, sent_when = run(main())
     assert stats["connections"]["connectivity_losses"] == 1 and sm.connectivity_losses == 1
-    during = [t for t, _, _ in log if lost + 0.05 < t < lost + gap - 0.01]
-    after = [t for t, _, _ in log if t >= lost + gap]
-    assert during == [] and after
+    assert set(sent_when) == {1100, 1102}, sent_when
+    assert sent_when[1102] == sent_when[1100]           # nothing sent while connectivity was lost
+    assert sm.requests > sent_when[1102]                # requests went on after 1102
     assert sm.failed is None and sm.reconnects == 0
     assert all(s["status"] == "COMPLETE" for s in statuses(db).values() if s["status"] != "HOLIDAY")
 
 
 def test_connectivity_1101_data_lost_resends_open_requests(db):
-    """1100 then 1101 ("data lost") while requests are open (the simulator
-    answers after 50 ms): the open requests are cancelled and sent again, the
-    run finishes with every session complete."""
+    """1100 then 1101 ("data lost") while requests are open: the open requests
+    are cancelled and sent again, the run finishes with every session
+    complete.  The simulator answers after 50 ms, but after 30 s from the
+    10th request on until the client has read 1101, so requests are certainly
+    open then (and a client ignoring 1101 would wait for those answers: the
+    request timeout is longer)."""
     async def main():
         sim = RecordingSim(**sim_kw(generate=("AAPL", "MSFT"), latency=0.05))
         await sim.start()
+        lim = PacingLimiter(scale=0.001, keep_history=True)
+        bf = Backfill(settings(sim, 0.001, request_timeout=60), contracts("AAPL", "MSFT"), BackfillStore(db),
+                      limiter=lim, notifier=Notes())
 
-        async def cut():
-            while len(sim.hist_log) < 10:
-                await asyncio.sleep(0.002)
-            sim.connectivity_loss(gap=0.01, data_lost=True)
+        def on_error(req_id, code, text, contract):
+            if code == 1101:                # after the client's own handling of it
+                sim.latency = 0.05
 
+        def cut(n: int) -> None:
+            if n == 10:
+                sim.latency = 30.0          # this request (and any before 1101 is read) stays open
+                bf.ib.errorEvent += on_error
+                sim.connectivity_loss(gap=0.01, data_lost=True)
+
+        sim.on_request = cut
         try:
-            task = asyncio.create_task(cut())
-            sm, _ = await backfill(db, contracts("AAPL", "MSFT"), Selection(first=dt.date(2024, 3, 4),
-                                                                           last=dt.date(2024, 3, 22)), sim)
-            await task
+            sm = await asyncio.wait_for(bf.run(Selection(first=dt.date(2024, 3, 4), last=dt.date(2024, 3, 22))),
+                                        300)
             return sm, sim.stats(), requested(sim.hist_log)
         finally:
             await sim.stop()

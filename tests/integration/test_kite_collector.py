@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,7 +106,7 @@ class Collector:
     def output(self) -> str:
         return "\n".join(self.lines)
 
-    def wait_line(self, text: str, timeout: float = 20.0) -> str:
+    def wait_line(self, text: str, timeout: float = 60.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for ln in list(self.lines):
@@ -120,12 +121,12 @@ class Collector:
             time.sleep(0.05)
         raise AssertionError(f"no line with {text!r} in {timeout} s:\n{self.output[-3000:]}")
 
-    def wait(self, timeout: float = 30.0) -> int:
+    def wait(self, timeout: float = 120.0) -> int:
         rc = self.proc.wait(timeout)
         self._reader.join(5)
         return rc
 
-    def stop(self, timeout: float = 30.0) -> int:
+    def stop(self, timeout: float = 120.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.wait(timeout)
@@ -161,7 +162,7 @@ def q(dsn: str, sql: str, *args):
         return cur.fetchall() if cur.description else []
 
 
-def wait_for(fn, timeout: float = 20.0, interval: float = 0.1):
+def wait_for(fn, timeout: float = 60.0, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -194,10 +195,12 @@ def test_recorded_infy_packets_land_with_the_recorded_values(tmp_path, db, colle
     ticker_full.json / ticker_quote.json."""
     want = json.loads(shared_file("kite", f"ticker_{mode}.json").read_text())
     with sim_for(rate=0).running() as sim:
+        before = datetime.now(UTC)
         c = collectors(tmp_path, db, sim, [f"NSE:INFY={mode}"], kite={"decoder": decoder})
         table = f"kite_tick_{mode}"
         assert wait_for(lambda: q(db, f"select count(*) from {table} where instrument_token = %s", INFY)[0][0]), \
             c.output[-2000:]
+        after = datetime.now(UTC)
         assert c.stop() == 0
     cols = ("last_price", "last_traded_quantity", "average_traded_price", "volume_traded", "total_buy_quantity",
             "total_sell_quantity", "open", "high", "low", "close")
@@ -227,7 +230,8 @@ def test_recorded_infy_packets_land_with_the_recorded_values(tmp_path, db, colle
         assert r["ask_price"] == [_d(x["price"]) for x in sell]
         assert r["ask_quantity"] == [x["quantity"] for x in sell]
         assert r["ask_orders"] == [x["orders"] for x in sell]
-    assert abs((datetime.now(UTC) - r["recv_time"]).total_seconds()) < 120
+    # received while the collector ran, before the row was seen in the table
+    assert before <= r["recv_time"] <= after, (before, r["recv_time"], after)
     # the resolved instrument is named in kite_instrument
     assert q(db, "select exchange, tradingsymbol from kite_instrument where instrument_token = %s", INFY) == \
         [("NSE", "INFY")]
@@ -268,7 +272,7 @@ def test_7000_instruments_split_over_three_connections_all_ticking(tmp_path, db,
     with sim_for(rate=0.3, min_nse_equities=10_000).running() as sim:
         c = collectors(tmp_path, db, sim, names)
         conns = wait_for(lambda: len(ticker_conns(sim)) == 3 and
-                         sum(x["subscribed"] for x in ticker_conns(sim)) == 7000 and ticker_conns(sim), timeout=40)
+                         sum(x["subscribed"] for x in ticker_conns(sim)) == 7000 and ticker_conns(sim), timeout=120)
         assert conns, c.output[-2000:]
         sizes = sorted(x["subscribed"] for x in conns)
         assert sizes == [2333, 2333, 2334] and max(sizes) <= 3000
@@ -276,13 +280,13 @@ def test_7000_instruments_split_over_three_connections_all_ticking(tmp_path, db,
         assert len(tokens) == len(set(tokens)) == 7000
         # every instrument's ticks reach the database
         assert wait_for(lambda: q(db, "select count(distinct instrument_token) from kite_tick_quote")[0][0] == 7000,
-                        timeout=40), q(db, "select count(distinct instrument_token) from kite_tick_quote")
+                        timeout=120), q(db, "select count(distinct instrument_token) from kite_tick_quote")
         # and all three connections keep ticking after the subscription snapshot
         sent0 = {x["id"]: x["packets_sent"]["quote"] for x in ticker_conns(sim)}
         ticking = lambda: all(x["packets_sent"]["quote"] > sent0[x["id"]] for x in ticker_conns(sim))
-        assert wait_for(ticking, timeout=10), (sent0, ticker_conns(sim))
+        assert wait_for(ticking), (sent0, ticker_conns(sim))
         n0 = q(db, "select count(*) from kite_tick_quote")[0][0]
-        assert wait_for(lambda: q(db, "select count(*) from kite_tick_quote")[0][0] > n0 + 3000, timeout=15)
+        assert wait_for(lambda: q(db, "select count(*) from kite_tick_quote")[0][0] > n0 + 3000, timeout=120)
         assert sim.stats()["subscribe_over_limit"] == 0 and sim.stats()["refused_429"] == 0
         assert c.stop() == 0
     assert "7000 instruments" in c.wait_line("feed-zerodha starting") and "over 3 connection(s)" in c.output
@@ -292,7 +296,7 @@ def test_10000_instruments_are_refused_with_the_message(tmp_path, db, collectors
     names = [f"NSE:SIMEQ{i:05d}" for i in range(1, 10_001)]
     with sim_for(rate=0).running() as sim:
         c = collectors(tmp_path, db, sim, names)
-        rc = c.wait(30)
+        rc = c.wait()
         assert sim.stats()["connections_total"] == 0
     assert rc == 78
     assert "10000 instruments requested, but one API key carries at most 9000 (3 connections x 3000 instruments" \
@@ -312,20 +316,17 @@ def test_silent_connection_is_detected_and_reconnected(tmp_path, db, collectors)
         first = wait_for(lambda: ticker_conns(sim))
         assert first, c.output[-2000:]
         cid = first[0]["id"]
-        wait_for(lambda: q(db, "select count(*) from kite_tick_full")[0][0] >= 2)
-        t0 = time.monotonic()
-        sim.fault_silence(60, connection=cid)
-        new = wait_for(lambda: [x for x in ticker_conns(sim) if x["id"] != cid], timeout=30)
-        took = time.monotonic() - t0
+        assert wait_for(lambda: q(db, "select count(*) from kite_tick_full")[0][0] >= 2), c.output[-2000:]
+        sim.fault_silence(600, connection=cid)      # silent for longer than the test waits
+        # the collector notices the silence and drops the connection; KiteTicker connects again
+        line = c.wait_line("dropping it to reconnect")
+        assert "connection 1 silent for" in line, line
+        new = wait_for(lambda: [x for x in ticker_conns(sim) if x["id"] != cid])
         assert new, c.output[-2000:]
-        # detection after silence_timeout (checked every silence_timeout/4), then KiteTicker's
-        # first reconnection delay (about 2.7 s, with jitter)
-        assert silence_timeout <= took <= silence_timeout + 1.0 + 5.0, took
-        assert "connection 1 silent for" in c.output and "dropping it to reconnect" in c.output
         reconnected_at = datetime.fromtimestamp(new[0]["connected_at"], UTC)
         # ticks flow again, stored
         assert wait_for(lambda: q(db, "select count(*) from kite_tick_full where recv_time > %s",
-                                  reconnected_at)[0][0] >= 2, timeout=10)
+                                  reconnected_at)[0][0] >= 2), c.output[-2000:]
         # resubscribed in the right modes (read now: the snapshot above may predate the subscription)
         modes = [x["modes"] for x in ticker_conns(sim) if x["id"] == new[0]["id"]]
         assert modes == [{"ltp": 0, "quote": 1, "full": 1}], modes
@@ -336,25 +337,30 @@ def test_silent_connection_is_detected_and_reconnected(tmp_path, db, collectors)
 def test_disconnect_loses_nothing_sent_after_reconnect(tmp_path, db, collectors):
     with sim_for(rate=20).running() as sim:
         c = collectors(tmp_path, db, sim, [f"NSE:SIMEQ{i:05d} full" for i in range(1, 21)] +
-                       [f"NSE:SIMEQ{i:05d} ltp" for i in range(21, 31)], kite={"silence_timeout": 30.0})
+                       [f"NSE:SIMEQ{i:05d} ltp" for i in range(21, 31)], kite={"silence_timeout": 300.0})
         first = wait_for(lambda: ticker_conns(sim))
         assert first, c.output[-2000:]
-        time.sleep(1.0)
+        # disconnect while ticks are flowing and being stored
+        assert wait_for(lambda: q(db, "select count(*) from kite_tick_full")[0][0] > 0), c.output[-2000:]
         sim.fault_disconnect()                      # TCP abort, no close frame
-        new = wait_for(lambda: [x for x in ticker_conns(sim) if x["id"] != first[0]["id"]], timeout=20)
+        new = wait_for(lambda: [x for x in ticker_conns(sim) if x["id"] != first[0]["id"]])
         assert new, c.output[-2000:]
         cid, since = new[0]["id"], datetime.fromtimestamp(new[0]["connected_at"], UTC)
-        time.sleep(3.0)
-        sim.fault_silence(60, connection=cid)       # freeze: no more packets on the new connection
-        time.sleep(0.2)
-        sent = [x for x in ticker_conns(sim) if x["id"] == cid][0]["packets_sent"]
-        n_sent = sent["full"] + sent["quote"] + sent["ltp"]
+
+        def sent_on_new() -> int:
+            sent = [x for x in ticker_conns(sim) if x["id"] == cid][0]["packets_sent"]
+            return sent["full"] + sent["quote"] + sent["ltp"]
+        assert wait_for(lambda: sent_on_new() > 400), sent_on_new()
+        # freeze: no more packets on the new connection.  The count read after it is final: the
+        # silence and the counter both live on the simulator's loop.
+        sim.fault_silence(600, connection=cid)
+        n_sent = sent_on_new()
         assert n_sent > 400
 
         def stored():
             return sum(q(db, f"select count(*) from kite_tick_{m} where recv_time >= %s", since)[0][0]
                        for m in ("full", "quote", "ltp"))
-        assert wait_for(lambda: stored() == n_sent, timeout=10), (stored(), sent)
+        assert wait_for(lambda: stored() == n_sent), (stored(), n_sent)
         assert c.stop() == 0
     assert stored() == n_sent
     dups = q(db, "select count(*) - count(distinct (instrument_token, recv_time, seq)) from kite_tick_full")[0][0]
@@ -368,7 +374,7 @@ def test_malformed_packet_and_text_messages_are_counted_not_fatal(tmp_path, db, 
         sim.fault_malformed("bad_length")
         sim.fault_malformed("truncated")
         sim.send_text("message", "simulated notice")
-        c.wait_line("malformed 2", timeout=15)
+        c.wait_line("malformed 2")
         c.wait_line("text message from Kite")
         n = q(db, "select count(*) from kite_tick_quote")[0][0]
         assert wait_for(lambda: q(db, "select count(*) from kite_tick_quote")[0][0] > n + 5)
@@ -393,7 +399,7 @@ def test_token_revoked_at_kite_is_refused_at_start_and_during_the_session(tmp_pa
         c = collectors(tmp_path / "a", db, sim, ["NSE:SIMEQ00004 ltp"])
         assert wait_for(lambda: q(db, "select count(*) from kite_tick_ltp")[0][0] >= 1), c.output[-2000:]
         sim.fault_expire_tokens(disconnect=True)     # Kite's morning flush, mid-session
-        rc = c.wait(40)
+        rc = c.wait()
         assert rc == 77, c.output[-3000:]
         assert "Kite refused the access token on the ticker (HTTP 403)" in c.output
         assert "stopped: all rows committed or spooled" in c.output
@@ -410,9 +416,7 @@ def test_day_without_session_ends_at_once_successfully(tmp_path, db, collectors)
     with sim_for(rate=0).running() as sim:
         c = collectors(tmp_path, db, sim, ["NSE:INFY"], token="none",
                        kite={"session_calendar": "XNSE", "extra_holidays": [today.isoformat()]})
-        t0 = time.monotonic()
-        assert c.wait(30) == 0
-        assert time.monotonic() - t0 < 15
+        assert c.wait() == 0
         assert sim.stats()["connections_total"] == 0
     assert f"no NSE session on {today:%A %Y-%m-%d} (holiday in kite.extra_holidays): nothing to collect, exiting" \
         in c.output
@@ -488,29 +492,49 @@ class NotifySocket:
         self.sock.close()
 
 
+def _stall_status(msg: str, flow_timeout: float) -> bool:
+    """A STATUS= line saying nothing arrived for longer than ``flow_timeout``: every
+    kind with data shows a max-age beyond it (the youngest message is older)."""
+    if not msg.startswith("STATUS="):
+        return False
+    ages = [float(a) for a in re.findall(r" max-age ([\d.]+)s", msg)]
+    return bool(ages) and min(ages) > flow_timeout + 0.5
+
+
 def test_ready_status_and_watchdog_follow_the_data(tmp_path, db, collectors, monkeypatch):
     """READY=1 after the first stored batch; STATUS= lines; WATCHDOG=1 only while
-    messages arrive and rows are stored (a silent feed stops the pings)."""
+    messages arrive and rows are stored (a silent feed stops the pings, data
+    flowing again brings them back)."""
+    flow_timeout = 2.0
     ns = NotifySocket(tmp_path / "notify")
     monkeypatch.setenv("NOTIFY_SOCKET", ns.path)
     monkeypatch.setenv("WATCHDOG_USEC", "3000000")          # pings every second
     try:
         with sim_for(rate=5).running() as sim:
             c = collectors(tmp_path / "c", db, sim, ["NSE:SIMEQ00012 quote"],
-                           kite={"silence_timeout": 60.0}, sink_extra={"flow_timeout": 2.0}, notify=True)
-            assert wait_for(lambda: ns.times("READY=1"), timeout=20), c.output[-2000:]
+                           kite={"silence_timeout": 300.0}, sink_extra={"flow_timeout": flow_timeout}, notify=True)
+            assert wait_for(lambda: ns.times("READY=1")), c.output[-2000:]
             ready = ns.times("READY=1")[0]
             first_commit = c.wait_line("first batch stored; READY")
             assert first_commit
-            assert wait_for(lambda: len([t for t in ns.times("WATCHDOG=1") if t > ready]) >= 3, timeout=10)
+            assert wait_for(lambda: len([t for t in ns.times("WATCHDOG=1") if t > ready]) >= 3)
             assert any(m.startswith("STATUS=quote ") or m.startswith("STATUS=frames ") for _, m in ns.msgs)
             conn = ticker_conns(sim)[0]["id"]
-            sim.fault_silence(8, connection=conn)          # no ticks, no heartbeats for 8 s
-            t0 = time.monotonic()
-            time.sleep(6.0)
-            pings = [t - t0 for t in ns.times("WATCHDOG=1") if t > t0]
-            assert pings and max(pings) < 3.5, pings      # stopped once nothing arrived for flow_timeout
-            assert wait_for(lambda: [t for t in ns.times("WATCHDOG=1") if t > t0 + 8], timeout=10)  # resumed
+            sim.fault_silence(600, connection=conn)        # no ticks, no heartbeats until told otherwise
+            mark = len(ns.msgs)
+            msgs = lambda: [m for _, m in ns.msgs[mark:]]
+            # the collector reports the stall ...
+            assert wait_for(lambda: any(_stall_status(m, flow_timeout) for m in msgs())), msgs()
+            stall = next(i for i, m in enumerate(msgs()) if _stall_status(m, flow_timeout))
+            # ... and keeps reporting it (the supervise loop goes on) without a single ping
+            assert wait_for(lambda: sum(m.startswith("STATUS=") for m in msgs()[stall + 1:]) >= 3), msgs()
+            during = msgs()[stall:]
+            assert "WATCHDOG=1" not in during, during
+            sim.fault_silence(0, connection=conn)          # data flows again
+            n = q(db, "select count(*) from kite_tick_quote")[0][0]
+            assert wait_for(lambda: q(db, "select count(*) from kite_tick_quote")[0][0] > n), c.output[-2000:]
+            # pings again once data arrives and is stored
+            assert wait_for(lambda: "WATCHDOG=1" in msgs()[stall + len(during):]), msgs()
             assert c.stop() == 0
         assert ns.times("STOPPING=1")
     finally:
@@ -525,22 +549,27 @@ def _ist_now():
 def test_collector_stops_cleanly_after_the_session_close(tmp_path, db, collectors):
     """A session (XNSE calendar plus kite.extra_sessions) that closed a moment
     ago, with stop_after_close ending a few seconds from now: the collector
-    collects, then stops by itself with every row stored, exit 0."""
+    collects, then stops by itself with every row stored, exit 0.  (The stop
+    time is a real wall-clock moment; the few seconds only leave time to start.)"""
     now = _ist_now()
     close = now.replace(second=0, microsecond=0)
     if close.hour == 0 and close.minute == 0:
         pytest.skip("at midnight IST a session cannot have closed earlier the same day")
     open_ = close.replace(hour=close.hour - 1) if close.hour else close.replace(minute=0)
-    stop_after = (now - close).total_seconds() + 6.0
+    stop_after = (now - close).total_seconds() + 10.0
     with sim_for(rate=5).running() as sim:
         c = collectors(tmp_path, db, sim, ["NSE:SIMEQ00013 quote"],
                        kite={"session_calendar": "XNSE", "stop_after_close": stop_after},
                        sections={"kite.extra_sessions": {now.date().isoformat(): [f"{open_:%H:%M}", f"{close:%H:%M}"]}})
         assert wait_for(lambda: q(db, "select count(*) from kite_tick_quote")[0][0] >= 3), c.output[-2000:]
-        assert c.wait(30) == 0
+        assert c.wait() == 0
     assert f"session {now.date()} {open_:%H:%M}-{close:%H:%M} IST" in c.output
-    assert "session over (stop time" in c.output and "stopped: all rows committed or spooled" in c.output
-    assert q(db, "select count(*) from kite_tick_quote")[0][0] >= 10
+    assert "session over (stop time" in c.output
+    stop = re.search(r"stopped: all rows committed or spooled \(([\d,]+) committed, 0 spooled, 0 rejected, 0 lost",
+                     c.output)
+    assert stop, c.output[-3000:]
+    # every row it received is in the table, the ones seen while it ran and the rest
+    assert q(db, "select count(*) from kite_tick_quote")[0][0] == int(stop.group(1).replace(",", "")) >= 3
 
 
 def test_before_the_session_it_reports_ready_and_waits(tmp_path, db, collectors, monkeypatch):
@@ -562,7 +591,7 @@ def test_before_the_session_it_reports_ready_and_waits(tmp_path, db, collectors,
                                                              [f"{open_:%H:%M}", f"{open_ + timedelta(minutes=1):%H:%M}"]}})
             line = c.wait_line("waiting for the session")
             assert f"connecting at {open_ - timedelta(minutes=5):%Y-%m-%d %H:%M} IST" in line
-            assert wait_for(lambda: ns.times("READY=1") and len(ns.times("WATCHDOG=1")) >= 2, timeout=10)
+            assert wait_for(lambda: ns.times("READY=1") and len(ns.times("WATCHDOG=1")) >= 2)
             assert any(m.startswith("STATUS=waiting for the session") for _, m in ns.msgs)
             assert sim.stats()["connections_total"] == 0
             assert c.stop() == 0

@@ -1,6 +1,7 @@
 """Binance message -> row conversion, on real recorded frames."""
 import json
-from datetime import datetime, timezone
+import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -59,9 +60,18 @@ def test_ms_text_is_exact_and_parses_back(ms):
     assert A.text_to_dt(A.ms_text(ms)) == A.ms_to_dt(ms)
 
 
+def _epoch_us(t: datetime) -> int:
+    return (t - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+
+
 def test_now_text_is_current_utc():
-    t = A.text_to_dt(A.now_text())
-    assert abs((t - datetime.now(timezone.utc)).total_seconds()) < 1
+    """The text is the wall clock read between the two readings around the call (UTC, microseconds)."""
+    before = time.time_ns() // 1000
+    text = A.now_text()
+    after = time.time_ns() // 1000
+    t = A.text_to_dt(text)
+    assert t.utcoffset() == timedelta(0) and text.endswith("+00:00")
+    assert before <= _epoch_us(t) <= after, (before, text, after)
 
 
 T0 = 1_626_992_741_017          # 2021-07-22 22:25:41.017 UTC, as in the recording
