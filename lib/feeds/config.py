@@ -38,7 +38,6 @@ class ConfigError(Exception):
         super().__init__(f"configuration error in {self.file}: key '{key}': {reason}")
 
 
-_MISSING = object()
 
 
 class Config:
@@ -93,29 +92,6 @@ class Config:
     def secret(self, key: str) -> str:
         """The secret in the file named by setting ``key`` (see :func:`read_secret`)."""
         return read_secret(self.require(key), key, self.file)
-
-    def get(self, key: str, typ: type | tuple = object, default: Any = _MISSING,
-            check: Callable[[Any], str | None] | None = None) -> Any:
-        """Value at dotted ``key`` checked against ``typ``; ``check`` returns an
-        error text or None.  Kept for code that reads a raw document; programs
-        use the declarations of :mod:`feeds.settings`."""
-        node: Any = self.data
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                if default is _MISSING:
-                    raise ConfigError(key, self.file, "missing")
-                return default
-            node = node[part]
-        if typ is float and isinstance(node, int) and not isinstance(node, bool):
-            node = float(node)
-        if not isinstance(node, typ) or (typ is int and isinstance(node, bool)):
-            names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
-            raise ConfigError(key, self.file, f"expected {names}, got {type(node).__name__} {node!r}")
-        if check is not None:
-            err = check(node)
-            if err:
-                raise ConfigError(key, self.file, err)
-        return node
 
 
 def read_secret(path: str | os.PathLike, key: str, file: str | os.PathLike) -> str:

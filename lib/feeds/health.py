@@ -134,12 +134,6 @@ class Health:
     _mlines: int = 0               # lines logged in it
     _msuppressed: int = 0          # lines not logged in it
 
-    @property
-    def extra(self) -> dict:
-        """The figures (read and updated in place by collectors that still
-        supervise themselves; others return them from ``figures()``)."""
-        return self.figures
-
     def stream(self, name: str) -> StreamHealth:
         """The counters of stream ``name`` (created on first use)."""
         s = self.streams.get(name)
@@ -231,11 +225,34 @@ class Health:
         return age is not None and age < self.flow_timeout
 
     def storing(self) -> bool:
-        if self.sink is None:
+        """The sink keeps up: nothing pending, or a commit or spool write
+        within ``flow_timeout``, or rows deliberately held in memory
+        (back-pressure: neither the database nor the spool takes them) by a
+        writer that is alive and retrying.  Killing the process then would
+        lose exactly the rows it holds."""
+        sink = self.sink
+        if sink is None:
             return True
-        if self.sink.fatal:
+        if sink.fatal:
             return False
-        return self.sink.pending == 0 or time.monotonic() - self.sink.last_progress < self.flow_timeout
+        if sink.unsettled == 0 or time.monotonic() - sink.last_progress < self.flow_timeout:
+            return True
+        return bool(sink.held) and sink.writer_alive()
+
+    def attach(self, sink: Sink) -> None:
+        """Judge storage by ``sink``, and keep the watchdog fed while a
+        producer is blocked in :meth:`Sink.add` by back-pressure (the event
+        loop, and with it :meth:`tick`, is blocked then; the socket's unread
+        data waits in the kernel, so the venue is not silent)."""
+        self.sink = sink
+        sink.on_wait = self.sink_waiting
+
+    def sink_waiting(self) -> None:
+        """Called by the sink about once a second while a producer waits:
+        WATCHDOG=1 while the sink still stores or holds its rows alive."""
+        if self.ready and self.storing():
+            self.notifier.notify("WATCHDOG=1")
+            self.pings += 1
 
     def tick(self) -> bool:
         """Send READY once stored, and WATCHDOG=1 if healthy; returns healthy."""

@@ -6,6 +6,13 @@ already-applied migration whose file content changed is refused with
 :class:`MigrationError` (the database is left untouched), because the schema
 in the database would no longer match the file.  A transaction-level
 advisory lock serialises concurrent runs (two units starting at once).
+
+Session limits (:func:`feeds.db.connect`): no statement timeout (a migration
+may rebuild a large table); a statement waits at most :data:`LOCK_TIMEOUT`
+seconds for a table lock, so that a migration queued behind a long query does
+not hold up the collectors' inserts queued behind it (it fails and is
+rolled back instead); waiting for a concurrent run's advisory lock has no
+limit.
 """
 from __future__ import annotations
 
@@ -17,9 +24,14 @@ from pathlib import Path
 
 import psycopg
 
+from .db import connect
+
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _LOCK_KEY = 0x6665656473  # "feeds"
+
+#: Seconds a migration statement may wait for a lock (PostgreSQL ``lock_timeout``).
+LOCK_TIMEOUT = 30.0
 
 
 class MigrationError(Exception):
@@ -70,13 +82,16 @@ def apply(dsn: str, sql_dir: Path | None = None) -> list[str]:
     """
     migs = discover(sql_dir or default_sql_dir())
     applied: list[str] = []
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with connect(dsn, application_name="feed-migrate", statement_timeout=0, lock_timeout=LOCK_TIMEOUT) as conn:
         conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
             version text PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
             applied_at timestamptz NOT NULL DEFAULT now())""")
         for mig in migs:
             with conn.transaction():
+                # a concurrent run may take long: wait for it without limit, then the lock limit again
+                conn.execute("SELECT set_config('lock_timeout', '0', true)")
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(LOCK_TIMEOUT * 1000)}",))
                 row = conn.execute("SELECT name, checksum FROM schema_migrations WHERE version = %s",
                                    (mig.version,)).fetchone()
                 if row:

@@ -101,9 +101,6 @@ class Service:
         sink: the ``[sink]`` settings (:func:`sink_settings`); needed with ``tables``.
         status_interval: seconds between status lines.
         heartbeat_interval: seconds between heartbeat rows.
-        supervise: False for a collector that still runs its own supervise
-            loop (tick, status, heartbeat); the runtime then only starts it
-            and stops it cleanly.
         notifier: sd_notify sender (default: :func:`feeds.runtime.sd_notifier`).
         close_timeout: seconds the sink may take to flush at stop.
 
@@ -111,7 +108,7 @@ class Service:
     """
 
     def __init__(self, unit: str, dsn: str, *, tables: Iterable[Table] = (), sink: dict | None = None,
-                 status_interval: float = 10.0, heartbeat_interval: float = 10.0, supervise: bool = True,
+                 status_interval: float = 10.0, heartbeat_interval: float = 10.0,
                  notifier=None, close_timeout: float = 60.0):
         self.unit, self.dsn = unit, dsn
         self.tables = tuple(tables)
@@ -119,7 +116,6 @@ class Service:
         self.status_interval = status_interval
         self.heartbeat_interval = heartbeat_interval
         self.watchdog_interval = watchdog_interval(2.0)
-        self.supervise = supervise
         self.close_timeout = close_timeout
         self.notifier = notifier or sd_notifier()
         self.health = Health(unit=unit, flow_timeout=self.sink_settings.get("flow_timeout", 20.0),
@@ -153,24 +149,29 @@ class Service:
         try:
             if self.tables:
                 self.sink = self._make_sink()
-                self.health.sink = self.sink
+                self.health.attach(self.sink)
             collector = prepare(self)
             if inspect.isawaitable(collector):
                 collector = await collector
             if collector is not None and not self.stop.is_set():
                 if self.sink is not None:
                     tune_gc()           # a few short-lived containers per message: collect less often
-                rc = await self._collect(collector)
+                rc = await self.collect(collector)
         except Exception as e:
             log.critical("collector failed: %s", e, exc_info=True)
             rc = 1
         return await self._finish(rc)
 
     # ------------------------------------------------------------ running
-    async def _collect(self, collector: Collector) -> int:
+    async def collect(self, collector: Collector) -> int:
+        """Run ``collector`` until :attr:`stop` is set, under the supervise
+        loop (with this service's :attr:`health`, :attr:`sink` and
+        :attr:`stop`); returns its exit status (1 when the sink's writer
+        died).  :meth:`serve` calls it; a test may call it with a sink and
+        stop event of its own."""
         self.collector = collector
         task = asyncio.ensure_future(collector.run(self.stop))
-        sup = asyncio.ensure_future(self._supervise(collector, task)) if self.supervise else None
+        sup = asyncio.ensure_future(self._supervise(collector, task))
         try:
             rc = await task
         finally:
@@ -271,7 +272,7 @@ class Service:
             h.last_status = line
             (log.info if whole else log.error)("%s", line)
         h.state = "stopped" if rc == 0 else "failed"
-        if self.collector is not None and self.supervise:
+        if self.collector is not None:
             self._figures(self.collector)
         if self.dsn:
             await asyncio.to_thread(h.heartbeat, self.dsn)

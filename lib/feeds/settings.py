@@ -36,6 +36,7 @@ from .config import Config, ConfigError, non_negative, one_of, positive, within
 from .kite import adapter as kite_adapter
 from .kite.instruments import MAX_CONNECTIONS_PER_API_KEY, MAX_INSTRUMENTS_PER_CONNECTION
 from .kite.login import CHROMIUM_FLAGS, Selectors
+from .plausible import INT64_MAX
 
 REQUIRED = object()
 """Default of a setting that must be given."""
@@ -243,6 +244,7 @@ MAINTAIN = (
 )
 
 _KINDS = binance_adapter.KINDS
+_ID_KINDS = (binance_adapter.AGG_TRADE, binance_adapter.BOOK_TICKER)
 BINANCE = (
     Setting("binance.rest_url", str, REQUIRED, "Binance USD-M futures REST base URL", url("http", "https")),
     Setting("binance.ws_url", str, REQUIRED, "Binance USD-M futures WebSocket base URL", url("ws", "wss")),
@@ -272,6 +274,16 @@ BINANCE = (
     Setting("binance.stale_after", dict[str, float], {}, "seconds of silence after which a stream kind's "
             "connection is replaced", non_negative,
             entry=lambda k: None if k in _KINDS else f"unknown stream kind; use one of {sorted(_KINDS)}"),
+    Setting("binance.max_future_s", float, 600.0, "seconds a venue time may lie ahead of now; later ones "
+            "are malformed", within(1, 86400, unit="s")),
+    Setting("binance.max_id_jump", dict[str, int], {}, "per id-carrying kind, the largest step of an id "
+            "(aggTrade a, bookTicker u) accepted on one message; unset: aggTrade 1000000, bookTicker "
+            "10000000000", within(1, INT64_MAX),
+            entry=lambda k: None if k in _ID_KINDS else f"no id to guard; use one of {sorted(_ID_KINDS)}"),
+    Setting("binance.id_confirmations", int, 2, "further messages that must continue a larger id step "
+            "before it is accepted", within(1, 20)),
+    Setting("binance.id_adopt_lone_after", float, 60.0, "seconds after which the held first ids of a "
+            "symbol without state are accepted when nothing contradicts them", within(0, 3600, unit="s")),
 )
 
 KITE = (

@@ -138,25 +138,6 @@ class SinkOutcome:
                 f"{self.lost:,} lost")
 
 
-def load_sink_settings(cfg, default_spool_dir: str) -> dict:
-    """Validate a program's ``[sink]`` section (a :class:`feeds.config.Config`).
-
-    Keys: ``spool_dir`` (used when systemd gives no StateDirectory),
-    ``flow_timeout`` (s without data or storage progress before watchdog
-    pings stop), ``flush_interval`` (0 < s <= 1), ``batch_rows``,
-    ``max_pending``.  Raises :class:`feeds.config.ConfigError`.
-    """
-    from .config import positive
-    return dict(
-        spool_dir=cfg.get("sink.spool_dir", str, default_spool_dir),
-        flow_timeout=cfg.get("sink.flow_timeout", float, 20.0, check=positive),
-        flush_interval=cfg.get("sink.flush_interval", float, 0.2,
-                               check=lambda v: None if 0 < v <= 1.0 else "must be > 0 and <= 1.0 s"),
-        batch_rows=cfg.get("sink.batch_rows", int, 20_000, check=positive),
-        max_pending=cfg.get("sink.max_pending", int, 200_000, check=positive),
-    )
-
-
 class _Every:
     """Journal lines for a recurring condition: the first at once, then at
     most one per ``interval`` seconds, with the number left out meanwhile."""
@@ -619,6 +600,10 @@ class Sink:
         self._guard_stop = threading.Event()
         self.spooling = False
         self.last_progress = time.monotonic()   # last commit or spool write
+        self.writer_beat = time.monotonic()     # last turn of the writer loop
+        # called about once a second by a producer blocked in add()/add_many()
+        # (back-pressure blocks the collector's event loop; see Health.attach)
+        self.on_wait: Callable[[], None] | None = None
         self.last_error: str | None = None
         self.fatal: BaseException | None = None
 
@@ -635,6 +620,12 @@ class Sink:
     def pending(self) -> int:
         """Rows waiting for the writer (besides the batch being written)."""
         return self._count
+
+    @property
+    def unsettled(self) -> int:
+        """Rows neither committed, spooled nor rejected yet: pending plus the
+        batch being written (read without the lock: safe from a wait hook)."""
+        return self._count + self._inflight
 
     def add(self, table: str, row: tuple) -> None:
         """Queue one row for ``table``; blocks while ``max_pending`` rows wait.
@@ -654,6 +645,8 @@ class Sink:
                 self._cond.notify()
             while self._count >= self._room and not self._stopping and not self.fatal:
                 self._cond.wait(1.0)
+                if self.on_wait is not None:
+                    self.on_wait()
 
     def add_many(self, table: str, rows: Sequence[tuple]) -> None:
         """Queue several rows for one table (same rules as :meth:`add`)."""
@@ -669,6 +662,8 @@ class Sink:
             self._cond.notify()
             while self._count >= self._room and not self._stopping and not self.fatal:
                 self._cond.wait(1.0)
+                if self.on_wait is not None:
+                    self.on_wait()
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything added so far is committed, spooled or
@@ -722,6 +717,21 @@ class Sink:
                            rejected=sum(t.rejected for t in tables), lost=pending if closed else 0,
                            pending=pending)
 
+    @property
+    def held(self) -> str | None:
+        """Why rows are held in memory (back-pressure), or None."""
+        return self._held
+
+    def writer_alive(self) -> bool:
+        """The writer thread runs and its loop turned recently (a statement
+        the server does not answer is cut off after about 1.5 x
+        ``statement_timeout``, so a longer silence means it is stuck)."""
+        t = self._thread
+        if t is None or not t.is_alive() or self.fatal:
+            return False
+        limit = max(30.0, 2.0 * (self.statement_timeout or 10.0) + 10.0, 3.0 * self.retry_interval)
+        return self._busy or time.monotonic() - self.writer_beat < limit
+
     def status_reason(self) -> str | None:
         """Why the sink is not simply committing, for STATUS= (None when it is):
         ``BACK-PRESSURE: ...`` (rows held in memory: neither the database nor
@@ -745,7 +755,7 @@ class Sink:
             while True:
                 if self._abandon:
                     return None
-                now = time.monotonic()
+                now = self.writer_beat = time.monotonic()
                 held = now < self._hold_until
                 if not held:
                     if self._count and (self._stopping or self._count >= self.batch_rows

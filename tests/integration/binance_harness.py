@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psycopg
 
+from feeds import service
 from feeds.binance import adapter as A
 from feeds.binance.collector import BinanceCollector, Settings
 from feeds.health import Health
@@ -25,7 +26,8 @@ class NullNotifier:
 
 
 class CollectorThread:
-    """``with CollectorThread(dsn, spool, settings) as c:`` runs the collector;
+    """``with CollectorThread(dsn, spool, settings) as c:`` runs the collector
+    under the runtime's supervise loop (:meth:`feeds.service.Service.collect`);
     leaving the block stops it like SIGTERM does and closes the sink."""
 
     def __init__(self, dsn: str, spool: Path, settings: Settings, **sink_opts):
@@ -42,7 +44,7 @@ class CollectorThread:
 
     def __enter__(self) -> "CollectorThread":
         self.sink = Sink(self.dsn, self.spool, A.TABLES, on_commit=self.health.on_commit, **self.sink_opts).start()
-        self.health.sink = self.sink
+        self.health.attach(self.sink)
         self.collector = BinanceCollector(self.settings, self.sink, self.health, dsn=self.dsn)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -53,8 +55,16 @@ class CollectorThread:
         async def main():
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
+            s = self.settings
+            svc = service.Service(self.health.unit, self.dsn, status_interval=s.status_interval,
+                                  heartbeat_interval=s.heartbeat_interval, notifier=self.notifier)
+            # this thread's sink, health and stop event (no signals: not the main thread)
+            svc.health, svc.sink, svc.stop = self.health, self.sink, self._stop
+            svc.watchdog_interval = s.watchdog_interval
             self._started.set()
-            await self.collector.run(self._stop)
+            rc = await svc.collect(self.collector)
+            if rc:
+                raise RuntimeError(svc.failure or f"collector exited with status {rc}")
         try:
             asyncio.run(main())
         except BaseException as e:      # reported by __exit__

@@ -71,7 +71,9 @@ def test_agg_id_jump_is_filled_from_rest_and_duplicates_skipped():
     async def go():
         for a in (1, 2, 3, 10, 11, 11, 4):        # 4..9 missing; 11 twice; 4 late (older): skipped
             c.handle({"stream": "btcusdt@aggTrade", "data": agg(a)})
+        assert c.gaps_open == {("BTCUSDT", 4)}    # open until its fill has ended
     run(c, go)
+    assert not c.gaps_open
     ids = sorted(r[1] for r in c.sink.rows["binance_agg_trade"])
     assert ids == list(range(1, 12))
     assert c.counters["gaps"] == 1 and c.counters["gap_trades_filled"] == 6
@@ -271,7 +273,7 @@ def test_kline_with_wrong_types_or_far_future_is_malformed_and_handle_does_not_r
 
 
 def test_frame_decoding_and_count_malformed_of_the_runtime_health():
-    """With a Health that has count_malformed/seen (the runtime interface), those are used."""
+    """Messages are recorded with StreamHealth.seen and bad input with Health.count_malformed."""
     from feeds.binance import wire
 
     class SH:
@@ -361,3 +363,58 @@ def test_held_first_ids_are_stored_at_stop_and_unconfirmed_outliers_are_counted(
     c._settle_held_at_stop()
     assert stored(c, "binance_book_ticker") == [u, u + 1, u + 2]
     assert c.health.malformed == before + 1
+
+
+class Notes:
+    def __init__(self):
+        self.sent = []
+
+    def notify(self, m):
+        self.sent.append(m)
+
+
+def test_under_the_runtime_status_lines_figures_and_periodic_replace_a_stale_connection():
+    """feeds.service supervises the collector: per-stream messages reach Health, the
+    status line groups them by kind, periodic() replaces the connection of a stream
+    gone silent, the figures reach Health, and the stop is clean."""
+    from feeds import service
+    notes = Notes()
+    svc = service.Service("feed-binance-unit.service", "", status_interval=0.05, notifier=notes)
+    svc.watchdog_interval = 0.01
+    s = Settings(symbols=["BTCUSDT"], streams=["bookTicker"], connect_stagger=0.0)
+    s.stale_after = {"bookTicker": 0.2}
+    replaced = []
+
+    def prepare(svc):
+        c = BinanceCollector(s, Sink(), svc.health)
+
+        async def fake_slot(slot):
+            slot.opened_at = time.monotonic() - 10.0          # past the grace after opening
+            for u in (1, 2, 3):
+                c.handle(book(u))
+            try:
+                await asyncio.wait_for(slot.replace.wait(), 30)
+                replaced.append(slot.replace_reason)
+            finally:
+                svc.stop.set()
+        c._run_slot = fake_slot
+        made.append(c)
+        return c
+    made = []
+    assert svc.run(prepare) == 0
+    c = made[0]
+    assert replaced == ["stream btcusdt@bookTicker stale"] and c.counters["stale"] == 1
+    assert svc.health.stream("btcusdt@bookTicker").count == 3
+    assert stored(c, "binance_book_ticker") == [1, 2, 3]
+    assert any(m.startswith("STATUS=bookTicker ") for m in notes.sent)
+    assert svc.health.figures["stale"] == 1 and "READY=1" in notes.sent
+
+
+def test_waiting_for_exchange_info_stays_the_status_until_collecting():
+    notes = Notes()
+    c = BinanceCollector(Settings(symbols=[]), Sink(), Health(unit="u", notifier=notes))
+    c._wait_status("waiting for exchangeInfo: connection refused")
+    c.health.status_line(c.stream_kind)               # the runtime's status line (no streams yet)
+    c.periodic()
+    assert c.health.last_status == "waiting for exchangeInfo: connection refused"
+    assert notes.sent[-1] == "STATUS=waiting for exchangeInfo: connection refused"

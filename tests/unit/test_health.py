@@ -13,6 +13,10 @@ class Notifier:
 
 
 class FakeSink:
+    @property
+    def unsettled(self):
+        return self.pending
+
     def __init__(self):
         self.pending = 0
         self.last_progress = time.monotonic()
@@ -20,6 +24,7 @@ class FakeSink:
         self.spooling = False
         self.last_error = None
         self.reason = None
+        self.held = None
 
         class S:
             commits = 0
@@ -144,10 +149,78 @@ def test_figures_and_status_notes():
     s.reason = "BACK-PRESSURE: spool write failed: No space left on device"
     assert "BACK-PRESSURE: spool write failed" in h.status_line(lambda name: name)
     h.set_figures({"gaps": 1})
-    assert h.figures == {"gaps": 1} and h.extra is h.figures
+    assert h.figures == {"gaps": 1}
 
 
 def test_job_without_sink_or_streams_is_ready_and_healthy():
     n = Notifier()
     h = Health(unit="feed-backfill.service", notifier=n)
     assert h.tick() and n.sent == ["READY=1", "WATCHDOG=1"] and h.state == "running"
+
+
+def test_watchdog_fed_while_back_pressure_blocks_the_producer(tmp_path):
+    """Database down and spool full: add() blocks (back-pressure) and the event
+    loop with it.  The sink's wait hook keeps WATCHDOG=1 going while its writer
+    is alive and holds the rows, so systemd does not kill the process and lose
+    them; no row is dropped."""
+    import socket
+    import threading
+
+    from feeds.sink import Sink, Table
+
+    with socket.socket() as s:                      # a port nothing listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    table = Table("t", ("a",))
+    sink = Sink(f"host=127.0.0.1 port={port} dbname=x user=x connect_timeout=1", tmp_path, [table],
+                max_pending=50, flush_interval=0.01, retry_interval=0.2, spool_max_bytes=1,
+                statement_timeout=0).start()
+    n = Notifier()
+    h = Health(unit="u", notifier=n, flow_timeout=0.5)
+    h.attach(sink)
+    h.ready = True
+    done = threading.Event()
+
+    def produce():
+        try:
+            for i in range(200):
+                sink.add("t", (i,))
+        except RuntimeError:                            # the sink closed under it at the end of the test
+            return
+        done.set()
+
+    t = threading.Thread(target=produce, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+                sink.held and time.monotonic() - sink.last_progress > 2 * h.flow_timeout):
+            time.sleep(0.1)
+        assert sink.held and "spool" in sink.held, sink.status_reason()
+        mark = n.sent.count("WATCHDOG=1")               # storage made no progress for a while now
+        while time.monotonic() < deadline and n.sent.count("WATCHDOG=1") < mark + 3:
+            time.sleep(0.1)
+        assert not done.is_set()                        # the producer is held, not its rows dropped
+        assert n.sent.count("WATCHDOG=1") >= mark + 3
+        assert h.storing() and sink.writer_alive()
+        assert sink.pending + sink.outcome().pending >= 50
+    finally:
+        sink.close(0.5)
+    out = sink.outcome()
+    assert out.committed == 0 and out.spooled == 0 and out.rejected == 0
+    assert out.lost > 0                                  # counted, never silent
+
+
+def test_no_watchdog_from_the_wait_hook_once_the_writer_is_dead():
+    class S(FakeSink):
+        held = "spool full"
+
+        def writer_alive(self):
+            return False
+    n = Notifier()
+    h = Health(unit="u", notifier=n, flow_timeout=0.5)
+    h.sink = s = S()
+    s.pending, s.last_progress = 10, time.monotonic() - 60
+    h.ready = True
+    h.sink_waiting()
+    assert "WATCHDOG=1" not in n.sent

@@ -213,18 +213,6 @@ def test_dead_sink_writer_stops_the_collector_and_fails(tmp_path, fake_sink):
     assert made[0].stopped_by_signal and svc.failure.startswith("sink writer failed")
 
 
-def test_a_collector_that_supervises_itself_is_only_started_and_stopped(tmp_path, fake_sink):
-    svc, notes, beats = make(tmp_path, dsn="dbname=x", supervise=False)
-    made = []
-
-    def prepare(s):
-        made.append(Collector(s, rc=None, periodic_calls=0))
-        return made[0]
-    assert svc.run(prepare) == 0
-    assert made[0].periodic_calls == 0 and not notes.status() and "READY=1" not in notes.sent
-    assert fake_sink.made[0].closed and beats == [("stopped", beats[0][1])]
-
-
 def test_sigterm_is_a_clean_stop(tmp_path, fake_sink):
     svc, notes, beats = make(tmp_path)
     made = []

@@ -77,6 +77,11 @@ BIN = '[binance]\nrest_url = "http://127.0.0.1:1"\nws_url = "ws://127.0.0.1:1"\n
     ("[binance.stale_after]\ndepth = 10\n", "binance.stale_after.depth", "unknown stream kind"),
     ("[sink]\nspool_max_bytes = 1024\n", "sink.spool_max_bytes", "must be >= 1048576"),
     ('[database]\ndsn = "host=x port"\n', "database.dsn", "not a valid libpq connection string"),
+    ("id_confirmations = 0\n", "binance.id_confirmations", "must be 1..20"),
+    ("max_future_s = 0\n", "binance.max_future_s", "must be 1..86400 s"),
+    ("id_adopt_lone_after = -1\n", "binance.id_adopt_lone_after", "must be 0..3600 s"),
+    ("[binance.max_id_jump]\naggTrade = 0\n", "binance.max_id_jump.aggTrade", "must be 1.."),
+    ("[binance.max_id_jump]\nticker = 5\n", "binance.max_id_jump.ticker", "no id to guard"),
 ])
 def test_bad_binance_settings_name_the_key(tmp_path, text, key, reason):
     """Lines go into [binance] unless they open a table; ``^``: at the top level."""
@@ -182,3 +187,37 @@ def test_check_document_fills_values_of_a_parsed_document(tmp_path):
     assert cfg["ibkr.port"] == 4002 and cfg["backfill.concurrency"] == 4
     with pytest.raises(KeyError):
         cfg["sink.batch_rows"]                  # not a setting of ibkr.toml
+
+
+def uncommented(text: str) -> str:
+    """``text`` with its commented-out settings (``#key = ...``, ``#[table]``) made active."""
+    return "".join(line[1:] if line.startswith("#") and line[1:2] not in (" ", "#", "") else line
+                   for line in text.splitlines(keepends=True))
+
+
+def test_commented_binance_plausibility_settings_are_valid_and_show_the_defaults(tmp_path):
+    """etc/binance.toml documents the id/time plausibility keys commented out: made
+    active they load, and feed-binance then runs with exactly its defaults."""
+    from feeds.binance.collector import Settings
+    from feeds.binance.main import load_settings
+    text = (ROOT / "etc" / "binance.toml").read_text()
+    active = uncommented(text)
+    assert active != text
+    cfg = doc(tmp_path, BINANCE_FILE, active)
+    keys = {"binance.max_future_s", "binance.max_id_jump", "binance.id_confirmations",
+            "binance.id_adopt_lone_after"}
+    assert keys <= cfg.given
+    got, default = load_settings(cfg), Settings()
+    for k in keys:
+        name = k.split(".", 1)[1]
+        assert getattr(got, name) == getattr(default, name), name
+    assert load_settings(load(ROOT / "etc" / "binance.toml", BINANCE_FILE)).max_id_jump == default.max_id_jump
+
+
+def test_binance_plausibility_settings_reach_the_collector(tmp_path):
+    from feeds.binance.main import load_settings
+    cfg = doc(tmp_path, BINANCE_FILE, BIN + "max_future_s = 30\nid_confirmations = 5\nid_adopt_lone_after = 0\n"
+                                          "[binance.max_id_jump]\nbookTicker = 1000\n")
+    s = load_settings(cfg)
+    assert (s.max_future_s, s.id_confirmations, s.id_adopt_lone_after) == (30.0, 5, 0.0)
+    assert s.max_id_jump == {"aggTrade": 1_000_000, "bookTicker": 1000}       # unset kinds keep their default

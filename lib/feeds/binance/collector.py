@@ -47,8 +47,9 @@ from typing import Callable
 import orjson
 
 from .. import plausible as P
+from ..db import connect
+from ..health import Health, StreamHealth
 from ..sink import Sink
-from ..health import Health
 from . import adapter as A
 from . import wire
 from .rest import BinanceRest
@@ -67,6 +68,10 @@ class Settings:
     held until ``id_confirmations`` further messages continue it;
     ``id_adopt_lone_after`` - seconds after which the held first messages of
     a symbol without any state are accepted when nothing contradicts them.
+
+    ``status_interval``, ``heartbeat_interval``, ``watchdog_interval``
+    (seconds) are for the runtime that runs the collector
+    (:class:`feeds.service.Service`); the collector does not use them.
     """
     rest_url: str = "https://fapi.binance.com"
     ws_url: str = "wss://fstream.binance.com"
@@ -97,24 +102,15 @@ class Settings:
     id_adopt_lone_after: float = 60.0
 
 
-def _seen_fallback(sh) -> Callable[[], None]:
-    """``StreamHealth.seen`` for a Health without it: count one message now."""
-    def seen() -> None:
-        sh.count += 1
-        sh.window_count += 1
-        sh.last = time.monotonic()
-    return seen
-
-
 @dataclass
 class _Route:
     kind: str
     symbol: str
-    health: object
+    health: StreamHealth
     slot: "_Slot"
+    seen: Callable[[], None]   # health.seen, bound once (called per message)
     interval: str = ""
     retired: bool = False      # symbol no longer listed: its silence is expected
-    seen: Callable[[], None] | None = None
 
 
 @dataclass
@@ -179,13 +175,13 @@ class BinanceCollector:
         self.last_ticker: dict[str, int] = {}
         self.last_kline: dict[tuple[str, str], int] = {}
         self.kline_filling: set[tuple[str, str]] = set()
-        self.gaps_open: set[str] = set()
+        self.gaps_open: set[tuple[str, int]] = set()     # aggTrade gaps being filled: (symbol, first id)
         self.counters = {"gaps": 0, "gap_trades_filled": 0, "klines_filled": 0, "reconnects": 0,
                          "rollovers": 0, "stale": 0, "duplicates_skipped": 0, "id_jumps_accepted": 0}
         self._tasks: set[asyncio.Task] = set()
         self._stop: asyncio.Event | None = None
         self.symbols: list[str] = []
-        self._count_malformed = getattr(health, "count_malformed", None)
+        self._waiting = ""          # what run() waits for before collecting (kept as STATUS=)
         A.WINDOW.ahead_ms = int(settings.max_future_s * 1000)
         A.WINDOW.refresh()
 
@@ -206,9 +202,13 @@ class BinanceCollector:
         return f
 
     def periodic(self) -> None:
-        """Every status interval: replace connections of stale streams, accept
-        the lone held first ids of quiet symbols, refresh the time window and
-        (when symbols come from exchangeInfo) re-read the symbol list when due."""
+        """Every status interval (called by the runtime, after its status
+        line): replace connections of stale streams, accept the lone held
+        first ids of quiet symbols, refresh the time window and (when symbols
+        come from exchangeInfo) re-read the symbol list when due.  While
+        :meth:`run` still waits for exchangeInfo, that remains the STATUS=."""
+        if self._waiting:
+            self.health.notify_status(self._waiting)
         self.check_staleness()
         self.release_lone_ids()
         A.WINDOW.refresh()
@@ -218,28 +218,15 @@ class BinanceCollector:
             self._spawn(self.refresh_symbols())
 
     def _malformed(self, where: str, reason: str) -> None:
-        """Count one malformed or implausible input and log it (one line)."""
-        f = self._count_malformed
-        if f is not None:
-            f(where, reason)
-            return
-        h = self.health
-        h.malformed += 1
-        log.warning("malformed input skipped (%d so far): %s: %s", h.malformed, where, reason)
+        """Count one malformed or implausible input and log it (one line, throttled by Health)."""
+        self.health.count_malformed(where, reason)
 
-    def _status(self, text: str) -> None:
-        f = getattr(self.health, "notify_status", None)
-        if f is not None:
-            f(text)
-        else:
-            self.health.notifier.notify(f"STATUS={text}"[:1000])
-
-    def _publish_figures(self) -> None:
-        f = getattr(self.health, "set_figures", None)
-        if f is not None:
-            f(self.figures())
-        else:
-            self.health.extra.update(self.figures())
+    def _wait_status(self, text: str) -> None:
+        """STATUS= while :meth:`run` waits before collecting (exchangeInfo);
+        :meth:`periodic` keeps it over the runtime's status line until the
+        collection starts."""
+        self._waiting = text
+        self.health.notify_status(text)
 
     # ------------------------------------------------------------ planning
     async def discover_symbols(self) -> list[str]:
@@ -271,8 +258,7 @@ class BinanceCollector:
                 slot = _Slot(len(self.slots) + len(slots), cat, [c[0] for c in chunk])
                 for name, kind, sym, iv in chunk:
                     sh = self.health.stream(name)
-                    seen = getattr(sh, "seen", None) or _seen_fallback(sh)
-                    self.routes[name] = _Route(kind, sym, sh, slot, iv, seen=seen)
+                    self.routes[name] = _Route(kind, sym, sh, slot, sh.seen, iv)
                 slots.append(slot)
         return slots
 
@@ -464,17 +450,32 @@ class BinanceCollector:
     def _gap(self, symbol: str, first: int, last: int) -> None:
         self.counters["gaps"] += 1
         log.warning("aggTrade gap %s ids %d..%d (%d missing); filling from REST", symbol, first, last, last - first + 1)
-        self._spawn(self._fill_agg(symbol, first, last, record=True))
+        self._start_fill(symbol, first, last, record=True)
 
     def _gap_sql(self, sql: str, params: tuple) -> None:
         if not self.dsn:
             return
-        import psycopg
         try:
-            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=3) as conn:
+            with connect(self.dsn, application_name="feed-binance", connect_timeout=3) as conn:
                 conn.execute(sql, params)
         except Exception as e:
             log.warning("gap bookkeeping not written (%s)", str(e).strip().splitlines()[0] if str(e) else e)
+
+    def _start_fill(self, symbol: str, first: int, last: int, record: bool = False) -> None:
+        """Fill aggTrade ids ``first..last`` of ``symbol`` from REST in a task
+        (``record``: list the gap in ``binance_agg_gap`` first).  The gap stays
+        in :attr:`gaps_open` until its fill has ended: rows committed and its
+        ``binance_agg_gap`` row deleted, or given up, or stopped (then the row
+        stays for the next start)."""
+        key = (symbol, first)
+        self.gaps_open.add(key)
+
+        async def fill() -> None:
+            try:
+                await self._fill_agg(symbol, first, last, record)
+            finally:
+                self.gaps_open.discard(key)
+        self._spawn(fill())
 
     async def _fill_agg(self, symbol: str, first: int, last: int, record: bool = False) -> None:
         if record:
@@ -701,11 +702,11 @@ class BinanceCollector:
         older version cannot make later trades duplicates."""
         if not self.dsn:
             return
-        import psycopg
         back, ahead = self.s.resume_lookback_hours * 3600, self.s.max_future_s
 
         def q():
-            with psycopg.connect(self.dsn, connect_timeout=5) as conn:
+            # one look-up per symbol (and interval) over the lookback's daily partitions: allow a minute
+            with connect(self.dsn, application_name="feed-binance", statement_timeout=60.0) as conn:
                 aggs = conn.execute(
                     """SELECT s, (SELECT agg_id FROM binance_agg_trade t
                                    WHERE t.symbol = s AND t.trade_time > now() - make_interval(secs => %s)
@@ -738,30 +739,7 @@ class BinanceCollector:
         log.info("resume state: last aggTrade id for %d symbols, last kline for %d, %d unfinished gap fill(s)",
                  sum(1 for _, a in aggs if a is not None), sum(1 for *_, t in kl if t is not None), len(gaps))
         for sym, first, last in gaps:
-            self._spawn(self._fill_agg(sym, first, last))
-
-    async def _supervise(self) -> None:
-        """Stand-alone supervision (until the collector runtime takes it over):
-        figures, watchdog tick, a status line and :meth:`periodic` every
-        status interval, heartbeat; raises when the sink's writer died."""
-        s = self.s
-        h = self.health
-        next_status = time.monotonic() + min(2.0, s.status_interval)
-        next_hb = time.monotonic() + 1.0
-        while not self._stop.is_set():
-            self._publish_figures()
-            h.tick()
-            now = time.monotonic()
-            if now >= next_status:
-                next_status = now + s.status_interval
-                log.info("status: %s", h.status_line(self.stream_kind))
-                self.periodic()
-            if self.dsn and now >= next_hb:
-                next_hb = now + s.heartbeat_interval
-                await asyncio.to_thread(h.heartbeat, self.dsn)
-            if self.sink.fatal:
-                raise RuntimeError(f"sink writer failed: {self.sink.fatal!r}")
-            await self._sleep(s.watchdog_interval)
+            self._start_fill(sym, first, last)
 
     async def refresh_symbols(self) -> tuple[list[str], list[str]]:
         """Re-read exchangeInfo: new perpetuals get connections of their own;
@@ -792,7 +770,12 @@ class BinanceCollector:
         return added, removed
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Collect until ``stop`` is set.  Raises when the sink's writer dies."""
+        """Collect until ``stop`` is set (sets it itself when it fails);
+        returns once every connection is closed and the held first ids are
+        settled.  Raises ValueError when there are no symbols to collect.
+        The runtime (:mod:`feeds.service`) ticks the watchdog, writes status
+        lines and heartbeats, calls :meth:`periodic` and stops the process
+        when the sink's writer dies."""
         self._stop = stop
         self.rest = BinanceRest(self.s.rest_url, self.s.rest_weight_budget)
         try:
@@ -811,7 +794,7 @@ class BinanceCollector:
                 wait = self._backoff(attempt) + 1.0
                 attempt += 1
                 log.warning("exchangeInfo failed (%s); retrying in %.1fs", str(e) or type(e).__name__, wait)
-                self._status(f"waiting for exchangeInfo: {e}"[:200])
+                self._wait_status(f"waiting for exchangeInfo: {e}"[:200])
                 await self._sleep(wait)
         return None
 
@@ -827,18 +810,17 @@ class BinanceCollector:
                  sum(1 for x in self.slots if x.category == "market"),
                  sum(1 for x in self.slots if x.category == "public"))
         await self.load_resume_state()
-        self._status(f"connecting {len(self.slots)} connections")
+        self._waiting = ""
+        self.health.notify_status(f"connecting {len(self.slots)} connections")
         self._next_refresh = time.monotonic() + self.s.symbols_refresh
-        slot_tasks = self._slot_tasks = []
-        for slot in self.slots:
-            slot_tasks.append(asyncio.create_task(self._run_slot(slot)))
-            await asyncio.sleep(self.s.connect_stagger)   # Binance: at most 300 connection attempts / 5 min
-        sup = asyncio.create_task(self._supervise())
+        slot_tasks = self._slot_tasks = []      # refresh_symbols() appends the connections of new listings
         try:
-            done, _ = await asyncio.wait([sup, asyncio.ensure_future(stop.wait())],
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if sup in done and sup.exception():
-                raise sup.exception()
+            for slot in self.slots:
+                if stop.is_set():
+                    break
+                slot_tasks.append(asyncio.create_task(self._run_slot(slot)))
+                await asyncio.sleep(self.s.connect_stagger)   # Binance: at most 300 connection attempts / 5 min
+            await stop.wait()
         finally:
             stop.set()
             done, pending = await asyncio.wait(slot_tasks, timeout=15) if slot_tasks else (set(), set())
@@ -847,7 +829,6 @@ class BinanceCollector:
             if pending:
                 log.warning("%d connection(s) did not close within 15 s; cancelled", len(pending))
                 await asyncio.wait(pending, timeout=5)
-            sup.cancel()
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)

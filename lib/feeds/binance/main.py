@@ -4,7 +4,8 @@ Exit status: 0 after a clean stop (SIGTERM: every buffered row committed or
 spooled), 78 on a configuration error (one line naming the key and file),
 1 on a fatal runtime error or when rows could not be written at the stop
 (systemd restarts the unit).  The process around the collector (sink,
-health, sd_notify, heartbeat, clean stop) is :mod:`feeds.service`.
+health, READY/STATUS/WATCHDOG, status lines, heartbeat, clean stop) is
+:mod:`feeds.service`; the collector is :mod:`feeds.binance.collector`.
 """
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ def load_settings(cfg: Config, shard: str | None = None, symbols: str | None = N
     s = Settings(**{k: cfg[b + k] for k in (
         "rest_url", "ws_url", "symbols", "quote_assets", "streams", "kline_intervals",
         "max_streams_per_connection", "rollover_after", "backoff_max", "rest_weight_budget",
-        "gap_fill_max_trades", "resume_lookback_hours", "status_interval", "symbols_refresh")})
+        "gap_fill_max_trades", "resume_lookback_hours", "status_interval", "symbols_refresh",
+        "max_future_s", "id_confirmations", "id_adopt_lone_after")})
     s.stale_after.update(cfg[b + "stale_after"])
+    s.max_id_jump.update(cfg[b + "max_id_jump"])
     if symbols:
         s.symbols = [x.strip().upper() for x in symbols.split(",") if x.strip()]
         bad = [x for x in s.symbols if not re.fullmatch(r"[A-Z0-9_]+", x)]
@@ -51,13 +54,6 @@ def load_settings(cfg: Config, shard: str | None = None, symbols: str | None = N
             raise ConfigError("--shard", "the command line", err)
     s.shard = _shard(shard or cfg[b + "shard"])
     return s
-
-
-#: True while BinanceCollector runs its own supervise loop (tick, status lines,
-#: heartbeats: its ``_supervise``); the runtime then only starts and stops it.
-#: Without that loop the collector provides stream_kind(), figures() and
-#: periodic() and the runtime supervises.
-SELF_SUPERVISED = hasattr(BinanceCollector, "_supervise")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,9 +75,8 @@ def main(config_path: str, shard: str | None, symbols: str | None, unit: str | N
     log.info("feed-binance starting: config %s, rest %s, ws %s, shard %dof%d",
              config_path, settings.rest_url, settings.ws_url, *settings.shard)
     svc = service.Service(unit, dsn, tables=A.TABLES, sink=sk, status_interval=settings.status_interval,
-                          heartbeat_interval=settings.heartbeat_interval, supervise=not SELF_SUPERVISED)
+                          heartbeat_interval=settings.heartbeat_interval)
 
     def prepare(svc: service.Service) -> BinanceCollector:
-        settings.watchdog_interval = svc.watchdog_interval
         return BinanceCollector(settings, svc.sink, svc.health, dsn=dsn)
     sys.exit(svc.run(prepare))

@@ -132,8 +132,8 @@ def merge_specs(*groups: Iterable[InstrumentSpec]) -> list[InstrumentSpec]:
 def read_spec_table(dsn: str, default_mode: str) -> list[InstrumentSpec]:
     """Enabled rows of ``kite_subscription`` (exchange, tradingsymbol, mode).
     Raises psycopg errors when the database cannot be read."""
-    import psycopg
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+    from ..db import connect
+    with connect(dsn, application_name="feed-zerodha") as conn:
         rows = conn.execute("SELECT exchange, tradingsymbol, coalesce(mode, %s) FROM kite_subscription "
                             "WHERE enabled ORDER BY exchange, tradingsymbol", (default_mode,)).fetchall()
     return [InstrumentSpec(e.upper(), s, m) for e, s, m in rows]
