@@ -184,6 +184,14 @@ class Service:
         return rc
 
     async def _supervise(self, collector: Collector, task: asyncio.Future) -> None:
+        try:
+            await self._supervise_loop(collector, task)
+        except Exception as e:              # without it nothing would feed or stop the watchdog
+            self.failure = f"supervise loop failed: {e!r}"
+            log.critical("%s", self.failure, exc_info=True)
+            self.stop.set()
+
+    async def _supervise_loop(self, collector: Collector, task: asyncio.Future) -> None:
         h, sink = self.health, self.sink
         now = time.monotonic()
         next_status = now + min(2.0, self.status_interval)

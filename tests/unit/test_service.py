@@ -74,6 +74,15 @@ class FakeSink:
     def status_reason(self):
         return None
 
+    @property
+    def unsettled(self):
+        return self.pending
+
+    held = None
+
+    def writer_alive(self):
+        return True
+
 
 class Collector:
     """Ticks one stream and commits a row per step; stops on its own after
@@ -263,3 +272,20 @@ def test_exit_notified(monkeypatch):
         service.exit_notified("no NSE session today: nothing to collect, exiting", 0)
     assert e.value.code == 0
     assert sent == ["READY=1", "STATUS=no NSE session today: nothing to collect, exiting", "STOPPING=1"]
+
+
+def test_a_failing_supervise_loop_stops_the_collector_and_fails(tmp_path, fake_sink, caplog):
+    """Nothing else feeds the watchdog: a fault in the loop itself must not
+    leave the collector running unsupervised."""
+    svc, notes, beats = make(tmp_path)
+    made = []
+
+    class Broken(Collector):
+        def stream_kind(self, stream):
+            raise KeyError(stream)
+
+    def prepare(s):
+        made.append(Broken(s, rc=None, ends=False))
+        return made[0]
+    assert svc.run(prepare) == 1
+    assert made[0].stopped_by_signal and svc.failure.startswith("supervise loop failed")
