@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import configparser
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,6 +19,17 @@ def shared_file(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"recorded data not available: {p}")
     return p
+
+
+def pinned_in_setup_cfg(package: str) -> str:
+    """The version ``package`` is pinned to (``==``) in setup.cfg."""
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    for line in cfg["options"]["install_requires"].splitlines():
+        m = re.fullmatch(rf"\s*{re.escape(package)}\s*==\s*(\S+)\s*", line)
+        if m:
+            return m.group(1)
+    raise AssertionError(f"{package} is not pinned with == in setup.cfg")
 
 
 @pytest.fixture(scope="session")

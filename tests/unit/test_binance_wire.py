@@ -3,7 +3,6 @@ internal it patches still there with the shape relied on."""
 from __future__ import annotations
 
 import asyncio
-import configparser
 import inspect
 from pathlib import Path
 
@@ -13,17 +12,14 @@ from binance.enums import FuturesType
 from binance.ws.constants import WSListenerState
 from binance.ws.reconnecting_websocket import ReconnectingWebsocket
 
+from conftest import pinned_in_setup_cfg
 from feeds.binance import wire
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_pinned_version_is_installed_and_matches_setup_cfg():
-    cfg = configparser.ConfigParser()
-    cfg.read(ROOT / "setup.cfg")
-    pins = [line.split("==")[1].strip() for line in cfg["options"]["install_requires"].splitlines()
-            if line.strip().startswith("python-binance")]
-    assert pins == [wire.PINNED]
+    assert pinned_in_setup_cfg("python-binance") == wire.PINNED
     assert wire.installed_version() == wire.PINNED
     assert wire.check_version() == wire.PINNED
 

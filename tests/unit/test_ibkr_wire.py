@@ -3,11 +3,9 @@ handler table entry 17 and its signature, and the same decoding as ib_async's ow
 from __future__ import annotations
 
 import asyncio
-import configparser
 import dataclasses
 import datetime as dt
 import inspect
-import re
 
 import ib_async
 import pytest
@@ -15,23 +13,13 @@ from ib_async import IB, BarData
 from ib_async.decoder import Decoder
 from ib_async.wrapper import Wrapper
 
-from conftest import ROOT
+from conftest import pinned_in_setup_cfg
 from feeds.ibkr.wire import HISTORICAL_DATA, PINNED_VERSION, WireBar, WireVersionError, check_version, keep_wire_text
 
 UTC = dt.timezone.utc
 FIELDS = ["17", "7", "20240705 09:30:00 US/Eastern", "20240705 16:00:00 US/Eastern", "2",
           "1720186200", "226.05", "226.45", "225.88", "226.3", "1834", "226.21", "512",
           "1720186260", "226.3", "226.31", "226.02", "226.1", "902.5", "226.15", "0"]
-
-
-def pinned_in_setup_cfg(package: str) -> str:
-    cfg = configparser.ConfigParser()
-    cfg.read(ROOT / "setup.cfg")
-    for line in cfg["options"]["install_requires"].splitlines():
-        m = re.fullmatch(rf"\s*{re.escape(package)}\s*==\s*(\S+)\s*", line)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"{package} is not pinned with == in setup.cfg")
 
 
 def decode(patch: bool) -> list[BarData]:
@@ -102,7 +90,6 @@ def test_idempotent_and_refuses_a_changed_decoder():
     del gone.client.decoder.handlers[HISTORICAL_DATA]
     with pytest.raises(WireVersionError, match="no handler table entry 17"):
         keep_wire_text(gone)
-
 
 
 def test_bars_reexports_the_one_implementation():

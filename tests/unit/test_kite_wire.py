@@ -3,11 +3,9 @@ naive local-time timestamps (hence TZ=Asia/Kolkata), KiteTicker.ws/.factory, con
 reactor, and the callback shapes the collector uses."""
 from __future__ import annotations
 
-import configparser
 import inspect
 import logging
 import os
-import re
 import struct
 import time
 from datetime import datetime
@@ -18,7 +16,7 @@ from kiteconnect import KiteTicker
 from kiteconnect import ticker as kt_module
 from twisted.internet.protocol import ReconnectingClientFactory
 
-from conftest import ROOT
+from conftest import pinned_in_setup_cfg
 from feeds.kite import wire
 from feeds.kite.wire import PINNED_VERSION, WireVersionError, check_version, installed_version
 
@@ -26,16 +24,6 @@ IST = ZoneInfo("Asia/Kolkata")
 TOKEN = 408065                     # INFY, NSE (segment 1: prices in paise)
 LAST_TRADE = 1625462487            # 2021-07-05 10:51:27 IST
 EXCHANGE_TS = 1625462490
-
-
-def pinned_in_setup_cfg(package: str) -> str:
-    cfg = configparser.ConfigParser()
-    cfg.read(ROOT / "setup.cfg")
-    for line in cfg["options"]["install_requires"].splitlines():
-        m = re.fullmatch(rf"\s*{re.escape(package)}\s*==\s*(\S+)\s*", line)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"{package} is not pinned with == in setup.cfg")
 
 
 def full_frame() -> bytes:
