@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import itertools
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -47,16 +48,16 @@ LINES = {
 
 class RecordingSim(TwsSimulator):
     """The simulator, also recording every reqHistoricalData it reads:
-    ``(symbol, endDateTime)``; ``on_request(n)``, when set,
+    ``(time read (monotonic s), symbol, endDateTime)``; ``on_request(n)``, when set,
     is called with the number read so far, before the request is answered."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        self.hist_log: list[tuple[str, str]] = []
+        self.hist_log: list[tuple[float, str, str]] = []
         self.on_request: Callable[[int], None] | None = None
 
     def _historical_data(self, conn, f):
-        self.hist_log.append((f[3].upper(), f[15]))
+        self.hist_log.append((time.monotonic(), f[3].upper(), f[15]))
         if self.on_request is not None:
             self.on_request(len(self.hist_log))
         return super()._historical_data(conn, f)
@@ -79,7 +80,7 @@ def contracts(*symbols: str):
 def requested(log, since: int = 0) -> list[tuple[str, dt.date]]:
     """(symbol, session date) of recorded requests (endDateTime is the session close in UTC)."""
     out = []
-    for sym, end in log[since:]:
+    for _, sym, end in log[since:]:
         t = dt.datetime.strptime(end, "%Y%m%d-%H:%M:%S").replace(tzinfo=UTC)
         out.append((sym, t.astimezone(ET).date()))
     return out
