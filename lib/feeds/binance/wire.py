@@ -43,6 +43,8 @@ from binance import BinanceSocketManager
 from binance.enums import FuturesType
 from binance.ws.constants import WSListenerState
 
+from ..wirecheck import WireVersionError, require_version  # noqa: F401  (WireVersionError: re-exported)
+
 log = logging.getLogger(__name__)
 
 #: the python-binance version whose internals this module patches (setup.cfg pins it)
@@ -50,10 +52,6 @@ PINNED = "1.0.37"
 DISTRIBUTION = "python-binance"
 
 _checked: str | None = None
-
-
-class WireVersionError(RuntimeError):
-    """The installed python-binance is not the version this module patches."""
 
 
 def installed_version() -> str | None:
@@ -70,13 +68,9 @@ def check_version() -> str:
     global _checked
     if _checked == PINNED:
         return _checked
-    v = installed_version()
-    if v != PINNED:
-        raise WireVersionError(
-            f"python-binance {v or 'not installed'} found, but feeds.binance.wire patches the internals of "
-            f"python-binance {PINNED} (pinned in setup.cfg): install python-binance=={PINNED}")
-    _checked = v
-    return v
+    _checked = require_version(DISTRIBUTION, installed_version(), PINNED,
+                               "feeds.binance.wire patches the socket manager internals")
+    return _checked
 
 
 class Frame:

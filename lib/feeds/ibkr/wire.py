@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import ib_async
 from ib_async import BarData
 
+from ..wirecheck import WireVersionError, require_version
+
 __all__ = ["PINNED_VERSION", "HISTORICAL_DATA", "WireBar", "WireVersionError", "check_version", "keep_wire_text"]
 
 #: The ib_async version whose decoder the patch was written against (setup.cfg pins the same).
@@ -36,11 +38,6 @@ PINNED_VERSION = "2.1.0"
 
 #: TWS API incoming message id of HISTORICAL_DATA (a key of ``Decoder.handlers``).
 HISTORICAL_DATA = 17
-
-
-class WireVersionError(RuntimeError):
-    """The installed ib_async is not the pinned version, or its decoder no
-    longer has the shape the patch replaces."""
 
 
 @dataclass
@@ -54,12 +51,8 @@ class WireBar(BarData):
 def check_version(version: str | None = None) -> None:
     """Raise :class:`WireVersionError` unless ib_async ``version`` (default:
     the installed ``ib_async.__version__``) is :data:`PINNED_VERSION`."""
-    found = ib_async.__version__ if version is None else version
-    if found != PINNED_VERSION:
-        raise WireVersionError(
-            f"ib_async {found} is installed, but feeds.ibkr.wire replaces a decoder handler of ib_async "
-            f"{PINNED_VERSION} (message {HISTORICAL_DATA}, historicalData): install ib_async=={PINNED_VERSION} "
-            "as setup.cfg pins it, or review the patch against the new version")
+    require_version("ib_async", ib_async.__version__ if version is None else version, PINNED_VERSION,
+                    f"feeds.ibkr.wire replaces the decoder handler of message {HISTORICAL_DATA} (historicalData)")
 
 
 def _check_handler(handler) -> None:

@@ -36,6 +36,8 @@ import importlib
 import os
 import time
 
+from ..wirecheck import WireVersionError, require_version
+
 __all__ = ["PINNED_VERSION", "LOCAL_TIME_ZONE", "WireVersionError", "installed_version", "check_version",
            "use_ist_localtime", "abort_connection", "connection_started", "connect_in_reactor"]
 
@@ -47,10 +49,6 @@ LOCAL_TIME_ZONE = "Asia/Kolkata"
 _IST_OFFSET_S = 19_800
 
 
-class WireVersionError(RuntimeError):
-    """The installed kiteconnect is not the pinned version."""
-
-
 def installed_version() -> str:
     """kiteconnect's own version string (``kiteconnect/__version__.py``)."""
     return importlib.import_module("kiteconnect.__version__").__version__
@@ -59,13 +57,9 @@ def installed_version() -> str:
 def check_version(version: str | None = None) -> None:
     """Raise :class:`WireVersionError` unless kiteconnect ``version``
     (default: the installed one) is :data:`PINNED_VERSION`."""
-    found = installed_version() if version is None else version
-    if found != PINNED_VERSION:
-        raise WireVersionError(
-            f"kiteconnect {found} is installed, but feeds.kite.wire relies on KiteTicker internals of "
-            f"kiteconnect {PINNED_VERSION} (naive local timestamps, KiteTicker.ws/.factory, connect() on a "
-            f"running reactor): install kiteconnect=={PINNED_VERSION} as setup.cfg pins it, or review "
-            "feeds.kite.wire against the new version")
+    require_version("kiteconnect", installed_version() if version is None else version, PINNED_VERSION,
+                    "feeds.kite.wire relies on KiteTicker internals (naive local timestamps, "
+                    "KiteTicker.ws/.factory, connect() on a running reactor)")
 
 
 def use_ist_localtime() -> None:
