@@ -439,3 +439,23 @@ def test_a_backend_that_stops_answering_is_cut_off_and_the_rows_stored(db, tmp_p
     finally:
         assert sink.close()
     assert sink.outcome().lost == 0
+
+
+def test_the_directory_is_fsynced_after_a_segment_is_created(tmp_path, monkeypatch):
+    """A new segment's directory entry is made durable: after the first
+    append of each segment the spool directory itself is fsync'd."""
+    import stat
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    sp = Spool(tmp_path)
+    sp.append({"binance_agg_trade": [agg_row(1)]})
+    assert "dir" in synced and "file" in synced
+    before = synced.count("dir")
+    sp.append({"binance_agg_trade": [agg_row(2)]})      # same segment: no new directory entry
+    assert synced.count("dir") == before
+    sp._close()
