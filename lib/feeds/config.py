@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 EX_CONFIG = 78
-DEFAULT_DIR = Path(os.environ.get("FEEDS_CONFIG_DIR", "/etc/feeds"))
 
 
 class ConfigError(Exception):

@@ -51,9 +51,6 @@ class NseCalendar(calendars.ExchangeCalendar):
     or None.
     """
 
-    REGULAR_OPEN = dtime(9, 15)
-    REGULAR_CLOSE = dtime(15, 30)
-
     def __init__(self, extra_sessions: dict[date, tuple[dtime, dtime]] | None = None,
                  extra_holidays: Iterable[date] = ()):
         super().__init__("XNSE", extra_sessions=extra_sessions, extra_holidays=extra_holidays)
