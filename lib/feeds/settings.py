@@ -282,6 +282,8 @@ BINANCE = (
             entry=lambda k: None if k in _ID_KINDS else f"no id to guard; use one of {sorted(_ID_KINDS)}"),
     Setting("binance.id_confirmations", int, 2, "further messages that must continue a larger id step "
             "before it is accepted", within(1, 20)),
+    Setting("binance.kline_check", bool, True, "compare each closed one-minute kline with the candle "
+            "built from the stored aggTrades; a mismatch triggers the aggTrade gap fill of that minute"),
     Setting("binance.id_adopt_lone_after", float, 60.0, "seconds after which the held first ids of a "
             "symbol without state are accepted when nothing contradicts them", within(0, 3600, unit="s")),
 )
@@ -365,13 +367,68 @@ IBKR = (
             "simulator", lambda v: None if 0 < v <= 1 else "must be > 0 and <= 1 (1 = IB's real limits)"),
 )
 
+def _minutes_list(v: list) -> str | None:
+    if not v or any(not 1 <= m <= 1440 for m in v) or len(set(v)) != len(v):
+        return "must be a non-empty list of distinct whole minutes from 1 to 1440"
+    return None
+
+
+def _ny_session_hours(v: list) -> str | None:
+    if len(v) == 2 and all(hhmm(h) for h in v) and hhmm(v[0]) < hhmm(v[1]):
+        return None
+    return 'expected ["HH:MM", "HH:MM"] (open, close in America/New_York)'
+
+
+# Candles built from ticks (feeds.candles), one declaration for every collector that builds them.
+CANDLES = (
+    Setting("candles.enabled", bool, True, "build and store candles from the collected trades"),
+    Setting("candles.intervals", list[int], [1, 5, 15], "candle intervals in minutes, aligned to the "
+            "session open", _minutes_list),
+    Setting("candles.grace", float, 2.0, "seconds after a candle's end before the timer closes it",
+            within(0, 60, unit="s")),
+    Setting("candles.lateness", float, 10.0, "seconds after a candle's end during which a late trade "
+            "still revises it; later trades are counted and logged", within(0, 3600, unit="s")),
+    Setting("candles.fill_from_history", bool, True, "after a restart mid-session, fill the candles "
+            "missed while down from the venue's historical minute data"),
+)
+
+IBKR_LIVE = (
+    Setting("ibkr.live_client_id", int, 72, "API clientId of feed-ibkr (not the backfill's)",
+            within(0, 2**31 - 100)),
+    Setting("live.contracts_file", str, "/etc/feeds/ibkr-live.csv", "the contracts feed-ibkr collects "
+            "(same CSV format and checks as contracts_file)"),
+    Setting("live.tick_by_tick", list[str], [], "symbols also subscribed tick by tick (AllLast and "
+            "BidAsk), within IB's limit on simultaneous tick-by-tick subscriptions"),
+    Setting("live.max_tick_by_tick", int, 3, "tick-by-tick subscriptions this account may hold "
+            "(each symbol takes two: AllLast and BidAsk)", within(0, 100)),
+    Setting("live.market_data_type", str, "realtime", "market data type requested (reqMarketDataType)",
+            one_of("realtime", "frozen", "delayed", "delayed-frozen")),
+    Setting("live.session_calendar", str, "XNYS", "exchange calendar of the sessions; none: collect "
+            "until stopped", one_of("XNYS", "none")),
+    Setting("live.extra_sessions", dict[str, list[str]], {}, "sessions the installed calendar does not "
+            "know: date = [open, close] America/New_York", _ny_session_hours,
+            entry=lambda k: "keys must be dates YYYY-MM-DD" if _iso_date(k) else None),
+    Setting("live.extra_holidays", list, [], "days without a session the installed calendar does not "
+            "know", _dates),
+    Setting("live.extended_hours", bool, False, "also collect pre-market (from 04:00) and post-market "
+            "(to 20:00) New York time"),
+    Setting("live.stop_after_close", float, 300.0, "seconds after the close to stop",
+            within(0, 3600, unit="s")),
+    Setting("live.silence_timeout", float, 60.0, "seconds a contract may stay silent in its session "
+            "while others tick before it is resubscribed", within(1, 3600, unit="s")),
+    Setting("live.reconnect_timeout", float, 600.0, "seconds to keep reconnecting to TWS before the "
+            "run gives up (exit 1; systemd restarts it)", positive),
+    Setting("live.status_interval", float, 10.0, "seconds between status lines", positive),
+)
+
 FEEDS_FILE = Schema("feeds.toml", "feed-migrate, feed-maintain, feedctl", DATABASE + RETENTION + MAINTAIN)
 BINANCE_FILE = Schema("binance.toml", "feed-binance", DATABASE + BINANCE + SINK,
                       defaults={"sink.spool_dir": "/var/lib/feeds/binance"})
 # A full-mode row takes about 1 kB: 50,000 pending rows keep the buffers near 100 MB.
-KITE_FILE = Schema("kite.toml", "feed-zerodha, feed-kite-token", DATABASE + KITE + SINK,
+KITE_FILE = Schema("kite.toml", "feed-zerodha, feed-kite-token", DATABASE + KITE + SINK + CANDLES,
                    defaults={"sink.spool_dir": "/var/lib/feeds/zerodha", "sink.max_pending": 50_000})
-IBKR_FILE = Schema("ibkr.toml", "feed-backfill", DATABASE + IBKR)
+IBKR_FILE = Schema("ibkr.toml", "feed-backfill, feed-ibkr", DATABASE + IBKR + IBKR_LIVE + SINK + CANDLES,
+                   defaults={"sink.spool_dir": "/var/lib/feeds/ibkr"})
 
 SCHEMAS = {s.name: s for s in (FEEDS_FILE, BINANCE_FILE, KITE_FILE, IBKR_FILE)}
 """Every kind of configuration file, by its installed name."""

@@ -186,7 +186,7 @@ def test_check_document_fills_values_of_a_parsed_document(tmp_path):
     cfg = check_document(Config({"ibkr": {"port": 4002}}, tmp_path / "ibkr.toml"), IBKR_FILE)
     assert cfg["ibkr.port"] == 4002 and cfg["backfill.concurrency"] == 4
     with pytest.raises(KeyError):
-        cfg["sink.batch_rows"]                  # not a setting of ibkr.toml
+        cfg["binance.symbols"]                  # not a setting of ibkr.toml
 
 
 def uncommented(text: str) -> str:
