@@ -21,7 +21,24 @@ multi, executions: empty answers), reqCurrentTime, reqIds,
 reqManagedAccts, reqAccountSummary (empty), reqContractDetails,
 reqHeadTimeStamp and reqHistoricalData for one-minute bars
 (TRADES/MIDPOINT/BID_ASK, useRTH 0/1, formatDate 1/2, keepUpToDate 0) with
-cancelHistoricalData.  Other message ids are answered with error 321.
+cancelHistoricalData; live data: reqMarketDataType, reqMktData (also
+snapshots), reqTickByTickData, reqRealTimeBars and their cancels (see
+:mod:`feeds.sim.tws_live` for the message layouts).  Other message ids are
+answered with error 321.
+
+Live mode (``live_rate=N`` or :meth:`TwsSimulator.live`): every contract
+trades N times a minute, every minute of every day -- nights, weekends and
+holidays included, so live tests run at any hour and ``useRTH=0`` requests
+get a bar for every minute (``useRTH=1`` keeps the exchange session).  The
+trades of minute M are derived from the very TRADES bar ``reqHistoricalData``
+serves for M (first = open, last = close, high and low hit, sizes summing to
+the volume, barCount trades; the minute in progress is served with the trades
+up to now), and each is sent when the simulator's clock passes its time.
+Control: :meth:`~TwsSimulator.inject_error`, :meth:`~TwsSimulator.silence`,
+:meth:`~TwsSimulator.farm_message`, :meth:`~TwsSimulator.nightly_reset`,
+:meth:`~TwsSimulator.connectivity_loss`, :meth:`~TwsSimulator.disconnect_all`;
+observation: :meth:`~TwsSimulator.sent_ticks`,
+:meth:`~TwsSimulator.subscriptions`, ``stats()["live"]``.
 
 Historical answers (message 17) carry the window start and end strings and
 the bars: date (formatDate 1: ``"yyyymmdd hh:mm:ss US/Eastern"`` in the
@@ -65,11 +82,17 @@ Error codes and texts sent (``{…}`` filled in):
   unique client id.``
 * 354 ``Requested market data is not subscribed.``
 * 1100 ``Connectivity between IB and Trader Workstation has been lost.``
+* 1101 ``Connectivity between IB and Trader Workstation has been restored -
+  data lost.``
 * 1102 ``Connectivity between IB and Trader Workstation has been restored -
   data maintained.``
 * 2104 ``Market data farm connection is OK:usfarm``, 2106 ``HMDS data farm
   connection is OK:ushmds``, 2158 ``Sec-def data farm connection is
-  OK:secdefnj``
+  OK:secdefnj``; on demand the other farm notices of
+  :data:`~feeds.sim.tws_live.FARM_TEXTS` (2103, 2105, 2107, 2108, 2157)
+* live data errors on demand with IB's texts
+  (:data:`~feeds.sim.tws_live.ERROR_TEXTS`): 200, 354, 10089, 10090, 10167,
+  10168, 10189, 10190 (also IB's tick-by-tick limit), 10197
 * 2174 ``Warning: You submitted request with date-time attributes without
   explicit time zone. ...`` (endDateTime without a zone)
 """
@@ -109,6 +132,7 @@ from .tws_data import (
     parse_end_datetime,
     request_window_start,
 )
+from .tws_live import ERROR_TEXTS, FARM_TEXTS, MAX_TICK_BY_TICK, TICK_INTERVAL, LiveEngine
 from .tws_pacing import PACING_RULES, HistoricalPacer
 
 log = logging.getLogger(__name__)
@@ -122,6 +146,8 @@ __all__ = [
     "run_until_signalled",
     "SERVER_VERSION",
     "HMDS",
+    "ERROR_TEXTS",
+    "FARM_TEXTS",
 ]
 
 SERVER_VERSION = 178
@@ -165,15 +191,17 @@ IB_BAR_TYPES = frozenset({
 
 #: Client message ids (TWS API outgoing message numbers) by name, for stats.
 MSG_NAMES = {
-    1: "reqMktData", 5: "reqOpenOrders", 6: "reqAccountUpdates", 7: "reqExecutions", 8: "reqIds",
+    1: "reqMktData", 2: "cancelMktData", 5: "reqOpenOrders", 6: "reqAccountUpdates", 7: "reqExecutions", 8: "reqIds",
     9: "reqContractDetails", 15: "reqAutoOpenOrders", 16: "reqAllOpenOrders", 17: "reqManagedAccts",
     20: "reqHistoricalData", 25: "cancelHistoricalData", 49: "reqCurrentTime", 59: "reqMarketDataType",
     61: "reqPositions", 62: "reqAccountSummary", 63: "cancelAccountSummary", 64: "cancelPositions",
     71: "startApi", 76: "reqAccountUpdatesMulti", 77: "cancelAccountUpdatesMulti",
     87: "reqHeadTimeStamp", 90: "cancelHeadTimeStamp", 99: "reqCompletedOrders",
+    50: "reqRealTimeBars", 51: "cancelRealTimeBars", 97: "reqTickByTickData", 98: "cancelTickByTickData",
 }
 # Position of the reqId field in messages that carry one (for error replies).
-_REQ_ID_POS = {20: 1, 87: 1, 90: 1, 9: 2, 25: 2, 7: 2, 62: 2, 63: 2, 76: 2, 77: 2}
+_REQ_ID_POS = {20: 1, 87: 1, 90: 1, 9: 2, 25: 2, 7: 2, 62: 2, 63: 2, 76: 2, 77: 2,
+               1: 2, 2: 2, 50: 2, 51: 2, 97: 1, 98: 1}
 
 _VERSION_RE = re.compile(r"^v(\d+)(?:\.\.(\d+))?(?:\s+(.*))?$")
 
@@ -222,6 +250,8 @@ class _Conn:
         self.pending: dict[int, asyncio.Task] = {}
         self.task: asyncio.Task | None = None
         self.closed = False
+        self.market_data_type = 1
+        self.live_subs: dict = {}
 
     def send(self, *fields: object) -> None:
         """Frame and write one message (fields as text, NUL-terminated)."""
@@ -272,8 +302,16 @@ class TwsSimulator:
         accounts: account codes sent in managedAccounts.
         tws_time_zone: zone used for endDateTime without a zone, and the
             connection time.
-        clock: returns "now" in epoch seconds (default ``time.time``).
+        clock: returns "now" in epoch seconds (default ``time.time``); live
+            trades are sent as this clock passes their time.
         pacer_clock: monotonic clock for the pacing windows.
+        live_rate: live mode with this many trades per minute per contract
+            (1..60000); None: off until :meth:`live` is called.
+        max_tick_by_tick: simultaneous tick-by-tick subscriptions over all
+            connections (IB's default 3); more are refused with 10190.
+        record_ticks: ``"all"`` keeps sent ticks for :meth:`sent_ticks`
+            (the last ``max_recorded``), ``"count"`` only counts them.
+        tick_interval: seconds between rounds of live ticks (batches).
 
     Raises ``FileNotFoundError``/``ValueError`` for unreadable CSV files.
     Use from one event loop: ``await start()``, ``await stop()``; see
@@ -298,6 +336,11 @@ class TwsSimulator:
         clock: Callable[[], float] | None = None,
         pacer_clock: Callable[[], float] = time.monotonic,
         connect_notices: bool = True,
+        live_rate: int | None = None,
+        max_tick_by_tick: int = MAX_TICK_BY_TICK,
+        record_ticks: str = "all",
+        max_recorded: int = 200_000,
+        tick_interval: float = TICK_INTERVAL,
     ) -> None:
         self.host = host
         self._port = port
@@ -345,12 +388,19 @@ class TwsSimulator:
         self._conns: set[_Conn] = set()
         self._conn_seq = 0
         self._fault: dict | None = None
+        self._refusing = False
+        self.live_engine = LiveEngine(self, live_rate, max_tick_by_tick=max_tick_by_tick, record=record_ticks,
+                                      max_recorded=max_recorded, tick_interval=tick_interval)
+        eng = self.live_engine
         self._handlers = {
+            59: eng.market_data_type, 1: self._req_mkt_data, 2: eng.cancel_mkt_data,
+            97: self._req_tick_by_tick, 98: eng.cancel_tick_by_tick,
+            50: self._req_real_time_bars, 51: eng.cancel_real_time_bars,
             71: self._start_api, 61: self._positions, 64: self._noop, 5: self._open_orders,
             16: self._open_orders, 15: self._noop, 99: self._completed_orders,
             6: self._account_updates, 76: self._account_updates_multi, 77: self._noop,
             7: self._executions, 49: self._current_time, 17: self._managed_accounts,
-            8: self._req_ids, 62: self._account_summary, 63: self._noop, 59: self._noop,
+            8: self._req_ids, 62: self._account_summary, 63: self._noop,
             9: self._contract_details, 20: self._historical_data, 25: self._cancel_historical,
             87: self._head_timestamp, 90: self._noop,
         }
@@ -368,11 +418,13 @@ class TwsSimulator:
         self.sessions.session(dt.date.fromtimestamp(self.clock()))  # warm the calendar
         self._server = await asyncio.start_server(self._on_client, self.host, self._port)
         self.port = self._server.sockets[0].getsockname()[1]
+        self.live_engine.start()
         log.info("tws sim listening host=%s port=%d server_version=%d contracts=%s pacing_scale=%s",
                  self.host, self.port, SERVER_VERSION, ",".join(sorted(self.contracts)), self.pacer.scale)
 
     async def stop(self) -> None:
         """Stop listening and close every client connection."""
+        await self.live_engine.stop()
         if self._server is not None:
             self._server.close()
         conns = list(self._conns)
@@ -409,15 +461,20 @@ class TwsSimulator:
 
     def connectivity_loss(self, gap: float = 1.0, data_lost: bool = False) -> None:
         """Send 1100 (connectivity lost) to every client, then after ``gap``
-        seconds 1102 (restored, data maintained) or 1101 (data lost).  Call
-        from the server's loop."""
+        seconds 1102 (restored, data maintained) or 1101 (data lost: live
+        subscriptions are dropped).  No live tick is sent during the gap.
+        Call from the server's loop."""
         for conn in list(self._conns):
             if conn.client_id is not None:
                 conn.error(-1, 1100, TXT_1100)
         self._counts["connectivity_losses"] += 1
+        self.live_engine.set_offline(True)
         log.warning("tws sim connectivity lost gap=%.3fs", gap)
 
         def restore() -> None:
+            self.live_engine.set_offline(False)
+            if data_lost:
+                self.live_engine.drop_all()
             for conn in list(self._conns):
                 if conn.client_id is not None:
                     conn.error(-1, 1101 if data_lost else 1102, TXT_1101 if data_lost else TXT_1102)
@@ -425,13 +482,101 @@ class TwsSimulator:
 
         asyncio.get_running_loop().call_later(gap, restore)
 
+    # ------------------------------------------------------- live controls
+    def live(self, trades_per_minute: int | None = None) -> int:
+        """Switch live mode on (see :mod:`feeds.sim.tws_live`): every
+        minute of every day gets a generated bar whose barCount is
+        ``trades_per_minute`` (1..60000; None keeps the current rate, 60 by
+        default) and whose trades are sent live to subscribers.  A new rate
+        applies from the next minute.  Returns the rate."""
+        return self.live_engine.live(trades_per_minute)
+
+    def inject_error(self, symbol: str, code: int, text: str | None = None) -> None:
+        """Answer ``symbol``'s live requests (and its current subscriptions)
+        with error ``code`` (IB's text unless ``text``) until cleared with
+        code 0 or :meth:`clear_error`; see :meth:`LiveEngine.inject_error`."""
+        self.live_engine.inject_error(symbol, code, text)
+
+    def clear_error(self, symbol: str | None = None) -> None:
+        """Forget the injected error of ``symbol`` (all when None)."""
+        self.live_engine.clear_error(symbol)
+
+    def silence(self, symbol: str, seconds: float) -> None:
+        """``symbol`` sends no tick for ``seconds`` (subscriptions stay; its
+        trades still happen and stay in the bars); a new reqMktData for it
+        ends the silence early (counted in ``stats()["live"]["resubscriptions"]``
+        when it follows a cancelMktData on the same connection)."""
+        self.live_engine.silence(symbol, seconds)
+
+    def farm_message(self, code: int, text: str | None = None) -> int:
+        """Send farm/connectivity notice ``code`` (reqId -1, IB's text from
+        :data:`FARM_TEXTS` unless ``text``) to every started connection;
+        2103 also stops every tick until a 2104.  Returns connections told."""
+        txt = text if text is not None else FARM_TEXTS.get(code)
+        if txt is None:
+            raise ValueError(f"no text known for code {code}; pass text")
+        conns = [c for c in self._conns if c.client_id is not None and not c.closed]
+        for conn in conns:
+            conn.error(-1, code, txt)
+        self.live_engine.farm(code)
+        self._counts["farm_messages"] += 1
+        return len(conns)
+
+    def nightly_reset(self, gap: float = 2.0, data_lost: bool = True, disconnect: bool = False) -> None:
+        """IB's nightly reset as TWS shows it: 2103/2105 (farms broken) and
+        1100 to every client, no tick for ``gap`` seconds, then 1101 (data
+        lost: every live subscription is dropped and must be re-requested)
+        or 1102 (data maintained), then 2104/2106 (farms OK).  With
+        ``disconnect`` the sockets are closed after the 1100 and new
+        connections are refused until the gap is over."""
+        eng = self.live_engine
+        for conn in list(self._conns):
+            if conn.client_id is not None:
+                conn.error(-1, 2103, FARM_TEXTS[2103])
+                conn.error(-1, 2105, FARM_TEXTS[2105])
+                conn.error(-1, 1100, TXT_1100)
+        eng.set_offline(True)
+        self._counts["nightly_resets"] += 1
+        log.warning("tws sim nightly reset gap=%.3fs data_lost=%s disconnect=%s", gap, data_lost, disconnect)
+        if disconnect:
+            self._refusing = True
+            n = self.disconnect_all()
+            log.warning("tws sim nightly reset closed %d connections", n)
+
+        def restore() -> None:
+            eng.set_offline(False)
+            self._refusing = False
+            if data_lost:
+                eng.drop_all()
+            for conn in list(self._conns):
+                if conn.client_id is not None:
+                    conn.error(-1, 1101 if data_lost else 1102, TXT_1101 if data_lost else TXT_1102)
+                    conn.error(-1, 2104, FARM_TEXTS[2104])
+                    conn.error(-1, 2106, FARM_TEXTS[2106])
+            log.info("tws sim nightly reset over")
+
+        asyncio.get_running_loop().call_later(gap, restore)
+
+    def sent_ticks(self) -> list[dict]:
+        """Every live tick sent, oldest first (see :meth:`LiveEngine.sent_ticks`)."""
+        return self.live_engine.sent_ticks()
+
+    def subscriptions(self) -> dict:
+        """Live subscriptions per connection (see :meth:`LiveEngine.subscriptions`)."""
+        return self.live_engine.subscriptions()
+
     def stats(self) -> dict:
         """Counters: ``requests`` by TWS request name, ``historical``
         (served, no_data, bars_sent, cancelled, cancel_not_open, open),
         ``pacing_violations`` by rule, ``errors_sent`` by code,
         ``connections`` (accepted, active, refused_duplicate_client_id,
         bad_handshake, forced_disconnects, connectivity_losses),
-        ``client_ids_seen``, ``malformed``, ``unsupported``, ``bytes_sent``."""
+        ``client_ids_seen``, ``malformed``, ``unsupported``, ``bytes_sent``,
+        ``live`` (rate, subscriptions by kind, trades/quotes/index ticks/
+        tick-by-tick/real-time bars/messages sent, ticks_silenced,
+        ticks_offline, slow_client_skips, resubscriptions (+ by symbol),
+        tbt_limit_refusals, silences, snapshots, injected_errors,
+        farm_messages, nightly_resets, refused_during_reset)."""
         c = self._counts
         return copy.deepcopy({
             "requests": dict(self._requests),
@@ -452,6 +597,8 @@ class TwsSimulator:
             "malformed": c["malformed"],
             "unsupported": c["unsupported"],
             "bytes_sent": self._bytes_sent,
+            "live": dict(self.live_engine.stats(), farm_messages=c["farm_messages"],
+                         nightly_resets=c["nightly_resets"], refused_during_reset=c["refused_during_reset"]),
         })
 
     def _open_count(self) -> int:
@@ -469,6 +616,12 @@ class TwsSimulator:
         self._conns.add(conn)
         self._counts["accepted"] += 1
         log.info("tws sim connection open conn=%d peer=%s", conn.number, conn.peer)
+        if self._refusing:
+            self._counts["refused_during_reset"] += 1
+            log.info("tws sim connection refused during reset conn=%d", conn.number)
+            conn.close()
+            self._conns.discard(conn)
+            return
         try:
             if await self._handshake(conn):
                 while not conn.closed:
@@ -486,6 +639,7 @@ class TwsSimulator:
             log.exception("tws sim connection failed conn=%d", conn.number)
         finally:
             conn.close()
+            self.live_engine.conn_closed(conn)
             self._conns.discard(conn)
             log.info("tws sim connection closed conn=%d client_id=%s", conn.number, conn.client_id)
 
@@ -835,11 +989,34 @@ class TwsSimulator:
         day = dt.datetime.fromtimestamp(lo, tz).date()
         last = dt.datetime.fromtimestamp(hi, tz).date()
         out: list[Bar] = []
+        live = self.store.live is not None
         while day <= last:
-            if day.weekday() < 5 or spec.csv_files:
+            if live or day.weekday() < 5 or spec.csv_files:
                 out.extend(b for b in self.store.day_bars(spec, day, what, use_rth) if lo <= b.t < hi)
             day += dt.timedelta(days=1)
+        if live and out and out[-1].t + 60 > now and what == "TRADES":
+            part = self.live_engine.partial_bar(spec, out[-1], now)
+            if part is None:
+                out.pop()
+            else:
+                out[-1] = part
         return out
+
+    # ------------------------------------------------------------ live data
+    def _req_mkt_data(self, conn: _Conn, f: list[str]) -> None:
+        if len(f) < 19:
+            raise _Malformed(int(f[2]), "reqMktData has too few fields")
+        self.live_engine.req_mkt_data(conn, f, self._match(_contract(f, 3)))
+
+    def _req_tick_by_tick(self, conn: _Conn, f: list[str]) -> None:
+        if len(f) < 17:
+            raise _Malformed(int(f[1]), "reqTickByTickData has too few fields")
+        self.live_engine.req_tick_by_tick(conn, f, self._match(_contract(f, 2)))
+
+    def _req_real_time_bars(self, conn: _Conn, f: list[str]) -> None:
+        if len(f) < 18:
+            raise _Malformed(int(f[2]), "reqRealTimeBars has too few fields")
+        self.live_engine.req_real_time_bars(conn, f, self._match(_contract(f, 3)))
 
     def _answer(self, conn: _Conn, req_id: int, fields: list, no_data: str, n_bars: int) -> None:
         if n_bars:
@@ -921,8 +1098,11 @@ class TwsSimulatorThread:
 
     ``with TwsSimulatorThread(pacing_scale=0.01) as sim: ...`` -- keyword
     arguments go to :class:`TwsSimulator`.  :attr:`port`, :meth:`stats`,
-    :meth:`disconnect_all`, :meth:`fail_after` and
-    :meth:`connectivity_loss` are safe to call from the caller's thread.
+    :meth:`disconnect_all`, :meth:`fail_after`, :meth:`connectivity_loss`
+    and the live controls (:meth:`live`, :meth:`inject_error`,
+    :meth:`clear_error`, :meth:`silence`, :meth:`farm_message`,
+    :meth:`nightly_reset`, :meth:`sent_ticks`, :meth:`subscriptions`) are
+    safe to call from the caller's thread.
     Raises ``TimeoutError`` if the server does not start within
     ``start_timeout`` seconds.
     """
@@ -986,3 +1166,27 @@ class TwsSimulatorThread:
 
     def connectivity_loss(self, gap: float = 1.0, data_lost: bool = False) -> None:
         self._call(self.sim.connectivity_loss, gap, data_lost)
+
+    def live(self, trades_per_minute: int | None = None) -> int:
+        return self._call(self.sim.live, trades_per_minute)
+
+    def inject_error(self, symbol: str, code: int, text: str | None = None) -> None:
+        self._call(self.sim.inject_error, symbol, code, text)
+
+    def clear_error(self, symbol: str | None = None) -> None:
+        self._call(self.sim.clear_error, symbol)
+
+    def silence(self, symbol: str, seconds: float) -> None:
+        self._call(self.sim.silence, symbol, seconds)
+
+    def farm_message(self, code: int, text: str | None = None) -> int:
+        return self._call(self.sim.farm_message, code, text)
+
+    def nightly_reset(self, gap: float = 2.0, data_lost: bool = True, disconnect: bool = False) -> None:
+        self._call(self.sim.nightly_reset, gap, data_lost, disconnect)
+
+    def sent_ticks(self) -> list[dict]:
+        return self._call(self.sim.sent_ticks)
+
+    def subscriptions(self) -> dict:
+        return self._call(self.sim.subscriptions)

@@ -31,6 +31,17 @@ day has 390 ``useRTH=1`` bars and an early close (13:00) 210; holidays and
 weekends have none.  A "thin" contract misses TRADES bars in some minutes (no
 trade in that minute), as thinly traded stocks do.
 
+Live mode (:meth:`BarStore.set_live`, used by the simulator's live data):
+every minute of every local day -- nights, weekends and holidays included --
+has a generated TRADES bar (:func:`generate_live_day`, a seeded random walk
+per (symbol, date), and :func:`live_bar`) whose barCount is the trade rate
+in force for that minute (:class:`LiveRates`); ``useRTH=1`` keeps only the
+exchange session's minutes, recorded (CSV) days stay as recorded.  The
+trades of a minute are :func:`bar_trades` of its bar: the one function both
+the live ticks and the historical answers come from, so live candles can be
+compared with IB's bars minute by minute.  WAP of a live bar stays
+``round((H + L + C) / 3, 2)`` (not the trades' VWAP).
+
 MIDPOINT and BID_ASK bars are derived from the same price path: MIDPOINT
 uses the trade prices; BID_ASK puts the bid one tick under and the ask one
 tick over (open = average bid, high = highest ask, low = lowest bid, close =
@@ -44,6 +55,7 @@ import csv
 import dataclasses
 import datetime as dt
 import functools
+import itertools
 import logging
 import math
 import random
@@ -52,6 +64,7 @@ import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import Any
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -74,6 +87,14 @@ __all__ = [
     "builtin_contract",
     "format_bar_time",
     "format_utc_dash",
+    "LiveRates",
+    "MinuteTrades",
+    "TradeSlice",
+    "MAX_TRADES_PER_MINUTE",
+    "bar_trades",
+    "generate_live_day",
+    "LiveDay",
+    "live_bar",
 ]
 
 #: Legal ``barSizeSetting`` values (as IB lists them in its error 321 text).
@@ -188,7 +209,8 @@ _BUILTIN: dict[str, dict] = {
     # S&P 500 index on CBOE (conId as IB lists it).
     "SPX": dict(sec_type="IND", con_id=416904, exchange="CBOE", primary_exchange="CBOE",
                 valid_exchanges=("CBOE",), long_name="S&P 500 Stock Index", trading_class="SPX",
-                industry="Indices", category="Broad Range Equity Index", subcategory="*"),
+                industry="Indices", category="Broad Range Equity Index", subcategory="*",
+                base_price=5000.0),
     "AAPL": dict(con_id=265598, primary_exchange="NASDAQ", long_name="APPLE INC",
                  industry="Technology", category="Computers", subcategory="Computers",
                  base_price=190.0),
@@ -488,6 +510,300 @@ def _c(x: int) -> str:
     return f"{x // 100}.{x % 100:02d}"
 
 
+# --------------------------------------------------------------------------
+# live mode: a bar for every minute, trades derived from the bar
+
+#: Largest trades-per-minute rate (one trade per millisecond of the minute).
+MAX_TRADES_PER_MINUTE = 60_000
+
+
+_RATE_VERSIONS = itertools.count(1)
+
+
+class LiveRates:
+    """Trades per minute per contract as a schedule of ``(from_epoch, rate)``
+    steps: the rate of minute ``t`` is the last step with ``from <= t``, the
+    first step's rate before it.  Thread-safe for one writer."""
+
+    def __init__(self, rate: int) -> None:
+        self._steps: list[tuple[int, int]] = [(-(2 ** 62), _check_rate(rate))]
+        self.version = next(_RATE_VERSIONS)
+
+    def set_from(self, t: int, rate: int) -> None:
+        """Minutes starting at or after epoch ``t`` use ``rate``."""
+        rate = _check_rate(rate)
+        steps = [s for s in self._steps if s[0] < t]
+        steps.append((t, rate))
+        self._steps = steps
+        self.version = next(_RATE_VERSIONS)
+
+    def at(self, t: int) -> int:
+        steps = self._steps
+        for start, rate in reversed(steps):
+            if start <= t:
+                return rate
+        return steps[0][1]
+
+    @property
+    def current(self) -> int:
+        return self._steps[-1][1]
+
+
+def _check_rate(rate: int) -> int:
+    rate = int(rate)
+    if not 1 <= rate <= MAX_TRADES_PER_MINUTE:
+        raise ValueError(f"trades per minute must be 1..{MAX_TRADES_PER_MINUTE}, not {rate}")
+    return rate
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LiveDay:
+    """The deterministic minute path of one contract on one local day in
+    live mode (numpy arrays, one entry per minute from local midnight):
+    ``o``/``h``/``l``/``c`` integer cents, ``factor`` the minute's volume
+    factor, ``traded`` False where a thin contract has no trade."""
+
+    start: int
+    o: Any
+    h: Any
+    l: Any
+    c: Any
+    factor: Any
+    traded: Any
+
+    def __len__(self) -> int:
+        return len(self.o)
+
+    def row(self, i: int) -> tuple[int, int, int, int, int, float, bool]:
+        """``(t, open, high, low, close, size_factor, traded)`` of minute ``i``."""
+        return (self.start + 60 * i, int(self.o[i]), int(self.h[i]), int(self.l[i]), int(self.c[i]),
+                float(self.factor[i]), bool(self.traded[i]))
+
+
+def generate_live_day(spec: ContractSpec, day: dt.date) -> LiveDay:
+    """Deterministic minute path of ``spec`` for live mode: every minute of
+    the local ``day`` (00:00 to 24:00 in the contract's zone, weekends and
+    holidays included; 23 or 25 hours on DST change days), a seeded random
+    walk whose minute opens at the previous close.  Same output for the same
+    (symbol, date), independent of the trade rate."""
+    import numpy as np
+
+    tz = spec.tz
+    rng = np.random.default_rng(_seed("live-v1", spec.symbol, day.isoformat()))
+    start = int(dt.datetime.combine(day, dt.time(0, 0), tzinfo=tz).timestamp())
+    end = int(dt.datetime.combine(day + dt.timedelta(days=1), dt.time(0, 0), tzinfo=tz).timestamp())
+    n = (end - start) // 60
+    sigma = 0.0006
+    drift = 0.15 * math.sin(day.toordinal() / 40.0) + 0.05 * math.sin(day.toordinal() / 7.0)
+    p0 = _base_price(spec) * math.exp(drift + rng.normal(0.0, 0.01))
+    path = p0 * np.exp(np.cumsum(rng.normal(0.0, sigma, n)))
+    prev = np.concatenate(([p0], path[:-1]))
+    o = np.maximum(1, np.rint(prev * 100)).astype(np.int64)
+    c = np.maximum(1, np.rint(path * 100)).astype(np.int64)
+    up = (np.abs(rng.normal(0.0, sigma, n)) * path * 60).astype(np.int64)
+    down = (np.abs(rng.normal(0.0, sigma, n)) * path * 60).astype(np.int64)
+    h = np.maximum(o, c) + up
+    l = np.maximum(1, np.minimum(o, c) - down)
+    factor = rng.lognormal(0.0, 0.3, n)
+    traded = rng.random(n) >= 0.35 if spec.thin else np.ones(n, dtype=bool)
+    return LiveDay(start, o, h, l, c, factor, traded)
+
+
+def _mean_size(spec: ContractSpec) -> int:
+    return 20 + _seed("size", spec.symbol) % 180
+
+
+def live_bar(spec: ContractSpec, row: tuple[int, int, int, int, int, float, bool], count: int) -> Bar | None:
+    """The TRADES bar of one live minute ``row`` (see
+    :func:`generate_live_day`) with ``count`` trades, or None (no trade).
+
+    barCount = ``count``; volume = ``count`` x the contract's mean trade size
+    x the minute's size factor (at least one share per trade; ``"0"`` for an
+    index, whose ticks have no size); high and low are narrowed when the
+    count is too small to reach them (1 trade: o=h=l=c; 2: h/l = max/min of
+    open and close; 3: only one of high/low beyond open and close), so that
+    :func:`bar_trades` can always hit open, high, low and close exactly."""
+    t, o, h, l, c, factor, traded = row
+    if not traded or count <= 0:
+        return None
+    if count == 1:
+        c = o
+    if count <= 2:
+        h, l = max(o, c), min(o, c)
+    elif count == 3 and h > max(o, c) and l < min(o, c):
+        l = min(o, c)
+    if spec.sec_type == "IND":
+        vol = 0
+    else:
+        vol = max(count, int(count * _mean_size(spec) * factor))
+    wap = _wap(Decimal(h) / 100, Decimal(l) / 100, Decimal(c) / 100)
+    return Bar(t, _c(o), _c(h), _c(l), _c(c), str(vol), wap, count)
+
+
+@dataclasses.dataclass(slots=True)
+class TradeSlice:
+    """Python lists of some consecutive trades of a :class:`MinuteTrades`:
+    ``times_ms`` epoch milliseconds, ``prices`` integers in units of
+    ``10**-decimals``, ``texts`` the same as decimal text, ``sizes`` shares
+    (0 for an index), ``bids``/``asks`` (text) and ``bid_sizes``/``ask_sizes``
+    the quote in force at each trade, ``cum_volume`` the day's volume up to
+    and including each trade, ``vwap`` the day's VWAP at each trade (text,
+    empty for an index)."""
+
+    times_ms: list[int]
+    prices: list[int]
+    texts: list[str]
+    sizes: list[int]
+    bids: list[str]
+    asks: list[str]
+    bid_sizes: list[int]
+    ask_sizes: list[int]
+    cum_volume: list[int]
+    vwap: list[str]
+
+    def __len__(self) -> int:
+        return len(self.times_ms)
+
+
+class MinuteTrades:
+    """The trades of one minute of one contract, derived from its TRADES bar
+    by :func:`bar_trades`, sorted by time; kept as numpy arrays (about 80
+    bytes a trade) and handed out as :class:`TradeSlice` lists by
+    :meth:`slice`.  The full lists are also attributes (``times_ms``,
+    ``prices``, ``texts``, ``sizes``, ``bids``, ``asks``, ``bid_sizes``,
+    ``ask_sizes``, ``cum_volume``, ``vwap``)."""
+
+    __slots__ = ("symbol", "t", "decimals", "_arr", "_table", "_base", "_index")
+
+    def __init__(self, symbol: str, t: int, decimals: int, arrays: dict, table: list[str], base: int,
+                 index: bool) -> None:
+        self.symbol = symbol
+        self.t = t
+        self.decimals = decimals
+        self._arr = arrays
+        self._table = table
+        self._base = base
+        self._index = index
+
+    def __len__(self) -> int:
+        return len(self._arr["t"])
+
+    def count_until(self, ms: int) -> int:
+        """How many trades have a time <= ``ms``."""
+        import numpy as np
+
+        return int(np.searchsorted(self._arr["t"], ms, side="right"))
+
+    def count_after(self, ms: int) -> int:
+        """Index of the first trade with a time > ``ms``."""
+        return self.count_until(ms)
+
+    def slice(self, i0: int = 0, i1: int | None = None) -> TradeSlice:
+        """Trades ``i0 .. i1 - 1`` as Python lists."""
+        a = self._arr
+        tb, base = self._table, self._base
+        sl = slice(i0, i1)
+        prices = a["p"][sl].tolist()
+        vw = a["vw"][sl].tolist()
+        return TradeSlice(
+            a["t"][sl].tolist(), prices, [tb[p - base] for p in prices], a["s"][sl].tolist(),
+            [tb[p - base] for p in a["b"][sl].tolist()], [tb[p - base] for p in a["a"][sl].tolist()],
+            a["bs"][sl].tolist(), a["as"][sl].tolist(), a["cum"][sl].tolist(),
+            [""] * len(vw) if self._index else [f"{v:.6f}" for v in vw],
+        )
+
+    def __getattr__(self, name: str):
+        if name in TradeSlice.__dataclass_fields__:
+            return getattr(self.slice(), name)
+        raise AttributeError(name)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MinuteTrades):
+            return NotImplemented
+        return (self.symbol, self.t, self.decimals) == (other.symbol, other.t, other.decimals) \
+            and self.slice() == other.slice()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _scaled(text: str, decimals: int) -> int:
+    return int((Decimal(text) * (10 ** decimals)).to_integral_value())
+
+
+def _fmt_scaled(x: int, decimals: int) -> str:
+    if decimals == 0:
+        return str(x)
+    sign = "-" if x < 0 else ""
+    x = abs(x)
+    q, r = divmod(x, 10 ** decimals)
+    return f"{sign}{q}.{r:0{decimals}d}"
+
+
+def bar_trades(spec: ContractSpec, bar: Bar, day_volume: int = 0, day_pv: float = 0.0) -> MinuteTrades:
+    """Derive the trades of one minute from its TRADES bar -- the single
+    source of the live trades and of the bars ``reqHistoricalData`` serves.
+
+    Deterministic per (symbol, bar start).  ``bar.count`` trades at distinct
+    millisecond times inside ``[t, t + 60 s)``: the first at ``open``, the
+    last at ``close``, one at ``high`` and one at ``low`` (others uniform
+    between low and high), sizes >= 1 summing to ``volume`` (all 0 for an
+    index).  Each trade has the quote in force: the trade is at the bid or
+    at the ask, the spread 1 to 3 ticks.  ``day_volume``/``day_pv`` are the
+    volume and sum of price x volume of the day's earlier minutes (for the
+    cumulative volume and VWAP of RTVolume).  Raises ``ValueError`` when the
+    bar cannot carry its trades (volume < barCount for a stock, barCount >
+    60,000)."""
+    import numpy as np
+
+    n = int(bar.count)
+    decimals = max(2, *(len(x.partition(".")[2]) for x in (bar.open, bar.high, bar.low, bar.close)))
+    o, h, l, c = (_scaled(x, decimals) for x in (bar.open, bar.high, bar.low, bar.close))
+    index = spec.sec_type == "IND"
+    vol = 0 if index else int(Decimal(bar.volume))
+    if n <= 0:
+        empty = {k: np.zeros(0, dtype=np.int64) for k in ("t", "p", "s", "b", "a", "bs", "as", "cum")}
+        empty["vw"] = np.zeros(0)
+        return MinuteTrades(spec.symbol, bar.t, decimals, empty, [], 0, index)
+    if n > MAX_TRADES_PER_MINUTE:
+        raise ValueError(f"barCount {n} > {MAX_TRADES_PER_MINUTE}")
+    if not index and vol < n:
+        raise ValueError(f"volume {vol} < barCount {n}")
+    rng = np.random.default_rng(_seed("trades-v1", spec.symbol, bar.t))
+    offs = np.sort(rng.choice(60_000, size=n, replace=False)) if n > 1 else np.array([rng.integers(0, 60_000)])
+    prices = rng.integers(l, h + 1, size=n)
+    prices[0] = o
+    prices[-1] = c
+    if n >= 4:
+        ih, il = rng.choice(np.arange(1, n - 1), size=2, replace=False)
+        prices[ih] = h
+        prices[il] = l
+    elif n == 3:
+        prices[1] = h if h > max(o, c) else l
+    if index:
+        sizes = np.zeros(n, dtype=np.int64)
+    else:
+        sizes = rng.multinomial(vol - n, np.full(n, 1.0 / n)) + 1
+    tick = max(1, _scaled(spec.min_tick, decimals))
+    spread = rng.integers(1, 4, size=n) * tick
+    at_ask = rng.integers(0, 2, size=n).astype(bool)
+    bids = np.where(at_ask, np.maximum(prices - spread, tick), prices)
+    asks = np.where(at_ask, prices, prices + spread)
+    bsz = rng.integers(1, 30, size=n) * 100
+    asz = rng.integers(1, 30, size=n) * 100
+    cum = np.cumsum(sizes) + day_volume
+    if index:
+        vwap = np.zeros(n)
+    else:
+        vwap = (np.cumsum(prices.astype(np.float64) * sizes) / (10 ** decimals) + day_pv) / cum
+    # every price of the minute lies in [low - 3 ticks, high + 3 ticks]: format that range once
+    base = min(l, int(bids.min()))
+    table = [_fmt_scaled(x, decimals) for x in range(base, max(h, int(asks.max())) + 1)]
+    arrays = {"t": offs.astype(np.int64) + bar.t * 1000, "p": prices.astype(np.int64), "s": sizes.astype(np.int64),
+              "b": bids.astype(np.int64), "a": asks.astype(np.int64), "bs": bsz.astype(np.int64),
+              "as": asz.astype(np.int64), "cum": cum.astype(np.int64), "vw": vwap.astype(np.float64)}
+    return MinuteTrades(spec.symbol, bar.t, decimals, arrays, table, base, index)
+
+
 class BarStore:
     """Bars of every configured contract, by contract, local date and bar type.
 
@@ -503,6 +819,7 @@ class BarStore:
         self._cache: OrderedDict[tuple, tuple[tuple[Bar, ...], tuple[Bar, ...]]] = OrderedDict()
         self._cache_days = cache_days
         self._lock = threading.Lock()
+        self.live: LiveRates | None = None
 
     # recorded -------------------------------------------------------------
     def load(self, spec: ContractSpec) -> int:
@@ -567,10 +884,91 @@ class BarStore:
         rth = tuple(b for b in all_bars if o_ <= b.t < c_)
         return tuple(all_bars), rth
 
+    # live -----------------------------------------------------------------
+    def set_live(self, rates: LiveRates | None, cache_days: int | None = None) -> None:
+        """Switch live mode on (``rates``) or off (None).  In live mode every
+        minute of every day has a generated TRADES bar (weekends, holidays
+        and nights included; ``useRTH=1`` still keeps the exchange session
+        only) whose barCount is the rate in force for that minute; recorded
+        (CSV) days are served as recorded."""
+        with self._lock:
+            self.live = rates
+            if cache_days:
+                self._cache_days = max(self._cache_days, cache_days)
+
+    def _live_day(self, spec: ContractSpec, day: dt.date) -> tuple[LiveDay, Any, Any]:
+        """``(path, volume before each minute, price x volume before each
+        minute)`` of one live day (cached per rate schedule version)."""
+        import numpy as np
+
+        rates = self.live
+        key = ("live", spec.symbol, spec.thin, spec.base_price, spec.sec_type, spec.time_zone, day, rates.version)
+        with self._lock:
+            got = self._cache.get(key)
+            if got is not None:
+                self._cache.move_to_end(key)
+                return got
+        path = generate_live_day(spec, day)
+        n = len(path)
+        counts = np.array([rates.at(path.start + 60 * i) for i in range(n)], dtype=np.int64)
+        counts = np.where(path.traded, counts, 0)
+        if spec.sec_type == "IND":
+            vols = np.zeros(n, dtype=np.int64)
+        else:
+            vols = np.where(counts > 0, np.maximum(counts, (counts * _mean_size(spec) * path.factor).astype(np.int64)), 0)
+        pv = vols * (path.h + path.l + path.c) / 300.0
+        before_v = np.concatenate(([0], np.cumsum(vols)[:-1]))
+        before_pv = np.concatenate(([0.0], np.cumsum(pv)[:-1]))
+        got = (path, before_v, before_pv)
+        with self._lock:
+            self._cache[key] = got
+            while len(self._cache) > self._cache_days:
+                self._cache.popitem(last=False)
+        return got
+
+    def _live_bars(self, spec: ContractSpec, day: dt.date) -> tuple[Bar, ...]:
+        path = self._live_day(spec, day)[0]
+        rates = self.live
+        out = []
+        for i in range(len(path)):
+            row = path.row(i)
+            bar = live_bar(spec, row, rates.at(row[0]))
+            if bar is not None:
+                out.append(bar)
+        return tuple(out)
+
+    def _is_live(self, spec: ContractSpec, day: dt.date) -> bool:
+        if self.live is None:
+            return False
+        return not (spec.csv_files and self._csv.get(spec.symbol, {}).get(day))
+
+    def minute_bar(self, spec: ContractSpec, t: int) -> tuple[Bar | None, int, float]:
+        """Live mode: ``(TRADES bar of the minute starting at epoch t or
+        None, day volume before it, day price x volume before it)``."""
+        day = dt.datetime.fromtimestamp(t, spec.tz).date()
+        if not self._is_live(spec, day):
+            for b in self.day_bars(spec, day, "TRADES", False):
+                if b.t == t:
+                    return b, 0, 0.0
+            return None, 0, 0.0
+        path, before_v, before_pv = self._live_day(spec, day)
+        i = (t - path.start) // 60
+        if not 0 <= i < len(path) or path.start + 60 * i != t:
+            return None, 0, 0.0
+        row = path.row(i)
+        return live_bar(spec, row, self.live.at(t)), int(before_v[i]), float(before_pv[i])
+
     # both -----------------------------------------------------------------
     def day_bars(self, spec: ContractSpec, day: dt.date, what: str, use_rth: bool) -> Sequence[Bar]:
         """Bars of ``spec`` for local date ``day``, bar type ``what``
         (TRADES/MIDPOINT/BID_ASK), regular hours only when ``use_rth``."""
+        if self._is_live(spec, day):
+            bars: Sequence[Bar] = self._live_bars(spec, day)
+            if use_rth:
+                bars = self._rth_filter(bars, day)
+            if what != "TRADES":
+                bars = [_derive(b, what, _cents_from_text(spec.min_tick)) for b in bars]
+            return bars
         if spec.csv_files:
             bars = self._csv.get(spec.symbol, {}).get(day, [])
             if use_rth:
