@@ -3,7 +3,7 @@
 #
 #   sudo ./install.sh           collectors pointed at the real venues
 #   sudo ./install.sh --demo    also start the Binance, TWS and Kite simulators and point
-#                               feed-binance, feed-backfill and feed-zerodha at them
+#                               feed-binance, feed-backfill, feed-ibkr and feed-zerodha at them
 #
 # Safe to re-run: packages, users, database objects and units are created only when
 # missing; configuration in /etc/feeds is never overwritten (a newer default is put
@@ -66,7 +66,7 @@ runuser -u postgres -- psql -qAtc 'select 1' >/dev/null 2>&1 || die "PostgreSQL 
 # --- users -------------------------------------------------------------------------
 # feeds owns the database (feed-migrate, feed-maintain); each collector has its own user,
 # which is also its database role (peer authentication): feeds_binance, feeds_kite (feed-zerodha
-# and feed-kite-token, the only reader of the Kite secrets), feeds_ibkr (feed-backfill).
+# and feed-kite-token, the only reader of the Kite secrets), feeds_ibkr (feed-backfill, feed-ibkr).
 install -D -m 644 "$SRC/systemd/feeds.sysusers" /etc/sysusers.d/feeds.conf
 install -D -m 644 "$SRC/systemd/feeds.tmpfiles" /etc/tmpfiles.d/feeds.conf
 systemd-sysusers /etc/sysusers.d/feeds.conf
@@ -199,6 +199,8 @@ demo_dropin feed-zerodha.service feed-sim-kite.service "FEEDS_KITE_CONFIG=$ETC/k
 demo_dropin feed-kite-token.service feed-sim-kite.service "FEEDS_KITE_CONFIG=$ETC/kite-demo.toml"
 # the TWS simulator's pacing windows are scaled to 1/100; the demo fetches the last 20 days
 demo_dropin feed-backfill.service feed-sim-tws.service "FEEDS_IBKR_PACING_SCALE=0.01" "FEEDS_BACKFILL_ARGS=--from 20d"
+# feed-ibkr: the simulator's live ticks, collected around the clock (no exchange calendar)
+demo_dropin feed-ibkr.service feed-sim-tws.service "FEEDS_IBKR_CONFIG=$ETC/ibkr-demo.toml"
 if [ $DEMO = 1 ]; then
     # the Kite simulator's demo credentials, written once, readable only by feeds_kite
     for pair in api-secret:simsecret password:simpassword totp-secret:JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP; do
@@ -223,6 +225,7 @@ verify=$(systemd-analyze verify "$UNITDIR"/feed-*.service "$UNITDIR"/feed-*.time
 
 systemctl enable --now feed-maintain.timer >/dev/null 2>&1
 systemctl enable --now feed-backfill.timer >/dev/null 2>&1
+systemctl enable --now feed-ibkr.timer >/dev/null 2>&1
 kite_ready() { ! grep -q '^api_key = "your_api_key"' "$ETC/kite.toml" &&
                for s in api-secret password totp-secret; do [ -s "$ETC/secrets/kite-$s" ] || return 1; done; }
 if [ $DEMO = 1 ] || kite_ready; then
@@ -236,13 +239,17 @@ if [ $START = 1 ]; then
         systemctl enable feed-sim-binance.service feed-sim-tws.service feed-sim-kite.service >/dev/null 2>&1
         systemctl restart feed-sim-binance.service feed-sim-tws.service feed-sim-kite.service
         systemctl start --no-block feed-backfill.service
+        # the demo collects at any hour: started now, not only by its timer before the New York open
+        systemctl restart --no-block feed-ibkr.service
         systemctl start feed-kite-token.service && systemctl restart --no-block feed-zerodha.service \
             || say "feed-kite-token failed: journalctl -u feed-kite-token"
     else
         systemctl disable --now feed-sim-binance.service feed-sim-tws.service feed-sim-kite.service >/dev/null 2>&1 || true
+        # a feed-ibkr left running by a demo install: now against TWS / IB Gateway of ibkr.toml
+        systemctl try-restart --no-block feed-ibkr.service
     fi
     systemctl restart feed-binance.service
     say "feed-binance: $(systemctl is-active feed-binance.service)"
 fi
 say "done. Status: systemctl status feed-binance; journalctl -u feed-binance -f; feedctl status;"
-say "      systemctl list-timers 'feed-*'; journalctl -u feed-backfill"
+say "      systemctl list-timers 'feed-*'; journalctl -u feed-backfill; journalctl -u feed-ibkr"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import click
@@ -167,7 +167,7 @@ def maintain(config_path: str) -> None:
 
 @click.group()
 def feedctl() -> None:
-    """Look at the feeds: unit states, heartbeats, row counts."""
+    """Look at the feeds: unit states, heartbeats, row counts, the Binance kline check."""
 
 
 @feedctl.command()
@@ -209,3 +209,110 @@ def status(config_path: str, as_json: bool, stale_after: int) -> None:
         if not out:
             click.echo("no heartbeats yet")
     sys.exit(1 if bad else 0)
+
+
+def _since(value: str | None) -> datetime | None:
+    """``--since``: ``YYYY-MM-DD``, ``YYYY-MM-DDTHH:MM`` (UTC unless an offset is given) or ``Nd``/``Nh`` back."""
+    if not value:
+        return None
+    v = value.strip()
+    now = datetime.now(timezone.utc)
+    if v[:-1].isdigit() and v[-1:] in ("d", "h"):
+        n = int(v[:-1])
+        return now - (timedelta(days=n) if v[-1] == "d" else timedelta(hours=n))
+    try:
+        t = datetime.fromisoformat(v)
+    except ValueError:
+        raise click.BadParameter("use YYYY-MM-DD, YYYY-MM-DDTHH:MM or a number of days/hours back (7d, 12h)",
+                                 param_hint="--since") from None
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+
+
+KLINE_CHECK_SQL = """
+SELECT f.symbol, f.open_time, f.checked_at, f.differs, f.note,
+       f.kline_open::text, f.kline_high::text, f.kline_low::text, f.kline_close::text, f.kline_volume::text,
+       f.kline_trades,
+       f.agg_open::text, f.agg_high::text, f.agg_low::text, f.agg_close::text, f.agg_volume::text, f.agg_trades,
+       a.checked_at, a.repaired, a.differs, a.basis, a.rest_trades, a.note,
+       a.agg_open::text, a.agg_high::text, a.agg_low::text, a.agg_close::text, a.agg_volume::text, a.agg_trades
+  FROM binance_kline_check f
+  LEFT JOIN LATERAL (
+        SELECT * FROM binance_kline_check x
+         WHERE x.symbol = f.symbol AND x.open_time = f.open_time AND x.stage = 'after_fill'
+           AND x.checked_at >= f.checked_at
+         ORDER BY x.checked_at LIMIT 1) a ON true
+ WHERE f.stage = 'found'
+   AND (%(symbol)s::text IS NULL OR f.symbol = %(symbol)s)
+   AND (%(since)s::timestamptz IS NULL OR f.open_time >= %(since)s)
+ ORDER BY f.open_time DESC, f.symbol
+ LIMIT %(limit)s"""
+
+_KC_FIELDS = ("open", "high", "low", "close", "volume", "trades")
+
+
+def _kline_check_rows(rows) -> list[dict]:
+    out = []
+    for r in rows:
+        (sym, minute, found_at, differs, note, *rest) = r
+        kline = dict(zip(_KC_FIELDS, rest[0:6]))
+        found = dict(zip(_KC_FIELDS, rest[6:12]))
+        after_at, repaired, after_differs, basis, rest_trades, after_note = rest[12:18]
+        after = dict(zip(_KC_FIELDS, rest[18:24]))
+        out.append({
+            "symbol": sym, "minute": minute.astimezone(timezone.utc).isoformat(),
+            "found_at": found_at.astimezone(timezone.utc).isoformat(),
+            "differs": [x for x in differs.split(",") if x], "kline": kline, "aggtrades": found,
+            "state": ("repaired" if repaired else "not repaired") if after_at is not None else
+                     ("not filled" if note else "fill pending"),
+            "note": note,
+            "after_fill": None if after_at is None else {
+                "checked_at": after_at.astimezone(timezone.utc).isoformat(), "repaired": repaired,
+                "differs": [x for x in (after_differs or "").split(",") if x], "basis": basis,
+                "rest_trades": rest_trades, "aggtrades": after, "note": after_note},
+        })
+    return out
+
+
+@feedctl.command("kline-check")
+@click.option("--config", "config_path", envvar="FEEDS_CONFIG", default=COMMON, show_default=True)
+@click.option("--symbol", default=None, help="Only this symbol (e.g. BTCUSDT).")
+@click.option("--since", default=None, metavar="DATE",
+              help="Minutes from then on: YYYY-MM-DD, YYYY-MM-DDTHH:MM (UTC) or 7d / 12h back.")
+@click.option("--limit", default=200, show_default=True, help="At most this many minutes, newest first.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@exit_on_config_error
+def kline_check(config_path: str, symbol: str | None, since: str | None, limit: int, as_json: bool) -> None:
+    """Minutes whose closed Binance kline disagreed with the aggTrades
+    feed-binance stored (binance_kline_check), newest first, and whether the
+    aggTrade fill of the minute repaired them.  Exit status 0 (also when
+    there are none), 2 when the database cannot be read."""
+    cfg = _common_config(config_path)
+    params = {"symbol": symbol.upper() if symbol else None, "since": _since(since), "limit": max(1, limit)}
+    try:
+        with connect(database_dsn(cfg), application_name="feedctl", statement_timeout=30.0) as conn:
+            rows = conn.execute(KLINE_CHECK_SQL, params).fetchall()
+    except psycopg.Error as e:
+        click.echo(f"database unreachable: {_first_line(e)}", err=True)
+        sys.exit(2)
+    out = _kline_check_rows(rows)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    if not out:
+        click.echo("no minute disagreed" + (f" for {params['symbol']}" if symbol else "")
+                   + (f" since {params['since']:%Y-%m-%d %H:%M} UTC" if params["since"] else ""))
+        return
+    for o in out:
+        k, g = o["kline"], o["aggtrades"]
+        click.echo(f"{o['minute'][:16].replace('T', ' ')} {o['symbol']:<14} {o['state']:<13} "
+                   f"differs: {', '.join(o['differs'])}; kline n {k['trades']} v {k['volume']}, "
+                   f"aggTrades n {g['trades']} v {g['volume']}")
+        a = o["after_fill"]
+        if a is not None:
+            ga = a["aggtrades"]
+            click.echo(f"    after the fill ({a['rest_trades']} aggTrades from REST, compared with the "
+                       f"{'stored' if a['basis'] == 'stored' else 'REST'} ones): n {ga['trades']} v {ga['volume']}"
+                       + (f"; still differs: {', '.join(a['differs'])}" if a["differs"] else "")
+                       + (f"; {a['note']}" if a["note"] else ""))
+        elif o["note"]:
+            click.echo(f"    {o['note']}")

@@ -47,7 +47,7 @@ ROWS = {
 }
 OWN = {"feeds_binance": "binance_agg_trade", "feeds_kite": "kite_tick_ltp", "feeds_ibkr": "ibkr_bar_1min"}
 UNIT = {"feeds_binance": ["feed-binance.service", "feed-binance@1of2.service"],
-        "feeds_kite": ["feed-zerodha.service"], "feeds_ibkr": ["feed-backfill.service"]}
+        "feeds_kite": ["feed-zerodha.service"], "feeds_ibkr": ["feed-backfill.service", "feed-ibkr.service"]}
 COLLECTORS = sorted(OWN)
 
 
@@ -258,9 +258,7 @@ def test_collector_cannot_write_another_collectors_tables(dsn, role):
             if table != "ibkr_bar_1min":
                 msg = denied(conn.execute, "SELECT feeds_ensure_day_partitions(%s::regclass, %s, 1)",
                              (table, OLD_DAY))
-                # feeds_ibkr has no partitioned table, hence no EXECUTE on the function at all
-                assert (f"may not add partitions to public.{table}" in msg if role != "feeds_ibkr"
-                        else "permission denied for function feeds_ensure_day_partitions" in msg)
+                assert f"may not add partitions to public.{table}" in msg
         others = [("binance_agg_gap", "DELETE FROM binance_agg_gap"),
                   ("kite_instrument", "UPDATE kite_instrument SET name = 'x'"),
                   ("ibkr_session_status", "UPDATE ibkr_session_status SET status = 'ERROR'"),
@@ -283,7 +281,7 @@ def test_collector_cannot_write_another_units_heartbeat(dsn, role):
             assert cur.rowcount == 0                               # invisible to UPDATE
         with psycopg.connect(dsn, autocommit=True) as c:
             c.execute("DELETE FROM feed_heartbeat WHERE unit LIKE 'feed-zerodha%' OR unit LIKE 'feed-binance%' "
-                      "OR unit LIKE 'feed-backfill%'")
+                      "OR unit LIKE 'feed-backfill%' OR unit LIKE 'feed-ibkr%'")
         for other in sorted({u for r, us in UNIT.items() if r != role for u in us}):
             msg = denied(heartbeat, conn, other, "running")       # the upsert's INSERT path
             assert "row-level security" in msg

@@ -14,7 +14,7 @@ from feeds.settings import _conform, _value
 
 #: Which kind of file each shipped etc/*.toml is.
 SHIPPED = {"feeds.toml": FEEDS_FILE, "binance.toml": BINANCE_FILE, "binance-demo.toml": BINANCE_FILE,
-           "kite.toml": KITE_FILE, "kite-demo.toml": KITE_FILE, "ibkr.toml": IBKR_FILE}
+           "kite.toml": KITE_FILE, "kite-demo.toml": KITE_FILE, "ibkr.toml": IBKR_FILE, "ibkr-demo.toml": IBKR_FILE}
 
 
 def test_every_shipped_file_has_a_kind():

@@ -28,6 +28,7 @@ lacks a key, has a wrong type or a value outside its range raises
 """
 from __future__ import annotations
 
+import calendar
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -104,6 +105,12 @@ def now_text() -> str:
 def text_to_dt(text: str) -> datetime:
     """Timestamp text from :func:`ms_text` / :func:`now_text` -> aware datetime."""
     return datetime.fromisoformat(text)
+
+
+def text_ms(text: str) -> int:
+    """Timestamp text from :func:`ms_text` (``YYYY-MM-DD HH:MM:SS.mmm+00:00``)
+    -> integer epoch milliseconds (exact)."""
+    return calendar.timegm(time.strptime(text[:19], "%Y-%m-%d %H:%M:%S")) * 1000 + int(text[20:23])
 
 
 # Field checks.  Each inlines the common case (str methods and integer
@@ -196,7 +203,13 @@ KLINE_TABLE = Table("binance_kline",
                      "volume", "trade_count", "quote_volume", "taker_buy_volume", "taker_buy_quote_volume",
                      "first_trade_id", "last_trade_id", "event_time", "recv_time", "source"),
                     time_column="event_time")
-TABLES = (AGG_TRADE_TABLE, BOOK_TICKER_TABLE, MARK_PRICE_TABLE, TICKER_TABLE, KLINE_TABLE)
+#: the kline check's findings (rows from :func:`feeds.binance.klinecheck.check_row`)
+KLINE_CHECK_TABLE = Table("binance_kline_check",
+                          ("symbol", "open_time", "checked_at", "stage", "kline_open", "kline_high", "kline_low",
+                           "kline_close", "kline_volume", "kline_trades", "agg_open", "agg_high", "agg_low",
+                           "agg_close", "agg_volume", "agg_trades", "differs", "repaired", "basis", "rest_trades",
+                           "note"))
+TABLES = (AGG_TRADE_TABLE, BOOK_TICKER_TABLE, MARK_PRICE_TABLE, TICKER_TABLE, KLINE_TABLE, KLINE_CHECK_TABLE)
 
 
 def agg_trade_row(d: dict, recv: str) -> tuple:

@@ -14,6 +14,14 @@ Completeness:
   database at start, so the downtime of a restart is filled too.
 * Closed klines missed while disconnected (or down) are filled from
   ``GET /fapi/v1/klines``.
+* The kline check (``kline_check``): each closed one-minute kline from the
+  stream is compared with the candle built from the aggTrades stored for
+  its minute (open, high, low, close, volume, and ``n`` against the sum of
+  ``l - f + 1``; see :mod:`.klinecheck`).  A mismatch is counted, logged
+  and stored in ``binance_kline_check``; the minute's aggTrades are then
+  fetched from ``GET /fapi/v1/aggTrades`` (``startTime``/``endTime``,
+  within the REST weight budget), stored, read back and compared again: a
+  second row says whether the minute is repaired.
 * Each connection is replaced before Binance's 24 h expiry: the new one is
   up (first message received) before the old one is closed; the overlap is
   de-duplicated in memory (per-stream last id / event time) and by the
@@ -42,6 +50,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal
 from typing import Callable
 
 import orjson
@@ -51,10 +60,41 @@ from ..db import connect
 from ..health import Health, StreamHealth
 from ..sink import Sink
 from . import adapter as A
+from . import klinecheck as KC
 from . import wire
 from .rest import BinanceRest
 
 log = logging.getLogger(__name__)
+
+#: journal lines a minute about kline check mismatches (the rest are counted and summed up)
+KC_LOG_PER_MINUTE = 10
+#: seconds the kline check waits for a filled minute's aggTrades to be committed before reading them back
+KC_READBACK_S = 60.0
+
+
+class _Throttle:
+    """At most ``per_minute`` journal lines a minute; the lines left out are
+    counted and named in the next line written."""
+
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self._window = 0.0
+        self._lines = 0
+        self.quiet = 0
+
+    def __call__(self, level: int, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._window >= 60.0:
+            self._window, self._lines = now, 0
+        if self._lines >= self.per_minute:
+            self.quiet += 1
+            return
+        self._lines += 1
+        if self.quiet:
+            msg += " (%d more kline check line(s) left out before)"
+            args = (*args, self.quiet)
+            self.quiet = 0
+        log.log(level, msg, *args)
 
 
 @dataclass
@@ -72,6 +112,10 @@ class Settings:
     ``status_interval``, ``heartbeat_interval``, ``watchdog_interval``
     (seconds) are for the runtime that runs the collector
     (:class:`feeds.service.Service`); the collector does not use them.
+
+    ``kline_check``: compare closed one-minute klines with the aggTrades
+    (needs the ``aggTrade`` and ``kline`` streams and the ``1m`` interval;
+    otherwise it is off).
     """
     rest_url: str = "https://fapi.binance.com"
     ws_url: str = "wss://fstream.binance.com"
@@ -100,6 +144,7 @@ class Settings:
         A.AGG_TRADE: 1_000_000, A.BOOK_TICKER: 10_000_000_000})
     id_confirmations: int = 2
     id_adopt_lone_after: float = 60.0
+    kline_check: bool = True
 
 
 @dataclass
@@ -177,7 +222,16 @@ class BinanceCollector:
         self.kline_filling: set[tuple[str, str]] = set()
         self.gaps_open: set[tuple[str, int]] = set()     # aggTrade gaps being filled: (symbol, first id)
         self.counters = {"gaps": 0, "gap_trades_filled": 0, "klines_filled": 0, "reconnects": 0,
-                         "rollovers": 0, "stale": 0, "duplicates_skipped": 0, "id_jumps_accepted": 0}
+                         "rollovers": 0, "stale": 0, "duplicates_skipped": 0, "id_jumps_accepted": 0,
+                         "kline_check_ok": 0, "kline_check_mismatched": 0, "kline_check_repaired": 0,
+                         "kline_check_not_repaired": 0, "kline_check_not_comparable": 0}
+        self.kc: KC.KlineCheck | None = None
+        self.kline_check_off = self._kline_check_off()
+        if not self.kline_check_off:
+            self.kc = KC.KlineCheck()
+        self._kc_cur: dict[str, KC.Fold] | None = self.kc.cur if self.kc is not None else None
+        self._kc_fills: set[tuple[str, int]] = set()
+        self._kc_log = _Throttle(KC_LOG_PER_MINUTE)
         self._tasks: set[asyncio.Task] = set()
         self._stop: asyncio.Event | None = None
         self.symbols: list[str] = []
@@ -194,8 +248,10 @@ class BinanceCollector:
 
     def figures(self) -> dict[str, int | float]:
         """Counters for STATUS and the heartbeat: gaps, fills, reconnects,
-        rollovers, stale streams, duplicates, accepted id jumps, ids held for
-        confirmation and the REST weight used in the last minute."""
+        rollovers, stale streams, duplicates, accepted id jumps, the kline
+        check's minutes (``kline_check_ok``, ``_mismatched``, ``_repaired``,
+        ``_not_repaired``, ``_not_comparable``), ids held for confirmation
+        and the REST weight used in the last minute."""
         f: dict[str, int | float] = dict(self.counters)
         f["ids_held"] = self.agg_ids.held() + self.book_ids.held()
         f["rest_weight_1m"] = self.rest.limiter.used if self.rest is not None else 0
@@ -211,6 +267,8 @@ class BinanceCollector:
             self.health.notify_status(self._waiting)
         self.check_staleness()
         self.release_lone_ids()
+        if self.kc is not None:
+            self._kc_verdicts(self.kc.due(self.last_trade_id))
         A.WINDOW.refresh()
         now = time.monotonic()
         if not self.s.symbols and self.s.symbols_refresh and self._stop is not None and now >= self._next_refresh:
@@ -304,6 +362,23 @@ class BinanceCollector:
                     g.last[sym] = a
                     self.last_trade_id[sym] = row[5]
                     self.sink.add("binance_agg_trade", row)
+                    kcur = self._kc_cur
+                    if kcur is not None:
+                        # the kline check's fold of this minute (see klinecheck.Fold), inline
+                        t = data["T"]
+                        fd = kcur.get(sym)
+                        if fd is not None and fd.start <= t < fd.end:
+                            fd.n += row[5] - row[4] + 1
+                            fd.v += Decimal(row[3])
+                            p = row[2]
+                            if p != fd.c:
+                                x = float(p)
+                                if x >= fd.hf or x <= fd.lf:
+                                    fd.extreme(p, x)
+                                fd.c = p
+                            fd.c_a = a
+                        else:
+                            self._kc_verdicts(self.kc.trade(sym, a, last, row[2], row[3], row[4], row[5], t))
                 elif last is not None and last - g.max_jump <= a <= last:
                     self.counters["duplicates_skipped"] += 1
                 else:
@@ -379,10 +454,13 @@ class BinanceCollector:
                         kind, sym, previous, first, len(rows) - 1)
         if kind == A.AGG_TRADE:
             prev = previous if previous is not None and first > previous else None
+            kc = self.kc
             for row in rows:
                 a = row[1]
                 if prev is not None and a != prev + 1:
                     self._gap(sym, prev + 1, a - 1)
+                if kc is not None:
+                    self._kc_verdicts(kc.trade(sym, a, prev, row[2], row[3], row[4], row[5], A.text_ms(row[6])))
                 prev = a
             self.last_trade_id[sym] = rows[-1][5]
             self.sink.add_many("binance_agg_trade", rows)
@@ -442,9 +520,169 @@ class BinanceCollector:
             row = A.kline_row(data, recv)
             self.last_kline[key] = t
             self.sink.add("binance_kline", row)
+            if self.kc is not None and iv == "1m":
+                self._kc_verdicts(self.kc.kline(sym, k, self.last_trade_id.get(sym, -1)))
         elif last is None:
             # first sight of this symbol/interval with no history: start here
             self.last_kline[key] = t - step
+
+    # ------------------------------------------------------------ kline check
+    def _kline_check_off(self) -> str:
+        """Why the kline check is off ("" when it is on)."""
+        s = self.s
+        if not s.kline_check:
+            return "kline_check = false"
+        if A.AGG_TRADE not in s.streams or A.KLINE not in s.streams:
+            return "needs the aggTrade and kline streams"
+        if "1m" not in s.kline_intervals:
+            return "needs the 1m kline interval"
+        return ""
+
+    def _kc_lost(self, slot: _Slot) -> None:
+        """The connection of ``slot`` was lost or replaced: its aggTrade
+        symbols' current minutes are unsure until the reconnect is settled."""
+        if self.kc is not None:
+            self.kc.connection_lost([r.symbol for r in (self.routes.get(n) for n in slot.streams)
+                                     if r is not None and r.kind == A.AGG_TRADE])
+
+    def _kc_verdicts(self, verdicts: list) -> None:
+        """Count the kline check's verdicts; a mismatch is stored, logged and
+        its minute filled from REST."""
+        c = self.counters
+        for v in verdicts:
+            if v.outcome == KC.OK:
+                c["kline_check_ok"] += 1
+            elif v.outcome == KC.NOT_COMPARABLE:
+                c["kline_check_not_comparable"] += 1
+                log.debug("kline check %s %s: not comparable (%s)", v.symbol, A.ms_text(v.minute), v.reason)
+            else:
+                c["kline_check_mismatched"] += 1
+                self._kc_mismatch(v)
+
+    def _kc_mismatch(self, v: KC.Verdict) -> None:
+        key = (v.symbol, v.minute)
+        note = None
+        if key in self._kc_fills:
+            note = "a fill of this minute is already running"
+        elif len(self._kc_fills) >= KC.MAX_PENDING_FILLS:
+            note = f"not filled: {len(self._kc_fills)} minute fills already pending"
+        self.sink.add("binance_kline_check", KC.check_row(
+            v.symbol, A.ms_text(v.minute), A.now_text(), "found", v.kline, v.agg, v.differs, "stream", note=note))
+        k, g = v.kline, v.agg
+        self._kc_log(logging.WARNING, "kline check %s %s: the aggTrades differ from the kline in %s (kline n %d "
+                     "v %s, aggTrades n %d v %s); %s", v.symbol, A.ms_text(v.minute)[:16], ", ".join(v.differs),
+                     k.trades, k.volume, g.trades, g.volume, note or "filling the minute from REST")
+        if note is None:
+            self._kc_fills.add(key)
+            self._spawn(self._kc_fill(v))
+
+    async def _kc_fill(self, v: KC.Verdict) -> None:
+        """The aggTrade gap fill of a mismatched minute: its aggTrades from
+        REST stored, then read back (or, when the database cannot be read,
+        the REST ones) and compared with the kline again; the outcome is the
+        ``after_fill`` row."""
+        key = (v.symbol, v.minute)
+        try:
+            items, rows = await self._agg_minute(v.symbol, v.minute)
+            if items is None:
+                return          # stopped
+            if rows:
+                self.sink.add_many("binance_agg_trade", rows)
+            stored, note = None, None
+            want = {it[0] for it in items}
+            ids = sorted(want) + [x for x in (v.agg.first_id, v.agg.last_id) if x is not None]
+            # read the minute back until every aggTrade REST returned is stored (the sink commits
+            # asynchronously); the database down or too slow: compare the REST ones instead
+            deadline = time.monotonic() + KC_READBACK_S
+            if not self.dsn:
+                note = "no database: compared with the aggTrades REST returned"
+            while self.dsn:
+                try:
+                    got = await asyncio.to_thread(self._stored_minute, v.symbol, v.minute, ids)
+                except Exception as e:
+                    note = f"database not readable ({str(e).strip()[:120]}): compared with the aggTrades REST returned"
+                    break
+                if want <= {r[0] for r in got}:
+                    stored = got
+                    break
+                if time.monotonic() >= deadline or self._stop.is_set():
+                    note = (f"{len(want - {r[0] for r in got})} aggTrade(s) from REST not stored within "
+                            f"{KC_READBACK_S:.0f} s: compared with the aggTrades REST returned")
+                    break
+                await self._sleep(1.0)
+            if self._stop.is_set() and stored is None:
+                return
+            agg = KC.candle_of(stored if stored is not None else items)
+            diff = KC.differences(v.kline, agg)
+            repaired = not diff
+            if diff and note is None:
+                note = _unaggregated_note(stored, v.kline)
+            self.counters["kline_check_repaired" if repaired else "kline_check_not_repaired"] += 1
+            self.sink.add("binance_kline_check", KC.check_row(
+                v.symbol, A.ms_text(v.minute), A.now_text(), "after_fill", v.kline, agg, diff,
+                "stored" if stored is not None else "rest", repaired, len(items), note))
+            if repaired:
+                self._kc_log(logging.INFO, "kline check %s %s: repaired by the fill (%d aggTrades from REST)",
+                             v.symbol, A.ms_text(v.minute)[:16], len(items))
+            else:
+                self._kc_log(logging.WARNING, "kline check %s %s: still differs after the fill in %s (%s)",
+                             v.symbol, A.ms_text(v.minute)[:16], ", ".join(diff), note or "REST has no more trades")
+        finally:
+            self._kc_fills.discard(key)
+
+    async def _agg_minute(self, symbol: str, minute: int) -> tuple[list[tuple] | None, list[tuple]]:
+        """The aggTrades of one minute from REST: ``(trades, rows)`` with
+        trades as ``(a, p, q, f, l)`` and their table rows; ``(None, [])``
+        when stopped.  The first page by ``startTime``/``endTime``, further
+        pages by ``fromId``; failures are retried (backoff up to 60 s)."""
+        end = minute + KC.MINUTE_MS - 1
+        trades: list[tuple] = []
+        rows: list[tuple] = []
+        from_id, delay = None, 1.0
+        while not self._stop.is_set():
+            try:
+                items = await (self.rest.agg_trades_between(symbol, minute, end, 1000) if from_id is None
+                               else self.rest.agg_trades(symbol, from_id, 1000))
+            except Exception as e:
+                log.warning("kline check fill %s %s failed: %s; retrying in %.0fs", symbol, A.ms_text(minute)[:16],
+                            e, delay)
+                await self._sleep(delay)
+                delay = min(delay * 2, 60.0)
+                continue
+            delay = 1.0
+            recv = A.now_text()
+            last_a = None
+            for it in items:
+                a, t = it.get("a"), it.get("T")
+                if type(a) is not int or type(t) is not int:
+                    self._malformed(f"REST aggTrades {symbol}", f"a or T not an integer: {it!r:.120}")
+                    continue
+                last_a = a if last_a is None or a > last_a else last_a
+                if not minute <= t <= end or (from_id is not None and a < from_id):
+                    continue
+                try:
+                    row = A.rest_agg_trade_row(symbol, it, recv)
+                except A.Malformed as e:
+                    self._malformed(f"REST aggTrades {symbol}", str(e))
+                    continue
+                rows.append(row)
+                trades.append((row[1], row[2], row[3], row[4], row[5]))
+            t_last = items[-1].get("T") if items else None
+            if len(items) < 1000 or last_a is None or type(t_last) is not int or t_last > end:
+                return trades, rows
+            from_id = last_a + 1
+        return None, []
+
+    def _stored_minute(self, symbol: str, minute: int, ids: list[int]) -> list[tuple]:
+        """The stored aggTrades of ``symbol`` in the minute, as ``(a, p, q, f, l)``
+        (searched between the lowest and highest of ``ids``)."""
+        if not ids:
+            return []
+        with connect(self.dsn, application_name="feed-binance", connect_timeout=3, statement_timeout=30.0) as conn:
+            return conn.execute(
+                "SELECT agg_id, price::text, qty::text, first_trade_id, last_trade_id FROM binance_agg_trade "
+                "WHERE symbol = %s AND agg_id BETWEEN %s AND %s AND trade_time >= %s AND trade_time < %s",
+                (symbol, min(ids), max(ids), A.ms_to_dt(minute), A.ms_to_dt(minute + KC.MINUTE_MS))).fetchall()
 
     # ------------------------------------------------------------ gap filling
     def _gap(self, symbol: str, first: int, last: int) -> None:
@@ -471,13 +709,18 @@ class BinanceCollector:
         self.gaps_open.add(key)
 
         async def fill() -> None:
+            complete = False
             try:
-                await self._fill_agg(symbol, first, last, record)
+                complete = await self._fill_agg(symbol, first, last, record)
             finally:
                 self.gaps_open.discard(key)
+                if self.kc is not None:
+                    self._kc_verdicts(self.kc.gap_filled(symbol, first, complete))
         self._spawn(fill())
 
-    async def _fill_agg(self, symbol: str, first: int, last: int, record: bool = False) -> None:
+    async def _fill_agg(self, symbol: str, first: int, last: int, record: bool = False) -> bool:
+        """Fill ids ``first..last`` (see :meth:`_start_fill`); True when every
+        id was filled and the rows committed or spooled."""
         if record:
             await asyncio.to_thread(self._gap_sql, "INSERT INTO binance_agg_gap (symbol, first_id, last_id) "
                                     "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (symbol, first, last))
@@ -508,13 +751,15 @@ class BinanceCollector:
                         self._malformed(f"REST aggTrades {symbol}", str(e))
             if rows:
                 self.sink.add_many("binance_agg_trade", rows)
+                if self.kc is not None:
+                    self.kc.filled(symbol, [(r[1], r[2], r[3], r[4], r[5], A.text_ms(r[6])) for r in rows])
                 filled += len(rows)
                 cur = rows[-1][1] + 1
             if not rows or not items or items[-1].get("a", last) >= last:
                 break
         self.counters["gap_trades_filled"] += filled
         if self._stop.is_set():
-            return          # still listed in binance_agg_gap: the next start fills it
+            return False    # still listed in binance_agg_gap: the next start fills it
         if cur <= last:
             log.error("aggTrade gap %s: ids %d..%d not available from REST", symbol, cur, last)
         else:
@@ -523,6 +768,8 @@ class BinanceCollector:
         if await asyncio.to_thread(self.sink.flush, 60.0):
             await asyncio.to_thread(self._gap_sql, "DELETE FROM binance_agg_gap WHERE symbol = %s AND first_id = %s",
                                     (symbol, gap_first))
+            return cur > last and first == gap_first
+        return False
 
     async def _fill_klines(self, symbol: str, interval: str, start_ms: int, end_ms: int) -> None:
         key = (symbol, interval)
@@ -613,12 +860,15 @@ class BinanceCollector:
                 attempt += 1
                 self.counters["reconnects"] += 1
                 log.warning("connection %d lost (%r); reconnecting in %.1fs", slot.index, err, wait)
+                self._kc_lost(slot)
                 await self._close(sock, None)
                 sock = task = None
                 await self._sleep(wait)
                 continue
             # rollover (24 h expiry ahead) or a stale stream: new connection first, then close the old
             reason = slot.replace_reason or "rollover before the 24 h expiry"
+            if slot.replace_reason:
+                self._kc_lost(slot)         # a stale stream: trades may be missing since it stalled
             slot.replace_reason = ""
             try:
                 new_sock = await self._open(slot)
@@ -810,6 +1060,8 @@ class BinanceCollector:
                  sum(1 for x in self.slots if x.category == "market"),
                  sum(1 for x in self.slots if x.category == "public"))
         await self.load_resume_state()
+        log.info("kline check: %s", "on (closed 1m klines against the stored aggTrades)" if self.kc is not None
+                 else f"off ({self.kline_check_off})")
         self._waiting = ""
         self.health.notify_status(f"connecting {len(self.slots)} connections")
         self._next_refresh = time.monotonic() + self.s.symbols_refresh
@@ -833,3 +1085,21 @@ class BinanceCollector:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self._settle_held_at_stop()
+
+
+def _unaggregated_note(stored: list[tuple] | None, kline: KC.Candle) -> str | None:
+    """When the stored aggTrades of a minute are complete by their aggregate
+    ids but skip trade ids inside the minute: a note naming how many (Binance
+    aggregates market trades only; insurance-fund and ADL trades are in no
+    aggTrade)."""
+    if not stored:
+        return None
+    ids = sorted(r[0] for r in stored)
+    if ids[-1] - ids[0] + 1 != len(ids):
+        return None
+    lo, hi = min(r[3] for r in stored), max(r[4] for r in stored)
+    holes = (hi - lo + 1) - sum(r[4] - r[3] + 1 for r in stored)
+    if holes <= 0:
+        return None
+    return (f"the aggTrades have every aggregate id but skip {holes} trade id(s) inside the minute: trades "
+            "Binance does not aggregate (insurance fund, ADL)")

@@ -2,8 +2,9 @@
 
 Venue documents: "USDⓈ-M Futures / General Info / LIMITS" (request weight,
 ``X-MBX-USED-WEIGHT-1M``, HTTP 429 with ``Retry-After``, 418 ban) and the
-market-data endpoints ``exchangeInfo``, ``aggTrades`` (weight 20) and
-``klines`` (weight 1/2/5/10 by ``limit``).
+market-data endpoints ``exchangeInfo``, ``aggTrades`` (weight 20),
+``klines`` (weight 1/2/5/10 by ``limit``) and ``ticker/price`` (v2, weight 2
+for every symbol).
 """
 from __future__ import annotations
 
@@ -153,6 +154,17 @@ class BinanceRest:
 
     async def agg_trades(self, symbol: str, from_id: int, limit: int = 1000) -> list[dict]:
         return await self._call(20, self.client.futures_aggregate_trades, symbol=symbol, fromId=from_id, limit=limit)
+
+    async def agg_trades_between(self, symbol: str, start_ms: int, end_ms: int, limit: int = 1000) -> list[dict]:
+        """aggTrades with ``start_ms <= T <= end_ms`` (the first ``limit``;
+        Binance: less than one hour apart, and not combined with ``fromId``)."""
+        return await self._call(20, self.client.futures_aggregate_trades, symbol=symbol, startTime=start_ms,
+                                endTime=end_ms, limit=limit)
+
+    async def ticker_prices(self) -> list[dict]:
+        """``GET /fapi/v2/ticker/price`` for every symbol (weight 2):
+        ``[{"symbol", "price", "time"}, ...]``."""
+        return await self._call(2, self.client.futures_symbol_ticker)
 
     async def klines(self, symbol: str, interval: str, start_ms: int, end_ms: int, limit: int = 1500) -> list[list]:
         return await self._call(kline_weight(limit), self.client.futures_klines, symbol=symbol, interval=interval,

@@ -1,5 +1,5 @@
 """The one place that reaches into ib_async's internals: historical bars
-with the exact decimal text TWS sent.
+and live market data with the exact decimal text TWS sent.
 
 ib_async 2.1.0 (pinned in setup.cfg) turns every price of a historical bar
 into a ``float`` in its decoder (``Decoder.historicalData``, the handler of
@@ -16,6 +16,13 @@ it replaces; ``tests/unit/test_ibkr_wire.py`` is the contract test.  When
 ib_async is upgraded, review the patch against the new decoder and move the
 pin in setup.cfg and here together.
 
+Live data (feed-ibkr): ib_async turns tick prices into floats and keeps
+only the latest RTVolume time per ticker, so :func:`tap_messages` puts a
+listener in front of the decoder handlers of the live market-data messages
+(:data:`LIVE_MESSAGES`): the listener sees each message's text fields first,
+then ib_async's own handler runs unchanged (its tickers stay coherent).
+:func:`req_id_of` reads the reqId ib_async gave a ticker's subscription.
+
 Venue document: TWS API message HISTORICAL_DATA (incoming id 17) for server
 versions >= 124: reqId, startDateStr, endDateStr, itemCount, then per bar
 date, open, high, low, close, volume, WAP, barCount (no message version,
@@ -31,13 +38,27 @@ from ib_async import BarData
 
 from ..wirecheck import WireVersionError, require_version
 
-__all__ = ["PINNED_VERSION", "HISTORICAL_DATA", "WireBar", "WireVersionError", "check_version", "keep_wire_text"]
+__all__ = ["PINNED_VERSION", "HISTORICAL_DATA", "WireBar", "WireVersionError", "check_version", "keep_wire_text",
+           "LIVE_MESSAGES", "TICK_PRICE", "TICK_SIZE", "TICK_STRING", "MARKET_DATA_TYPE", "TICK_BY_TICK",
+           "tap_messages", "req_id_of"]
 
 #: The ib_async version whose decoder the patch was written against (setup.cfg pins the same).
 PINNED_VERSION = "2.1.0"
 
 #: TWS API incoming message id of HISTORICAL_DATA (a key of ``Decoder.handlers``).
 HISTORICAL_DATA = 17
+
+#: Incoming live market-data message ids (TWS API ``EDecoder``): fields after the id.
+TICK_PRICE = 1          # version, reqId, tickType, price, size, attrMask
+TICK_SIZE = 2           # version, reqId, tickType, size
+TICK_STRING = 46        # version, reqId, tickType, value (RTVolume 48: "price;size;ms;total;vwap;single")
+MARKET_DATA_TYPE = 58   # version, reqId, marketDataType (1 real-time, 2 frozen, 3 delayed, 4 delayed-frozen)
+TICK_BY_TICK = 99       # reqId, tickType, time, ... (1/2 AllLast: price, size, mask, exchange, conditions;
+                        # 3 BidAsk: bidPrice, askPrice, bidSize, askSize, mask)
+#: The handlers :func:`tap_messages` listens in front of: ib_async 2.1.0's decoder method, or the
+#: wrapper method its generic ``Decoder.wrap`` handler calls.
+LIVE_MESSAGES = {TICK_PRICE: "priceSizeTick", TICK_SIZE: "tickSize", TICK_STRING: "tickString",
+                 MARKET_DATA_TYPE: "marketDataType", TICK_BY_TICK: "tickByTick"}
 
 
 @dataclass
@@ -52,7 +73,8 @@ def check_version(version: str | None = None) -> None:
     """Raise :class:`WireVersionError` unless ib_async ``version`` (default:
     the installed ``ib_async.__version__``) is :data:`PINNED_VERSION`."""
     require_version("ib_async", ib_async.__version__ if version is None else version, PINNED_VERSION,
-                    f"feeds.ibkr.wire replaces the decoder handler of message {HISTORICAL_DATA} (historicalData)")
+                    f"feeds.ibkr.wire replaces the decoder handler of message {HISTORICAL_DATA} (historicalData) "
+                    f"and listens in front of those of messages {sorted(LIVE_MESSAGES)} (live market data)")
 
 
 def _check_handler(handler) -> None:
@@ -103,3 +125,56 @@ def keep_wire_text(ib) -> None:
 
     historical_data._keeps_text = True  # type: ignore[attr-defined]
     handlers[HISTORICAL_DATA] = historical_data
+
+
+def tap_messages(ib, listener) -> None:
+    """Call ``listener(msg_id, fields)`` with the text fields (``list[str]``,
+    the message id first) of every live market-data message
+    (:data:`LIVE_MESSAGES`) ``ib`` receives, before ib_async handles it.
+    An exception in the listener is not caught here (the caller guards it).
+    Idempotent per listener; survives reconnects (the decoder belongs to the
+    client object).
+
+    Raises :class:`WireVersionError` when ib_async is not the pinned version
+    or a handler is not the one the tap was written against.
+    """
+    check_version()
+    handlers = getattr(ib.client.decoder, "handlers", None)
+    if not isinstance(handlers, dict):
+        raise WireVersionError("ib_async's decoder has no handler table; review feeds.ibkr.wire")
+    inners = {}
+    for msg_id, name in LIVE_MESSAGES.items():         # every handler checked before any is replaced
+        current = handlers.get(msg_id)
+        if current is None:
+            raise WireVersionError(f"ib_async's decoder has no handler for message {msg_id}; review feeds.ibkr.wire")
+        inner = getattr(current, "_inner", current)
+        try:
+            params = list(inspect.signature(inner).parameters)
+            calls = inspect.getclosurevars(inner).nonlocals.get("methodName") if inspect.isfunction(inner) else None
+        except (TypeError, ValueError):
+            params, calls = [], None
+        if name not in (getattr(inner, "__name__", ""), calls) or params != ["fields"]:
+            raise WireVersionError(f"ib_async's decoder handler for message {msg_id} is {inner!r}, not "
+                                   f"{name}(fields): the decoder changed; review feeds.ibkr.wire")
+        inners[msg_id] = inner
+    for msg_id, inner in inners.items():
+        if getattr(handlers[msg_id], "_tap", None) is listener:
+            continue
+
+        def tapped(fields: list[str], _inner=inner, _id=msg_id) -> None:
+            listener(_id, fields)
+            _inner(fields)
+
+        tapped._tap = listener          # type: ignore[attr-defined]
+        tapped._inner = inner           # type: ignore[attr-defined]
+        handlers[msg_id] = tapped
+
+
+def req_id_of(ib, ticker, kind: str) -> int:
+    """The reqId ib_async sent for ``ticker``'s subscription of ``kind``
+    (``"mktData"``, ``"AllLast"``, ``"BidAsk"``), read from its wrapper's
+    ``ticker2ReqId`` table; 0 when there is none."""
+    table = getattr(ib.wrapper, "ticker2ReqId", None)
+    if not isinstance(table, dict):
+        raise WireVersionError("ib_async's wrapper has no ticker2ReqId table; review feeds.ibkr.wire")
+    return int(table.get(kind, {}).get(ticker, 0))

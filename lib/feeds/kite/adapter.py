@@ -175,7 +175,13 @@ def epoch_text(sec: int) -> str | None:
 
 def now_text() -> str:
     """The current time as UTC timestamp text with microseconds (a receive time)."""
-    sec, us = divmod(time.time_ns() // 1000, 1_000_000)
+    return time_text(time.time_ns())
+
+
+def time_text(ns: int) -> str:
+    """Epoch nanoseconds as UTC timestamp text with microseconds
+    (``2021-07-05 05:11:27.123456+00:00``)."""
+    sec, us = divmod(ns // 1000, 1_000_000)
     base = _SECONDS.get(sec)
     if base is None:
         base = epoch_text(sec)

@@ -24,6 +24,15 @@ with no message at all (data, heartbeat or text) for ``silence_timeout``
 seconds is aborted here, and KiteTicker's reconnecting factory opens a new
 one (and resubscribes).
 
+Candles (optional, :mod:`feeds.kite.candles`): every decoded frame's rows
+are also folded into the candle builder; an asyncio task closes candles by
+the wall clock (``candles.grace`` seconds after each one's end, whether or
+not another tick comes) and writes them through the same sink into
+``kite_candle``; at the stop the candles already due are written final and
+the open ones with ``final`` false.  After a start inside a session, a
+second task waits until the minute the process started in is over and runs
+the history fill (:mod:`feeds.kite.history`) in a thread.
+
 Every use of KiteTicker beyond its documented callbacks and methods (the
 current socket, the connection factory, ``connect()`` on a running reactor)
 goes through :mod:`feeds.kite.wire`.
@@ -37,14 +46,19 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from ..health import Health, StreamHealth
 from ..sink import Sink
 from . import adapter as A
 from . import wire as W
 from .instruments import Subscription
+
+if TYPE_CHECKING:
+    from .candles import KiteCandles
 
 log = logging.getLogger(__name__)
 UTC = timezone.utc
@@ -119,7 +133,8 @@ class KiteCollector:
     """
 
     def __init__(self, settings: Settings, access_token: str, plan: list[list[Subscription]], sink: Sink,
-                 health: Health, until: datetime | None = None):
+                 health: Health, until: datetime | None = None, candles: KiteCandles | None = None,
+                 history: tuple[int, Callable[[threading.Event], object]] | None = None):
         if settings.decoder not in ("native", "kiteticker"):
             raise ValueError("decoder must be 'native' or 'kiteticker'")
         self.s = settings
@@ -143,6 +158,10 @@ class KiteCollector:
         self._store_since = 0.0
         self._thread: threading.Thread | None = None
         self._texts_logged = 0
+        self.candles = candles
+        self.history = history
+        self._candle_errors = 0
+        self._history_thread: asyncio.Future | None = None
 
     # ------------------------------------------------------------ reactor thread: callbacks
     def _store(self, rows: tuple[list, list, list]) -> None:
@@ -173,7 +192,8 @@ class KiteCollector:
             return
         if self.s.decoder != "native":
             return                          # decoded by KiteTicker, see _on_ticks
-        recv = A.now_text()
+        recv_ns = time.time_ns()
+        recv = A.time_text(recv_ns)
         dec = self.decoder
         try:
             rows = dec.decode(payload, recv)
@@ -182,15 +202,28 @@ class KiteCollector:
             self.health.count_malformed(f"connection {c.index}",
                                         f"frame cut short ({e}); its {sum(map(len, rows))} complete packet(s) kept")
         self._store(rows)
+        if self.candles is not None:
+            self._candle_ticks(rows, recv_ns)
+
+    def _candle_ticks(self, rows: tuple[list, list, list], recv_ns: int) -> None:
+        try:
+            self.candles.ticks(rows, recv_ns)
+        except Exception:                   # a candle bug must not stop the ticks being stored
+            self._candle_errors += 1
+            if self._candle_errors <= 3:
+                log.exception("candles: ticks not folded into candles")
 
     def _on_ticks(self, c: _Connection, ticks: list) -> None:
+        recv_ns = time.time_ns()
         try:
-            rows = A.rows_from_ticks(ticks, A.now_text(),
+            rows = A.rows_from_ticks(ticks, A.time_text(recv_ns),
                                      on_bad=lambda r: self.health.count_malformed(f"connection {c.index}", r))
         except (KeyError, TypeError, ValueError) as e:      # not KiteTicker ticks at all
             self.health.count_malformed(f"connection {c.index}", f"ticks not understood ({e!r}); skipped")
             return
         self._store(rows)
+        if self.candles is not None:
+            self._candle_ticks(rows, recv_ns)
 
     def _on_connect(self, c: _Connection, ws, response) -> None:
         c.open = True
@@ -296,11 +329,15 @@ class KiteCollector:
 
     def figures(self) -> dict[str, int]:
         """Connections (planned and open), reconnects, silence drops,
-        instruments and Kite's text messages."""
-        return {"connections": len(self.conns), "open": sum(c.open for c in self.conns),
-                "reconnects": sum(max(0, c.generation - 1) for c in self.conns),
-                "silent": sum(c.silences for c in self.conns),
-                "instruments": sum(len(c.subs) for c in self.conns), "text messages": self.text_messages}
+        instruments and Kite's text messages; with candles, the candle rows
+        written (from history too) and the late ticks revised / dropped."""
+        out = {"connections": len(self.conns), "open": sum(c.open for c in self.conns),
+               "reconnects": sum(max(0, c.generation - 1) for c in self.conns),
+               "silent": sum(c.silences for c in self.conns),
+               "instruments": sum(len(c.subs) for c in self.conns), "text messages": self.text_messages}
+        if self.candles is not None:
+            out.update(self.candles.figures())
+        return out
 
     def periodic(self) -> None:
         """Nothing beyond the checks of :meth:`run`."""
@@ -326,6 +363,12 @@ class KiteCollector:
             await self._sleep(stop, self.s.connect_stagger)
         rc = RC_OK
         check = min(self.s.watchdog_interval, max(0.1, self.s.silence_timeout / 4))
+        tasks = []
+        stop_threads = threading.Event()
+        if self.candles is not None:
+            tasks.append(asyncio.ensure_future(self._candle_timer(stop)))
+            if self.history is not None:
+                tasks.append(asyncio.ensure_future(self._history(stop, stop_threads)))
         try:
             while not stop.is_set():
                 if until is not None and datetime.now(UTC) >= until:
@@ -339,14 +382,60 @@ class KiteCollector:
                     log.error("sink writer failed: %r", self.sink.fatal)
                     rc = RC_FAILED
                     break
+                for t in tasks:
+                    if t.done() and not t.cancelled() and t.exception() is not None and self.failure is None:
+                        self.failure = f"candles failed: {t.exception()!r}"
+                if self.candles is not None and self.candles.sink_failure and self.failure is None:
+                    self.failure = self.candles.sink_failure
                 self.check_silence()
                 wait = check
                 if until is not None:
                     wait = min(wait, (until - datetime.now(UTC)).total_seconds())
                 await self._sleep(stop, wait)
         finally:
+            stop_threads.set()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._history_thread is not None:        # a request under way: let it end (stop is set)
+                await asyncio.wait([self._history_thread], timeout=30.0)
             await self._shutdown()
+            if self.candles is not None:
+                self._close_candles()
         return rc
+
+    # ------------------------------------------------------------ candles
+    async def _candle_timer(self, stop: asyncio.Event) -> None:
+        """Close candles by the wall clock: each one ``grace`` seconds after its end."""
+        cd = self.candles
+        while not stop.is_set():
+            now = time.time_ns()
+            due = cd.next_due_ns()
+            if due is not None and due <= now:
+                await asyncio.to_thread(cd.close_due, now)      # the sink may block (back-pressure)
+                continue
+            wait = 0.25 if due is None else min(0.25, (due - now) / 1e9)
+            await self._sleep(stop, wait)
+
+    async def _history(self, stop: asyncio.Event, stop_threads: threading.Event) -> None:
+        """Once the minute the process started in is over, fill the missed
+        minutes from Kite's historical candles (in a thread: blocking HTTP)."""
+        when_ns, job = self.history
+        await self._sleep(stop, (when_ns - time.time_ns()) / 1e9)
+        if stop.is_set():
+            return
+        self._history_thread = asyncio.ensure_future(asyncio.to_thread(job, stop_threads))
+        await asyncio.shield(self._history_thread)
+
+    def _close_candles(self) -> None:
+        """At the stop: the candles already due (final), then every open one (final false)."""
+        cd = self.candles
+        try:
+            n = cd.close_due() + cd.close_all()
+        except Exception:
+            log.exception("candles: open candles not written at the stop")
+            return
+        log.info("candles: %d written at the stop (open ones not final)", n)
 
     async def _shutdown(self) -> None:
         reactor = _reactor()

@@ -13,7 +13,8 @@ quotes and instruments", section "Instrument list": ``GET /instruments/
 Kite's limits (same document, "WebSocket streaming"): at most 3000
 instruments on one WebSocket connection and 3 connections per API key.
 :func:`plan_connections` splits a list over the fewest connections, evenly,
-and refuses more than 9000 with :class:`TooManyInstruments`.
+and refuses more than 9000 with :class:`TooManyInstruments`.  Kite's REST
+limits used by feed-zerodha (historical candles, quotes) are here too.
 """
 from __future__ import annotations
 
@@ -29,6 +30,14 @@ log = logging.getLogger(__name__)
 
 MAX_INSTRUMENTS_PER_CONNECTION = 3000
 MAX_CONNECTIONS_PER_API_KEY = 3
+
+#: Historical candle requests per second per API key (Kite Connect v3 "Exceptions and errors",
+#: section "API rate limit": historical candle data 3 requests/second; beyond it HTTP 429).
+HISTORICAL_REQUESTS_PER_SECOND = 3
+#: Quote requests (``/quote``, ``/quote/ohlc``, ``/quote/ltp``) per second per API key (same section).
+QUOTE_REQUESTS_PER_SECOND = 1
+#: Instruments in one ``GET /quote/ltp`` request (Kite Connect v3 "Market quotes and instruments").
+LTP_MAX_INSTRUMENTS = 1000
 
 
 class SpecError(ValueError):

@@ -10,6 +10,11 @@ rows could not be written at the stop (systemd restarts the unit), or at
 start when the installed kiteconnect is not the version
 :mod:`feeds.kite.wire` relies on or the system lacks the Asia/Kolkata zone.
 
+``feed-zerodha --test-connection`` prints the access token's state, the
+instruments and modes it would subscribe over which connections, and Kite's
+last price for each instrument; exit 0 when all answered, else 1; it writes
+nothing.
+
 ``feed-kite-token`` exit status: 0 when a valid token is stored (renewed,
 or still valid), 1 when the renewal failed (the reason is the last journal
 line), 78 on a configuration error.  ``--check`` only validates the stored
@@ -30,7 +35,11 @@ from .. import service
 from ..config import Config, ConfigError, exit_on_config_error
 from ..settings import KITE_FILE, database_dsn, hhmm
 from . import adapter as A
+from . import history as H
+from .candles import CANDLE_TABLE, CandleSettings, KiteCandles, sessions_of, volumeless
+from .candles import settings_from as candle_settings
 from .collector import RC_TOKEN, KiteCollector, Settings
+from .instruments import LTP_MAX_INSTRUMENTS, QUOTE_REQUESTS_PER_SECOND
 from .instruments import (InstrumentSpec, SpecError, TooManyInstruments, merge_specs, parse_spec, plan_connections,
                           read_spec_file, read_spec_table, resolve)
 from .session import IST, NseCalendar, plan_run
@@ -63,6 +72,7 @@ class KiteConfig:
     extra_sessions: dict[date, tuple[dtime, dtime]] = field(default_factory=dict)
     extra_holidays: list[date] = field(default_factory=list)
     collector: Settings = field(default_factory=Settings)
+    candles: CandleSettings = field(default_factory=CandleSettings)
 
     @property
     def capacity(self) -> int:
@@ -87,6 +97,7 @@ def load_settings(cfg: Config) -> KiteConfig:
     kc.extra_holidays = [d if isinstance(d, date) else date.fromisoformat(str(d)) for d in cfg[k + "extra_holidays"]]
     kc.collector = Settings(api_key=kc.api_key, ticker_url=kc.ticker_url, **{n: cfg[k + n] for n in (
         "decoder", "silence_timeout", "reconnect_max_delay", "reconnect_max_tries")})
+    kc.candles = candle_settings(cfg)
     return kc
 
 
@@ -199,10 +210,49 @@ def _store_instruments(dsn: str, rows: list[dict]) -> None:
         log.warning("instrument names not stored in kite_instrument (%s)", _first_line(e))
 
 
-def _collect(kc: KiteConfig, sk: dict, dsn: str, plan_conns, access_token: str, run_plan, unit: str) -> int:
+def history_job(kc: KiteConfig, dsn: str, access_token: str, candles, subs, open_ns: int, last_ns: int):
+    """The history fill of a start inside a session (run in a thread with a
+    stop event): each instrument's missed one-minute candles, from the
+    session's open (or after its last final one-minute candle stored today)
+    to the minute starting at ``last_ns``, from Kite's historical API."""
+    from kiteconnect import KiteConnect
+
+    def job(stop) -> None:
+        try:
+            try:
+                last = H.last_final_minutes(dsn, [s.instrument_token for s in subs], open_ns)
+            except Exception as e:
+                log.warning("candles: stored candles not read (%s); filling from the session's open",
+                            _first_line(e))
+                last = {}
+            plan = [(s.instrument_token, *H.first_missing(open_ns, last.get(s.instrument_token),
+                                                          kc.candles.intervals), not volumeless(s)) for s in subs]
+            plan = [p for p in plan if p[2] <= last_ns]
+            if not plan:
+                return
+            log.info("candles: filling the minutes missed (%s .. %s IST) of %d instrument(s) from Kite's "
+                     "historical candles, at most %d requests a second", H.ist_text(min(p[1] for p in plan)),
+                     H.ist_text(last_ns), len(plan), H.HISTORICAL_REQUESTS_PER_SECOND)
+            kite = KiteConnect(kc.api_key, access_token=access_token, root=kc.api_url)
+            res = H.fill(kite, plan, last_ns, candles.seed, stop)
+            log.info("candles: history fill %s: %d instrument(s) filled with %d minute(s), %d failed%s",
+                     "stopped" if res.stopped else "done", res.instruments, res.bars, res.failed,
+                     f", {len(plan) - res.instruments - res.failed} not requested" if res.stopped else "")
+        except Exception:
+            log.exception("candles: history fill failed")
+    return job
+
+
+def _collect(kc: KiteConfig, sk: dict, dsn: str, plan_conns, access_token: str, run_plan, unit: str,
+             calendar: NseCalendar | None = None, since_ns: int | None = None) -> int:
     """Run the collector through the runtime (waiting for the session first
     when started before it); returns the exit status."""
-    svc = service.Service(unit, dsn, tables=A.TABLES, sink=sk, status_interval=kc.status_interval)
+    cs = kc.candles
+    tables = A.TABLES
+    if cs.enabled:
+        tables = tables + (CANDLE_TABLE,)
+    svc = service.Service(unit, dsn, tables=tables, sink=sk, status_interval=kc.status_interval)
+    since_ns = time.time_ns() if since_ns is None else since_ns
 
     async def prepare(svc: service.Service) -> KiteCollector | None:
         if run_plan.start is not None and run_plan.start > datetime.now(UTC):
@@ -211,7 +261,26 @@ def _collect(kc: KiteConfig, sk: dict, dsn: str, plan_conns, access_token: str, 
             if not await svc.wait_until(run_plan.start, line):
                 return None
         kc.collector.watchdog_interval = svc.watchdog_interval
-        return KiteCollector(kc.collector, access_token, plan_conns, svc.sink, svc.health, until=run_plan.stop)
+        candles = history = None
+        if cs.enabled:
+            sessions = sessions_of(calendar)
+            subs = [sub for conn in plan_conns for sub in conn]
+            candles = KiteCandles(cs, sessions, subs, svc.sink, since_ns=since_ns)
+            window = sessions.window(since_ns)
+            note = ""
+            # history only for a real session (without a calendar every UTC day is one window)
+            if cs.fill_from_history and calendar is not None and window is not None and since_ns > window[0]:
+                open_ns, close_ns = window
+                start_min = since_ns // H.MINUTE_NS * H.MINUTE_NS
+                # once the start minute can no longer be revised by a late tick: its history bar replaces it
+                when = min(start_min + H.MINUTE_NS, close_ns) + int((cs.lateness + cs.grace) * 1e9)
+                history = (when, history_job(kc, svc.dsn, access_token, candles, subs, open_ns, start_min))
+                note = (f"; started inside the session: the minutes missed up to {H.ist_text(start_min)[11:16]} "
+                        f"IST come from Kite's historical candles at {H.ist_text(when)[11:19]} IST")
+            log.info("candles: %s min, aligned to the session's open, closed %.1f s after their end%s",
+                     ", ".join(map(str, cs.intervals)), cs.grace, note)
+        return KiteCollector(kc.collector, access_token, plan_conns, svc.sink, svc.health, until=run_plan.stop,
+                             candles=candles, history=history)
     return svc.run(prepare)
 
 
@@ -225,10 +294,14 @@ def _collect(kc: KiteConfig, sk: dict, dsn: str, plan_conns, access_token: str, 
 @click.option("--at", "at", default=None,
               help="Print the plan for a start at this ISO time (e.g. 2024-11-01T09:10+05:30) and exit.")
 @click.option("--unit", envvar="FEEDS_UNIT", default="feed-zerodha.service", help="Name used for the heartbeat row.")
+@click.option("--test-connection", is_flag=True,
+              help="Print what would be subscribed (instruments, modes, connections) and Kite's answer for each "
+                   "instrument (its last price), then exit: 0 if every one answered, else 1.  Writes nothing.")
 @exit_on_config_error
 def main(config_path: str, instruments: tuple[str, ...], instruments_file: str | None, at: str | None,
-         unit: str) -> None:
+         unit: str, test_connection: bool) -> None:
     """Collect Zerodha Kite ticks (full, quote, LTP) during NSE sessions into PostgreSQL."""
+    since_ns = time.time_ns()
     cfg = service.start(config_path, KITE_FILE)
     kc = load_settings(cfg)
     sk = service.sink_settings(cfg)
@@ -244,6 +317,8 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
         log.error("%s", e)
         sys.exit(1)
     calendar = NseCalendar(kc.extra_sessions, kc.extra_holidays) if kc.session_calendar == "XNSE" else None
+    if test_connection:
+        sys.exit(check_connection(kc, specs, source, calendar))
     if at is not None:
         try:
             now = datetime.fromisoformat(at)
@@ -311,11 +386,96 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
              "connection(s) of at most %d, ticker %s, %s; token %s", config_path, len(subs), source,
              modes["full"], modes["quote"], modes["ltp"], len(plan_conns), kc.max_instruments_per_connection,
              kc.ticker_url, run_plan.reason, tok.describe())
-    rc = _collect(kc, sk, dsn, plan_conns, tok.access_token, run_plan, unit)
+    rc = _collect(kc, sk, dsn, plan_conns, tok.access_token, run_plan, unit, calendar, since_ns)
     if rc == RC_TOKEN:
         print("feed-zerodha: Kite refused the access token during the session; run feed-kite-token",
               file=sys.stderr, flush=True)
     sys.exit(rc)
+
+
+def check_connection(kc: KiteConfig, specs: list[InstrumentSpec], source: str, calendar: NseCalendar | None,
+                     echo=click.echo) -> int:
+    """``feed-zerodha --test-connection``: the access token (Kite's profile),
+    the instrument list resolved against Kite's instrument master, the
+    planned ticker connections with each instrument's mode, and Kite's last
+    price for every instrument (``GET /quote/ltp``, at most
+    :data:`~feeds.kite.instruments.LTP_MAX_INSTRUMENTS` a request and
+    :data:`~feeds.kite.instruments.QUOTE_REQUESTS_PER_SECOND` request a
+    second).  Prints one line each; returns 0 when the token is valid and
+    every instrument is known and answered, else 1.  Writes nothing (no
+    database, no token file)."""
+    from kiteconnect import KiteConnect
+    from kiteconnect import exceptions as kex
+
+    echo(f"Kite REST {kc.api_url}, ticker {kc.ticker_url}, api_key {kc.api_key}")
+    plan = plan_run(datetime.now(UTC), calendar, connect_before=timedelta(seconds=kc.connect_before_open),
+                    stop_after=timedelta(seconds=kc.stop_after_close))
+    echo(f"session: {plan.reason}" + ("" if plan.action == "collect" else " (nothing to collect now)"))
+    try:
+        tok = TokenStore(kc.token_file).load_current(kc.api_key)
+        prof = _retry("access token check (profile)", lambda: validate(tok, kc.api_url))
+    except TokenError as e:
+        echo(f"access token: FAILED: {e}")
+        return 1
+    except Exception as e:
+        echo(f"access token: FAILED: cannot reach Kite: {_first_line(e)}")
+        return 1
+    echo(f"access token: valid ({tok.describe()}; user {prof.get('user_id', '?')})")
+    kite = KiteConnect(kc.api_key, access_token=tok.access_token, root=kc.api_url)
+    master: list[dict] = []
+    ok = True
+    for exch in sorted({sp.exchange for sp in specs}):
+        try:
+            master.extend(_retry(f"instrument list {exch}", lambda e=exch: kite.instruments(e)))
+        except Exception as e:
+            echo(f"instrument list {exch}: FAILED: {_first_line(e)}")
+            ok = False
+    subs, unknown = resolve(specs, master)
+    echo(f"{len(specs)} instrument(s) from {source}: {len(subs)} in Kite's instrument list, {len(unknown)} not")
+    try:
+        conns = plan_connections(subs, kc.max_instruments_per_connection, kc.max_connections) if subs else []
+    except TooManyInstruments as e:
+        echo(f"FAILED: {e}")
+        return 1
+    modes = {m: sum(1 for sb in subs if sb.mode == m) for m in A.MODES}
+    echo(f"would subscribe {len(subs)} instrument(s) over {len(conns)} connection(s) of at most "
+         f"{kc.max_instruments_per_connection}: full {modes['full']}, quote {modes['quote']}, ltp {modes['ltp']}")
+    for i, conn in enumerate(conns, 1):
+        by = {m: sum(1 for sb in conn if sb.mode == m) for m in A.MODES}
+        echo(f"  connection {i}: {len(conn)} instrument(s) (full {by['full']}, quote {by['quote']}, "
+             f"ltp {by['ltp']})")
+    cs = kc.candles
+    echo("candles: " + (f"{', '.join(map(str, cs.intervals))} min into kite_candle, history fill "
+                        f"{'on' if cs.fill_from_history else 'off'}" if cs.enabled else "off"))
+    answers: dict[str, dict] = {}
+    keys = [sb.key for conn in conns for sb in conn]
+    pacer = H.Pacer(QUOTE_REQUESTS_PER_SECOND)
+    for j in range(0, len(keys), LTP_MAX_INSTRUMENTS):
+        batch = keys[j:j + LTP_MAX_INSTRUMENTS]
+        pacer.wait()
+        try:
+            answers.update(_retry("last prices (quote/ltp)", lambda b=batch: kite.ltp(b)))
+        except kex.TokenException as e:
+            echo(f"last prices: FAILED: Kite refused the access token ({_first_line(e)})")
+            return 1
+        except Exception as e:
+            echo(f"last prices of {len(batch)} instrument(s): FAILED: {_first_line(e)}")
+            ok = False
+    for i, conn in enumerate(conns, 1):
+        for sb in conn:
+            a = answers.get(sb.key)
+            if a is None or "last_price" not in a:
+                ok = False
+                echo(f"  {sb.key} (token {sb.instrument_token}, {sb.mode}, connection {i}): FAILED: no answer "
+                     f"from Kite")
+            else:
+                echo(f"  {sb.key} (token {sb.instrument_token}, {sb.mode}, connection {i}): ok, last price "
+                     f"{a['last_price']}")
+    for sp in unknown:
+        ok = False
+        echo(f"  {sp.key} ({sp.mode}): FAILED: not in Kite's instrument list")
+    echo("connection test: " + ("ok" if ok else "FAILED"))
+    return 0 if ok else 1
 
 
 # ----------------------------------------------------------------------------- feed-kite-token

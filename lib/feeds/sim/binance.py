@@ -5,7 +5,7 @@ unmodified python-binance 1.0.37 connects to it.
 Documents followed (Binance "Derivatives Trading: USDS-M Futures"):
 "General Info" (request weight, ``X-MBX-USED-WEIGHT-1M``, HTTP 429 and error
 codes), "Market Data" REST endpoints (ping, time, exchangeInfo, aggTrades,
-klines, depth), "Websocket Market Streams" (combined and raw streams, the
+klines, depth, ticker/price v1 and v2), "Websocket Market Streams" (combined and raw streams, the
 ``/market`` and ``/public`` categories, limits) and "Live
 Subscribing/Unsubscribing to streams".
 
@@ -70,7 +70,10 @@ counted per minute; over ``weight_limit`` the answer is HTTP 429 with
 
 Faults (Python methods, or ``POST /sim/fault/...``): drop connections, stall
 one stream, stall everything, send malformed frames, skip aggTrades on the
-WebSocket (kept in the REST history). ``GET /sim/stats`` returns counters.
+WebSocket (kept in the REST history), skip the last aggTrade of a minute on
+the WebSocket (kept in the REST history; the minute's closed kline goes out
+before the next aggTrade, so the gap shows in the kline before the ids show
+it). ``GET /sim/stats`` returns counters.
 
 Known simplifications: one weight counter for all clients (Binance counts per
 IP); no 418 IP bans; ``timeUnit`` is ignored; replay items without a
@@ -412,6 +415,9 @@ class BinanceSimulator:
         r.add_get("/fapi/v1/aggTrades", self._rest(self._h_agg_trades, lambda q: 20))
         r.add_get("/fapi/v1/klines", self._rest(self._h_klines, _klines_weight))
         r.add_get("/fapi/v1/depth", self._rest(self._h_depth, _depth_weight))
+        for version in ("v1", "v2"):
+            r.add_get(f"/fapi/{version}/ticker/price",
+                      self._rest(self._h_ticker_price, lambda q: 1 if q.get("symbol") else 2))
         r.add_get("/api/v3/ping", self._rest(self._h_ping, lambda q: 1))
         r.add_get("/api/v3/time", self._rest(self._h_time, lambda q: 1))
         r.add_get("/sim/stats", self._h_stats)
@@ -564,6 +570,27 @@ class BinanceSimulator:
             raise ValueError(f"unknown symbol {symbol!r}")
         m.skip_left += int(count)
         log.warning("fault: skip next %d aggTrade(s) of %s", count, m.symbol)
+
+    def fault_skip_last(self, symbol: str) -> int:
+        """Do not send the last aggTrade of the next whole minute of the
+        generated ``symbol`` on the WebSocket (it stays in the REST history).
+
+        The minute is the first one that starts after this call; its
+        aggTrades are each sent when the next one is made (one trade late),
+        so that the last is known when the minute's candle closes: then it
+        is dropped, and the closed kline goes out before the next aggTrade.
+        Returns the minute's start (epoch ms).  Raises ``ValueError`` for an
+        unknown or replayed symbol."""
+        m = self._markets.get(symbol.upper())
+        if m is None:
+            raise ValueError(f"unknown symbol {symbol!r}")
+        if m.source != "generated":
+            raise ValueError(f"{m.symbol} is replayed: skip_last works on generated symbols only")
+        now = _now_ms()
+        m.tail_from = now - now % 60_000 + 60_000
+        m.tail_held = None
+        log.warning("fault: skip the last aggTrade of %s in the minute starting at %d", m.symbol, m.tail_from)
+        return m.tail_from
 
     def fault_malformed(self, count: int) -> int:
         """Send ``count`` malformed frames on every open connection.
@@ -934,6 +961,13 @@ class BinanceSimulator:
 
     # ------------------------------------------------------------------ generator
 
+    def _drop_tail(self, m: SymbolMarket) -> None:
+        """The held last aggTrade of the faulted minute is not sent (see :meth:`fault_skip_last`)."""
+        m.tail_held = None
+        m.tail_from = None
+        self._agg_skipped += 1
+        log.warning("fault: last aggTrade of %s's minute not sent", m.symbol)
+
     def _gen_targets(self) -> list:
         targets = self._targets
         if targets is None:
@@ -1000,6 +1034,15 @@ class BinanceSimulator:
                     f'{{"e":"aggTrade","E":{now},"a":{a},"s":"{g.S}","p":"{ps}","q":"{qs}",'
                     f'"f":{f},"l":{last},"T":{now},"m":{"true" if mkt else "false"}}}'
                 ).encode()
+                if mk.tail_from is not None and now >= mk.tail_from:
+                    held = mk.tail_held
+                    if closed is not None and held is not None:
+                        self._drop_tail(mk)         # it was the last of the closed minute
+                    else:
+                        if held is not None:
+                            deliver(slot, held, now_loop)
+                        mk.tail_held = data
+                        continue
             else:
                 slot = g.book_slot
                 if g.agg_kind is None:  # no trades move the price: walk it here
@@ -1075,6 +1118,8 @@ class BinanceSimulator:
                 if m.source == "generated" and m.candle is not None:
                     for closed in m.roll_candle(wall):
                         self._emit_kline_close(m, closed, wall)
+                        if m.tail_held is not None:
+                            self._drop_tail(m)
                 slots = self._slots
                 ks = slots.get(f"{lower}@kline_1m")
                 if (ks is not None and ks.conns and m.candle is not None and m.candle.changed
@@ -1306,6 +1351,24 @@ class BinanceSimulator:
             raise BinanceAPIError(400, -1128, "Combination of optional parameters invalid.")
         return m.klines(interval, start, end, limit)
 
+    def _h_ticker_price(self, q):
+        """``/fapi/v1|v2/ticker/price``: ``{"symbol","price","time"}`` for one
+        symbol, or a list for every symbol with a price."""
+        now = _now_ms()
+        gen = {g.S: g for g in self._gen}
+
+        def one(m: SymbolMarket) -> dict | None:
+            price = m.last_price_text
+            if price is None and m.symbol in gen:
+                price = fmt_scaled(gen[m.symbol].px, m.price_scale)
+            return None if price is None else {"symbol": m.symbol, "price": price, "time": now}
+        if q.get("symbol"):
+            item = one(self._symbol_param(q))
+            if item is None:
+                raise BinanceAPIError(400, -1121, "Invalid symbol.")
+            return item
+        return [x for x in map(one, self._markets.values()) if x is not None]
+
     def _h_depth(self, q) -> dict:
         m = self._symbol_param(q)
         limit = _int_param(q, "limit", 500)
@@ -1366,6 +1429,11 @@ class BinanceSimulator:
             elif name == "stall_all":
                 self.fault_stall_all(_float_arg(q, "seconds"))
                 result = {}
+            elif name == "skip_last":
+                symbol = q.get("symbol")
+                if not symbol:
+                    raise ValueError("parameter 'symbol' is required")
+                result = {"minute": self.fault_skip_last(symbol)}
             elif name == "malformed":
                 result = {"sent": self.fault_malformed(int(q.get("count", "1")))}
             elif name == "skip":

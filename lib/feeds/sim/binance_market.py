@@ -290,6 +290,9 @@ class SymbolMarket:
         self.book_update_id = 0
         self.depth_snapshot: bytes | None = None
         self.skip_left = 0
+        # fault_skip_last: the minute (start, ms) whose last aggTrade is not sent, and the one held back
+        self.tail_from: int | None = None
+        self.tail_held: bytes | None = None
         self.active = source == "generated"
         self.onboard_ms: int | None = None
         # 24h ticker window over closed candles: (t, o, h, l, v, q, n, f) ints

@@ -12,7 +12,11 @@ and ws.kite.trade:
   (``i=EXCHANGE:SYMBOL`` repeated), ``GET /instruments/historical/{token}/
   {interval}?from=..&to=..``.  Per-endpoint rate limits as Kite documents
   them (quote endpoints 1/s, historical 3/s, others 10/s) answer 429
-  ``NetworkException`` "Too many requests".
+  ``NetworkException`` "Too many requests".  Historical candles of the
+  minutes since the simulator started are those of the trades it generated
+  and sent as ticks (:mod:`feeds.sim.kite_bars`; :meth:`KiteSimulator.
+  minute_bars`), so a client's candles built from the ticks can be compared
+  with them; earlier minutes are generated per instrument and day.
 * Web login (see :mod:`feeds.sim.kite_auth`): ``GET /connect/login``,
   ``POST /api/login``, ``POST /api/twofa``, ``GET /connect/finish`` -> 302
   to ``<redirect_url>?action=login&type=login&status=success&request_token=..``.
@@ -67,6 +71,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from .kite_auth import AuthState, KiteAccount, KiteError
+from .kite_bars import MinuteBar
 from .kite_instruments import (
     HistoricalError,
     InstrumentMaster,
@@ -527,6 +532,15 @@ class KiteSimulator:
             return len(targets)
         return self._call(run)
 
+    def minute_bars(self, instrument_token: int, first: int = 0, last: int = 2**62) -> list[MinuteBar]:
+        """The minute candles of the trades generated for ``instrument_token``
+        (sent as its ticks) whose minute starts in [first, last] (epoch
+        seconds), ascending, the current minute included; prices in integer
+        units of the instrument's segment.  Raises KeyError for a token the
+        simulator does not know."""
+        row = self.market.row_of[instrument_token]
+        return self._call(lambda: self.market.bars.bars(row, first, last))
+
     def issue_access_token(self) -> str:
         """A valid access token for the configured api_key, without the login flow."""
         return self._call(self.auth.issue_access_token)
@@ -661,9 +675,12 @@ class KiteSimulator:
             end = parse_kite_datetime(q.get("to", ""))
             row = self.market.row_of[token]
             base = int(self.market.close[row]) / int(self.market.divisor[row])
+            bars = self.market.bars
             candles = historical_candles(
                 inst, base, request.match_info["interval"], start, end,
                 calendar=self.calendar, now=datetime.now(IST), oi=q.get("oi") in ("1", "true"),
+                traded=lambda first, last: bars.bars(row, first, last), traded_since=bars.since,
+                divisor=int(self.market.divisor[row]),
             )
         except HistoricalError as exc:
             raise KiteError(400, "InputException", str(exc)) from None

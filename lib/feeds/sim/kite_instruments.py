@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass
 from datetime import date, datetime, time as dtime, timedelta
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -294,15 +294,26 @@ def historical_candles(
     calendar: SessionCalendar,
     now: datetime,
     oi: bool = False,
+    traded: Callable[[int, int], list] | None = None,
+    traded_since: int | None = None,
+    divisor: int = 100,
 ) -> list[list]:
     """Return Kite candles for [start, end] (IST datetimes), at most up to ``now``.
 
     Each candle is ``[timestamp, open, high, low, close, volume]`` (+ ``oi``
     when asked), timestamps ``YYYY-MM-DDTHH:MM:SS+0530``, prices in rupees
     rounded to the instrument's tick.  Intraday intervals are built from the
-    minute candles of 09:15-15:30 IST sessions, aligned to 09:15; ``day``
-    candles are labelled ``T00:00:00``.  Raises HistoricalError for an
-    unknown interval, ``start > end`` or a span above Kite's maximum.
+    minute candles, aligned to 09:15 IST; ``day`` candles are labelled
+    ``T00:00:00``.
+
+    Minutes from ``traded_since`` (epoch s) on are the candles of the trades
+    the simulator generated: ``traded(first_s, last_s)`` returns them as
+    :class:`feeds.sim.kite_bars.MinuteBar` (prices in units of 1/``divisor``
+    rupee); a minute without a trade has no candle.  Earlier minutes (and
+    every minute without ``traded``) are generated for the 09:15-15:30 IST
+    sessions, deterministically per instrument and day.  Raises
+    HistoricalError for an unknown interval, ``start > end`` or a span
+    above Kite's maximum.
     """
     if interval not in INTERVAL_MINUTES:
         raise HistoricalError("invalid interval")
@@ -317,6 +328,16 @@ def historical_candles(
     decimals = 4 if instrument.tick_size and instrument.tick_size < 0.01 else 2
     step = INTERVAL_MINUTES[interval]
     candles: list[list] = []
+    if traded is not None and traded_since is not None:
+        cut = datetime.fromtimestamp(traded_since, IST)
+        candles = _traded_candles(traded, traded_since, step, start, end, divisor, oi)
+        if step is None:
+            end = min(end, datetime.combine(cut.date(), dtime(0, 0), tzinfo=IST) - timedelta(seconds=1))
+        else:
+            end = min(end, cut - timedelta(minutes=step))
+        if start > end:
+            return candles
+    generated: list[list] = []
     for day in calendar.trading_days(start.date(), end.date()):
         minutes = _day_minutes(instrument, base_price, day)
         session_start = datetime.combine(day, SESSION_OPEN, tzinfo=IST)
@@ -350,5 +371,48 @@ def historical_candles(
             ]
             if oi:
                 candle.append(0)
-            candles.append(candle)
-    return candles
+            generated.append(candle)
+    return generated + candles
+
+
+_DECIMALS = {100: 2, 10_000: 4, 10_000_000: 7}
+
+
+def _traded_candles(traded: Callable[[int, int], list], since: int, step: int | None, start: datetime,
+                    end: datetime, divisor: int, oi: bool) -> list[list]:
+    """Kite candles of ``step`` minutes (None: a day) from the simulator's
+    minute candles of its generated trades, for labels in [start, end]."""
+    first = max(since, int(start.timestamp()) // 60 * 60)
+    if step is None:
+        first = max(since, int(datetime.combine(start.date(), dtime(0, 0), tzinfo=IST).timestamp()))
+    last = int(end.timestamp())
+    if step is not None:
+        last += 60 * (step - 1)               # a bucket labelled <= end takes minutes after it
+    else:
+        last = int(datetime.combine(end.date(), dtime(23, 59), tzinfo=IST).timestamp())
+    bars = traded(first, last)
+    digits = _DECIMALS.get(divisor, 2)
+    groups: dict[datetime, list] = {}
+    for b in bars:
+        t = datetime.fromtimestamp(b.minute, IST)
+        if step is None:
+            label = datetime.combine(t.date(), dtime(0, 0), tzinfo=IST)
+        else:
+            open_ = datetime.combine(t.date(), SESSION_OPEN, tzinfo=IST)
+            label = open_ + timedelta(minutes=((t - open_) // timedelta(minutes=1)) // step * step)
+        groups.setdefault(label, []).append(b)
+    out = []
+    for label in sorted(groups):
+        if step is None:
+            if not start.date() <= label.date() <= end.date():
+                continue
+        elif not start <= label <= end:
+            continue
+        g = groups[label]
+        candle = [label.strftime("%Y-%m-%dT%H:%M:%S%z"), round(g[0].open / divisor, digits),
+                  round(max(b.high for b in g) / divisor, digits), round(min(b.low for b in g) / divisor, digits),
+                  round(g[-1].close / divisor, digits), sum(b.volume for b in g)]
+        if oi:
+            candle.append(0)
+        out.append(candle)
+    return out

@@ -48,6 +48,8 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
+from .kite_bars import MinuteBars
+
 log = logging.getLogger(__name__)
 
 IST = ZoneInfo("Asia/Kolkata")
@@ -221,6 +223,8 @@ class Market:
         self.last_trade_time = np.full(n, now, dtype=np.int64)
         self.timestamp = np.full(n, now, dtype=np.int64)
         self.is_replay = np.zeros(n, dtype=bool)
+        #: minute candles of the generated trades (the historical candles API answers from them)
+        self.bars = MinuteBars(n, now)
         self.recorded: dict[int, RecordedPackets] = {}
         self._recorded_depth: dict[int, np.ndarray] = {}
         for rec in replay:
@@ -249,7 +253,8 @@ class Market:
         """Move each given row one trade: last price by -2..+2 ticks, volume, OHLC.
 
         ``rows`` is an int array of row numbers (may repeat); replayed rows
-        are left untouched.  Timestamps are set to the current epoch second.
+        are left untouched.  Timestamps are set to the current epoch second,
+        and the trade is folded into that minute's candle (:attr:`bars`).
         """
         rows = rows[~self.is_replay[rows]]
         if rows.size == 0:
@@ -281,6 +286,7 @@ class Market:
         now = int(self._clock())
         self.last_trade_time[rows] = now
         self.timestamp[rows] = now
+        self.bars.record(rows, price, qty, now)
 
     # ---------------------------------------------------------------- packing
 
