@@ -38,21 +38,11 @@ from ..settings import IBKR_FILE, database_dsn
 from . import live as L
 from . import live_rows as R
 from .contracts import ContractsError, load_contracts
+from .main import _symbols
 from .wire import TICK_BY_TICK, TICK_PRICE, TICK_STRING, WireVersionError, check_version, req_id_of
 
 log = logging.getLogger("feeds.ibkr.live")
 UTC = dt.timezone.utc
-
-
-def _symbols(first: str | None, extra: tuple[str, ...]) -> list[str] | None:
-    if first is None:
-        if extra:
-            raise click.UsageError(f"unexpected argument(s) {' '.join(extra)} (symbols follow --symbols)")
-        return None
-    out = [s.strip().upper() for v in (first, *extra) for s in v.split(",") if s.strip()]
-    if not out:
-        raise click.BadParameter("no symbol given", param_hint="--symbols")
-    return out
 
 
 def make_builders(ls: L.LiveSettings, cal, started_ns: int) -> dict | None:
