@@ -73,10 +73,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ib_async import IB, Contract
-from ib_async.ib import StartupFetchNONE
 from ib_async.wrapper import RequestError
 
 from .bars import check_session
+from .connect import ConnectFailed, connect_ib
 from .contracts import ContractRow
 from .pacing import PacingLimiter, is_pacing_violation
 from .sessions import Session, SessionCalendar
@@ -359,52 +359,14 @@ class Backfill:
         when the installed ib_async is not the one the bar decoder patch
         was written for."""
         deadline = attempts_deadline if attempts_deadline is not None else time.monotonic() + self.s.reconnect_timeout
-        delay = 0.5
-        last_err = ""
-        while True:
-            for i in range(max(1, self.s.client_id_tries)):
-                cid = self.s.client_id + i
-                ib = IB()
-                keep_wire_text(ib)          # before any socket: a WireVersionError leaves nothing open
-                ib.RaiseRequestErrors = True
-                in_use = asyncio.get_running_loop().create_future()
-
-                def collect(r, c, t, k, in_use=in_use):
-                    if c == 326 and not in_use.done():
-                        in_use.set_result(t)
-
-                ib.errorEvent += collect
-                attempt = asyncio.ensure_future(ib.connectAsync(
-                    self.s.host, self.s.port, clientId=cid, timeout=self.s.connect_timeout, readonly=True,
-                    fetchFields=StartupFetchNONE))
-                try:
-                    # IB answers a clientId in use with 326 and closes: do not wait for the timeout.
-                    await asyncio.wait({attempt, in_use}, return_when=asyncio.FIRST_COMPLETED)
-                    if in_use.done():
-                        attempt.cancel()
-                        await asyncio.gather(attempt, return_exceptions=True)
-                        raise ConnectionError("clientId in use")
-                    attempt.result()
-                except (OSError, asyncio.TimeoutError, ConnectionError, RequestError) as e:
-                    ib.disconnect()
-                    ib.errorEvent -= collect
-                    if in_use.done():
-                        log.warning("clientId %d is in use (IB error 326); trying %d", cid, cid + 1)
-                        last_err = "every clientId tried is in use (326)"
-                        continue
-                    last_err = f"{type(e).__name__}: {e}".strip().rstrip(":")
-                    break
-                finally:
-                    if not in_use.done():
-                        in_use.cancel()
-                ib.errorEvent -= collect
-                self._attach(ib, cid)
-                return ib
-            if time.monotonic() + delay > deadline:
-                raise BackfillFailed(f"cannot connect to TWS/IB Gateway at {self.s.host}:{self.s.port}: {last_err}")
-            log.warning("cannot connect to %s:%d (%s); retrying in %.1fs", self.s.host, self.s.port, last_err, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+        try:
+            # keep_wire_text before any socket: a WireVersionError leaves nothing open
+            ib, cid = await connect_ib(self.s.host, self.s.port, self.s.client_id, tries=self.s.client_id_tries,
+                                       timeout=self.s.connect_timeout, deadline=deadline, prepare=keep_wire_text)
+        except ConnectFailed as e:
+            raise BackfillFailed(str(e)) from None
+        self._attach(ib, cid)
+        return ib
 
     def _attach(self, ib: IB, cid: int) -> None:
         ib.errorEvent += self._on_error

@@ -67,6 +67,7 @@ from ..plausible import Malformed
 from ..settings import hhmm
 from ..sink import Sink, Table
 from . import live_rows as R
+from .connect import ConnectFailed, connect_ib
 from .contracts import ContractRow
 from .wire import (MARKET_DATA_TYPE, TICK_BY_TICK, TICK_PRICE, TICK_SIZE, TICK_STRING, keep_wire_text, req_id_of,
                    tap_messages)
@@ -357,56 +358,23 @@ class LiveCollector:
         clientId, trying the next ids on 326; retries with back-off until the
         monotonic ``deadline``.  Returns the ``ib_async.IB``.  Raises
         :class:`LiveFailed`."""
-        from ib_async import IB
-        from ib_async.ib import StartupFetchNONE
-        from ib_async.wrapper import RequestError
-        delay, last_err = 0.5, ""
-        while True:
-            for i in range(max(1, self.s.client_id_tries)):
-                cid = self.s.client_id + i
-                ib = IB()
-                tap_messages(ib, self._tap)
-                keep_wire_text(ib)
-                ib.RaiseRequestErrors = True
-                in_use = asyncio.get_running_loop().create_future()
+        def prepare(ib):
+            tap_messages(ib, self._tap)
+            keep_wire_text(ib)
 
-                def on_326(r, c, t, k, in_use=in_use):
-                    if c == 326 and not in_use.done():
-                        in_use.set_result(t)
-                ib.errorEvent += on_326
-                attempt = asyncio.ensure_future(ib.connectAsync(self.s.host, self.s.port, clientId=cid,
-                                                                timeout=self.s.connect_timeout, readonly=True,
-                                                                fetchFields=StartupFetchNONE))
-                try:
-                    await asyncio.wait({attempt, in_use}, return_when=asyncio.FIRST_COMPLETED)
-                    if in_use.done():
-                        attempt.cancel()
-                        await asyncio.gather(attempt, return_exceptions=True)
-                        raise ConnectionError("clientId in use")
-                    attempt.result()
-                except (OSError, asyncio.TimeoutError, ConnectionError, RequestError) as e:
-                    ib.disconnect()
-                    ib.errorEvent -= on_326
-                    if in_use.done():
-                        log.warning("clientId %d is in use (IB error 326); trying %d", cid, cid + 1)
-                        last_err = "every clientId tried is in use (326)"
-                        continue
-                    last_err = f"{type(e).__name__}: {e}".strip().rstrip(":")
-                    break
-                finally:
-                    if not in_use.done():
-                        in_use.cancel()
-                ib.errorEvent -= on_326
-                self._attach(ib, cid)
-                return ib
-            if time.monotonic() + delay > deadline:
-                raise LiveFailed(f"cannot connect to TWS/IB Gateway at {self.s.host}:{self.s.port}: {last_err}")
-            log.warning("cannot connect to %s:%d (%s); retrying in %.1fs", self.s.host, self.s.port, last_err, delay)
-            until = time.monotonic() + delay
+        async def wait(seconds: float):
+            until = time.monotonic() + seconds
             while time.monotonic() < until:
                 self.keepalive()
                 await asyncio.sleep(min(1.0, until - time.monotonic()))
-            delay = min(delay * 2, 30.0)
+
+        try:
+            ib, cid = await connect_ib(self.s.host, self.s.port, self.s.client_id, tries=self.s.client_id_tries,
+                                       timeout=self.s.connect_timeout, deadline=deadline, prepare=prepare, sleep=wait)
+        except ConnectFailed as e:
+            raise LiveFailed(str(e)) from None
+        self._attach(ib, cid)
+        return ib
 
     def _attach(self, ib, cid: int) -> None:
         ib.errorEvent += self._on_error
