@@ -69,7 +69,9 @@ class Rig:
 
     STATS_INTERVAL = 5.0
 
-    def __init__(self, contracts: int, live_rate: int):
+    def __init__(self, contracts: int, live_rate: int, sim_port: int | None = None):
+        """``sim_port``: a TWS simulator already listening there (its contracts must be
+        :func:`contract_symbols` of ``contracts``); otherwise ``bin/feed-sim-tws`` is started."""
         self.tmp = Path(tempfile.mkdtemp(prefix="feeds-bench-ibkr-"))
         self.sim = self.col = None
         self.pg = PgServer().init()
@@ -85,6 +87,9 @@ class Rig:
         rows = ["symbol,secType,exchange,currency,primaryExchange"]
         rows += ["SPX,IND,CBOE,USD," if s == "SPX" else f"{s},STK,SMART,USD,NYSE" for s in self.symbols]
         self.csv.write_text("\n".join(rows) + "\n")
+        if sim_port is not None:
+            self.port = sim_port
+            return
         self.port = free_port()
         self.sim = subprocess.Popen(
             [PY, str(ROOT / "bin" / "feed-sim-tws"), "--host", "127.0.0.1", "--port", str(self.port),
@@ -98,7 +103,8 @@ class Rig:
             self.close()
             raise SystemExit(f"feed-sim-tws did not start: {(self.tmp / 'sim.log').read_text()[-2000:]}")
 
-    def write_config(self, intervals=(1, 5, 15), status_interval: float = 5.0) -> Path:
+    def write_config(self, intervals=(1, 5, 15), status_interval: float = 5.0, live: str = "") -> Path:
+        """feed-ibkr's configuration; ``live``: more ``[live]`` lines (TOML)."""
         cfg = self.tmp / "ibkr.toml"
         cfg.write_text(f"""
 [ibkr]
@@ -109,6 +115,7 @@ live_client_id = 72
 contracts_file = "{self.csv}"
 session_calendar = "none"
 status_interval = {status_interval}
+{live}
 [candles]
 intervals = [{", ".join(str(i) for i in intervals)}]
 [sink]

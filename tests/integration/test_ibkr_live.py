@@ -344,9 +344,16 @@ def test_disconnect_and_nightly_reset_restore_every_subscription_without_duplica
     sim._call(sim.sim.nightly_reset, 1.0, True, False)     # 1100 ... 1101 data lost: everything dropped
     c.wait_line("IB 1101")
     assert wait_for(lambda: mkt_subs(sim) == want and len(tbt_subs(sim)) == 2, 30), sim.subscriptions()
-    sim._call(sim.sim.nightly_reset, 1.0, False, True)     # the sockets closed, back after the gap
+    sim._call(sim.sim.nightly_reset, 3.0, False, True)     # 2103, 2105, 1100, the sockets closed, back after 3 s
     assert wait_for(lambda: sum("reconnecting to" in ln for ln in c.lines) >= 2, 30)
     assert wait_for(lambda: mkt_subs(sim) == want and len(tbt_subs(sim)) == 2, 30), sim.subscriptions()
+    # The new session starts with the farms as IB states them then (OK), not as the old one left them.
+    back = max(i for i, ln in enumerate(c.lines) if "connected to" in ln)
+    status_after(c, back, lambda ln: "farm broken" not in ln and "1100" not in ln and "stocks live 2" in ln)
+    # An attempt while the gateway accepts and closes ends at once, not after ibkr.connect_timeout.
+    retries = [ln for ln in c.lines if "cannot connect to" in ln]
+    assert not [ln for ln in retries if "TimeoutError" in ln], retries
+    assert all("ConnectionError" in ln for ln in retries), retries
     time.sleep(2)
     quiesce(sim)
     assert c.stop() == 0
@@ -355,6 +362,69 @@ def test_disconnect_and_nightly_reset_restore_every_subscription_without_duplica
     assert q(db, "SELECT count(*) FROM ibkr_trade GROUP BY symbol, price, size, ib_time, source "
                   "HAVING count(*) > 1") == []
     assert [ln for ln in c.lines if "IB 1100" in ln] and [ln for ln in c.lines if "farm connection is broken" in ln]
+
+
+def status_after(c: Collector, start: int, pred, timeout: float = 30.0) -> str:
+    """The first journal line ``status: ...`` at index >= ``start`` for which ``pred(line)`` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for ln in c.lines[start:]:
+            if "status: " in ln and pred(ln):
+                return ln
+        assert c.proc.poll() is None, c.output[-4000:]
+        time.sleep(0.1)
+    raise AssertionError(f"no such status line in {timeout} s:\n" + "\n".join(c.lines[start:])[-4000:])
+
+
+def index_of(c: Collector, text: str) -> int:
+    c.wait_line(text)
+    return next(i for i, ln in enumerate(c.lines) if text in ln)
+
+
+def test_data_maintained_and_farm_messages_are_waited_out_without_resubscribing(tmp_path, db, sim, collectors):
+    """1100 then 1102 (IB kept the subscriptions) and the data farm notices 2103..2108, 2157, 2158
+    as IB documents them: shown in STATUS while they last, nothing requested again, no reconnect,
+    every tick sent still stored once."""
+    c = collectors(tmp_path, db, sim, live={"tick_by_tick": ["AAPL"]}, candles={"enabled": False})
+    c.wait_line("first batch stored; READY")
+    want = Counter({"AAPL": 1, "MSFT": 1, "SPX": 1})
+    assert wait_for(lambda: mkt_subs(sim) == want and len(tbt_subs(sim)) == 2, 20), sim.subscriptions()
+    before = sim.subscriptions()
+    resubscriptions = sim.stats()["live"]["resubscriptions"]
+
+    sim._call(sim.sim.connectivity_loss, 4.0, False)            # 1100, no tick for 4 s, then 1102
+    lost = index_of(c, "IB 1100")
+    assert "waiting for 1101/1102" in c.lines[lost]
+    status_after(c, lost, lambda ln: "IB-TWS connectivity lost (1100)" in ln)
+    back = index_of(c, "IB 1102")
+    assert "subscriptions maintained" in c.lines[back]
+    status_after(c, back + 1, lambda ln: "1100" not in ln and "stocks live 2" in ln and "indices live 1" in ln)
+
+    for code in (2103, 2105, 2157):                             # three farms broken
+        sim.farm_message(code)
+    broken = index_of(c, "IB 2157")
+    status_after(c, broken, lambda ln: "farm broken secdefnj,usfarm,ushmds" in ln)
+    sim.farm_message(2104)                                      # usfarm OK again
+    sim.farm_message(2107)                                      # ushmds inactive, available on demand: fine
+    i = index_of(c, "IB 2107")
+    status_after(c, i, lambda ln: "farm broken secdefnj" in ln and "usfarm" not in ln and "ushmds" not in ln)
+    sim.farm_message(2158)
+    sim.farm_message(2106)
+    sim.farm_message(2108)
+    i = index_of(c, "IB 2108")
+    status_after(c, i, lambda ln: "farm broken" not in ln)
+
+    assert sim.subscriptions() == before                        # the same requests on the same connection
+    assert sim.stats()["live"]["resubscriptions"] == resubscriptions
+    assert not [ln for ln in c.lines if "reconnecting to" in ln or "requested again" in ln]
+    t = dt.datetime.now(UTC)
+    assert wait_for(lambda: q(db, "SELECT count(DISTINCT symbol) FROM ibkr_trade WHERE recv_time > %s", t)[0][0]
+                    == 2, 20)                                   # ticking again after the 2104
+    quiesce(sim)
+    assert c.stop() == 0
+    assert stored_trades(db) == sent_trades(sim.sent_ticks())
+    detail = q(db, "SELECT detail FROM feed_heartbeat WHERE unit = 'feed-ibkr-test.service'")[0][0]
+    assert detail.get("reconnects", 0) == 0 and detail.get("data lost", 0) == 0 and detail.get("resubscribed", 0) == 0
 
 
 def test_a_silent_contract_is_resubscribed(tmp_path, db, sim, collectors):

@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,10 @@ REFUSING = frozenset({200, 354, 10089, 10168, 10190, 10197})
 #: Errors recorded in ibkr_live_error as IB's own list of market-data problems (others about a
 #: subscription are recorded too).
 RECORDED = frozenset({200, 354, 10089, 10090, 10167, 10168, 10190, 10197})
+#: Longest wait between two connection attempts while TWS/IB Gateway is away (seconds): short
+#: enough that every subscription is back within 10 s of the gateway's return (after IB's nightly
+#: reset or a restart), cheap because the gateway is local.
+RECONNECT_BACKOFF_MAX_S = 4.0
 FARM_BROKEN = frozenset({2103, 2105, 2157})
 FARM_OK = frozenset({2104, 2106, 2158})
 FARM_INACTIVE = frozenset({2107, 2108})
@@ -347,6 +352,7 @@ class LiveCollector:
         self.history_candles = 0
         self.failure: str | None = None
         self._lost = asyncio.Event()
+        self._wake = asyncio.Event()        # the main loop has work now (connection lost, 1101)
         self._data_lost = False
         self._stopping = False
         self._tasks: list[asyncio.Task] = []
@@ -361,6 +367,10 @@ class LiveCollector:
         def prepare(ib):
             tap_messages(ib, self._tap)
             keep_wire_text(ib)
+            # A new API session: IB states each farm's condition in its first messages, which
+            # must be heard (a farm still broken, or OK again after the reset).
+            self.farms.clear()
+            ib.errorEvent += self._on_error
 
         async def wait(seconds: float):
             until = time.monotonic() + seconds
@@ -370,14 +380,14 @@ class LiveCollector:
 
         try:
             ib, cid = await connect_ib(self.s.host, self.s.port, self.s.client_id, tries=self.s.client_id_tries,
-                                       timeout=self.s.connect_timeout, deadline=deadline, prepare=prepare, sleep=wait)
+                                       timeout=self.s.connect_timeout, deadline=deadline, prepare=prepare, sleep=wait,
+                                       backoff_max=RECONNECT_BACKOFF_MAX_S)
         except ConnectFailed as e:
             raise LiveFailed(str(e)) from None
         self._attach(ib, cid)
         return ib
 
     def _attach(self, ib, cid: int) -> None:
-        ib.errorEvent += self._on_error
         ib.disconnectedEvent += lambda ib=ib: self._on_disconnect(ib)
         ib.updateEvent += self._flush
         self.ib, self.client_id = ib, cid
@@ -397,6 +407,7 @@ class LiveCollector:
                 sub.tbt_state = "down"
         self._flush()
         self._lost.set()
+        self._wake.set()
         log.warning("connection to %s:%d lost", self.s.host, self.s.port)
 
     def waiting_for_ib(self) -> bool:
@@ -415,7 +426,8 @@ class LiveCollector:
     # ------------------------------------------------------------ IB's messages
     def _on_error(self, req_id: int, code: int, text: str, contract) -> None:
         if code in FARM_OK or code in FARM_INACTIVE or code in FARM_BROKEN:
-            farm = text.split(":")[-1].strip() if ":" in text else str(code)
+            # the farm's name ends IB's text: "...is broken:usfarm", "...available upon demand.ushmds"
+            farm = re.split(r"[:.]", text)[-1].strip() or str(code)
             if code in FARM_BROKEN:
                 self.farms[farm] = "broken"
                 log.warning("IB %d: %s (waiting for it to come back)", code, text)
@@ -430,6 +442,7 @@ class LiveCollector:
             elif code == 1101:
                 self.ib_ok = True
                 self._data_lost = True
+                self._wake.set()
                 log.warning("IB 1101: %s: every subscription is requested again", text)
             elif code == 1102:
                 self.ib_ok = True
@@ -633,14 +646,18 @@ class LiveCollector:
         self.quotes.forget(sub)
 
     def subscribe_all(self, again: bool = False) -> None:
-        """Request every resolved contract's data (``again``: cancel first)."""
+        """Request every resolved contract's data.  ``again``: after 1101, when IB has
+        already cancelled every subscription of the session ("market data requests must be
+        resubmitted"), so nothing is cancelled first (that would spend IB's 50 messages/s
+        on requests IB no longer holds) and refused ones are tried again."""
         self.ib.reqMarketDataType(R.MARKET_DATA_TYPES[self.s.market_data_type])
         n = 0
         for sub in self.subs:
             if sub.unresolved:
                 continue
             if again:
-                self.unsubscribe(sub)
+                sub.mkt_state = sub.tbt_state = "down"
+                self.quotes.forget(sub)
             self.subscribe(sub)
             n += 1
         log.info("%s %d contract(s): market data type %s", "subscribed again" if again else "subscribed", n,
@@ -839,6 +856,7 @@ class LiveCollector:
         rc = 0
         try:
             while not stop.is_set():
+                self._wake.clear()
                 if self.until is not None and dt.datetime.now(UTC) >= self.until:
                     log.info("session over (stop time %s reached)", self.until.isoformat(timespec="seconds"))
                     break
@@ -865,10 +883,10 @@ class LiveCollector:
                 wait = 1.0
                 if self.until is not None:
                     wait = max(0.0, min(wait, (self.until - dt.datetime.now(UTC)).total_seconds()))
-                try:
-                    await asyncio.wait_for(stop.wait(), wait)
-                except asyncio.TimeoutError:
-                    pass
+                waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())}
+                _, pending = await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                for w in pending:
+                    w.cancel()
         finally:
             await self._shutdown()
         return rc
