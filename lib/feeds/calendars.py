@@ -324,3 +324,54 @@ def calendar(name: str) -> ExchangeCalendar:
             if got is None:
                 got = _shared[name] = ExchangeCalendar(name)
     return got
+
+
+# ----------------------------------------------------------------------------- planning a collector's run
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a market-hours collector started at ``now`` does.
+
+    ``action``: ``collect`` (connect at ``start``, which may be in the
+    future: wait until then; stop at ``stop``, None = until stopped),
+    ``none`` (no session today: ``reason``) or ``over`` (today's collection
+    window has ended).  ``window``: the collection window ``(open, close)``
+    (aware UTC; extended hours included), None without a calendar;
+    ``session``: the day's exchange session."""
+    action: str
+    reason: str
+    start: dt.datetime | None = None
+    stop: dt.datetime | None = None
+    window: tuple[dt.datetime, dt.datetime] | None = None
+    session: Session | None = None
+
+
+def plan_run(now: dt.datetime, cal: ExchangeCalendar | None, *, exchange: str,
+             connect_before: dt.timedelta, stop_after: dt.timedelta,
+             window=None, reasons: Mapping[str, str] | None = None) -> RunPlan:
+    """Plan a run started at the aware ``now``; the exchange's local date
+    decides.  No session -> ``none`` ("no ``exchange`` session on <day>
+    (<why>)", ``why`` from :meth:`ExchangeCalendar.closed_reason`, renamed
+    by ``reasons``); past the window's close + ``stop_after`` -> ``over``;
+    else ``collect`` from ``max(now, window open - connect_before)`` to
+    ``window close + stop_after``.  ``window(session) -> (open, close)``
+    (default: the session's hours) widens it, e.g. to extended hours.
+    Without a calendar: collect at once until stopped.  Raises
+    ``ValueError`` for a naive ``now``."""
+    if now.tzinfo is None:
+        raise ValueError("now must be an aware datetime")
+    if cal is None:
+        return RunPlan("collect", "no session calendar: collecting until stopped", now, None)
+    day = now.astimezone(cal.tz).date()
+    s = cal.session(day)
+    if s is None:
+        why = cal.closed_reason(day)
+        return RunPlan("none", f"no {exchange} session on {day:%A %Y-%m-%d} ({(reasons or {}).get(why, why)})")
+    w = window(s) if window is not None else (s.open, s.close)
+    what = f"session {s.describe()}"
+    if w != (s.open, s.close):
+        what += f", extended hours {w[0].astimezone(cal.tz):%H:%M}-{w[1].astimezone(cal.tz):%H:%M}"
+    stop = w[1] + stop_after
+    if now >= stop:
+        return RunPlan("over", f"today's {what} has ended", session=s, window=w)
+    return RunPlan("collect", what, max(now, w[0] - connect_before), stop, w, s)

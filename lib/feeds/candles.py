@@ -420,20 +420,7 @@ class CandleBuilder:
         minute seeded from history."""
         b = self._cur.get(key)
         if b is not None and b.start <= ts_ns < b.end:
-            if ts_ns > b.tc or (ts_ns == b.tc and price > b.c):
-                b.c = price
-                b.tc = ts_ns
-            if ts_ns < b.to or (ts_ns == b.to and price < b.o):
-                b.o = price
-                b.to = ts_ns
-            if price > b.h:
-                b.h = price
-            elif price < b.l:
-                b.l = price
-            if size is not None:
-                v = b.v
-                b.v = size if v is None else v + size
-            b.n += 1
+            _apply(b, ts_ns, price, size)
             return True
         return self._slow(key, ts_ns, price, size, now_ns)
 
@@ -442,32 +429,11 @@ class CandleBuilder:
 
     def trades(self, items: Iterable[tuple], now_ns: int | None = None) -> int:
         """Fold many ``(key, ts_ns, price, size)`` trades received at
-        ``now_ns`` (as :meth:`trade`, with less overhead per trade); returns
-        how many were applied."""
-        if self.volume == "none":
-            items = ((k, t, p, None) for k, t, p, _ in items)
-        cur = self._cur
-        slow = self._slow
+        ``now_ns`` (each as :meth:`trade`); returns how many were applied."""
+        trade = self.trade
         applied = 0
         for key, ts, price, size in items:
-            b = cur.get(key)
-            if b is not None and b.start <= ts < b.end:
-                if ts > b.tc or (ts == b.tc and price > b.c):
-                    b.c = price
-                    b.tc = ts
-                if ts < b.to or (ts == b.to and price < b.o):
-                    b.o = price
-                    b.to = ts
-                if price > b.h:
-                    b.h = price
-                elif price < b.l:
-                    b.l = price
-                if size is not None:
-                    v = b.v
-                    b.v = size if v is None else v + size
-                b.n += 1
-                applied += 1
-            elif slow(key, ts, price, size, now_ns):
+            if trade(key, ts, price, size, now_ns):
                 applied += 1
         return applied
 

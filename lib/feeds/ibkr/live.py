@@ -61,7 +61,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
-from ..calendars import ExchangeCalendar, Session
+from .. import calendars
+from ..calendars import ExchangeCalendar, RunPlan, Session
 from ..config import Config, ConfigError
 from ..health import Health, StreamHealth
 from ..plausible import Malformed
@@ -209,21 +210,6 @@ def select_contracts(rows: Sequence[ContractRow], symbols: Sequence[str] | None,
 
 # ----------------------------------------------------------------------------- market hours
 
-@dataclass(frozen=True)
-class RunPlan:
-    """What a run started at ``now`` does: ``action`` ``collect`` (connect
-    at ``start``, stop at ``stop``; None = until stopped), ``none`` (no
-    session today) or ``over`` (today's session has ended); ``window`` the
-    collection window ``(open, close)`` (extended hours included) or None
-    without a calendar; ``session`` the day's exchange session."""
-    action: str
-    reason: str
-    start: dt.datetime | None = None
-    stop: dt.datetime | None = None
-    window: tuple[dt.datetime, dt.datetime] | None = None
-    session: Session | None = None
-
-
 def new_york_calendar(ls: LiveSettings) -> ExchangeCalendar | None:
     """The XNYS calendar with the configured extra sessions and holidays
     (None for ``live.session_calendar = "none"``).  Raises ConfigError for
@@ -247,29 +233,16 @@ def window_of(session: Session, extended: bool) -> tuple[dt.datetime, dt.datetim
 def plan_run(now: dt.datetime, cal: ExchangeCalendar | None, *, extended: bool = False,
              stop_after: dt.timedelta = dt.timedelta(minutes=5),
              connect_before: dt.timedelta = CONNECT_BEFORE_OPEN) -> RunPlan:
-    """Plan a run started at the aware ``now``: the New York date decides;
-    no session -> ``none``; past the window's close + ``stop_after`` ->
-    ``over``; else ``collect`` from ``max(now, window open - connect_before)``
-    to ``window close + stop_after``.  Without a calendar: collect at once
-    until stopped."""
-    if now.tzinfo is None:
-        raise ValueError("now must be an aware datetime")
-    if cal is None:
-        return RunPlan("collect", "no session calendar: collecting until stopped", now, None)
-    day = now.astimezone(NY).date()
-    s = cal.session(day)
-    if s is None:
-        why = cal.closed_reason(day)
-        why = {"configured holiday": "holiday in live.extra_holidays", "weekend": "weekend in the XNYS calendar",
-               "holiday": "NYSE holiday in the XNYS calendar"}.get(why, why)
-        return RunPlan("none", f"no NYSE session on {day:%A %Y-%m-%d} ({why})")
-    w = window_of(s, extended)
-    stop = w[1] + stop_after
-    what = f"session {s.describe()}" + (f", extended hours {w[0].astimezone(NY):%H:%M}-{w[1].astimezone(NY):%H:%M}"
-                                        if extended else "")
-    if now >= stop:
-        return RunPlan("over", f"today's {what} has ended", session=s, window=w)
-    return RunPlan("collect", what, max(now, w[0] - connect_before), stop, w, s)
+    """Plan a run of feed-ibkr started at the aware ``now`` (see
+    :func:`feeds.calendars.plan_run`): the New York date decides; with
+    ``extended`` the window runs from the pre-market to the post-market."""
+    return calendars.plan_run(now, cal, exchange="NYSE", connect_before=connect_before, stop_after=stop_after,
+                              window=lambda s: window_of(s, extended), reasons=CLOSED_REASONS)
+
+
+#: The calendar's reasons for a day without a session, as feed-ibkr's journal says them.
+CLOSED_REASONS = {"configured holiday": "holiday in live.extra_holidays", "weekend": "weekend in the XNYS calendar",
+                  "holiday": "NYSE holiday in the XNYS calendar"}
 
 
 # ----------------------------------------------------------------------------- the collector

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import date, datetime, time as dtime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 from .. import calendars
-from ..calendars import Session
+from ..calendars import RunPlan, Session
 
 __all__ = ["IST", "UTC", "WEEKEND_SESSIONS", "Session", "NseCalendar", "RunPlan", "plan_run"]
 
@@ -65,42 +64,10 @@ class NseCalendar(calendars.ExchangeCalendar):
         return "NSE holiday in the XNSE calendar"
 
 
-@dataclass(frozen=True)
-class RunPlan:
-    """What a run started at ``now`` does.
-
-    ``action``: ``collect`` (from ``start`` to ``stop``; ``start`` may be in
-    the future: wait until then), ``none`` (no session today: ``reason``),
-    or ``over`` (today's session has ended).  ``session`` is today's session
-    when there is one.  ``stop`` None means "until stopped".
-    """
-    action: str
-    reason: str
-    start: datetime | None = None
-    stop: datetime | None = None
-    session: Session | None = None
-
-
 def plan_run(now: datetime, calendar: NseCalendar | None, *, connect_before: timedelta = timedelta(minutes=5),
              stop_after: timedelta = timedelta(minutes=5)) -> RunPlan:
-    """Plan a run of the collector started at ``now`` (aware).
-
-    With ``calendar`` None (no calendar: demos against the simulator) it
-    collects at once until stopped.  Otherwise the IST date of ``now``
-    decides: no session -> ``none``; past ``close + stop_after`` ->
-    ``over``; else ``collect`` from ``max(now, open - connect_before)`` to
-    ``close + stop_after``.
-    """
-    if now.tzinfo is None:
-        raise ValueError("now must be an aware datetime")
-    if calendar is None:
-        return RunPlan("collect", "no session calendar: collecting until stopped", now, None)
-    day = now.astimezone(IST).date()
-    s = calendar.session(day)
-    if s is None:
-        return RunPlan("none", f"no NSE session on {day:%A %Y-%m-%d} ({calendar.closed_reason(day)})")
-    stop = s.close + stop_after
-    if now >= stop:
-        return RunPlan("over", f"today's session {s.describe()} has ended", session=s)
-    start = max(now, s.open - connect_before)
-    return RunPlan("collect", f"session {s.describe()}", start, stop, s)
+    """Plan a run of the collector started at ``now`` (aware); see
+    :func:`feeds.calendars.plan_run`.  With ``calendar`` None (no calendar:
+    demos against the simulator) it collects at once until stopped;
+    otherwise the IST date of ``now`` decides."""
+    return calendars.plan_run(now, calendar, exchange="NSE", connect_before=connect_before, stop_after=stop_after)
