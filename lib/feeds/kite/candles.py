@@ -148,22 +148,14 @@ class KiteCandles:
             cum = self.builder.cumulative
             for r in ltp:
                 cum(r[0], at(r[0], recv_ns), units(r[1]), None)
-            for r in quote:
+            for r in (*quote, *full):
                 tok, vol = r[0], r[4]
                 if vol is not None:
-                    if last.get(tok) == vol:
+                    if last.get(tok) == vol:        # no trade since the last tick: a quote change
                         self.not_trades += 1
                         continue
                     last[tok] = vol
-                cum(tok, at(tok, recv_ns), units(r[1]), vol)
-            for r in full:
-                tok, vol = r[0], r[4]
-                if vol is not None:
-                    if last.get(tok) == vol:
-                        self.not_trades += 1
-                        continue
-                    last[tok] = vol
-                t = r[11] or r[15]
+                t = r[11] or r[15] if len(r) > 15 else None      # full mode: last trade or exchange time
                 cum(tok, at(tok, _ts_ns(t) if t else recv_ns), units(r[1]), vol)
 
     # ------------------------------------------------------------ writing

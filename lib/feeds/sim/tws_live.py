@@ -381,6 +381,18 @@ class LiveEngine:
         conn.error(req_id, code, txt)
         return code
 
+    @staticmethod
+    def _refused(conn: _Conn, req_id: int, spec: ContractSpec | None) -> bool:
+        """Answer a request for an unknown contract with 200 and one without a market data
+        subscription with 354, as IB does; True when answered so."""
+        if spec is None:
+            conn.error(req_id, 200, ERROR_TEXTS[200])
+            return True
+        if not spec.subscribed:
+            conn.error(req_id, 354, ERROR_TEXTS[354])
+            return True
+        return False
+
     def req_mkt_data(self, conn: _Conn, f: list[str], spec: ContractSpec | None) -> None:
         req_id = int(f[2])
         i = 15
@@ -388,11 +400,7 @@ class LiveEngine:
             i += 3
         generic = frozenset(g.strip() for g in f[i + 1].split(",") if g.strip())
         snapshot = f[i + 2] in ("1", "True", "true")
-        if spec is None:
-            conn.error(req_id, 200, ERROR_TEXTS[200])
-            return
-        if not spec.subscribed:
-            conn.error(req_id, 354, ERROR_TEXTS[354])
+        if self._refused(conn, req_id, spec):
             return
         code = self._check_error(conn, req_id, spec, "mkt")
         if code is not None and code not in (10167, 10090):
@@ -485,11 +493,7 @@ class LiveEngine:
     def req_real_time_bars(self, conn: _Conn, f: list[str], spec: ContractSpec | None) -> None:
         req_id = int(f[2])
         bar_size, what, use_rth = f[15], f[16].upper(), f[17] in ("1", "True", "true")
-        if spec is None:
-            conn.error(req_id, 200, ERROR_TEXTS[200])
-            return
-        if not spec.subscribed:
-            conn.error(req_id, 354, ERROR_TEXTS[354])
+        if self._refused(conn, req_id, spec):
             return
         if str(bar_size) != "5":
             conn.error(req_id, 321, f"Error validating request.-'bE' : cause - Invalid bar size {bar_size}: only 5 second bars")
