@@ -77,7 +77,7 @@ from ib_async.wrapper import RequestError
 
 from .bars import check_session
 from .connect import ConnectFailed, connect_ib
-from .contracts import ContractRow
+from .contracts import ContractRow, request_details
 from .pacing import PacingLimiter, is_pacing_violation
 from .sessions import Session, SessionCalendar
 from .store import DONE_STATUSES, BackfillStore
@@ -430,23 +430,12 @@ class Backfill:
         assert self.ib is not None
         ib = self.ib
         res = _Resolved(row)
-        contract = row.to_ib()
-        try:
-            details = await asyncio.wait_for(ib.reqContractDetailsAsync(contract), self.s.request_timeout)
-        except RequestError as e:
-            res.error = f"IB error {e.code}: {e.message}"
-        else:
-            if not details:
-                res.error = "IB returned no contract details"
-            elif len(details) > 1:
-                res.error = (f"ambiguous: {len(details)} contracts match "
-                             "(give primaryExchange or conId in the contracts file)")
-            else:
-                d = details[0]
-                res.contract = d.contract
-                res.contract.exchange = row.exchange
-                res.con_id = d.contract.conId
-                res.time_zone = d.timeZoneId or None
+        got = await request_details(ib, row, self.s.request_timeout)
+        res.error = got.error
+        if got.details is not None:
+            res.contract = got.details.contract
+            res.con_id = res.contract.conId
+            res.time_zone = got.details.timeZoneId or None
         if res.error is None:
             con_id, head = cached.get(row.symbol, (None, None))
             if head is not None and con_id == res.con_id:

@@ -268,3 +268,37 @@ def _valid_expiry(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+@dataclass
+class Details:
+    """IB's answer to ``reqContractDetails`` for one row: ``details`` (an
+    ``ib_async.ContractDetails`` whose ``contract.exchange`` is the row's
+    exchange) when exactly one contract matched; else ``error`` ("IB error
+    <code>: <text>", no details, or ambiguous) with IB's ``code`` and
+    ``text`` when IB refused."""
+    details: object | None = None
+    error: str | None = None
+    code: int | None = None
+    text: str | None = None
+
+
+async def request_details(ib, row: ContractRow, timeout: float) -> Details:
+    """``reqContractDetails`` for ``row`` on the connected ``ib``
+    (``ib_async.IB`` with ``RaiseRequestErrors``).  Raises
+    ``asyncio.TimeoutError`` after ``timeout`` seconds and ``ConnectionError``
+    when the session ends.  IB TWS API, "Contract Details"."""
+    import asyncio
+
+    from ib_async.wrapper import RequestError
+    try:
+        found = await asyncio.wait_for(ib.reqContractDetailsAsync(row.to_ib()), timeout)
+    except RequestError as e:
+        return Details(error=f"IB error {e.code}: {e.message}", code=e.code, text=e.message)
+    if not found:
+        return Details(error="IB returned no contract details")
+    if len(found) > 1:
+        return Details(error=f"ambiguous: {len(found)} contracts match "
+                             "(give primaryExchange or conId in the contracts file)")
+    found[0].contract.exchange = row.exchange
+    return Details(found[0])

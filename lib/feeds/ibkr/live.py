@@ -70,7 +70,7 @@ from ..settings import hhmm
 from ..sink import Sink, Table
 from . import live_rows as R
 from .connect import ConnectFailed, connect_ib
-from .contracts import ContractRow
+from .contracts import ContractRow, request_details
 from .wire import (MARKET_DATA_TYPE, TICK_BY_TICK, TICK_PRICE, TICK_SIZE, TICK_STRING, keep_wire_text, req_id_of,
                    tap_messages)
 
@@ -561,27 +561,18 @@ class LiveCollector:
     async def resolve(self) -> None:
         """reqContractDetails for every contract not resolved yet; a refusal
         (200, ambiguity) is recorded and the contract left out."""
-        from ib_async.wrapper import RequestError
         for sub in self.subs:
             if sub.contract is not None or sub.unresolved:
                 continue
-            try:
-                details = await asyncio.wait_for(self.ib.reqContractDetailsAsync(sub.row.to_ib()),
-                                                 self.s.request_timeout)
-            except RequestError as e:
-                sub.unresolved = f"IB error {e.code}: {e.message}"
+            got = await request_details(self.ib, sub.row, self.s.request_timeout)
+            if got.code is not None:
                 self.errors += 1
-                self._error_row(sub.symbol, None, "contractDetails", e.code, e.message)
+                self._error_row(sub.symbol, None, "contractDetails", got.code, got.text)
+            if got.details is not None:
+                sub.contract = got.details.contract
+                sub.con_id = sub.contract.conId
             else:
-                if not details:
-                    sub.unresolved = "IB returned no contract details"
-                elif len(details) > 1:
-                    sub.unresolved = (f"ambiguous: {len(details)} contracts match "
-                                      "(give primaryExchange or conId in the contracts file)")
-                else:
-                    sub.contract = details[0].contract
-                    sub.contract.exchange = sub.row.exchange
-                    sub.con_id = sub.contract.conId
+                sub.unresolved = got.error
             if sub.unresolved:
                 sub.mkt_state = sub.tbt_state = "refused"
                 log.error("contract %s (line %d) not collected: %s", sub.symbol, sub.row.line, sub.unresolved)

@@ -86,7 +86,6 @@ async def check_connection(ls: L.LiveSettings, rows, timeout: float) -> int:
     ok = True
     first: dict[str, str] = {}
     errors: dict[str, str] = {}
-    routed = None
 
     def tap(msg_id, fields):
         try:
