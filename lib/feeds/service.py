@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from .config import Config
+from .config import Config, ConfigError
 from .health import Health
 from .runtime import (install_stop_signals, notify, sd_notifier, setup_logging, state_dir, tune_gc,
                       watchdog_interval)
@@ -89,6 +89,37 @@ def exit_notified(line: str, rc: int) -> None:
     reason as STATUS=, STOPPING, then exit with ``rc``."""
     notify("READY=1", "STATUS=" + line[:1000], "STOPPING=1")
     sys.exit(rc)
+
+
+def run_time(at: str | None, zone) -> datetime:
+    """The time a market-hours run is planned for: ``--at`` (ISO 8601; a
+    naive value is read in the exchange's ``zone``) or now.  Raises
+    ConfigError naming ``--at`` for text that is not a date-time."""
+    if at is None:
+        return datetime.now(timezone.utc)
+    try:
+        now = datetime.fromisoformat(at)
+    except ValueError:
+        raise ConfigError("--at", "command line", f"not an ISO date-time: {at!r}") from None
+    return now if now.tzinfo is not None else now.replace(tzinfo=zone)
+
+
+def plan_or_exit(plan, at: str | None, zone, zone_name: str) -> None:
+    """Act on a :class:`feeds.calendars.RunPlan` before any connection: with
+    ``--at`` print what the run would do (times in ``zone``, called
+    ``zone_name``) and exit 0; with no session to collect, say why (journal
+    and STATUS=) and exit 0; else return."""
+    if at is not None:
+        if plan.action == "collect" and plan.stop:
+            print(f"{plan.reason}: connect at {plan.start.astimezone(zone):%Y-%m-%d %H:%M} {zone_name}, "
+                  f"stop at {plan.stop.astimezone(zone):%Y-%m-%d %H:%M} {zone_name}", flush=True)
+        else:
+            print(plan.reason if plan.action == "collect" else f"{plan.reason}: nothing to collect", flush=True)
+        sys.exit(0)
+    if plan.action != "collect":
+        line = f"{plan.reason}: nothing to collect, exiting"
+        log.info("%s", line)
+        exit_notified(line, 0)
 
 
 class Service:

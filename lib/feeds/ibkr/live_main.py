@@ -33,7 +33,7 @@ import time
 import click
 
 from .. import service
-from ..config import EX_CONFIG, ConfigError, exit_on_config_error
+from ..config import EX_CONFIG, exit_on_config_error
 from ..settings import IBKR_FILE, database_dsn
 from . import live as L
 from . import live_rows as R
@@ -192,27 +192,9 @@ def main(config_path, symbols, at, test_connection, timeout, unit, more_symbols)
     if test_connection:
         sys.exit(asyncio.run(check_connection(ls, contracts, timeout)))
     cal = L.new_york_calendar(ls)
-    if at is not None:
-        try:
-            now = dt.datetime.fromisoformat(at)
-            if now.tzinfo is None:
-                now = now.replace(tzinfo=L.NY)
-        except ValueError:
-            raise ConfigError("--at", "command line", f"not an ISO date-time: {at!r}") from None
-    else:
-        now = dt.datetime.now(UTC)
+    now = service.run_time(at, L.NY)
     plan = L.plan_run(now, cal, extended=ls.extended_hours, stop_after=dt.timedelta(seconds=ls.stop_after_close))
-    if at is not None:
-        if plan.action == "collect":
-            click.echo(f"{plan.reason}: connect at {plan.start.astimezone(L.NY):%Y-%m-%d %H:%M} New York, "
-                       f"stop at {plan.stop.astimezone(L.NY):%Y-%m-%d %H:%M} New York" if plan.stop else plan.reason)
-        else:
-            click.echo(f"{plan.reason}: nothing to collect")
-        return
-    if plan.action != "collect":
-        line = f"{plan.reason}: nothing to collect, exiting"
-        log.info("%s", line)
-        service.exit_notified(line, 0)
+    service.plan_or_exit(plan, at, L.NY, "New York")
     dsn = database_dsn(cfg)
     sk = service.sink_settings(cfg)
     builders = make_builders(ls, cal, started_ns)

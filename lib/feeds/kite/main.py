@@ -319,29 +319,9 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
     calendar = NseCalendar(kc.extra_sessions, kc.extra_holidays) if kc.session_calendar == "XNSE" else None
     if test_connection:
         sys.exit(check_connection(kc, specs, source, calendar))
-    if at is not None:
-        try:
-            now = datetime.fromisoformat(at)
-            if now.tzinfo is None:
-                now = now.replace(tzinfo=IST)
-        except ValueError:
-            raise ConfigError("--at", "command line", f"not an ISO date-time: {at!r}") from None
-    else:
-        now = datetime.now(UTC)
-    run_plan = plan_run(now, calendar, connect_before=timedelta(seconds=kc.connect_before_open),
+    run_plan = plan_run(service.run_time(at, IST), calendar, connect_before=timedelta(seconds=kc.connect_before_open),
                         stop_after=timedelta(seconds=kc.stop_after_close))
-    if at is not None:
-        if run_plan.action == "collect":
-            click.echo(f"{run_plan.reason}: connect at {run_plan.start.astimezone(IST):%Y-%m-%d %H:%M} IST, "
-                       f"stop at {run_plan.stop.astimezone(IST):%Y-%m-%d %H:%M} IST" if run_plan.stop else
-                       run_plan.reason)
-        else:
-            click.echo(f"{run_plan.reason}: nothing to collect")
-        return
-    if run_plan.action != "collect":
-        line = f"{run_plan.reason}: nothing to collect, exiting"
-        log.info("%s", line)
-        service.exit_notified(line, 0)
+    service.plan_or_exit(run_plan, at, IST, "IST")
     store = TokenStore(kc.token_file)
     try:
         tok = store.load_current(kc.api_key)
