@@ -421,6 +421,41 @@ IBKR_LIVE = (
     Setting("live.status_interval", float, 10.0, "seconds between status lines", positive),
 )
 
+def _quiet_hours(v: list) -> str | None:
+    if not v or (len(v) == 2 and all(hhmm(h) for h in v) and v[0] != v[1]):
+        return None
+    return 'expected [] or ["HH:MM", "HH:MM"] (start, end; may span midnight)'
+
+
+def _time_zone(v: str) -> str | None:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+    try:
+        ZoneInfo(v)
+    except (ZoneInfoNotFoundError, ValueError):
+        return f"unknown time zone {v!r} (an IANA name such as Europe/London)"
+    return None
+
+
+ALERTS = (
+    Setting("alerts.url_files", list[str], [], "files each holding one apprise URL, one channel per file "
+            "(mailto://, slack://, tgram://, json://...): secrets, mode 0600, never logged"),
+    Setting("alerts.quiet_hours", list[str], [], "[start, end] HH:MM in alerts.time_zone during which "
+            "alerts wait and are sent at the end if their condition still holds; [] for none", _quiet_hours),
+    Setting("alerts.time_zone", str, "UTC", "time zone of alerts.quiet_hours", _time_zone),
+    Setting("alerts.state_file", str, "/var/lib/feeds/alerts/state.json", "which conditions hold and "
+            "were told, so that each is told once when it starts and once when it clears"),
+    Setting("alerts.journal_lines", int, 30, "journal lines of a failed unit sent with its alert",
+            within(0, 500)),
+    Setting("alerts.send_timeout", float, 20.0, "seconds one channel may take to accept a message",
+            within(1, 300, unit="s")),
+    Setting("alerts.health_threshold", int, 60, "a feed whose health score (0-100) is below this alerts",
+            within(0, 100)),
+    Setting("alerts.disk_min_free", float, 10.0, "percent of free space under which the database's or a "
+            "spool's file system alerts", within(0, 100)),
+    Setting("alerts.rate_drop", float, 0.2, "a stream whose rate falls below this fraction of its usual "
+            "rate for that time of day alerts", within(0, 1)),
+)
+
 FEEDS_FILE = Schema("feeds.toml", "feed-migrate, feed-maintain, feedctl", DATABASE + RETENTION + MAINTAIN)
 BINANCE_FILE = Schema("binance.toml", "feed-binance", DATABASE + BINANCE + SINK,
                       defaults={"sink.spool_dir": "/var/lib/feeds/binance"})
@@ -430,7 +465,9 @@ KITE_FILE = Schema("kite.toml", "feed-zerodha, feed-kite-token", DATABASE + KITE
 IBKR_FILE = Schema("ibkr.toml", "feed-backfill, feed-ibkr", DATABASE + IBKR + IBKR_LIVE + SINK + CANDLES,
                    defaults={"sink.spool_dir": "/var/lib/feeds/ibkr"})
 
-SCHEMAS = {s.name: s for s in (FEEDS_FILE, BINANCE_FILE, KITE_FILE, IBKR_FILE)}
+ALERTS_FILE = Schema("alerts.toml", "feedctl check, feedctl alert, feed-alert@", DATABASE + ALERTS)
+
+SCHEMAS = {s.name: s for s in (FEEDS_FILE, BINANCE_FILE, KITE_FILE, IBKR_FILE, ALERTS_FILE)}
 """Every kind of configuration file, by its installed name."""
 
 
