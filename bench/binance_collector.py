@@ -34,19 +34,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from procstats import free_port, proc_cpu, proc_hwm_mb  # noqa: E402
+from procstats import (durable_cluster, free_port, migrated_database, proc_cpu, proc_hwm_mb,  # noqa: E402
+                       stop_processes)
 sys.path.insert(0, str(ROOT / "tests"))
 PY = sys.executable
 
 import psycopg  # noqa: E402
-
-from pgserver import PgServer  # noqa: E402
-
-
-
-
-
-
 
 
 def http_json(url: str, method: str = "GET"):
@@ -63,14 +56,8 @@ def stored(dsn: str) -> int:
 
 class Rig:
     def __init__(self, symbols: int, rate: float):
-        self.pg = PgServer().init()
-        with open(self.pg.data / "postgresql.conf", "a") as f:   # durable defaults, not the test shortcuts
-            f.write("fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n"
-                    "max_wal_size = 4GB\ncheckpoint_timeout = 15min\n")
-        self.pg.start()
-        self.dsn = self.pg.dsn(self.pg.create_db())
-        from feeds.migrate import apply
-        apply(self.dsn, ROOT / "sql")
+        self.pg = durable_cluster()
+        self.dsn = migrated_database(self.pg)
         self.port = free_port()
         self.tmp = Path(tempfile.mkdtemp(prefix="feeds-bench-"))
         self.sim = subprocess.Popen(
@@ -121,11 +108,7 @@ spool_dir = "{self.tmp}/spool-{shard or 'all'}"
         for p in self.collectors:
             if p.poll() is None:
                 p.kill()
-        self.sim.send_signal(signal.SIGTERM)
-        try:
-            self.sim.wait(20)
-        except subprocess.TimeoutExpired:
-            self.sim.kill()
+        stop_processes((self.sim,))
         self.pg.destroy()
 
 
@@ -230,14 +213,9 @@ def latency(symbols: int, window: float, rate: float = 5000.0) -> dict:
 def copy_ceiling(n: int = 600_000) -> float:
     """Plain COPY of the same rows (aggTrade and bookTicker tuples) from a prepared list."""
     from feeds.binance import adapter as A
-    pg = PgServer().init()
-    with open(pg.data / "postgresql.conf", "a") as f:
-        f.write("fsync = on\nsynchronous_commit = on\nfull_page_writes = on\nmax_wal_size = 4GB\n")
-    pg.start()
+    pg = durable_cluster("fsync = on\nsynchronous_commit = on\nfull_page_writes = on\nmax_wal_size = 4GB\n")
     try:
-        dsn = pg.dsn(pg.create_db())
-        from feeds.migrate import apply
-        apply(dsn, ROOT / "sql")
+        dsn = migrated_database(pg)
         now = datetime.now(timezone.utc)
         aggs, books = [], []
         for i in range(n // 2):

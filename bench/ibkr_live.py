@@ -40,14 +40,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from procstats import free_port, proc_cpu, proc_hwm_mb, wait_listening  # noqa: E402
+from procstats import (durable_cluster, free_port, migrated_database, proc_cpu, proc_hwm_mb,  # noqa: E402
+                       stop_processes, wait_listening)
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "lib"))
 PY = sys.executable
 
 import psycopg  # noqa: E402
 
-from pgserver import PgServer  # noqa: E402
 
 TICK_TABLES = ("ibkr_trade", "ibkr_quote", "ibkr_index_tick")
 TARGET_RATE = 20_000
@@ -74,14 +74,8 @@ class Rig:
         :func:`contract_symbols` of ``contracts``); otherwise ``bin/feed-sim-tws`` is started."""
         self.tmp = Path(tempfile.mkdtemp(prefix="feeds-bench-ibkr-"))
         self.sim = self.col = None
-        self.pg = PgServer().init()
-        with open(self.pg.data / "postgresql.conf", "a") as f:   # durable defaults, not the test shortcuts
-            f.write("fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n"
-                    "max_wal_size = 4GB\ncheckpoint_timeout = 15min\n")
-        self.pg.start()
-        self.dsn = self.pg.dsn(self.pg.create_db())
-        from feeds.migrate import apply
-        apply(self.dsn, ROOT / "sql")
+        self.pg = durable_cluster()
+        self.dsn = migrated_database(self.pg)
         self.symbols = contract_symbols(contracts)
         self.csv = self.tmp / "ibkr-live.csv"      # served by the simulator, collected by feed-ibkr
         rows = ["symbol,secType,exchange,currency,primaryExchange"]
@@ -159,13 +153,7 @@ spool_dir = "{self.tmp}/spool"
                 live.get("slow_client_skips", 0))
 
     def close(self) -> None:
-        for p in (self.col, self.sim):
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_processes((self.col, self.sim))
         self.pg.destroy()
         shutil.rmtree(self.tmp, ignore_errors=True)
 

@@ -38,20 +38,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from procstats import free_port, proc_cpu, proc_hwm_mb  # noqa: E402
+from procstats import (durable_cluster, free_port, migrated_database, proc_cpu, proc_hwm_mb,  # noqa: E402
+                       stop_processes)
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "lib"))
 PY = sys.executable
 
 import psycopg  # noqa: E402
-
-from pgserver import PgServer  # noqa: E402
-
-
-
-
-
-
 
 
 def http_json(url: str, method: str = "GET"):
@@ -70,18 +63,12 @@ def sent_full(base: str) -> int:
 
 
 def run(instruments: int, rate: float, window: float, decoder: str, warmup: float = 8.0) -> dict:
-    pg = PgServer().init()
-    with open(pg.data / "postgresql.conf", "a") as f:          # durable defaults, not test shortcuts
-        f.write("fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n"
-                "max_wal_size = 4GB\ncheckpoint_timeout = 15min\n")
-    pg.start()
+    pg = durable_cluster()
     tmp = Path(tempfile.mkdtemp(prefix="feeds-bench-kite-"))
     sim = col = None
     try:
-        dsn = pg.dsn(pg.create_db())
-        from feeds.migrate import apply
+        dsn = migrated_database(pg)
         from feeds.kite.token import AccessToken, TokenStore, next_expiry
-        apply(dsn, ROOT / "sql")
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         sim = subprocess.Popen(
@@ -145,13 +132,7 @@ spool_dir = "{tmp}/spool"
                 "cpu_per_m": (c1 - c0) / max(1, n1 - n0) * 1e6, "cpu_share": (c1 - c0) / (t1 - t0),
                 "rss_mb": hwm, "rc": rc, "window": t1 - t0, "log": str(tmp / "collector.log")}
     finally:
-        for p in (col, sim):
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_processes((col, sim))
         pg.destroy()
 
 

@@ -1,12 +1,18 @@
-"""Process figures and loopback helpers shared by the benchmarks (Linux /proc)."""
+"""Process figures, loopback helpers, child-process shutdown and the durable PostgreSQL cluster
+shared by the benchmarks (Linux /proc)."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+ROOT = Path(__file__).resolve().parents[1]
+DURABLE_SETTINGS = ("fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n"
+                    "max_wal_size = 4GB\ncheckpoint_timeout = 15min\n")
 
 
 def proc_cpu(pid: int) -> float:
@@ -40,3 +46,34 @@ def wait_listening(port: int, timeout: float = 15.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listened on port {port} within {timeout}s")
+
+
+def stop_processes(procs, timeout: float = 20.0) -> None:
+    """SIGTERM each still running process of ``procs`` (None entries skipped) and wait for it;
+    SIGKILL one that outlives ``timeout`` seconds."""
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def durable_cluster(settings: str = DURABLE_SETTINGS):
+    """A throwaway PostgreSQL cluster (tests/pgserver.py, which the caller puts on sys.path),
+    started with ``settings`` appended to its postgresql.conf: durable defaults, not the tests' shortcuts."""
+    from pgserver import PgServer
+    pg = PgServer().init()
+    with open(pg.data / "postgresql.conf", "a") as f:
+        f.write(settings)
+    pg.start()
+    return pg
+
+
+def migrated_database(pg) -> str:
+    """The DSN of a new database of ``pg`` with every migration (sql/) applied."""
+    from feeds.migrate import apply
+    dsn = pg.dsn(pg.create_db())
+    apply(dsn, ROOT / "sql")
+    return dsn

@@ -10,21 +10,17 @@ equal to the simulator's one-minute bars, subscriptions in the simulator, exit s
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import psycopg
 import pytest
 
+from collector_process import CollectorProcess, collector_env, collectors_of, q, write_config
+from collector_process import wait_for as poll
 from conftest import ROOT
 from feeds.calendars import ExchangeCalendar
 from feeds.candles import Candle, calendar_sessions, rollup
@@ -44,27 +40,6 @@ RATE = 240          # trades per minute and contract
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(v)
-
-
-def write_config(path: Path, sections: dict[str, dict]) -> Path:
-    lines = []
-    for name, kv in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{json.dumps(k) if '-' in k else k} = {_toml_value(v)}" for k, v in kv.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def session_now(minutes_before: int = 30, minutes_after: int = 60) -> tuple[str, list[str], dt.datetime]:
     """Today's (New York) extra session around now: (date, [open, close], open as aware UTC)."""
     now = dt.datetime.now(NY)
@@ -74,8 +49,10 @@ def session_now(minutes_before: int = 30, minutes_after: int = 60) -> tuple[str,
     return now.date().isoformat(), [start.strftime("%H:%M"), end.strftime("%H:%M")], start.astimezone(UTC)
 
 
-class Collector:
+class Collector(CollectorProcess):
     """bin/feed-ibkr as a child process; its log lines are kept in ``lines``."""
+
+    output_tail = 4000
 
     def __init__(self, tmp: Path, dsn: str, sim, symbols=("AAPL", "MSFT", "SPX"), *, live: dict | None = None,
                  candles: dict | None = None, args: tuple[str, ...] = (), session: bool = True,
@@ -101,66 +78,13 @@ class Collector:
         if session:
             sections["live.extra_sessions"] = {day: hours}
         self.config = write_config(tmp / "ibkr.toml", sections)
-        env = {**os.environ, "FEEDS_DSN": dsn, "FEEDS_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
-        for k in ("STATE_DIRECTORY", "NOTIFY_SOCKET", "WATCHDOG_USEC"):
-            env.pop(k, None)
-        self.proc = subprocess.Popen([sys.executable, str(BIN), "--config", str(self.config),
-                                      "--unit", "feed-ibkr-test.service", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_line(self, text: str, timeout: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for ln in list(self.lines):
-                if text in ln:
-                    return ln
-            if self.proc.poll() is not None:
-                self._reader.join(2)
-                for ln in self.lines:
-                    if text in ln:
-                        return ln
-                raise AssertionError(f"exited {self.proc.returncode} without {text!r}:\n{self.output[-4000:]}")
-            time.sleep(0.05)
-        raise AssertionError(f"no line with {text!r} in {timeout} s:\n{self.output[-4000:]}")
-
-    def wait(self, timeout: float = 120.0) -> int:
-        rc = self.proc.wait(timeout)
-        self._reader.join(5)
-        return rc
-
-    def stop(self, timeout: float = 120.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        self.start([sys.executable, str(BIN), "--config", str(self.config), "--unit", "feed-ibkr-test.service",
+                    *args], collector_env(dsn))
 
 
 @pytest.fixture
 def collectors():
-    made: list[Collector] = []
-
-    def make(*a, **kw) -> Collector:
-        c = Collector(*a, **kw)
-        made.append(c)
-        return c
-    yield make
-    for c in made:
-        c.kill()
+    yield from collectors_of(Collector)
 
 
 @pytest.fixture
@@ -169,21 +93,8 @@ def sim():
         yield s
 
 
-def q(dsn: str, sql: str, *args):
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute(sql, args)
-        return cur.fetchall() if cur.description else []
-
-
 def wait_for(fn, timeout: float = 60.0, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    return last
+    return poll(fn, timeout, interval)
 
 
 def mkt_subs(sim) -> Counter:

@@ -11,10 +11,7 @@ the journal lines.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -22,9 +19,9 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
-import psycopg
 import pytest
 
+from collector_process import CollectorProcess, collector_env, collectors_of, q, wait_for, write_config
 from conftest import ROOT, shared_file
 from feeds.kite.token import AccessToken, TokenStore, next_expiry
 from feeds.sim.kite import KiteSimulator
@@ -36,27 +33,6 @@ INFY = 408065
 BIN = ROOT / "bin" / "feed-zerodha"
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(v)
-
-
-def write_config(path: Path, sections: dict[str, dict]) -> Path:
-    lines = []
-    for name, kv in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in kv.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def store_token(path: Path, sim: KiteSimulator, *, expired: bool = False) -> str:
     now = datetime.now(UTC)
     tok = sim.issue_access_token()
@@ -65,7 +41,7 @@ def store_token(path: Path, sim: KiteSimulator, *, expired: bool = False) -> str
     return tok
 
 
-class Collector:
+class Collector(CollectorProcess):
     """bin/feed-zerodha as a child process; its log lines are kept in ``lines``."""
 
     def __init__(self, tmp: Path, dsn: str, sim: KiteSimulator, instruments: list[str] | None, *,
@@ -87,90 +63,19 @@ class Collector:
         self.config = write_config(tmp / "kite.toml", {
             "kite": cfg, "sink": {"spool_dir": str(tmp / "spool"), "flush_interval": 0.1, **(sink_extra or {})},
             **(sections or {})})
-        env = {**os.environ, "FEEDS_DSN": dsn, "FEEDS_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
-        env.pop("STATE_DIRECTORY", None)
-        if not notify:
-            env.pop("NOTIFY_SOCKET", None)
-            env.pop("WATCHDOG_USEC", None)
-        self.proc = subprocess.Popen([sys.executable, str(BIN), "--config", str(self.config), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_line(self, text: str, timeout: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for ln in list(self.lines):
-                if text in ln:
-                    return ln
-            if self.proc.poll() is not None:
-                self._reader.join(2)
-                for ln in self.lines:
-                    if text in ln:
-                        return ln
-                raise AssertionError(f"exited {self.proc.returncode} without {text!r}:\n{self.output[-3000:]}")
-            time.sleep(0.05)
-        raise AssertionError(f"no line with {text!r} in {timeout} s:\n{self.output[-3000:]}")
-
-    def wait(self, timeout: float = 120.0) -> int:
-        rc = self.proc.wait(timeout)
-        self._reader.join(5)
-        return rc
-
-    def stop(self, timeout: float = 120.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        self.start([sys.executable, str(BIN), "--config", str(self.config), *args],
+                   collector_env(dsn, notify=notify))
 
 
 @pytest.fixture
 def collectors():
-    made: list[Collector] = []
-
-    def make(*a, **kw) -> Collector:
-        c = Collector(*a, **kw)
-        made.append(c)
-        return c
-    yield make
-    for c in made:
-        c.kill()
+    yield from collectors_of(Collector)
 
 
 def sim_for(**kw) -> KiteSimulator:
     kw.setdefault("heartbeat_interval", 0.5)
     kw.setdefault("seed", 7)
     return KiteSimulator(**kw)
-
-
-def q(dsn: str, sql: str, *args):
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute(sql, args)
-        return cur.fetchall() if cur.description else []
-
-
-def wait_for(fn, timeout: float = 60.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    return last
 
 
 def ticker_conns(sim: KiteSimulator) -> list[dict]:

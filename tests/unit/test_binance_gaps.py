@@ -4,29 +4,11 @@ import time
 
 import pytest
 
+from collector_stubs import Notifier, Sink
 from feeds.binance import adapter as A
 from feeds.binance.collector import BinanceCollector, Settings
 from feeds.binance.rest import WeightLimiter, kline_weight
 from feeds.health import Health
-
-
-class Sink:
-    def __init__(self):
-        self.rows = {}
-
-    def add(self, t, r):
-        self.rows.setdefault(t, []).append(r)
-
-    def add_many(self, t, rs):
-        self.rows.setdefault(t, []).extend(rs)
-
-    def flush(self, timeout=0):
-        return True
-
-
-class N:
-    def notify(self, m):
-        pass
 
 
 class FakeRest:
@@ -46,7 +28,7 @@ class FakeRest:
 
 
 def make(rest):
-    c = BinanceCollector(Settings(symbols=["BTCUSDT"]), Sink(), Health(unit="u", notifier=N()))
+    c = BinanceCollector(Settings(symbols=["BTCUSDT"]), Sink(), Health(unit="u", notifier=Notifier()))
     c.plan(["BTCUSDT"])
     c.rest = rest
     return c
@@ -154,7 +136,8 @@ def test_exchange_info_refresh_adds_connections_and_retires_delisted(monkeypatch
     class Rest(FakeRest):
         async def perpetual_symbols(self, quote_assets=None):
             return listings.pop(0)
-    c = BinanceCollector(Settings(symbols=[], max_streams_per_connection=3), Sink(), Health(unit="u", notifier=N()))
+    c = BinanceCollector(Settings(symbols=[], max_streams_per_connection=3), Sink(),
+                         Health(unit="u", notifier=Notifier()))
     c.rest = Rest()
     started = []
 

@@ -5,6 +5,7 @@ import asyncio
 import random
 from decimal import Decimal
 
+from collector_stubs import Notifier, Sink
 from feeds.binance import adapter as A
 from feeds.binance import klinecheck as KC
 from feeds.binance.collector import BinanceCollector, Settings
@@ -200,27 +201,6 @@ def KlineCheckFor(clock=None):
 
 # ------------------------------------------------------------------ in the collector
 
-class Sink:
-    spooling = False
-
-    def __init__(self):
-        self.rows = {}
-
-    def add(self, t, r):
-        self.rows.setdefault(t, []).append(r)
-
-    def add_many(self, t, rs):
-        self.rows.setdefault(t, []).extend(rs)
-
-    def flush(self, timeout=0):
-        return True
-
-
-class N:
-    def notify(self, m):
-        pass
-
-
 class FakeRest:
     def __init__(self, trades):
         self.trades = trades
@@ -253,7 +233,7 @@ def test_collector_hot_path_fold_equals_the_candle_of_the_same_trades():
     for a in range(1, 400):
         t = M0 + 20_000 + a * 700 + rng.randrange(0, 300)
         trades.append((a, f"{100 + rng.randrange(-50, 50) / 100:.2f}", f"{rng.randrange(1, 5000) / 1000:.3f}", t))
-    c = BinanceCollector(Settings(symbols=["BTCUSDT"]), Sink(), Health(unit="u", notifier=N()))
+    c = BinanceCollector(Settings(symbols=["BTCUSDT"]), Sink(), Health(unit="u", notifier=Notifier()))
     c.plan(["BTCUSDT"])
     c.last_agg["BTCUSDT"] = 0
     for a, p, q, t in trades:
@@ -267,7 +247,7 @@ def test_collector_hot_path_fold_equals_the_candle_of_the_same_trades():
 
 def test_collector_mismatch_is_stored_filled_from_rest_and_found_repaired():
     s = Settings(symbols=["BTCUSDT"])
-    c = BinanceCollector(s, Sink(), Health(unit="u", notifier=N()))
+    c = BinanceCollector(s, Sink(), Health(unit="u", notifier=Notifier()))
     c.plan(["BTCUSDT"])
     c.last_agg["BTCUSDT"] = 0
     venue = [(1, "100.0", "1", M0 + 10), (2, "100.5", "2", M1 + 10), (3, "101.0", "0.5", M1 + 30_000),
@@ -301,7 +281,7 @@ def test_collector_mismatch_is_stored_filled_from_rest_and_found_repaired():
 
 
 def test_collector_kline_check_off_by_setting_or_without_the_streams():
-    h = Health(unit="u", notifier=N())
+    h = Health(unit="u", notifier=Notifier())
     assert BinanceCollector(Settings(kline_check=False), Sink(), h).kc is None
     off = BinanceCollector(Settings(streams=["aggTrade", "bookTicker"]), Sink(), h)
     assert off.kc is None and "kline" in off.kline_check_off

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import datetime as dt
 import os
@@ -31,6 +30,7 @@ from feeds.sim.tws import (
 )
 from feeds.sim.tws_data import BarStore, builtin_contract
 from feeds.sim.tws_pacing import HistoricalPacer
+from tws_session import connected_client, reached, running_simulator
 
 DATA = Path(os.environ.get("FEEDS_SHARED_DATA") or Path(__file__).resolve().parents[2] / ".." / "shared" / "data")
 SPX_CSV = DATA / "ib" / "spx-1min-2019-11-05..08.csv"
@@ -47,40 +47,29 @@ def run(coro, timeout: float = 30.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-@contextlib.asynccontextmanager
-async def simulator(**kw):
+def simulator(**kw):
     kw.setdefault("pacing_scale", 0.001)
     kw.setdefault("head_timestamps", OLD_HEAD)
     if SPX_CSV.is_file():
         kw.setdefault("csv_files", {"SPX": SPX_CSV})
     else:  # SPX still known (generated bars) so contract tests run
         kw.setdefault("generate", ("AAPL", "MSFT", "SPX"))
-    sim = TwsSimulator(**kw)
-    await sim.start()
-    try:
-        yield sim
-    finally:
-        await sim.stop()
+    return running_simulator(**kw)
 
 
-@contextlib.asynccontextmanager
-async def client(sim: TwsSimulator, client_id: int = 1):
-    ib = IB()
+def errors_of(ib: IB) -> list[tuple[int, int, str]]:
+    """Every error ib_async reports: ``(reqId, code, text)``."""
     errors: list[tuple[int, int, str]] = []
     ib.errorEvent += lambda req_id, code, text, contract: errors.append((req_id, code, text))
-    await ib.connectAsync("127.0.0.1", sim.port, clientId=client_id, timeout=5)
-    try:
-        yield ib, errors
-    finally:
-        ib.disconnect()
+    return errors
 
 
-async def until(pred, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
+def client(sim: TwsSimulator, client_id: int = 1):
+    return connected_client(sim, client_id, errors_of)
+
+
+def until(pred, timeout: float = 5.0):
+    return reached(pred, timeout, 0.005)
 
 
 def csv_rows(day: str, first: str = "09:30:00", last: str = "15:59:00") -> list[dict]:

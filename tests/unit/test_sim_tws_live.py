@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import time
 from decimal import Decimal
@@ -14,6 +13,7 @@ from ib_async import IB, Index, Stock
 from feeds.sim.tws import TwsSimulator, TwsSimulatorThread
 from feeds.sim.tws_data import BarStore, LiveRates, bar_trades, builtin_contract
 from feeds.sim.tws_live import ERROR_TEXTS, FARM_TEXTS, MAX_TICK_BY_TICK
+from tws_session import connected_client, reached, running_simulator
 
 AAPL = Stock("AAPL", "SMART", "USD")
 MSFT = Stock("MSFT", "SMART", "USD")
@@ -31,17 +31,11 @@ def fast_clock(speed: float):
     return lambda: t0 + (time.monotonic() - m0) * speed
 
 
-@contextlib.asynccontextmanager
-async def simulator(**kw):
+def simulator(**kw):
     kw.setdefault("pacing_scale", 0.001)
     kw.setdefault("generate", ("AAPL", "MSFT", "IBM", "SPX"))
     kw.setdefault("live_rate", 600)
-    sim = TwsSimulator(**kw)
-    await sim.start()
-    try:
-        yield sim
-    finally:
-        await sim.stop()
+    return running_simulator(**kw)
 
 
 class Recorder:
@@ -69,23 +63,12 @@ class Recorder:
         return [c for _, c, _ in self.errors]
 
 
-@contextlib.asynccontextmanager
-async def client(sim: TwsSimulator, client_id: int = 1):
-    ib = IB()
-    rec = Recorder(ib)
-    await ib.connectAsync("127.0.0.1", sim.port, clientId=client_id, timeout=5)
-    try:
-        yield ib, rec
-    finally:
-        ib.disconnect()
+def client(sim: TwsSimulator, client_id: int = 1):
+    return connected_client(sim, client_id, Recorder)
 
 
-async def until(pred, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
+def until(pred, timeout: float = 10.0):
+    return reached(pred, timeout, 0.01)
 
 
 def sent(sim, symbol: str, kind: str = "trade", req_id: int | None = None) -> list[dict]:
@@ -100,6 +83,20 @@ def subs_of(sim, what: str = "mktData") -> int:
 async def settle(sim, rec: Recorder, symbol: str, tick_type: int, kind: str = "trade"):
     """Wait until ib_async has received every tick the simulator sent."""
     await until(lambda: len(rec.of(symbol, tick_type)) == len(sent(sim, symbol, kind)))
+
+
+async def market_data(ib: IB, contract, generic_ticks: str):
+    """``contract`` qualified and its market data requested: ``(qualified contract, ticker)``."""
+    (qualified,) = await ib.qualifyContractsAsync(contract)
+    return qualified, ib.reqMktData(qualified, generic_ticks)
+
+
+async def cancel_and_settle(ib: IB, sim, rec: Recorder, contract, tick_type: int, kind: str = "trade"):
+    """Cancel the market data of ``contract``, wait until the simulator holds no subscription,
+    then until ib_async has received every tick of ``contract`` the simulator sent."""
+    ib.cancelMktData(contract)
+    await until(lambda: subs_of(sim) == 0)
+    await settle(sim, rec, contract.symbol, tick_type, kind)
 
 
 # ------------------------------------------------------------ trades from bars
@@ -157,13 +154,10 @@ def test_mkt_data_stock_ticks_equal_sent_ticks():
     async def main():
         async with simulator() as sim, client(sim) as (ib, rec):
             ib.reqMarketDataType(1)
-            (aapl,) = await ib.qualifyContractsAsync(AAPL)
-            ticker = ib.reqMktData(aapl, "233,293")
+            aapl, ticker = await market_data(ib, AAPL, "233,293")
             await until(lambda: len(sent(sim, "AAPL")) >= 15)
             assert sim.subscriptions()[1]["mktData"] == {ticker_req(ib, ticker): "AAPL"}
-            ib.cancelMktData(aapl)
-            await until(lambda: subs_of(sim) == 0)
-            await settle(sim, rec, "AAPL", 48)
+            await cancel_and_settle(ib, sim, rec, aapl, 48)
             trades = sent(sim, "AAPL")
             as_sent = [(float(d["price"]), float(d["size"])) for d in trades]
             assert rec.of("AAPL", 48) == as_sent            # RTVolume
@@ -188,12 +182,9 @@ def ticker_req(ib: IB, ticker) -> int:
 def test_index_sends_last_price_only():
     async def main():
         async with simulator() as sim, client(sim) as (ib, rec):
-            (spx,) = await ib.qualifyContractsAsync(SPX)
-            ib.reqMktData(spx, "233")
+            spx, _ = await market_data(ib, SPX, "233")
             await until(lambda: len(sent(sim, "SPX", "index")) >= 10)
-            ib.cancelMktData(spx)
-            await until(lambda: subs_of(sim) == 0)
-            await settle(sim, rec, "SPX", 4, "index")
+            await cancel_and_settle(ib, sim, rec, spx, 4, "index")
             assert {tt for sym, tt, _, _ in rec.ticks if sym == "SPX"} == {4}
             assert rec.of("SPX", 4) == [(float(d["price"]), 0.0) for d in sent(sim, "SPX", "index")]
             assert not sent(sim, "SPX", "trade") and not sent(sim, "SPX", "bid_ask")
@@ -205,13 +196,10 @@ def test_live_trades_equal_the_history_bar_of_their_minute():
     async def main():
         # 30x clock: a simulated minute passes in two seconds
         async with simulator(live_rate=40, clock=fast_clock(30.0)) as sim, client(sim) as (ib, rec):
-            (msft,) = await ib.qualifyContractsAsync(MSFT)
-            ib.reqMktData(msft, "233")
+            msft, _ = await market_data(ib, MSFT, "233")
             first = (int(sim.now()) // 60 + 1) * 60            # first minute seen whole
             await until(lambda: sim.now() > first + 125, timeout=20)
-            ib.cancelMktData(msft)
-            await until(lambda: subs_of(sim) == 0)
-            await settle(sim, rec, "MSFT", 48)
+            await cancel_and_settle(ib, sim, rec, msft, 48)
             bars = await ib.reqHistoricalDataAsync(msft, "", "600 S", "1 min", "TRADES", False, 2)
             by_t = {int(b.date.timestamp()): b for b in bars}
             trades = sent(sim, "MSFT")
@@ -233,8 +221,7 @@ def test_market_data_type_request_is_read_and_live_data_wins():
     async def main():
         async with simulator() as sim, client(sim) as (ib, rec):
             ib.reqMarketDataType(3)
-            (aapl,) = await ib.qualifyContractsAsync(AAPL)
-            ticker = ib.reqMktData(aapl, "")
+            aapl, ticker = await market_data(ib, AAPL, "")
             await until(lambda: ticker.marketDataType == 1 and ticker.last == ticker.last and ticker.last > 0)
             assert sim.stats()["requests"]["reqMarketDataType"] == 1
 
@@ -269,8 +256,7 @@ def test_injected_10167_on_a_live_subscription_continues_delayed():
     async def main():
         async with simulator() as sim, client(sim) as (ib, rec):
             ib.reqMarketDataType(3)
-            (aapl,) = await ib.qualifyContractsAsync(AAPL)
-            ticker = ib.reqMktData(aapl, "233")
+            aapl, ticker = await market_data(ib, AAPL, "233")
             await until(lambda: len(sent(sim, "AAPL")) >= 3)
             sim.inject_error("AAPL", 10167)
             req = ticker_req(ib, ticker)
@@ -299,9 +285,7 @@ def test_injected_10090_keeps_quotes_and_last_without_rtvolume():
             sim.inject_error("IBM", 10090)
             ib.reqMktData(ibm, "233")
             await until(lambda: len(sent(sim, "IBM")) >= 5)
-            ib.cancelMktData(ibm)
-            await until(lambda: subs_of(sim) == 0)
-            await settle(sim, rec, "IBM", 4)
+            await cancel_and_settle(ib, sim, rec, ibm, 4)
             assert 10090 in rec.codes() and rec.of("IBM", 48) == []
             assert all(d["rt_volume"] is False for d in sent(sim, "IBM"))
 
@@ -311,8 +295,7 @@ def test_injected_10090_keeps_quotes_and_last_without_rtvolume():
 def test_unknown_and_unsubscribed_contracts():
     async def main():
         async with simulator(unsubscribed=["IBM"]) as sim, client(sim) as (ib, rec):
-            (ibm,) = await ib.qualifyContractsAsync(IBM)
-            t = ib.reqMktData(ibm, "")
+            ibm, t = await market_data(ib, IBM, "")
             await until(lambda: 354 in rec.codes())
             bogus = Stock("NOPE", "SMART", "USD", conId=123)
             ib.reqMktData(bogus, "")
@@ -376,8 +359,7 @@ def test_tick_by_tick_limit_is_configurable_and_counts_every_connection():
 def test_real_time_bars_aggregate_the_sent_trades():
     async def main():
         async with simulator(live_rate=120, clock=fast_clock(10.0)) as sim, client(sim) as (ib, rec):
-            (aapl,) = await ib.qualifyContractsAsync(AAPL)
-            ib.reqMktData(aapl, "233")
+            aapl, _ = await market_data(ib, AAPL, "233")
             bars = ib.reqRealTimeBars(aapl, 5, "TRADES", False)
             await until(lambda: len(bars) >= 4)
             ib.cancelRealTimeBars(bars)
@@ -442,8 +424,7 @@ def test_farm_messages_with_ibs_texts_and_2103_stops_ticks():
 def test_nightly_reset(data_lost):
     async def main():
         async with simulator() as sim, client(sim) as (ib, rec):
-            (aapl,) = await ib.qualifyContractsAsync(AAPL)
-            ib.reqMktData(aapl, "233")
+            aapl, _ = await market_data(ib, AAPL, "233")
             await until(lambda: len(sent(sim, "AAPL")) >= 2)
             sim.nightly_reset(gap=0.5, data_lost=data_lost)
             back = 1101 if data_lost else 1102
@@ -488,8 +469,7 @@ def test_nightly_reset_with_disconnect_refuses_until_the_gap_is_over():
 def test_connectivity_loss_data_lost_drops_live_subscriptions():
     async def main():
         async with simulator() as sim, client(sim) as (ib, rec):
-            (aapl,) = await ib.qualifyContractsAsync(AAPL)
-            ib.reqMktData(aapl, "")
+            aapl, _ = await market_data(ib, AAPL, "")
             await until(lambda: subs_of(sim) == 1)
             sim.connectivity_loss(0.2, data_lost=True)
             await until(lambda: 1101 in rec.codes())
@@ -501,8 +481,7 @@ def test_connectivity_loss_data_lost_drops_live_subscriptions():
 def test_disconnect_all_ends_subscriptions():
     async def main():
         async with simulator() as sim, client(sim) as (ib, rec):
-            (aapl,) = await ib.qualifyContractsAsync(AAPL)
-            ib.reqMktData(aapl, "")
+            aapl, _ = await market_data(ib, AAPL, "")
             ib.reqTickByTickData(aapl, "AllLast")
             await until(lambda: subs_of(sim) == 1 and subs_of(sim, "tbt") == 1)
             assert sim.disconnect_all() == 1
@@ -541,8 +520,7 @@ def test_thread_runner_controls_with_blocking_client():
 def test_record_counts_only():
     async def main():
         async with simulator(record_ticks="count") as sim, client(sim) as (ib, rec):
-            (aapl,) = await ib.qualifyContractsAsync(AAPL)
-            ib.reqMktData(aapl, "233")
+            aapl, _ = await market_data(ib, AAPL, "233")
             await until(lambda: sim.stats()["live"]["trades_sent"] >= 5)
             assert sim.sent_ticks() == []
             assert sim.stats()["live"]["quotes_sent"] == sim.stats()["live"]["trades_sent"]
@@ -553,8 +531,7 @@ def test_record_counts_only():
 def test_live_off_sends_no_ticks_until_switched_on():
     async def main():
         async with simulator(live_rate=None) as sim, client(sim) as (ib, rec):
-            (aapl,) = await ib.qualifyContractsAsync(AAPL)
-            ticker = ib.reqMktData(aapl, "")
+            aapl, ticker = await market_data(ib, AAPL, "")
             await until(lambda: ticker.marketDataType == 1)
             await asyncio.sleep(0.2)
             assert sent(sim, "AAPL") == []
@@ -619,12 +596,9 @@ def test_rate_change_at_runtime_sets_bar_count_from_the_next_minute():
 def test_rt_trade_volume_generic_375():
     async def main():
         async with simulator() as sim, client(sim) as (ib, rec):
-            (aapl,) = await ib.qualifyContractsAsync(AAPL)
-            ib.reqMktData(aapl, "375")
+            aapl, _ = await market_data(ib, AAPL, "375")
             await until(lambda: len(sent(sim, "AAPL")) >= 3)
-            ib.cancelMktData(aapl)
-            await until(lambda: subs_of(sim) == 0)
-            await settle(sim, rec, "AAPL", 77)
+            await cancel_and_settle(ib, sim, rec, aapl, 77)
             assert rec.of("AAPL", 77) == [(float(d["price"]), float(d["size"])) for d in sent(sim, "AAPL")]
             assert rec.of("AAPL", 48) == []
 
