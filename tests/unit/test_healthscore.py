@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feeds.healthscore import (DEFAULT_PARAMS, MAX_POINTS, Measures, Params, Score, alerting,
+from feeds.ops.healthscore import (DEFAULT_PARAMS, MAX_POINTS, Measures, Params, Score, alerting,
                                heartbeat_stale, score)
 
 # A healthy feed during its session: active, fresh heartbeat, data flowing.
