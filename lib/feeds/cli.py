@@ -316,3 +316,28 @@ def kline_check(config_path: str, symbol: str | None, since: str | None, limit: 
                        + (f"; {a['note']}" if a["note"] else ""))
         elif o["note"]:
             click.echo(f"    {o['note']}")
+
+
+@feedctl.command("alert")
+@click.option("--config", "config_path", envvar="FEEDS_ALERTS_CONFIG", default="/etc/feeds/alerts.toml",
+              show_default=True)
+@click.option("--test", "send_test", is_flag=True, help="Send a test message to every channel.")
+@exit_on_config_error
+def alert(config_path: str, send_test: bool) -> None:
+    """Alert channels (alerts.url_files in alerts.toml).  ``--test`` sends a
+    test message to each and prints, per channel (named by its file), whether
+    it accepted; exit 0 when every channel did, 1 when one did not or none is
+    configured, 78 for a bad configuration."""
+    from .ops.alerts import Channels, test_message
+    from .settings import ALERTS_FILE
+    if not send_test:
+        raise click.UsageError("nothing to do: give --test")
+    setup_logging()
+    channels = Channels.from_config(load(config_path, ALERTS_FILE))
+    if not len(channels):
+        click.echo(f"no alert channel: alerts.url_files is empty in {config_path}", err=True)
+        sys.exit(1)
+    results = channels.send_each(test_message())
+    for name, ok in results.items():
+        click.echo(f"{name}: {'accepted' if ok else 'NOT accepted (see the log above)'}")
+    sys.exit(0 if all(results.values()) else 1)

@@ -235,3 +235,33 @@ def test_logs_never_carry_the_url(channels, smtp, hook, caplog):
     for secret in ("T0KEN", "s3cret", "oncall@example.com", f":{hook.port}", f":{smtp.port}"):
         assert secret not in logged, logged
     assert channels.names[1] in logged and "not accepted" in logged
+
+
+def test_feedctl_alert_test_reaches_every_channel_and_names_them_by_file(tmp_path, smtp, hook):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    files = [url_file(tmp_path, "mail.url", smtp.url), url_file(tmp_path, "hook.url", hook.url)]
+    cfg = tmp_path / "alerts.toml"
+    cfg.write_text("[alerts]\nurl_files = [%s]\nsend_timeout = 5.0\n" % ", ".join(f'"{f}"' for f in files))
+    env = {**os.environ, "PYTHONPATH": str(root / "lib")}
+    r = subprocess.run([sys.executable, str(root / "bin" / "feedctl"), "alert", "--test", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"{files[0]}: accepted", f"{files[1]}: accepted"]
+    assert len(smtp.box.messages) == 1 and smtp.box.messages[0]["Subject"].startswith("feeds: test alert from")
+    assert len(hook.posts) == 1 and hook.posts[0][1]["title"].startswith("feeds: test alert from")
+    assert str(smtp.port) not in r.stdout + r.stderr and "T0KEN" not in r.stdout + r.stderr
+
+    hook.stop()                                             # one channel down: exit 1, the other still told
+    r = subprocess.run([sys.executable, str(root / "bin" / "feedctl"), "alert", "--test", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1
+    assert f"{files[1]}: NOT accepted" in r.stdout and len(smtp.box.messages) == 2
+
+    os.chmod(files[0], 0o644)                               # a readable secret: exit 78, one line, no URL
+    r = subprocess.run([sys.executable, str(root / "bin" / "feedctl"), "alert", "--test", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 78 and "alerts.url_files" in r.stderr and files[0] in r.stderr
+    assert "127.0.0.1" not in r.stderr
