@@ -95,12 +95,22 @@ class Config:
 
 def read_secret(path: str | os.PathLike, key: str, file: str | os.PathLike) -> str:
     """First line (stripped) of the secret file ``path``, named by setting
-    ``key`` of configuration ``file``.
+    ``key`` of configuration ``file`` (see :func:`read_secret_text`).  Raises
+    :class:`ConfigError` also when that line is empty."""
+    lines = read_secret_text(path, key, file).splitlines()
+    value = lines[0].strip() if lines else ""
+    if not value:
+        raise ConfigError(key, file, f"secret file {path} is empty")
+    return value
 
-    The file must be a regular, non-empty file readable by this user and by
-    no group or other user (mode 0600 or stricter).  Raises
-    :class:`ConfigError` otherwise.
-    """
+
+def read_secret_text(path: str | os.PathLike, key: str, file: str | os.PathLike) -> str:
+    """The whole text (UTF-8, at most 64 kB) of the secret file ``path``,
+    named by setting ``key`` of configuration ``file``.
+
+    The file must be a regular file readable by this user and by no group or
+    other user (mode 0600 or stricter).  Raises :class:`ConfigError` naming the
+    file (never its content) otherwise."""
     p = Path(path)
     try:
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)      # a FIFO must not block the start
@@ -125,13 +135,9 @@ def read_secret(path: str | os.PathLike, key: str, file: str | os.PathLike) -> s
     finally:
         os.close(fd)
     try:
-        lines = raw.decode("utf-8").splitlines()
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(key, file, f"secret file {p} is not UTF-8 text") from None
-    value = lines[0].strip() if lines else ""
-    if not value:
-        raise ConfigError(key, file, f"secret file {p} is empty")
-    return value
 
 
 def positive(v) -> str | None:

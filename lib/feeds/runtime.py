@@ -77,3 +77,40 @@ def notify(*messages: str) -> None:
     for m in messages:
         n.notify(m)
 
+
+
+def write_atomically(path: str | os.PathLike, text: str, *, owner_of_dir: bool = False) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) so that a reader sees the old
+    or the new content, never a part: a temporary file (mode 0600) in the
+    same directory, fsync, rename, fsync of the directory.  With
+    ``owner_of_dir`` and when run as root the file is given to the owner of
+    its directory (a service user).  Raises OSError; the temporary file is
+    removed on failure."""
+    import tempfile
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        if owner_of_dir and os.geteuid() == 0:
+            st = p.parent.stat()
+            os.fchown(fd, st.st_uid, st.st_gid)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dfd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)

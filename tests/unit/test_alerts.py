@@ -358,13 +358,13 @@ def config_error(files, caplog):
 
 def test_missing_url_file(tmp_path, caplog):
     text, _ = config_error([tmp_path / "nope.url"], caplog)
-    assert f"{tmp_path / 'nope.url'}: not found" in text
+    assert f"secret file {tmp_path / 'nope.url'} not found" in text
 
 
 def test_group_readable_url_file(tmp_path, caplog):
     p = url_file(tmp_path, "hook.url", SECRET_URL + "\n", 0o644)
     text, logged = config_error([p], caplog)
-    assert str(p) in text and "0644" in text and "chmod 600" in text
+    assert str(p) in text and "readable by group/others" in text and "chmod 600" in text
     for part in ("T0KEN", "hooks.example.com", "s3cret"):
         assert part not in text and part not in logged
 
@@ -391,7 +391,7 @@ def test_url_apprise_refuses(tmp_path, caplog, bad):
 def test_empty_and_two_url_files(tmp_path, caplog):
     p = url_file(tmp_path, "empty.url", "# nothing yet\n\n")
     text, _ = config_error([p], caplog)
-    assert f"{p}: holds no apprise URL" in text
+    assert f"secret file {p} holds no apprise URL" in text
     p = url_file(tmp_path, "two.url", SECRET_URL + "\n" + SECRET_URL + "\n")
     text, _ = config_error([p], caplog)
     assert str(p) in text and "T0KEN" not in text
@@ -399,7 +399,7 @@ def test_empty_and_two_url_files(tmp_path, caplog):
 
 def test_directory_is_not_a_url_file(tmp_path, caplog):
     text, _ = config_error([tmp_path], caplog)
-    assert f"{tmp_path}: is a directory" in text
+    assert f"secret file {tmp_path} is a directory" in text
 
 
 def test_good_files_build_channels_named_by_path(tmp_path):

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime, time as dtime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
+
+from ..runtime import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -129,31 +130,7 @@ class TokenStore:
         (the service user).  Raises OSError."""
         d = self.path.parent
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=".token-", dir=d)
-        try:
-            os.fchmod(fd, 0o600)
-            if os.geteuid() == 0:
-                st = d.stat()
-                os.fchown(fd, st.st_uid, st.st_gid)
-            with os.fdopen(fd, "w") as f:
-                f.write(tok.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        try:
-            dfd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        write_atomically(self.path, tok.to_json(), owner_of_dir=True)
 
 
 def validate(tok: AccessToken, api_url: str, timeout: float = 10.0) -> dict:

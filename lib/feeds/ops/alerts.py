@@ -38,8 +38,6 @@ import json
 import logging
 import os
 import socket
-import stat
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, time, timezone
 from pathlib import Path
@@ -47,7 +45,8 @@ from typing import Iterable, Mapping
 from urllib.parse import parse_qsl, unquote, urlsplit
 from zoneinfo import ZoneInfo
 
-from ..config import ConfigError
+from ..config import ConfigError, read_secret_text
+from ..runtime import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -237,30 +236,7 @@ class AlertState:
         Raises OSError when the directory is not writable."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         doc = {"version": STATE_VERSION, "conditions": self.conditions}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=1, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        try:
-            dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            return
-        try:
-            os.fsync(dfd)
-        except OSError:
-            pass
-        finally:
-            os.close(dfd)
+        write_atomically(self.path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
     # the state machine
 
@@ -472,38 +448,12 @@ def _guard_apprise_logging() -> None:
 
 def _read_url_file(path: Path, config_file: str) -> str:
     key = "alerts.url_files"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise ConfigError(key, config_file, f"{path}: not found") from None
-    except PermissionError:
-        raise ConfigError(key, config_file, f"{path}: not readable by this user") from None
-    except OSError as e:
-        raise ConfigError(key, config_file, f"{path}: not readable ({e.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise ConfigError(key, config_file, f"{path}: is a directory, not a file")
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(key, config_file, f"{path}: is not a regular file")
-        if st.st_mode & 0o077:
-            raise ConfigError(key, config_file, f"{path}: mode {stat.S_IMODE(st.st_mode):04o} gives "
-                              "group/others access to the URL's credentials (chmod 600)")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            raw = f.read(65536)
-    except OSError as e:
-        raise ConfigError(key, config_file, f"{path}: not readable ({e.strerror})") from None
-    finally:
-        os.close(fd)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(key, config_file, f"{path}: not UTF-8 text") from None
+    text = read_secret_text(path, key, config_file)
     urls = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     if not urls:
-        raise ConfigError(key, config_file, f"{path}: holds no apprise URL")
+        raise ConfigError(key, config_file, f"secret file {path} holds no apprise URL")
     if len(urls) > 1:
-        raise ConfigError(key, config_file, f"{path}: holds {len(urls)} URLs; one channel a file")
+        raise ConfigError(key, config_file, f"secret file {path} holds {len(urls)} URLs; one channel a file")
     return urls[0]
 
 
