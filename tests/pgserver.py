@@ -32,7 +32,8 @@ def _bindir() -> Path:
     raise RuntimeError("PostgreSQL server binaries not found (set PG_BINDIR)")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free at the time of the call."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -41,7 +42,7 @@ def _free_port() -> int:
 class PgServer:
     def __init__(self):
         self.bindir = _bindir()
-        self.port = _free_port()
+        self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="feeds-pg-"))
         self.data = self.root / "data"
         self.sock = self.root / "sock"

@@ -7,7 +7,6 @@ import email.policy
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -15,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from aiosmtpd.controller import Controller
+from pgserver import free_port
 
 from feeds.ops.alerts import FIRING, RESOLVED, AlertState, Channels, test_message, unit_failure_alert
 
@@ -23,12 +23,6 @@ CONFIG = "/etc/feeds/alerts.toml"
 STALE = "stale:feed-binance.service"
 HOLDS = {STALE: ("feed-binance.service is stale", "no aggTrade for 300 s on btcusdt", "critical")}
 HOOK_PATH = "/hook/T0KEN-abcdef-s3cret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Mailbox:

@@ -7,9 +7,7 @@ runs as a child process with its secrets in 0600 files, as under systemd.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -20,6 +18,7 @@ import pytest
 import requests
 from kiteconnect import KiteConnect
 
+from collector_process import toml_value
 from conftest import ROOT
 from feeds.kite.token import TokenStore
 from feeds.sim.kite import KiteSimulator
@@ -32,16 +31,6 @@ CHROMIUM = "/usr/bin/chromium"
 def need_chromium():
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return json.dumps(v)
 
 
 class Setup:
@@ -67,8 +56,8 @@ class Setup:
         kite = {"api_key": sim.account.api_key, "api_url": base, "ticker_url": "ws" + base[4:] + "/",
                 "login_url": base, "token_file": str(self.token_file)}
         self.config = tmp / "kite.toml"
-        self.config.write_text("[kite]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in kite.items()) +
-                               "[kite.login]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in lg.items()))
+        self.config.write_text("[kite]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in kite.items()) +
+                               "[kite.login]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in lg.items()))
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         env = {**os.environ, "FEEDS_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1"}
