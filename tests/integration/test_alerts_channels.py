@@ -98,26 +98,24 @@ class WebhookReceiver:
         return f"json://127.0.0.1:{self.port}{HOOK_PATH}"
 
 
-@pytest.fixture
-def smtp():
-    r = SmtpReceiver()
-    r.start()
-    yield r
+def running(receiver):
+    """Start ``receiver``, hand it over, stop it (a test may have stopped it already)."""
+    receiver.start()
+    yield receiver
     try:
-        r.stop()
+        receiver.stop()
     except Exception:
         pass
+
+
+@pytest.fixture
+def smtp():
+    yield from running(SmtpReceiver())
 
 
 @pytest.fixture
 def hook():
-    r = WebhookReceiver()
-    r.start()
-    yield r
-    try:
-        r.stop()
-    except Exception:
-        pass
+    yield from running(WebhookReceiver())
 
 
 def url_file(tmp_path, name, url):

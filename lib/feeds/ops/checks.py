@@ -460,6 +460,13 @@ def _restarts_last_hour(unit: UnitFacts | None, samples: list, now: dt.datetime)
 # -- evaluation ----------------------------------------------------------------------------------
 
 
+
+def _listing(items: list, line: Callable[[Any], str], limit: int = 10) -> str:
+    """The first ``limit`` items, one indented line each, and how many more there are."""
+    text = "\n".join("  " + line(x) for x in items[:limit])
+    return text + (f"\n  ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
              calendars: Mapping[str, Any] | Callable[[str], Any] | None = None) -> Evaluation:
     """Which conditions hold at ``facts.now`` (see the module's table).
@@ -649,12 +656,11 @@ def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
         if not g.filled:
             open_gaps.setdefault((g.stream, g.symbol), []).append(g)
     for (stream, symbol), gs in sorted(open_gaps.items()):
-        lines = "\n".join(f"  {g.first} .. {g.last}" + (f" (found {_iso(g.detected_at)})" if g.detected_at else "")
-                          for g in gs[:10])
-        more = f"\n  ... and {len(gs) - 10} more" if len(gs) > 10 else ""
+        lines = _listing(gs, lambda g: f"{g.first} .. {g.last}"
+                         + (f" (found {_iso(g.detected_at)})" if g.detected_at else ""))
         out[f"gap:{stream}:{symbol}"] = (
             f"feeds: unfilled gap in {stream} {symbol}",
-            f"{len(gs)} gap(s) in {stream} for {symbol} are not filled:\n{lines}{more}\n"
+            f"{len(gs)} gap(s) in {stream} for {symbol} are not filled:\n{lines}\n"
             f"What to do:\n  feedctl status\n  journalctl -u feed-binance.service -e --grep gap",
             WARNING)
 
@@ -668,14 +674,13 @@ def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
         bad.setdefault(k.symbol, []).append(k)
     for symbol, ks in sorted(bad.items()):
         ks.sort(key=lambda k: k.open_time)
-        lines = "\n".join(f"  {_utc(k.open_time)}: {k.differs}"
-                          f"{' (not repaired)' if k.repaired is False else ' (not checked after fill)'}"
-                          f"{' - ' + k.note if k.note else ''}" for k in ks[:10])
-        more = f"\n  ... and {len(ks) - 10} more" if len(ks) > 10 else ""
+        lines = _listing(ks, lambda k: f"{_utc(k.open_time)}: {k.differs}"
+                         f"{' (not repaired)' if k.repaired is False else ' (not checked after fill)'}"
+                         f"{' - ' + k.note if k.note else ''}")
         out[f"kline:{symbol}"] = (
             f"feeds: kline check mismatches for {symbol}",
             f"{len(ks)} minute(s) of {symbol} disagree with Binance's klines after the gap fill:\n"
-            f"{lines}{more}\nWhat to do:\n  feedctl kline-check --symbol {symbol} --since "
+            f"{lines}\nWhat to do:\n  feedctl kline-check --symbol {symbol} --since "
             f"{ks[0].open_time.astimezone(UTC).date()}",
             WARNING)
 
@@ -708,11 +713,10 @@ def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
         errs.setdefault(e.symbol, []).append(e)
     for symbol, es in sorted(errs.items()):
         es.sort(key=lambda e: e.day)
-        lines = "\n".join(f"  {e.day}: {e.error or '(no error text)'}" for e in es[:10])
-        more = f"\n  ... and {len(es) - 10} more" if len(es) > 10 else ""
+        lines = _listing(es, lambda e: f"{e.day}: {e.error or '(no error text)'}")
         out[f"backfill-error:{symbol}"] = (
             f"feeds: IBKR backfill of {symbol} failed",
-            f"{len(es)} session(s) of {symbol} are in ERROR in ibkr_session_status:\n{lines}{more}\n"
+            f"{len(es)} session(s) of {symbol} are in ERROR in ibkr_session_status:\n{lines}\n"
             f"They are fetched again only on request.\nWhat to do:\n"
             f"  feed-backfill --status\n  feed-backfill --symbols {symbol} --retry-failed",
             WARNING)
