@@ -294,3 +294,19 @@ def test_watchdog_is_fed_only_while_ib_says_it_is_down():
     col._on_error(-1, 1102, "Connectivity between IB and Trader Workstation has been restored - data maintained.",
                   None)
     assert not col.waiting_for_ib() and not col._data_lost
+
+
+@pytest.mark.parametrize("code", [354, 10089, 10090, 10167, 10168, 10190, 10197, 200])
+def test_each_market_data_error_is_recorded_against_its_contract_while_the_others_go_on(code):
+    """IB's market-data errors on AAPL's request: a row with IB's code and text for AAPL; the
+    refusals end that request, 10090/10167 (part or all delayed) do not; SPX stays live."""
+    col, sink, health = collector()
+    for s in col.subs:
+        s.mkt_state = "live"
+    text = f"IB's text for {code}"
+    col._on_error(1, code, text, None)
+    rows = sink.rows["ibkr_live_error"]
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("AAPL", 265598, "mktData", code)]
+    assert text in rows[0]
+    assert col.by_symbol["AAPL"].mkt_state == ("refused" if code in L.REFUSING else "live")
+    assert col.by_symbol["SPX"].mkt_state == "live"
