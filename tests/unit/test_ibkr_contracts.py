@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from feeds.ibkr.contracts import ContractsError, load_contracts, parse_contracts
+from feeds.ibkr.contracts import ContractsError, fetchable, load_contracts, parse_contracts
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAD = ("symbol,secType,exchange,currency,primaryExchange,lastTradeDateOrContractMonth,strike,right,multiplier,"
@@ -106,3 +106,17 @@ def test_missing_file(tmp_path):
     with pytest.raises(ContractsError) as e:
         load_contracts(tmp_path / "nope.csv")
     assert e.value.line == 0 and "file not found" in str(e.value)
+
+
+def test_fetchable_keeps_stocks_and_indices_of_the_selection_and_names_the_rest(caplog):
+    rows = parse_contracts(HEAD + "SPY,STK,SMART,USD,ARCA,,,,,1\n"
+                                  "ES,FUT,CME,USD,,202712,,,50,1\n"
+                                  "SPX,IND,CBOE,USD,,,,,,0\n"
+                                  "AAPL,STK,SMART,USD,NASDAQ,,,,,0\n")
+    caplog.set_level("INFO", logger="feeds.ibkr.contracts")
+    assert [r.symbol for r in fetchable(rows)] == ["SPY", "SPX", "AAPL"]
+    assert "ES FUT (line 3) is validated but not collected" in caplog.text
+    caplog.clear()
+    assert [r.symbol for r in fetchable(rows, ["aapl", "es"], verb="fetched")] == ["AAPL"]
+    assert "ES FUT (line 3) is validated but not fetched" in caplog.text
+    assert [r.symbol for r in fetchable(rows, keep=lambda r: r.priority > 0)] == ["SPY"]

@@ -77,7 +77,7 @@ from ib_async.wrapper import RequestError
 
 from .bars import check_session
 from .connect import ConnectFailed, connect_ib
-from .contracts import ContractRow, request_details
+from .contracts import ContractRow, fetchable, request_details
 from .pacing import PacingLimiter, is_pacing_violation
 from .sessions import Session, SessionCalendar
 from .store import DONE_STATUSES, BackfillStore
@@ -330,19 +330,8 @@ class Backfill:
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
     def _selected(self, sel: Selection) -> list[ContractRow]:
-        want = {s.upper() for s in sel.symbols} if sel.symbols else None
-        out = []
-        for row in self.rows:
-            if want is not None and row.symbol not in want:
-                continue
-            if sel.priority_only and row.priority <= 0:
-                continue
-            if not row.fetched:
-                log.info("contract %s %s (line %d) is validated but not fetched: only STK and IND are",
-                         row.symbol, row.sec_type, row.line)
-                continue
-            out.append(row)
-        return out
+        return fetchable(self.rows, sel.symbols, verb="fetched",
+                         keep=(lambda r: r.priority > 0) if sel.priority_only else None)
 
     def _set_ready(self) -> None:
         if self._link_up and self._ib_ok:

@@ -32,13 +32,17 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from .sessions import UnknownCalendar, calendar_name_for
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ContractRow", "ContractsError", "load_contracts", "parse_contracts", "FETCHED_SEC_TYPES",
            "SEC_TYPES", "COLUMNS"]
@@ -108,6 +112,25 @@ class ContractRow:
             strike=float(self.strike) if self.strike else 0.0, right=self.right,
             multiplier=self.multiplier, exchange=self.exchange, primaryExchange=self.primary_exchange,
             currency=self.currency, localSymbol=self.local_symbol, tradingClass=self.trading_class)
+
+
+def fetchable(rows: Sequence[ContractRow], symbols: Iterable[str] | None = None, *,
+              keep: Callable[[ContractRow], bool] | None = None, verb: str = "collected") -> list[ContractRow]:
+    """The rows whose data IB serves (``fetched``: STK and IND), in file
+    order: only ``symbols`` when given (case-insensitive), only those
+    ``keep(row)`` accepts when given.  Every other row of the selection is
+    logged once as "validated but not <verb>"."""
+    want = {s.upper() for s in symbols} if symbols else None
+    out = []
+    for r in rows:
+        if (want is not None and r.symbol not in want) or (keep is not None and not keep(r)):
+            continue
+        if not r.fetched:
+            log.info("contract %s %s (line %d) is validated but not %s: only STK and IND are",
+                     r.symbol, r.sec_type, r.line, verb)
+            continue
+        out.append(r)
+    return out
 
 
 def load_contracts(path: str | os.PathLike) -> list[ContractRow]:

@@ -70,7 +70,7 @@ from ..settings import hhmm
 from ..sink import Sink, Table
 from . import live_rows as R
 from .connect import ConnectFailed, connect_ib
-from .contracts import ContractRow, request_details
+from .contracts import ContractRow, fetchable, request_details
 from .wire import (MARKET_DATA_TYPE, TICK_BY_TICK, TICK_PRICE, TICK_SIZE, TICK_STRING, keep_wire_text, req_id_of,
                    tap_messages)
 
@@ -193,16 +193,7 @@ def select_contracts(rows: Sequence[ContractRow], symbols: Sequence[str] | None,
         if s not in stocks:
             raise ConfigError("live.tick_by_tick", ls.file,
                               f"{s} is not a STK row of {ls.contracts_file} (tick-by-tick is for stocks)")
-    want = {s.upper() for s in symbols} if symbols else None
-    out = []
-    for r in rows:
-        if want is not None and r.symbol not in want:
-            continue
-        if not r.fetched:
-            log.info("contract %s %s (line %d) is validated but not collected: only STK and IND are",
-                     r.symbol, r.sec_type, r.line)
-            continue
-        out.append(r)
+    out = fetchable(rows, symbols, verb="collected")
     if not out:
         raise ConfigError("live.contracts_file", ls.file, f"no STK or IND contract to collect in {ls.contracts_file}")
     return out
