@@ -96,7 +96,8 @@ def pacing(scale: float, requests: int) -> dict:
         (tmp / "contracts.csv").write_text("symbol,secType,exchange,currency,primaryExchange\n" + "".join(
             f"{s},STK,SMART,USD,{p}\n" for s, p in SYMS.items()))
         (tmp / "ibkr.toml").write_text(f'[ibkr]\nport = {port}\ncontracts_file = "{tmp / "contracts.csv"}"\n'
-                                       f"[backfill]\npacing_scale = {scale}\nstatus_interval = 3600\n")
+                                       f"[backfill]\npacing_scale = {scale}\nstatus_interval = 3600\n"
+                                       '[metrics]\ntextfile_dir = ""\n')
         first, last = date_range_for(requests, len(SYMS))
         t0 = time.monotonic()
         r = subprocess.run([PY, str(ROOT / "bin" / "feed-backfill"), "--config", str(tmp / "ibkr.toml"),

@@ -88,29 +88,32 @@ class Config:
             raise ConfigError(key, self.file, "missing")
         return v
 
-    def secret(self, key: str) -> str:
+    def secret(self, key: str, *, shared: bool = False) -> str:
         """The secret in the file named by setting ``key`` (see :func:`read_secret`)."""
-        return read_secret(self.require(key), key, self.file)
+        return read_secret(self.require(key), key, self.file, shared=shared)
 
 
-def read_secret(path: str | os.PathLike, key: str, file: str | os.PathLike) -> str:
+def read_secret(path: str | os.PathLike, key: str, file: str | os.PathLike, *, shared: bool = False) -> str:
     """First line (stripped) of the secret file ``path``, named by setting
     ``key`` of configuration ``file`` (see :func:`read_secret_text`).  Raises
     :class:`ConfigError` also when that line is empty."""
-    lines = read_secret_text(path, key, file).splitlines()
+    lines = read_secret_text(path, key, file, shared=shared).splitlines()
     value = lines[0].strip() if lines else ""
     if not value:
         raise ConfigError(key, file, f"secret file {path} is empty")
     return value
 
 
-def read_secret_text(path: str | os.PathLike, key: str, file: str | os.PathLike) -> str:
+def read_secret_text(path: str | os.PathLike, key: str, file: str | os.PathLike, *,
+                     shared: bool = False) -> str:
     """The whole text (UTF-8, at most 64 kB) of the secret file ``path``,
     named by setting ``key`` of configuration ``file``.
 
     The file must be a regular file readable by this user and by no group or
-    other user (mode 0600 or stricter).  Raises :class:`ConfigError` naming the
-    file (never its content) otherwise."""
+    other user (mode 0600 or stricter); with ``shared`` (a secret a group
+    shares on purpose, e.g. the operators' database password) its group may
+    read it too (mode 0640), never write it.  Raises :class:`ConfigError`
+    naming the file (never its content) otherwise."""
     p = Path(path)
     try:
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)      # a FIFO must not block the start
@@ -126,8 +129,10 @@ def read_secret_text(path: str | os.PathLike, key: str, file: str | os.PathLike)
             raise ConfigError(key, file, f"secret file {p} is a directory, not a file")
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(key, file, f"secret file {p} is not a regular file")
-        if st.st_mode & 0o077:
-            raise ConfigError(key, file, f"secret file {p} is readable by group/others (chmod 600)")
+        if st.st_mode & (0o037 if shared else 0o077):
+            raise ConfigError(key, file, f"secret file {p} is readable by "
+                              + ("others or writable by its group (chmod 640)" if shared
+                                 else "group/others (chmod 600)"))
         with os.fdopen(os.dup(fd), "rb") as f:
             raw = f.read(65536)
     except OSError as e:

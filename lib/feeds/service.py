@@ -13,6 +13,9 @@ hands a collector to :class:`Service`, which owns everything around it:
   interval; every status interval the collector's ``figures()``, the
   status line (STATUS= and a ``status:`` journal line) and the collector's
   ``periodic()``; every heartbeat interval the ``feed_heartbeat`` row,
+* the reporters (:func:`reporters`): the Prometheus metrics endpoint
+  (:mod:`feeds.ops.metrics`) and the MQTT heartbeat (:mod:`feeds.ops.mqtt`),
+  started with the service, told every status interval, stopped last,
 * the clean stop: ``STOPPING=1``, the sink closed (every row committed or
   spooled), the final heartbeat row and the stop line
   (``stopped: all rows committed or spooled (12,345 committed, 0 spooled,
@@ -56,6 +59,42 @@ log = logging.getLogger("feeds")
 #: Sink constructor arguments taken from ``[sink]``.
 SINK_KEYS = ("flush_interval", "batch_rows", "max_pending", "statement_timeout", "lock_timeout",
              "spool_max_bytes")
+
+
+class Reporter(Protocol):
+    """Publishes the service's health elsewhere (metrics, MQTT).
+
+    ``start(service)`` is called once, before the collector is prepared
+    (read :attr:`Service.health`, :attr:`Service.sink` and, once set,
+    :attr:`Service.collector`); ``update()`` every status interval on the
+    event loop (it must not block); ``stop(rc)`` once at the end, after the
+    final heartbeat, with the exit status.  None of them may raise for a
+    reason outside the process (a port taken, a broker down): they log it,
+    and collecting goes on."""
+
+    def start(self, service: "Service") -> None: ...
+
+    def update(self) -> None: ...
+
+    def stop(self, rc: int) -> None: ...
+
+
+def reporters(cfg: Config, unit: str, *, port_offset: int = 0, serve_metrics: bool = True) -> list[Reporter]:
+    """The reporters the ``metrics.*`` and ``mqtt.*`` settings of ``cfg`` ask
+    for, for the program running as ``unit``: the metrics endpoint on
+    ``metrics.port + port_offset`` (when that port is not 0 and
+    ``serve_metrics``; a oneshot job writes a textfile instead, see
+    :func:`feeds.ops.metrics.write_textfile`) and the MQTT heartbeat (when
+    ``mqtt.host`` is set).  Raises ConfigError (e.g. a secret file of the
+    broker readable by others) before anything starts."""
+    out: list[Reporter] = []
+    if serve_metrics and cfg["metrics.port"]:
+        from .ops.metrics import MetricsEndpoint
+        out.append(MetricsEndpoint(unit, cfg["metrics.address"], cfg["metrics.port"] + port_offset))
+    if cfg["mqtt.host"]:
+        from .ops.mqtt import MqttHeartbeat
+        out.append(MqttHeartbeat.from_config(cfg, unit))
+    return out
 
 
 class Collector(Protocol):
@@ -134,14 +173,16 @@ class Service:
         heartbeat_interval: seconds between heartbeat rows.
         notifier: sd_notify sender (default: :func:`feeds.runtime.sd_notifier`).
         close_timeout: seconds the sink may take to flush at stop.
+        reporters: :class:`Reporter` objects (:func:`reporters`).
 
     :meth:`run` returns the exit status.
     """
 
     def __init__(self, unit: str, dsn: str, *, tables: Iterable[Table] = (), sink: dict | None = None,
                  status_interval: float = 10.0, heartbeat_interval: float = 10.0,
-                 notifier=None, close_timeout: float = 60.0):
+                 notifier=None, close_timeout: float = 60.0, reporters: Iterable[Reporter] = ()):
         self.unit, self.dsn = unit, dsn
+        self.reporters = list(reporters)
         self.tables = tuple(tables)
         self.sink_settings = dict(sink or {})
         self.status_interval = status_interval
@@ -181,6 +222,7 @@ class Service:
             if self.tables:
                 self.sink = self._make_sink()
                 self.health.attach(self.sink)
+            self._each_reporter("start", self)
             collector = prepare(self)
             if inspect.isawaitable(collector):
                 collector = await collector
@@ -233,6 +275,7 @@ class Service:
             if now >= next_status:
                 next_status = now + self.status_interval
                 self.report(collector)
+                self._each_reporter("update")
             if self.dsn and now >= next_hb and (self._hb is None or self._hb.done()):
                 next_hb = now + self.heartbeat_interval
                 self._figures(collector)
@@ -315,4 +358,12 @@ class Service:
             self._figures(self.collector)
         if self.dsn:
             await asyncio.to_thread(h.heartbeat, self.dsn)
+        await asyncio.to_thread(self._each_reporter, "stop", rc)
         return rc
+
+    def _each_reporter(self, what: str, *args) -> None:
+        for r in self.reporters:
+            try:
+                getattr(r, what)(*args)
+            except Exception:
+                log.exception("%s %s failed", type(r).__name__, what)

@@ -456,18 +456,72 @@ ALERTS = (
             "rate for that time of day alerts", within(0, 1)),
 )
 
-FEEDS_FILE = Schema("feeds.toml", "feed-migrate, feed-maintain, feedctl", DATABASE + RETENTION + MAINTAIN)
-BINANCE_FILE = Schema("binance.toml", "feed-binance", DATABASE + BINANCE + SINK,
-                      defaults={"sink.spool_dir": "/var/lib/feeds/binance"})
+def _address(v: str) -> str | None:
+    import ipaddress
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return f"not an IP address: {v!r}"
+    return None
+
+
+# Prometheus metrics of the long-running collectors, node_exporter textfiles of the oneshot jobs
+# (feeds.ops.metrics).  The port defaults differ per file (see the schemas below).
+TEXTFILE = (
+    Setting("metrics.textfile_dir", str, "/var/lib/prometheus/node-exporter", "directory where the "
+            "oneshot jobs write node_exporter textfiles (*.prom); empty: none"),
+)
+METRICS = (
+    Setting("metrics.port", int, 0, "TCP port of the Prometheus metrics endpoint; a sharded "
+            "feed-binance@K of N listens on port + K; 0: no endpoint", within(0, 65535)),
+    Setting("metrics.address", str, "127.0.0.1", "address the metrics endpoint listens on "
+            "(loopback: scraped from this machine only)", _address),
+) + TEXTFILE
+
+# MQTT heartbeat of the long-running collectors (feeds.ops.mqtt), off unless mqtt.host is set.
+MQTT = (
+    Setting("mqtt.host", str, "", "MQTT broker host of the heartbeat; empty: no MQTT heartbeat"),
+    Setting("mqtt.port", int, 1883, "broker port (8883 is usual with TLS)", within(1, 65535)),
+    Setting("mqtt.topic", str, "feeds/{host}/{unit}/status", "topic of the heartbeat; {host} and "
+            "{unit} are replaced by the host name and the systemd unit", _not_empty),
+    Setting("mqtt.interval", float, 30.0, "seconds between heartbeats", within(1, 3600, unit="s")),
+    Setting("mqtt.qos", int, 1, "MQTT QoS of the heartbeat and of the last will", within(0, 2)),
+    Setting("mqtt.keepalive", int, 60, "seconds of MQTT keep-alive; the broker publishes the last will "
+            "\"offline\" about 1.5 times this after the collector dies", within(5, 3600)),
+    Setting("mqtt.tls", bool, False, "connect with TLS"),
+    Setting("mqtt.ca_file", str, "", "CA certificates to verify the broker with; empty: the system's"),
+    Setting("mqtt.cert_file", str, "", "client certificate for mutual TLS; empty: none"),
+    Setting("mqtt.key_file", str, "", "client key for mutual TLS (a secret, mode 0600)"),
+    Setting("mqtt.username_file", str, "", "file holding the broker user name; empty: no login"),
+    Setting("mqtt.password_file", str, "", "file holding the broker password (a secret, mode 0600)"),
+)
+
+# The control API and status page (feed-api.service, feeds.ops.api).
+API = (
+    Setting("api.address", str, "127.0.0.1", "address feed-api listens on (loopback by default)",
+            _address),
+    Setting("api.port", int, 9800, "TCP port of feed-api", within(1, 65535)),
+    Setting("api.token_file", str, "/etc/feeds/secrets/feed-api.token", "file holding the bearer token "
+            "every request but GET /health must carry (a secret, mode 0600)"),
+)
+
+FEEDS_FILE = Schema("feeds.toml", "feed-migrate, feed-maintain", DATABASE + RETENTION + MAINTAIN + TEXTFILE)
+BINANCE_FILE = Schema("binance.toml", "feed-binance", DATABASE + BINANCE + SINK + METRICS + MQTT,
+                      defaults={"sink.spool_dir": "/var/lib/feeds/binance", "metrics.port": 9810})
 # A full-mode row takes about 1 kB: 50,000 pending rows keep the buffers near 100 MB.
-KITE_FILE = Schema("kite.toml", "feed-zerodha, feed-kite-token", DATABASE + KITE + SINK + CANDLES,
-                   defaults={"sink.spool_dir": "/var/lib/feeds/zerodha", "sink.max_pending": 50_000})
-IBKR_FILE = Schema("ibkr.toml", "feed-backfill, feed-ibkr", DATABASE + IBKR + IBKR_LIVE + SINK + CANDLES,
-                   defaults={"sink.spool_dir": "/var/lib/feeds/ibkr"})
+KITE_FILE = Schema("kite.toml", "feed-zerodha, feed-kite-token",
+                   DATABASE + KITE + SINK + CANDLES + METRICS + MQTT,
+                   defaults={"sink.spool_dir": "/var/lib/feeds/zerodha", "sink.max_pending": 50_000,
+                             "metrics.port": 9820})
+IBKR_FILE = Schema("ibkr.toml", "feed-backfill, feed-ibkr",
+                   DATABASE + IBKR + IBKR_LIVE + SINK + CANDLES + METRICS + MQTT,
+                   defaults={"sink.spool_dir": "/var/lib/feeds/ibkr", "metrics.port": 9830})
 
-ALERTS_FILE = Schema("alerts.toml", "feedctl check, feedctl alert, feed-alert@", DATABASE + ALERTS)
+# Operations: feedctl (as root or a member of the group feeds_ops), feed-check, feed-alert@ and
+# feed-api connect as the read-only role feeds_ops.
+OPS_FILE = Schema("ops.toml", "feedctl, feed-check, feed-alert@, feed-api", DATABASE + ALERTS + API)
 
-SCHEMAS = {s.name: s for s in (FEEDS_FILE, BINANCE_FILE, KITE_FILE, IBKR_FILE, ALERTS_FILE)}
+SCHEMAS = {s.name: s for s in (FEEDS_FILE, BINANCE_FILE, KITE_FILE, IBKR_FILE, OPS_FILE)}
 """Every kind of configuration file, by its installed name."""
 
 
@@ -609,12 +663,14 @@ def empty(path: str | os.PathLike, schema: Schema) -> Config:
     return check_document(Config({}, path), schema)
 
 
-def database_dsn(cfg: Config) -> str:
+def database_dsn(cfg: Config, *, shared_secret: bool = False) -> str:
     """The libpq connection string for a loaded configuration.
 
     ``FEEDS_DSN`` in the environment wins (tests and demos); else
     ``database.dsn`` of the file, or of ``feeds.toml`` beside it when the
-    file sets none; a ``database.password_file`` adds the password.
+    file sets none; a ``database.password_file`` adds the password (with
+    ``shared_secret`` the file may be readable by its group: ``ops.toml``'s
+    password of the operators' role, shared by the group feeds_ops).
     Raises :class:`ConfigError` (missing or malformed DSN, bad secret file).
     """
     env = os.environ.get("FEEDS_DSN")
@@ -632,5 +688,5 @@ def database_dsn(cfg: Config) -> str:
     dsn = cfg.require("database.dsn")
     if cfg["database.password_file"]:
         from psycopg.conninfo import make_conninfo
-        dsn = make_conninfo(dsn, password=cfg.secret("database.password_file"))
+        dsn = make_conninfo(dsn, password=cfg.secret("database.password_file", shared=shared_secret))
     return dsn

@@ -600,7 +600,7 @@ def cli_env(tmp_path, db, monkeypatch):
         cfg = tmp_path / "ibkr.toml"
         cfg.write_text(f'[ibkr]\nport = {sim.port}\ncontracts_file = "{tmp_path / "contracts.csv"}"\n'
                        f'connect_timeout = 5\n[backfill]\npacing_scale = 0.001\nstatus_interval = 1\n'
-                       f'reconnect_timeout = 5\n')
+                       f'reconnect_timeout = 5\n[metrics]\ntextfile_dir = ""\n')
         monkeypatch.setenv("FEEDS_DSN", db)
         yield cfg, sim
 
@@ -639,7 +639,7 @@ def test_cli_dry_run_status_and_test_connection(cli_env, db):
     from feeds.cli import feedctl
     r = CliRunner().invoke(feedctl, ["status", "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    row = next(x for x in json.loads(r.stdout) if x["unit"] == "feed-backfill.service")
+    row = next(x for x in json.loads(r.stdout)["units"] if x["unit"] == "feed-backfill.service")
     assert row["state"] == "stopped" and row["status"].startswith("summary: run 1 finished in "), row
     # a second feed-backfill while one runs: exit 75, and the running one's heartbeat row is left alone
     from feeds.ibkr.store import _LOCK_KEY

@@ -70,7 +70,8 @@ def start_backfill(cfg: Path, dsn: str, out: Path) -> subprocess.Popen:
 
 def write_config(path: Path, port: int, contracts: Path, scale: float) -> Path:
     path.write_text(f'[ibkr]\nport = {port}\ncontracts_file = "{contracts}"\nconnect_timeout = 5\n'
-                    f"[backfill]\npacing_scale = {scale}\nreconnect_timeout = 10\n")
+                    f"[backfill]\npacing_scale = {scale}\nreconnect_timeout = 10\n"
+                    '[metrics]\ntextfile_dir = ""\n')
     return path
 
 

@@ -57,7 +57,8 @@ class Setup:
                 "login_url": base, "token_file": str(self.token_file)}
         self.config = tmp / "kite.toml"
         self.config.write_text("[kite]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in kite.items()) +
-                               "[kite.login]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in lg.items()))
+                               "[kite.login]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in lg.items()) +
+                               '[metrics]\ntextfile_dir = ""\n')
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         env = {**os.environ, "FEEDS_LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1"}

@@ -45,12 +45,12 @@ def test_maintenance_creates_ahead_and_drops_past_retention(db):
 
 def test_feed_maintain_command_and_bad_retention(db, tmp_path):
     cfg = tmp_path / "feeds.toml"
-    cfg.write_text(f'[database]\ndsn = "{db}"\n[retention]\nbinance_agg_trade = 10\n')
+    cfg.write_text(f'[database]\ndsn = "{db}"\n[retention]\nbinance_agg_trade = 10\n[metrics]\ntextfile_dir = ""\n')
     p = subprocess.run([sys.executable, str(ROOT / "bin" / "feed-maintain"), "--config", str(cfg)],
                        capture_output=True, text=True, timeout=60, env={**os.environ, "FEEDS_DSN": ""})
     assert p.returncode == 0, p.stderr
     assert "binance_agg_trade:" in p.stderr
-    cfg.write_text(f'[database]\ndsn = "{db}"\n[retention]\nbinance_agg_trade = 0\n')
+    cfg.write_text(f'[database]\ndsn = "{db}"\n[retention]\nbinance_agg_trade = 0\n[metrics]\ntextfile_dir = ""\n')
     p = subprocess.run([sys.executable, str(ROOT / "bin" / "feed-maintain"), "--config", str(cfg)],
                        capture_output=True, text=True, timeout=60, env={**os.environ, "FEEDS_DSN": ""})
     assert p.returncode == 78 and "retention.binance_agg_trade" in p.stderr
@@ -63,7 +63,7 @@ def maintain_cmd(cfg):
 def test_retention_of_a_table_that_is_not_partitioned_is_a_configuration_error(db, tmp_path):
     cfg = tmp_path / "feeds.toml"
     for table in ("no_such_table", "feed_heartbeat"):
-        cfg.write_text(f'[database]\ndsn = "{db}"\n[retention]\nbinance_book_ticker = 3\n{table} = 10\n')
+        cfg.write_text(f'[database]\ndsn = "{db}"\n[retention]\nbinance_book_ticker = 3\n{table} = 10\n[metrics]\ntextfile_dir = ""\n')
         p = subprocess.run(maintain_cmd(cfg), capture_output=True, text=True, timeout=60,
                            env={**os.environ, "FEEDS_DSN": ""})
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
@@ -82,7 +82,7 @@ class Maintain:
         import threading
         cfg = tmp_path / "feeds.toml"
         cfg.write_text(f'[database]\ndsn = "{db}"\n[maintain]\nlock_timeout = 0.2\nattempts = {attempts}\n'
-                       f'retry_delay = 0.2\n')
+                       f'retry_delay = 0.2\n[metrics]\ntextfile_dir = ""\n')
         self.p = subprocess.Popen(maintain_cmd(cfg), stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, "FEEDS_DSN": ""})
         self.lines: list[str] = []

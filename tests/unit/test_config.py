@@ -65,6 +65,8 @@ user_id = "AB1234"
 api_secret_file = "{tmp}/api"
 password_file = "{tmp}/pw"
 totp_secret_file = "{tmp}/totp"
+[metrics]
+textfile_dir = ""
 """
 IBKR = '[ibkr]\nport = 1\ncontracts_file = "{tmp}/contracts.csv"\n'
 DB = '[database]\ndsn = "host=127.0.0.1 port=1 dbname=x"\n'
@@ -123,9 +125,12 @@ CASES = [
     ("unknown key", ["feed-migrate", "--config", "{tmp}/feeds.toml"],
      {"feeds.toml": '[database]\ndns = "dbname=x"\n'}, {},
      "database.dns", "{tmp}/feeds.toml", "did you mean 'database.dsn'?"),
-    ("malformed DSN", ["feedctl", "status", "--config", "{tmp}/feeds.toml"],
-     {"feeds.toml": '[database]\ndsn = "dbname"\n'}, {},
-     "database.dsn", "{tmp}/feeds.toml", "not a valid libpq connection string"),
+    ("malformed DSN", ["feedctl", "status", "--config", "{tmp}/ops.toml"],
+     {"ops.toml": '[database]\ndsn = "dbname"\n'}, {},
+     "database.dsn", "{tmp}/ops.toml", "not a valid libpq connection string"),
+    ("unknown key", ["feedctl", "--config", "{tmp}/ops.toml", "check"],
+     {"ops.toml": '[alerts]\nrate_dorp = 0.5\n'}, {"FEEDS_DSN": "dbname=x"},
+     "alerts.rate_dorp", "{tmp}/ops.toml", "did you mean 'alerts.rate_drop'?"),
 ]
 
 
@@ -158,3 +163,19 @@ def test_bad_configuration_of_every_program(secrets_dir, tmp_path, case, argv, f
     assert p.returncode == 78 and len(lines) == 1, out[-3000:]
     assert lines[0].startswith(f"configuration error in {file.format(**fill)}: key '{key}': "), lines[0]
     assert words.format(**fill) in lines[0]
+
+
+def test_a_shared_secret_may_be_read_by_its_group_but_never_by_others_or_written_by_the_group(tmp_path):
+    from feeds.config import ConfigError, read_secret
+    f = tmp_path / "feeds-ops.password"
+    f.write_text("s3cret\n")
+    f.chmod(0o640)
+    assert read_secret(f, "database.password_file", "ops.toml", shared=True) == "s3cret"
+    with pytest.raises(ConfigError) as e:
+        read_secret(f, "database.password_file", "ops.toml")
+    assert "chmod 600" in str(e.value) and "s3cret" not in str(e.value)
+    for mode in (0o644, 0o660, 0o604):
+        f.chmod(mode)
+        with pytest.raises(ConfigError) as e:
+            read_secret(f, "database.password_file", "ops.toml", shared=True)
+        assert "chmod 640" in str(e.value) and "database.password_file" in str(e.value)

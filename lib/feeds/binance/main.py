@@ -90,8 +90,9 @@ def main(config_path: str, shard: str | None, symbols: str | None, unit: str | N
                     else "feed-binance.service")
     log.info("feed-binance starting: config %s, rest %s, ws %s, shard %dof%d",
              config_path, settings.rest_url, settings.ws_url, *settings.shard)
+    reporters = service.reporters(cfg, unit, port_offset=settings.shard[0] if settings.shard != (1, 1) else 0)
     svc = service.Service(unit, dsn, tables=A.TABLES, sink=sk, status_interval=settings.status_interval,
-                          heartbeat_interval=settings.heartbeat_interval)
+                          heartbeat_interval=settings.heartbeat_interval, reporters=reporters)
 
     def prepare(svc: service.Service) -> BinanceCollector:
         return BinanceCollector(settings, svc.sink, svc.health, dsn=dsn)

@@ -203,7 +203,8 @@ def main(config_path, symbols, at, test_connection, timeout, unit, more_symbols)
              " ".join(r.symbol for r in contracts), ls.host, ls.port, ls.client_id, plan.reason,
              ls.market_data_type, ",".join(s for s in ls.tick_by_tick if s in {r.symbol for r in contracts}) or "none",
              ",".join(f"{m}m" for m in ls.intervals) if builders else "off")
-    svc = service.Service(unit, dsn, tables=L.TABLES, sink=sk, status_interval=ls.status_interval)
+    svc = service.Service(unit, dsn, tables=L.TABLES, sink=sk, status_interval=ls.status_interval,
+                          reporters=service.reporters(cfg, unit))
 
     async def prepare(svc: service.Service):
         if plan.start is not None and plan.start > dt.datetime.now(UTC):

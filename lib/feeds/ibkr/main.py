@@ -20,6 +20,13 @@ in the journal and ``STATUS=`` every ``status_interval``, a heartbeat row
 in ``feed_heartbeat`` (``feedctl status``; unit ``feed-backfill.service``
 or ``--unit``), SIGTERM and SIGINT end it cleanly with the summary written.
 
+At the end of a run (not of ``--dry-run``, ``--status`` or
+``--test-connection``; nor of a second feed-backfill refused by the lock)
+the node_exporter textfile ``<metrics.textfile_dir>/feeds_backfill.prom``
+is written: ``feeds_job_last_run_timestamp_seconds{job="backfill"}``, the
+last success, the duration, the exit code and the run's figures
+(:func:`run_metrics`; see :mod:`feeds.ops.metrics`).
+
 Exit status: 0 the run finished (sessions IB refused are ERROR rows and
 in the summary), 1 the run could not finish (no connection, database
 failure, sessions left PENDING after ``max_attempts``; at start, an
@@ -42,6 +49,7 @@ import psycopg
 
 from .. import service
 from ..config import EX_CONFIG, Config, ConfigError, exit_on_config_error
+from ..ops.metrics import job_values, write_textfile
 from ..settings import IBKR_FILE, database_dsn
 from .backfill import Backfill, BackfillFailed, Plan, Selection, Settings, fmt_duration
 from .contracts import ContractsError, load_contracts
@@ -270,14 +278,31 @@ def main(config_path, symbols, from_, to, date, dry_run, retry_failed, priority_
     sel = Selection(symbols=sym_list, first=first, last=last, retry_failed=retry_failed, priority_only=priority_only)
 
     try:
-        _act(settings, contracts, dsn, sel, status, test_connection, dry_run, config_path, contracts_path, unit)
+        _act(settings, contracts, dsn, sel, status, test_connection, dry_run, config_path, contracts_path, unit,
+             cfg["metrics.textfile_dir"])
     except psycopg.OperationalError as e:
         log.error("cannot connect to the database: %s", str(e).strip().splitlines()[0] if str(e).strip() else e)
         sys.exit(1)
 
 
+def run_metrics(job: BackfillJob | None, started: float, rc: int) -> dict[str, float]:
+    """The textfile values of one run (:func:`feeds.ops.metrics.job_values`):
+    the standard keys and, once the run has started, its figures
+    (``sessions_planned``, ``sessions_done``, ``sessions_failed`` (ERROR),
+    ``sessions_left_pending``, ``requests``, ``bars_stored``, ``ib_errors``,
+    ``pacing_violations``, ``reconnects``)."""
+    figures = {}
+    if job is not None:
+        sm = job.bf.summary
+        figures = {"sessions_planned": sm.planned, "sessions_done": sm.done,
+                   "sessions_failed": sm.statuses["ERROR"], "sessions_left_pending": sm.left_pending,
+                   "requests": sm.requests, "bars_stored": sm.bars, "ib_errors": sm.errors,
+                   "pacing_violations": job.bf.limiter.violations, "reconnects": sm.reconnects}
+    return job_values(started, rc, **figures)
+
+
 def _act(settings: Settings, contracts, dsn: str, sel: Selection, status: bool, test_connection: bool,
-         dry_run: bool, config_path: str, contracts_path: str, unit: str) -> None:
+         dry_run: bool, config_path: str, contracts_path: str, unit: str, textfile_dir: str = "") -> None:
     store = BackfillStore(dsn)
     if status:
         store.connect()
@@ -297,9 +322,16 @@ def _act(settings: Settings, contracts, dsn: str, sel: Selection, status: bool, 
     log.info("feed-backfill starting: config %s, contracts %s (%d rows), TWS %s:%d, pacing scale %g",
              config_path, contracts_path, len(contracts), settings.host, settings.port, settings.pacing_scale)
     args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    started = time.time()
+    jobs: list[BackfillJob] = []
     # The lock first (the run takes it again on the same session): a second feed-backfill
-    # must not touch the running one's heartbeat row.
-    if not store.connect().try_lock():
+    # must not touch the running one's heartbeat row (nor its textfile).
+    try:
+        locked = store.connect().try_lock()
+    except psycopg.OperationalError:
+        write_textfile(textfile_dir, "backfill", run_metrics(None, started, 1))
+        raise
+    if not locked:
         store.close()
         log.error("another feed-backfill is running (database advisory lock held)")
         sys.exit(EX_TEMPFAIL)
@@ -307,12 +339,17 @@ def _act(settings: Settings, contracts, dsn: str, sel: Selection, status: bool, 
 
     def prepare(svc: service.Service) -> BackfillJob:
         # STATUS= lines of the run (connecting, the summary) also go to the heartbeat row
-        return BackfillJob(Backfill(settings, contracts, store, limiter=limiter, notifier=svc.health), sel, args)
+        jobs.append(BackfillJob(Backfill(settings, contracts, store, limiter=limiter, notifier=svc.health),
+                                sel, args))
+        return jobs[-1]
+    rc = 1
     try:
         rc = svc.run(prepare)
     finally:
         store.close()
+        # the node_exporter textfile (metrics.textfile_dir): the run's outcome and figures
+        write_textfile(textfile_dir, "backfill", run_metrics(jobs[-1] if jobs else None, started, rc))
     sys.exit(rc)
 
 
-__all__ = ["main", "load_settings", "format_plan", "format_status", "BackfillJob", "ConfigError"]
+__all__ = ["main", "load_settings", "format_plan", "format_status", "BackfillJob", "run_metrics", "ConfigError"]

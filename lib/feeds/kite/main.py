@@ -18,7 +18,11 @@ nothing.
 ``feed-kite-token`` exit status: 0 when a valid token is stored (renewed,
 or still valid), 1 when the renewal failed (the reason is the last journal
 line), 78 on a configuration error.  ``--check`` only validates the stored
-token: 0 valid, 1 not.
+token: 0 valid, 1 not.  Each run but ``--check`` ends by writing the
+node_exporter textfile ``<metrics.textfile_dir>/feeds_kite_token.prom``
+(:mod:`feeds.ops.metrics`): ``feeds_job_last_exit_code{job="kite_token"}``,
+the last success, and ``feeds_job_token_expiry_timestamp_seconds``, the
+expiry of the stored token.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from datetime import date, datetime, time as dtime, timedelta, timezone
 import click
 
 from .. import service
-from ..config import Config, ConfigError, exit_on_config_error
+from ..config import EX_CONFIG, Config, ConfigError, exit_on_config_error
 from ..settings import KITE_FILE, database_dsn, hhmm
 from . import adapter as A
 from . import history as H
@@ -244,14 +248,15 @@ def history_job(kc: KiteConfig, dsn: str, access_token: str, candles, subs, open
 
 
 def _collect(kc: KiteConfig, sk: dict, dsn: str, plan_conns, access_token: str, run_plan, unit: str,
-             calendar: NseCalendar | None = None, since_ns: int | None = None) -> int:
+             calendar: NseCalendar | None = None, since_ns: int | None = None, reporters=()) -> int:
     """Run the collector through the runtime (waiting for the session first
     when started before it); returns the exit status."""
     cs = kc.candles
     tables = A.TABLES
     if cs.enabled:
         tables = tables + (CANDLE_TABLE,)
-    svc = service.Service(unit, dsn, tables=tables, sink=sk, status_interval=kc.status_interval)
+    svc = service.Service(unit, dsn, tables=tables, sink=sk, status_interval=kc.status_interval,
+                          reporters=reporters)
     since_ns = time.time_ns() if since_ns is None else since_ns
 
     async def prepare(svc: service.Service) -> KiteCollector | None:
@@ -306,6 +311,7 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
     kc = load_settings(cfg)
     sk = service.sink_settings(cfg)
     dsn = database_dsn(cfg)
+    reporters = service.reporters(cfg, unit)
     try:
         use_ist_localtime()
     except (WireVersionError, RuntimeError) as e:
@@ -366,7 +372,8 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
              "connection(s) of at most %d, ticker %s, %s; token %s", config_path, len(subs), source,
              modes["full"], modes["quote"], modes["ltp"], len(plan_conns), kc.max_instruments_per_connection,
              kc.ticker_url, run_plan.reason, tok.describe())
-    rc = _collect(kc, sk, dsn, plan_conns, tok.access_token, run_plan, unit, calendar, since_ns)
+    rc = _collect(kc, sk, dsn, plan_conns, tok.access_token, run_plan, unit, calendar, since_ns,
+                  reporters=reporters)
     if rc == RC_TOKEN:
         print("feed-zerodha: Kite refused the access token during the session; run feed-kite-token",
               file=sys.stderr, flush=True)
@@ -501,9 +508,45 @@ def token_main(config_path: str, check: bool, force: bool, no_browser: bool) -> 
     """Renew the Kite access token: log in (headless Chromium, or HTTP
     without a browser) with the user id, password and TOTP, exchange the
     request_token, validate and store the access token."""
-    from .login import CredentialsRejected, LoginError, renew
+    started = time.time()
     cfg = service.start(config_path, KITE_FILE)
     kc = load_settings(cfg)
+    if check:
+        _token_run(cfg, kc, check, force, no_browser)
+        return
+    rc = 1
+    try:
+        _token_run(cfg, kc, check, force, no_browser)
+        rc = 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        raise
+    except ConfigError:
+        rc = EX_CONFIG
+        raise
+    finally:
+        _token_textfile(cfg["metrics.textfile_dir"], TokenStore(kc.token_file), started, rc)
+
+
+def _token_textfile(directory: str, store: TokenStore, started: float, rc: int) -> None:
+    """The node_exporter textfile of a renewal run (``feeds_kite_token.prom``,
+    :func:`feeds.ops.metrics.write_textfile`): the standard keys and
+    ``token_expiry_timestamp_seconds``, the expiry of the token stored now
+    (whether renewed by this run or still valid; left out when none)."""
+    from ..ops.metrics import job_values, write_textfile
+    if not directory:
+        return
+    try:
+        expiry = store.load().expires_at.timestamp()
+    except TokenError:
+        expiry = None
+    write_textfile(directory, "kite_token", job_values(started, rc, token_expiry_timestamp_seconds=expiry))
+
+
+def _token_run(cfg: Config, kc: KiteConfig, check: bool, force: bool, no_browser: bool) -> None:
+    """The body of :func:`token_main`: returns when a valid token is
+    stored, else exits (``sys.exit``) with its status."""
+    from .login import CredentialsRejected, LoginError, renew
     # the credentials are checked first: a bad secret file stops the program whether or not a login is due
     login = None if check else load_login(cfg, kc, no_browser)
     store = TokenStore(kc.token_file)

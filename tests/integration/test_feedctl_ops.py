@@ -1,0 +1,304 @@
+"""feedctl check, status, gaps, report and alert --unit: the commands themselves, against a real
+PostgreSQL, real alert receivers (SMTP and a webhook on loopback) and a faked systemctl."""
+import datetime as dt
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from feeds import cli
+from feeds.db import connect
+from feeds.ops import gather as G
+from test_alerts_channels import SmtpReceiver, WebhookReceiver, running, url_file   # noqa: F401 (fixtures)
+
+UTC = dt.timezone.utc
+BIN, KITE = "feed-binance.service", "feed-zerodha.service"
+SUNDAY_0300 = dt.datetime(2026, 11, 29, 3, 0, tzinfo=UTC)           # Binance trades, NSE closed
+MONDAY_NSE_OPEN = dt.datetime(2026, 11, 30, 6, 0, tzinfo=UTC)        # 11:30 IST
+STATUS = "aggTrade 1,234/s max-age 0.1s; bookTicker 50/s max-age 0.2s; stored 10,000"
+
+
+@pytest.fixture
+def smtp():
+    yield from running(SmtpReceiver())
+
+
+@pytest.fixture
+def hook():
+    yield from running(WebhookReceiver())
+
+
+class FakeSystemd:
+    def __init__(self, units):
+        self.units = units              # {unit: (ActiveState, SubState, Result, NRestarts)}
+        self.journal = {}
+
+    def __call__(self, argv):
+        if argv[:2] == ["systemctl", "list-units"]:
+            return 0, "".join(f"{u} loaded {a} {s} x\n" for u, (a, s, _, _) in self.units.items())
+        if argv[:2] == ["systemctl", "list-unit-files"]:
+            return 0, "".join(f"{u} enabled enabled\n" for u in self.units)
+        if argv[:2] == ["systemctl", "show"]:
+            out = []
+            for u in argv[argv.index("--") + 1:]:
+                a, s, r, n = self.units.get(u, ("inactive", "dead", "success", 0))
+                out.append(f"Id={u}\nActiveState={a}\nSubState={s}\nResult={r}\nNRestarts={n}\nExecMainStatus=1\n")
+            return 0, "\n".join(out)
+        if argv[0] == "journalctl":
+            unit = argv[argv.index("-u") + 1]
+            lines = self.journal.get(unit, [])
+            if "-n" in argv:
+                lines = lines[-int(argv[argv.index("-n") + 1]):]
+            return 0, "".join(ln + "\n" for ln in lines)
+        return 1, ""
+
+
+@pytest.fixture
+def env(db, tmp_path, monkeypatch):
+    """FEEDS_DSN, a faked systemctl with feed-binance and feed-zerodha active, spools in tmp."""
+    monkeypatch.setenv("FEEDS_DSN", db)
+    sd = FakeSystemd({BIN: ("active", "running", "success", 0), KITE: ("active", "running", "success", 0)})
+    monkeypatch.setattr(cli, "RUNNER", sd)
+    monkeypatch.setattr(G, "SPOOL_ROOT", tmp_path / "spools")
+    monkeypatch.setattr(G, "KITE_CONFIG", tmp_path / "no-kite.toml")
+    (tmp_path / "spools" / "binance").mkdir(parents=True)
+    return sd
+
+
+def ops_toml(tmp_path, files=(), **alerts):
+    lines = ["[alerts]", f'url_files = [{", ".join(json.dumps(f) for f in files)}]',
+             f'state_file = "{tmp_path / "state" / "state.json"}"', "send_timeout = 5.0",
+             "disk_min_free = 0.0"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in alerts.items()]
+    p = tmp_path / "ops.toml"
+    p.write_text("\n".join(lines) + "\n")
+    return str(p)
+
+
+def beat(db, unit, updated_at, status=STATUS, state="running", messages=10_000):
+    detail = {"streams": 2, "messages": messages, "malformed": 0, "last_message_age": 0.2,
+              "tables": {"binance_agg_trade": {"stored": 9000, "duplicates": 0, "rejected": 0}},
+              "spooled_rows": 0, "replayed_rows": 0, "pending": 0}
+    with connect(db, application_name="test") as conn:
+        conn.execute("""INSERT INTO feed_heartbeat (unit, host, pid, started_at, updated_at, state, status, detail)
+                        VALUES (%s, 'box1', 42, %s, %s, %s, %s, %s)
+                        ON CONFLICT (unit) DO UPDATE SET updated_at = EXCLUDED.updated_at,
+                          state = EXCLUDED.state, status = EXCLUDED.status, detail = EXCLUDED.detail""",
+                     (unit, dt.datetime(2026, 11, 20, tzinfo=UTC), updated_at, state, status, json.dumps(detail)))
+
+
+def feedctl(*args):
+    return CliRunner().invoke(cli.feedctl, list(args), catch_exceptions=False)
+
+
+def test_check_alerts_once_per_start_and_once_per_clear(env, db, tmp_path, smtp, hook):
+    cfg = ops_toml(tmp_path, [url_file(tmp_path, "mail.url", smtp.url), url_file(tmp_path, "hook.url", hook.url)],
+                   health_threshold=0)
+    t = SUNDAY_0300
+    beat(db, BIN, t - dt.timedelta(seconds=300))                    # stale
+    beat(db, KITE, t - dt.timedelta(hours=30))                      # stale, but NSE is closed
+    r = feedctl("--config", cfg, "check", "--now", t.isoformat())
+    assert r.exit_code == 1, r.output
+    assert f"holds [critical] stale:{BIN}" in r.output and f"sent firing stale:{BIN}: accepted" in r.output
+    assert [s for s, _ in smtp.box.mails()] == [f"[critical] feeds: {BIN} heartbeat stale"]
+    assert [p["title"] for _, p in hook.posts] == [f"[critical] feeds: {BIN} heartbeat stale"]
+    assert "journalctl -u feed-binance.service -e" in smtp.box.mails()[0][1]
+
+    r = feedctl("--config", cfg, "check", "--now", (t + dt.timedelta(minutes=1)).isoformat())
+    assert r.exit_code == 1 and "sent " not in r.output, r.output               # still holds: nothing new
+    assert len(smtp.box.messages) == 1 and len(hook.posts) == 1
+
+    t2 = t + dt.timedelta(minutes=2)
+    beat(db, BIN, t2 - dt.timedelta(seconds=5))                                # fresh again
+    r = feedctl("--config", cfg, "check", "--now", t2.isoformat())
+    assert r.exit_code == 0, r.output
+    assert f"sent resolved stale:{BIN}: accepted" in r.output
+    assert [s for s, _ in smtp.box.mails()][1:] == [f"[resolved] feeds: {BIN} heartbeat stale"]
+    assert [p["title"] for _, p in hook.posts][1:] == [f"[resolved] feeds: {BIN} heartbeat stale"]
+    # nothing about Kite, stale all along outside NSE hours
+    assert not any(KITE in s for s, _ in smtp.box.mails())
+
+    beat(db, BIN, t2 + dt.timedelta(seconds=55))
+    r = feedctl("--config", cfg, "check", "--now", (t2 + dt.timedelta(minutes=1)).isoformat())
+    assert r.exit_code == 0 and len(smtp.box.messages) == 2 and len(hook.posts) == 2
+
+    # the memory beside the state: alerts sent, uptime samples
+    mem = json.loads((tmp_path / "state" / "check-memory.json").read_text())
+    assert [(a["key"], a["status"]) for a in mem["alerts"]] == [(f"stale:{BIN}", "firing"),
+                                                                 (f"stale:{BIN}", "resolved")]
+    assert mem["uptime"][BIN] == {"2026-11-29": [2, 4]}
+    assert KITE not in mem["uptime"]                                          # never expected on a Sunday
+
+
+def test_kite_stale_in_nse_hours_alerts(env, db, tmp_path, smtp, hook):
+    cfg = ops_toml(tmp_path, [url_file(tmp_path, "hook.url", hook.url)], health_threshold=0)
+    t = MONDAY_NSE_OPEN
+    beat(db, BIN, t - dt.timedelta(seconds=5))
+    beat(db, KITE, t - dt.timedelta(minutes=10), status="full 0/s (no data)")
+    r = feedctl("--config", cfg, "check", "--now", t.isoformat())
+    assert r.exit_code == 1, r.output
+    assert [p["title"] for _, p in hook.posts] == [f"[critical] feeds: {KITE} heartbeat stale"]
+
+
+def test_check_database_unreachable_exit_2(env, tmp_path, monkeypatch, hook):
+    from pgserver import free_port
+    monkeypatch.setenv("FEEDS_DSN", f"host=127.0.0.1 port={free_port()} dbname=none connect_timeout=2")
+    cfg = ops_toml(tmp_path, [url_file(tmp_path, "hook.url", hook.url)])
+    r = feedctl("--config", cfg, "check", "--now", SUNDAY_0300.isoformat())
+    assert r.exit_code == 2
+    assert [p["title"] for _, p in hook.posts] == ["[critical] feeds: database unreachable"]
+    r = feedctl("--config", cfg, "status")
+    assert r.exit_code == 2 and r.output.count("database unreachable") == 1
+
+
+def test_bad_config_exit_78(env, tmp_path):
+    p = tmp_path / "ops.toml"
+    p.write_text("[alerts]\nhealth_treshold = 10\n")
+    r = feedctl("--config", str(p), "check")
+    assert r.exit_code == 78 and "alerts.health_treshold" in r.output
+
+
+def test_status_text_and_json(env, db, tmp_path):
+    cfg = ops_toml(tmp_path)
+    now = dt.datetime.now(UTC)
+    beat(db, BIN, now - dt.timedelta(seconds=3))
+    beat(db, KITE, now - dt.timedelta(seconds=3), state="spooling", status="full 3/s max-age 0.5s; SPOOLING (db down)")
+    (tmp_path / "spools" / "binance" / "spool-000001.bin").write_bytes(b"x" * 2048)
+    r = feedctl("--config", cfg, "status", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    units = {u["unit"]: u for u in doc["units"]}
+    b = units[BIN]
+    assert b["systemd"] == "active/running" and b["state"] == "running" and not b["stale"]
+    assert isinstance(b["health"]["total"], int) and set(b["health"]["parts"]) == \
+        {"running", "compliance", "errors", "freshness", "performance"}
+    assert b["rates"] == {"aggTrade": 1234.0, "bookTicker": 50.0}
+    assert b["spool"]["bytes"] == 2048 and b["spool"]["files"] == 1
+    assert units[KITE]["last_error"] == "full 3/s max-age 0.5s; SPOOLING (db down)"
+    r = feedctl("--config", cfg, "status")
+    assert r.exit_code == 0
+    line = next(ln for ln in r.output.splitlines() if ln.startswith(BIN))
+    assert "active/running" in line and f"health {b['health']['total']:>3}" in line
+    assert "rates: aggTrade 1,234.0/s, bookTicker 50.0/s" in r.output and "spool: 1 file(s), 2.0 kB" in r.output
+    # a stale active unit: exit 1
+    beat(db, BIN, now - dt.timedelta(seconds=600))
+    r = feedctl("--config", cfg, "status", "--json")
+    assert r.exit_code == 1 and {u["unit"]: u for u in json.loads(r.output)["units"]}[BIN]["stale"]
+
+
+def seed_gaps(db, now):
+    with connect(db, application_name="test") as conn:
+        conn.execute("INSERT INTO binance_agg_gap (symbol, first_id, last_id, detected_at) VALUES "
+                     "('BTCUSDT', 100, 109, %s), ('ETHUSDT', 7, 8, %s)",
+                     (now - dt.timedelta(hours=2), now - dt.timedelta(hours=1)))
+        minute = now.replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=3)
+        for stage, rep in (("found", None), ("after_fill", False)):
+            conn.execute("""INSERT INTO binance_kline_check (symbol, open_time, checked_at, stage, kline_open,
+                              kline_high, kline_low, kline_close, kline_volume, kline_trades, agg_volume,
+                              agg_trades, differs, repaired, basis)
+                            VALUES ('BTCUSDT', %s, %s, %s, 1, 1, 1, 1, 2, 3, 1, 2, 'volume,trades', %s, 'stream')""",
+                         (minute, minute + dt.timedelta(minutes=2 if stage == "found" else 5), stage, rep))
+        conn.execute("""INSERT INTO ibkr_session_status (symbol, session_date, status, session_open, session_close,
+                          expected_bars, actual_bars, error) VALUES
+                          ('AAPL', %s, 'ERROR', %s, %s, 390, 0, '162 HMDS query returned no data'),
+                          ('MSFT', %s, 'COMPLETE', %s, %s, 390, 390, NULL)""",
+                     (now.date(), now, now, now.date(), now, now))
+        conn.cursor().executemany("""INSERT INTO binance_agg_trade (symbol, agg_id, price, qty, first_trade_id, last_trade_id,
+                              trade_time, is_buyer_maker, recv_time) VALUES ('BTCUSDT', %s, 1, 1, %s, %s, %s, true, %s)""",
+                         [(i, i, i, now - dt.timedelta(seconds=i), now) for i in range(1, 26)])
+
+
+def test_gaps_and_report_on_seeded_data(env, db, tmp_path):
+    cfg = ops_toml(tmp_path)
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    if now.hour < 4:
+        pytest.skip("seeded rows must lie within today (UTC)")
+    seed_gaps(db, now)
+    beat(db, BIN, now - dt.timedelta(seconds=5))
+    r = feedctl("--config", cfg, "check", "--now", now.isoformat())       # remembers the gaps it sees
+    assert r.exit_code == 1 and "holds [warning] gap:binance_agg_trade:BTCUSDT" in r.output, r.output
+    with connect(db, application_name="test") as conn:
+        conn.execute("DELETE FROM binance_agg_gap WHERE symbol = 'BTCUSDT'")    # the fill ended
+    beat(db, BIN, now + dt.timedelta(seconds=55))
+    r = feedctl("--config", cfg, "check", "--now", (now + dt.timedelta(minutes=1)).isoformat())
+    assert "gap:binance_agg_trade:BTCUSDT" not in r.output.split("sent")[0]
+
+    r = feedctl("--config", cfg, "gaps", "--json", "--since", "1d")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    got = {(e["stream"], e["symbol"], str(e["first"])): e for e in doc["entries"]}
+    assert got[("binance_agg_trade", "BTCUSDT", "100")]["state"] == "filled"
+    assert got[("binance_agg_trade", "BTCUSDT", "100")]["missing"] == 10
+    assert got[("binance_agg_trade", "ETHUSDT", "7")]["state"] == "not filled"
+    (k,) = [e for e in doc["entries"] if e["stream"] == "binance_kline"]
+    assert k["state"] == "not repaired" and "volume,trades" in k["detail"]
+    (ib,) = [e for e in doc["entries"] if e["stream"] == "ibkr_bar_1min"]
+    assert (ib["symbol"], ib["missing"], ib["state"]) == ("AAPL", 390, "not filled (ERROR)")
+    assert any("not a gap" in n for n in doc["notes"])
+    r = feedctl("--config", cfg, "gaps", "--stream", "binance_agg_trade", "--since", "1d")
+    assert r.exit_code == 0 and "binance_agg_trade" in r.output and "ibkr" not in r.output.split("note:")[0]
+    assert "filled" in r.output and "100 .. 109" in r.output
+
+    r = feedctl("--config", cfg, "report", "--daily", "--date", now.date().isoformat(), "--json", "--exact")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    feeds = {f["feed"]: f for f in rep["feeds"]}
+    b = feeds["feed-binance"]
+    assert b["rows"]["binance_agg_trade"] == 25 and b["rows"]["binance_book_ticker"] == 0
+    assert b["gaps"]["agg_trade_gaps_open"] == 1 and b["gaps"]["agg_trade_gaps_filled"] == 1
+    assert b["gaps"]["kline_minutes_not_repaired"] == 1
+    assert b["uptime"] == {"up_runs": 2, "expected_runs": 2, "percent": 100.0}
+    assert b["alerts"]["firing"] >= 2 and "gap:binance_agg_trade:BTCUSDT" in b["alerts"]["keys"]
+    assert b["health"]["units"][BIN]["runs"] == 2
+    bf = feeds["feed-backfill"]["gaps"]
+    assert (bf["sessions"], bf["sessions_ok"], bf["sessions_error"], bf["minutes_missing"]) == (2, 1, 1, 390)
+    r = feedctl("--config", cfg, "report", "--weekly", "--date", now.date().isoformat())
+    assert r.exit_code == 0 and "weekly report" in r.output and "rows stored: 25" in r.output.replace(",", "")
+
+
+def test_alert_unit_sends_journal_lines_and_what_to_do(env, tmp_path, smtp, hook):
+    env.units["feed-binance.service"] = ("failed", "failed", "start-limit-hit", 5)
+    env.journal[BIN] = [f"2026-12-01T04:00:{i:02d}+0000 box1 feed-binance[7]: line {i}" for i in range(50)]
+    cfg = ops_toml(tmp_path, [url_file(tmp_path, "mail.url", smtp.url), url_file(tmp_path, "hook.url", hook.url)],
+                   journal_lines=20)
+    r = feedctl("--config", cfg, "alert", "--unit", BIN)
+    assert r.exit_code == 0, r.output
+    ((subject, body),) = smtp.box.mails()
+    assert BIN in subject
+    assert "line 49" in body and "line 30" in body and "line 29" not in body
+    assert f"systemctl reset-failed {BIN}" in body and f"systemctl status {BIN}" in body
+    assert hook.posts[0][1]["type"] == "failure"
+    hook.stop()
+    smtp.stop()
+    r = feedctl("--config", cfg, "alert", "--unit", BIN)
+    assert r.exit_code == 1
+    r = feedctl("--config", cfg, "alert")
+    assert r.exit_code == 2 and "--test or --unit" in r.output
+
+
+def test_maintain_writes_its_textfile_only_where_the_file_says(db, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEEDS_DSN", db)
+    cfg = tmp_path / "feeds.toml"
+    cfg.write_text(f'[metrics]\ntextfile_dir = "{tmp_path / "absent"}"\n')
+    r = CliRunner().invoke(cli.maintain, ["--config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "absent").exists()
+    cfg.write_text('[metrics]\ntextfile_dir = ""\n')
+    r = CliRunner().invoke(cli.maintain, ["--config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    assert list(tmp_path.glob("**/*.prom")) == []
+
+
+def test_maintain_textfile_parses(db, tmp_path, monkeypatch):
+    from prometheus_client.parser import text_string_to_metric_families
+    monkeypatch.setenv("FEEDS_DSN", db)
+    cfg = tmp_path / "feeds.toml"
+    cfg.write_text(f'[metrics]\ntextfile_dir = "{tmp_path}"\n')
+    r = CliRunner().invoke(cli.maintain, ["--config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    samples = {s.name: s for fam in text_string_to_metric_families((tmp_path / "feeds_maintain.prom").read_text())
+               for s in fam.samples}
+    assert samples["feeds_job_last_exit_code"].value == 0
+    assert samples["feeds_job_last_exit_code"].labels == {"job": "maintain"}
+    assert samples["feeds_job_tables_failed"].value == 0
+    assert "feeds_job_last_success_timestamp_seconds" in samples
