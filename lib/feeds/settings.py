@@ -487,7 +487,7 @@ MQTT = (
     Setting("mqtt.interval", float, 30.0, "seconds between heartbeats", within(1, 3600, unit="s")),
     Setting("mqtt.qos", int, 1, "MQTT QoS of the heartbeat and of the last will", within(0, 2)),
     Setting("mqtt.keepalive", int, 60, "seconds of MQTT keep-alive; the broker publishes the last will "
-            "\"offline\" about 1.5 times this after the collector dies", within(5, 3600)),
+            "(state \"offline\") about 1.5 times this after the collector dies", within(5, 3600)),
     Setting("mqtt.tls", bool, False, "connect with TLS"),
     Setting("mqtt.ca_file", str, "", "CA certificates to verify the broker with; empty: the system's"),
     Setting("mqtt.cert_file", str, "", "client certificate for mutual TLS; empty: none"),
