@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -29,6 +30,17 @@ from .runtime import sd_notifier
 from .sink import Sink, Table
 
 log = logging.getLogger(__name__)
+
+
+#: One "<kind> <rate>/s" item of a status line (:meth:`Health.status_line`).
+_STATUS_RATE = re.compile(r"(?:^|; )([A-Za-z][\w@.\-]*) ([\d,]+(?:\.\d+)?)/s")
+
+
+def status_rates(line: str) -> dict[str, float]:
+    """``{stream kind: messages/s}`` read back from a status line written by
+    :meth:`Health.status_line` (``aggTrade 1,234/s max-age 0.1s; bookTicker
+    0/s (no data); stored ...``); ``{}`` for a line without rates."""
+    return {m.group(1): float(m.group(2).replace(",", "")) for m in _STATUS_RATE.finditer(line or "")}
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from feeds.health import status_rates
 from feeds.ops import api, page, systemd_bus
 from feeds.ops.systemd_bus import AccessDenied, BusError, NoSuchUnit, SystemdManager
 
@@ -112,10 +113,10 @@ def test_schema_for_demo_files():
 # -- status ----------------------------------------------------------------------------------------
 
 def test_stream_rates_from_status_lines():
-    assert api.stream_rates("aggTrade 1,234/s max-age 0.2s; bookTicker 0/s (no data); stored 5,000; "
+    assert status_rates("aggTrade 1,234/s max-age 0.2s; bookTicker 0/s (no data); stored 5,000; "
                             "lag p50 3ms p99 9ms; reconnects 2") == {"aggTrade": 1234.0, "bookTicker": 0.0}
-    assert api.stream_rates("") == {}
-    assert api.stream_rates("starting") == {}
+    assert status_rates("") == {}
+    assert status_rates("starting") == {}
 
 
 def test_venue_of_unit():
@@ -148,7 +149,7 @@ def _unit(name, status="aggTrade 5/s max-age 0.1s", total=97):
             "heartbeat": {"age_s": 3.0, "state": "running", "status": status, "host": "h", "pid": 1,
                           "started_at": None, "updated_at": None},
             "health": {"total": total, "parts": {"running": 30}, "reasons": ["lag"]},
-            "rates": api.stream_rates(status), "stored": {}, "spooled_rows": 0, "pending": 0,
+            "rates": status_rates(status), "stored": {}, "spooled_rows": 0, "pending": 0,
             "last_message_age_s": 1.0}
 
 

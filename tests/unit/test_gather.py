@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from feeds.db import connect
+from feeds.health import status_rates
 from feeds.ops import gather as G
 from feeds.ops.checks import Gap, UnitFacts
 
@@ -197,9 +198,9 @@ def test_spool_dirs_of_units():
 
 
 def test_status_line_rates():
-    assert G.status_rates(STATUS) == {"aggTrade": 1234.0, "bookTicker": 50.0}
-    assert G.status_rates("full 12/s max-age 0.4s; ltp 0/s (no data); stored 5") == {"full": 12.0, "ltp": 0.0}
-    assert G.status_rates("") == {}
+    assert status_rates(STATUS) == {"aggTrade": 1234.0, "bookTicker": 50.0}
+    assert status_rates("full 12/s max-age 0.4s; ltp 0/s (no data); stored 5") == {"full": 12.0, "ltp": 0.0}
+    assert status_rates("") == {}
 
 
 def test_usual_rates_are_learnt_per_hour_of_the_week(tmp_path):

@@ -61,6 +61,7 @@ from typing import Any, Mapping
 from aiohttp import web
 
 from ..config import Config, ConfigError
+from ..health import status_rates
 from . import checks
 from .systemd_bus import ACTIVE_STATES, AccessDenied, BusError, Manager, NoSuchUnit, UnitState
 
@@ -89,9 +90,6 @@ CHART_TABLES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
 }
 #: Bytes of a table's last two days of partitions up to which rows are counted exactly.
 CHART_EXACT_BYTES = 16 << 20
-
-_STATUS_RATE = re.compile(r"(?:^|; )([A-Za-z0-9_.@-]+) ([0-9][0-9,]*(?:\.[0-9]+)?)/s")
-
 
 APP_KEY: web.AppKey["App"] = web.AppKey("feeds", "App")
 """Where :func:`create_app` keeps its :class:`App` (``app[APP_KEY]``)."""
@@ -246,18 +244,6 @@ def effective_config(directory: str | os.PathLike) -> dict:
 
 
 # -- status -----------------------------------------------------------------------------------------
-
-def stream_rates(status_line: str) -> dict[str, float]:
-    """``{stream kind: messages/s}`` from a STATUS= line
-    (``aggTrade 1,234/s max-age 0.2s; bookTicker 0/s (no data); stored ...``)."""
-    out = {}
-    for kind, num in _STATUS_RATE.findall(status_line or ""):
-        try:
-            out[kind] = float(num.replace(",", ""))
-        except ValueError:
-            continue
-    return out
-
 
 def venue_of_unit(unit: str) -> str | None:
     """The :data:`CHART_TABLES` venue of ``unit`` (``feed-binance@2of2.service`` -> ``binance``)."""
@@ -459,7 +445,7 @@ class App:
                 item["heartbeat"] = {"age_s": round(age, 1), "state": hb.state, "status": hb.status,
                                      "host": host, "pid": pid, "started_at": _iso(hb.started_at),
                                      "updated_at": _iso(hb.updated_at)}
-                item["rates"] = stream_rates(hb.status)
+                item["rates"] = status_rates(hb.status)
                 tables = d.get("tables") if isinstance(d.get("tables"), Mapping) else {}
                 item["stored"] = {t: int(v.get("stored", 0)) for t, v in tables.items()
                                   if isinstance(v, Mapping) and isinstance(v.get("stored"), int)}

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from ..health import status_rates
 from ..runtime import write_atomically
 from . import checks
 from .checks import (BackfillError, Disk, Facts, Gap, Heartbeat, KlineMismatch, Spool, TokenFacts,
@@ -505,14 +506,6 @@ def gather_disks(paths: Iterable[str | os.PathLike], notes: list[str]) -> list[D
         if v.f_blocks:
             out.append(Disk(p, v.f_bavail / v.f_blocks))
     return out
-
-
-_RATE = re.compile(r"(?:^|; )([A-Za-z][\w@.\-]*) ([\d,]+(?:\.\d+)?)/s")
-
-
-def status_rates(status: str) -> dict[str, float]:
-    """``{kind: msg/s}`` from a STATUS line (``aggTrade 1,234/s max-age 0.1s; ...``)."""
-    return {m.group(1): float(m.group(2).replace(",", "")) for m in _RATE.finditer(status or "")}
 
 
 def _all_rate(hb: Heartbeat, prev: Mapping | None) -> float | None:
