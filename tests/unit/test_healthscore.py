@@ -254,3 +254,40 @@ def test_correctly_stopped_outside_session_is_100(m):
 def test_worse_counts_never_score_higher(m):
     worse = replace(m, errors=m.errors + 1, restarts_last_hour=m.restarts_last_hour + 1)
     assert score(worse).total <= score(m).total
+
+
+def _process(state="running", messages=1000, malformed=0, rejected=0, spooled=0, spooling=False, figures=None,
+             age=0.5):
+    from types import SimpleNamespace
+    from feeds.health import LagHistogram, StreamHealth
+    h = SimpleNamespace(state=state, malformed=malformed, figures=dict(figures or {}), flow_timeout=20.0,
+                        streams={"btcusdt@aggTrade": StreamHealth(count=messages)},
+                        lag_total=LagHistogram(), last_message_age=lambda: age)
+    sink = SimpleNamespace(pending=0, spooling=spooling,
+                           stats=SimpleNamespace(tables={"t": SimpleNamespace(rejected=rejected)},
+                                                 spooled_rows=spooled))
+    return h, sink
+
+
+def test_a_collector_scores_itself_over_its_lifetime_or_over_a_window():
+    from feeds.ops.healthscore import process_score
+    h, sink = _process(messages=1000, malformed=20, figures={"reconnects": 5, "gaps": 9})
+    s, first = process_score(h, sink)
+    assert (first.messages, first.malformed, first.errors) == (1000, 20, 5)     # gaps are not errors
+    assert s.errors < 25 and any("error ratio" in r for r in s.reasons)
+    # the next window: 1,000 more messages, nothing bad -> full errors part, and a rate
+    h.streams["btcusdt@aggTrade"].count = 2000
+    s2, second = process_score(h, sink, first)
+    assert s2.errors == 25 and second.messages == 2000
+
+
+def test_a_collector_waiting_for_its_session_is_not_judged_on_freshness_and_spooling_counts_only_while_it_lasts():
+    from feeds.ops.healthscore import process_score
+    h, sink = _process(state="waiting", messages=0, age=None)
+    s, _ = process_score(h, sink)
+    assert s.total == 100
+    h, sink = _process(spooled=500, spooling=False)
+    assert process_score(h, sink)[0].performance == 10
+    h, sink = _process(spooled=500, spooling=True)
+    s, _ = process_score(h, sink)
+    assert s.performance == 5 and any("spooling" in r for r in s.reasons)

@@ -377,8 +377,7 @@ def _utc(t: dt.datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-#: Collector figures counted as venue errors by the health score.
-ERROR_FIGURES = ("ib errors", "reconnects")
+ERROR_FIGURES = healthscore.ERROR_FIGURES
 
 
 def _counters(hb: Heartbeat) -> dict:

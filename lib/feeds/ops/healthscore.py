@@ -26,6 +26,7 @@ calls :func:`score`; ``feedctl status``, the page and the API show
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 #: Maximum points of each part, in display order.
@@ -242,3 +243,71 @@ def score(m: Measures, p: Params = DEFAULT_PARAMS) -> Score:
 def alerting(s: Score, threshold: int) -> bool:
     """True when the score is under the configured alert ``threshold`` (0-100)."""
     return s.total < threshold
+
+
+# -- a collector's own view --------------------------------------------------------------------------
+
+#: Collector figures counted as venue errors (IB's error messages, reconnections).
+ERROR_FIGURES = ("ib errors", "reconnects")
+
+#: Health states of a process that collects (the venue's session is open for it).
+COLLECTING = ("running", "degraded", "spooling")
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Cumulative counters of one collector process at ``at``
+    (``time.monotonic()`` seconds): ``messages``, ``malformed``,
+    ``rejected`` rows, ``spooled`` rows and venue ``errors``
+    (:data:`ERROR_FIGURES`)."""
+    at: float
+    messages: int = 0
+    malformed: int = 0
+    rejected: int = 0
+    spooled: int = 0
+    errors: int = 0
+
+
+def process_counters(health, sink=None) -> Counters:
+    """The :class:`Counters` of a running process now, from its
+    :class:`feeds.health.Health` and :class:`feeds.sink.Sink` (or None).
+    Safe from any thread (it reads copies)."""
+    figures = dict(health.figures)
+    rejected = spooled = 0
+    if sink is not None:
+        rejected = sum(t.rejected for t in list(sink.stats.tables.values()))
+        spooled = sink.stats.spooled_rows
+    return Counters(at=time.monotonic(), messages=sum(s.count for s in list(health.streams.values())),
+                    malformed=health.malformed, rejected=rejected, spooled=spooled,
+                    errors=int(sum(v for k, v in figures.items() if k in ERROR_FIGURES
+                                   and isinstance(v, (int, float)))))
+
+
+def process_score(health, sink=None, since: Counters | None = None, *,
+                  heartbeat_interval_s: float = 10.0) -> tuple[Score, Counters]:
+    """The score a running collector gives itself, and the counters it was
+    computed from (pass them back as ``since`` to score the next window).
+
+    The process's own view: the unit is active and expected to run (it
+    runs), in session while its health state is one of :data:`COLLECTING`,
+    with no restart known and a fresh heartbeat (it answers itself); the
+    counts are those since ``since`` (None: since the process started);
+    spooled rows count only while the sink is spooling; the freshness bound
+    is the watchdog's ``flow_timeout``.  ``feedctl check`` scores the same
+    feed from outside (systemd, heartbeat rows, calendars)."""
+    now = process_counters(health, sink)
+    base = since or Counters(at=now.at)
+    spooling = sink is not None and bool(sink.spooling)
+    span = now.at - base.at
+    m = Measures(
+        unit_active=True, expected_running=True, in_session=health.state in COLLECTING,
+        heartbeat_age_s=0.0, heartbeat_interval_s=heartbeat_interval_s,
+        messages=max(0, now.messages - base.messages), malformed=max(0, now.malformed - base.malformed),
+        rejected_rows=max(0, now.rejected - base.rejected),
+        spooled_rows=max(0, now.spooled - base.spooled) if spooling else 0,
+        pending=int(sink.pending) if sink is not None else 0,
+        errors=max(0, now.errors - base.errors),
+        last_message_age_s=health.last_message_age(), expected_max_age_s=health.flow_timeout,
+        lag_p99_ms=health.lag_total.percentile(99),
+        rate=(now.messages - base.messages) / span if since is not None and span > 0 else None)
+    return score(m), now

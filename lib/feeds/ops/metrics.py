@@ -95,7 +95,6 @@ from prometheus_client.utils import floatToGoString
 
 from ..health import LagHistogram
 from . import healthscore
-from .checks import ERROR_FIGURES          # the figures the health score counts as venue errors
 
 if TYPE_CHECKING:
     from ..service import Service
@@ -236,10 +235,8 @@ class FeedCollector:
         # streams, in one pass, per kind
         now = time.monotonic()
         kinds: dict[str, list] = {}       # kind -> [streams, messages, max age or None]
-        messages = 0
         for name, st in list(h.streams.items()):
             count, last = st.count, st.last
-            messages += count
             kind = self._kind(collector, name)
             if kind is None:
                 continue
@@ -275,9 +272,6 @@ class FeedCollector:
         yield c
 
         # the sink
-        rejected = 0
-        spooled_now = 0
-        pending = 0
         if sink is not None:
             st = sink.stats
             tables = list(st.tables.items())
@@ -289,11 +283,9 @@ class FeedCollector:
                 fams["stored"].add_metric([unit, name], ts.stored)
                 fams["duplicate"].add_metric([unit, name], ts.duplicates)
                 fams["rejected"].add_metric([unit, name], ts.rejected)
-                rejected += ts.rejected
             yield from fams.values()
             pending = int(sink.pending)
             spooling = bool(sink.spooling)
-            spooled_now = st.spooled_rows if spooling else 0
             for name, kind, help_, v in (
                     ("rows_spooled", "c", "Rows written to the disk spool.", st.spooled_rows),
                     ("rows_replayed", "c", "Rows read back from the spool and stored.", st.replayed_rows),
@@ -336,15 +328,8 @@ class FeedCollector:
         yield g
 
         # health score
-        fig = dict(figures)
-        m = healthscore.Measures(
-            unit_active=True, expected_running=True, in_session=state not in ("waiting",),
-            restarts_last_hour=0, heartbeat_age_s=0.0,
-            heartbeat_interval_s=float(getattr(svc, "heartbeat_interval", 10.0) or 10.0),
-            messages=messages, malformed=h.malformed, rejected_rows=rejected, spooled_rows=spooled_now,
-            pending=pending, errors=int(sum(fig.get(k, 0) for k in ERROR_FIGURES)),
-            last_message_age_s=h.last_message_age(), lag_p99_ms=p99)
-        sc = healthscore.score(m)
+        sc, _ = healthscore.process_score(h, sink, heartbeat_interval_s=float(
+            getattr(svc, "heartbeat_interval", 10.0) or 10.0))
         g = GaugeMetricFamily(PREFIX + "health_score", "Health score 0-100 (feeds.ops.healthscore), from the "
                               "process's lifetime counters.", labels=["unit"])
         g.add_metric(U, sc.total)

@@ -82,9 +82,6 @@ RECONNECT_MIN, RECONNECT_MAX = 1, 60
 CONNECT_TIMEOUT = 5.0
 
 #: States of a healthy running collector: data is expected to flow (for the score's freshness).
-_COLLECTING = ("running", "degraded", "spooling")
-
-
 def _iso(t: datetime) -> str:
     return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -163,7 +160,7 @@ class MqttHeartbeat:
         self._wake = threading.Event()
         self._halt = False
         self._timer: threading.Thread | None = None
-        self._window = (time.monotonic(), 0, 0, 0, 0)     # start of the score's window and its counts
+        self._window: healthscore.Counters | None = None   # counters at the start of the score's window
         self._ever_connected = False
         self.published = 0             # status messages handed to the client
 
@@ -241,29 +238,17 @@ class MqttHeartbeat:
                        replayed_rows=sink.stats.replayed_rows, spool_bytes=sink.spool.bytes)
         if h is not None:
             out["figures"] = dict(h.figures)
-            out["score"] = self._score(h, out)
+            out["score"] = self._score(h, sink)
         out.update(interval=self.interval, started_at=_iso(self.started_at), time=_iso(now))
         return out
 
-    def _score(self, h, out: dict) -> dict | None:
-        """The health score over the window since the last call (the
-        process's own view: active, expected to run, no restarts known)."""
+    def _score(self, h, sink) -> dict | None:
+        """The health score over the window since the last call
+        (:func:`feeds.ops.healthscore.process_score`)."""
         try:
-            now = time.monotonic()
-            rejected = sum(t["rejected"] for t in out.get("tables", {}).values())
-            cur = (now, out["messages"], out["malformed"], rejected, out.get("spooled_rows", 0))
-            prev, self._window = self._window, cur
-            d = [max(0, c - p) for c, p in zip(cur[1:], prev[1:])]
-            dt = cur[0] - prev[0]
-            p99 = h.lag_total.percentile(99)
-            m = healthscore.Measures(
-                unit_active=True, expected_running=True, in_session=h.state in _COLLECTING,
-                heartbeat_age_s=0.0, heartbeat_interval_s=self.interval,
-                messages=d[0], malformed=d[1], rejected_rows=d[2], spooled_rows=d[3],
-                pending=out.get("pending", 0), last_message_age_s=out["last_message_age"],
-                expected_max_age_s=h.flow_timeout, lag_p99_ms=p99,
-                rate=d[0] / dt if dt > 0 else None)
-            return healthscore.score(m).as_dict()
+            sc, self._window = healthscore.process_score(h, sink, self._window,
+                                                         heartbeat_interval_s=self.interval)
+            return sc.as_dict()
         except Exception:
             log.debug("MQTT heartbeat: health score not computed", exc_info=True)
             return None
