@@ -291,3 +291,10 @@ def test_a_collector_waiting_for_its_session_is_not_judged_on_freshness_and_spoo
     h, sink = _process(spooled=500, spooling=True)
     s, _ = process_score(h, sink)
     assert s.performance == 5 and any("spooling" in r for r in s.reasons)
+
+
+def test_a_unit_left_failed_outside_its_hours_loses_the_running_part():
+    ok = Measures(unit_active=False, expected_running=False, in_session=False)
+    assert score(ok).total == 100
+    failed = score(replace(ok, unit_failed=True))
+    assert failed.total == 70 and failed.running == 0 and "failed (systemd)" in failed.reasons

@@ -595,7 +595,8 @@ def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
         d = (hb.detail if hb is not None else {}) or {}
         lma = d.get("last_message_age")
         m = healthscore.Measures(
-            unit_active=uf.active, expected_running=expected, in_session=in_session,
+            unit_active=uf.active, unit_failed=uf.active_state == "failed",
+            expected_running=expected, in_session=in_session,
             restarts_last_hour=restarts, heartbeat_age_s=age,
             heartbeat_interval_s=params.heartbeat_interval_s,
             messages=win.messages if win else 0, malformed=win.malformed if win else 0,

@@ -58,6 +58,8 @@ class Measures:
     in_session: bool
     #: int, count: automatic restarts in the last hour (NRestarts delta).
     restarts_last_hour: int = 0
+    #: bool: systemd has the unit failed (ActiveState == "failed"), in or out of its hours.
+    unit_failed: bool = False
     #: float seconds | None: now - feed_heartbeat.updated_at; None = no heartbeat row.
     heartbeat_age_s: float | None = None
     #: float seconds: the unit's heartbeat (status) interval; a heartbeat older
@@ -179,7 +181,10 @@ def score(m: Measures, p: Params = DEFAULT_PARAMS) -> Score:
     restarts = max(0, m.restarts_last_hour)
 
     # running (0-30)
-    if m.expected_running and not running:
+    if m.unit_failed:
+        run_pts = 0
+        reasons.append("failed (systemd)")
+    elif m.expected_running and not running:
         run_pts = 0
         reasons.append("not running (heartbeat stale)" if m.unit_active else "not running")
     else:
