@@ -52,3 +52,37 @@ def db(pg):
     dsn = pg.dsn(name)
     apply(dsn, ROOT / "sql")
     yield dsn
+
+
+def as_unprivileged(fn) -> int:
+    """Run ``fn()`` in a forked child as the user nobody (when root; as
+    this user otherwise), so that file modes apply; returns the child's exit
+    status: 0 when ``fn`` returned, 1 when it raised (the error is printed)."""
+    pid = os.fork()
+    if pid == 0:                                  # the child: never returns into pytest
+        code = 1
+        try:
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            fn()
+            code = 0
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.fixture
+def open_tmp(tmp_path_factory):
+    """A fresh directory every user may enter (mode 0755 up from /tmp), for
+    checks run through :func:`as_unprivileged`."""
+    import shutil
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="feeds-test-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

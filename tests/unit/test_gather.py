@@ -157,19 +157,19 @@ def test_failing_sources_are_notes(db, tmp_path, spools):
                                                                     for n in g.notes)
 
 
-def test_unreadable_spool_is_a_note(tmp_path):
-    import os
-    if os.geteuid() == 0:
-        pytest.skip("root reads every directory")
-    root = tmp_path / "feeds"
+def test_unreadable_spool_is_a_note(open_tmp):
+    from conftest import as_unprivileged
+    root = open_tmp / "feeds"
     (root / "ibkr").mkdir(parents=True)
-    (root / "ibkr").chmod(0)
-    try:
+    (root / "ibkr" / "spool-00000001.bin").write_bytes(b"x")
+    root.chmod(0o755)
+    (root / "ibkr").chmod(0o700)                 # the collector's own spool: others cannot read it
+
+    def check():
         notes = []
         assert G.gather_spools(["feed-ibkr.service"], notes, root) == []
         assert any("not readable" in n for n in notes), notes
-    finally:
-        (root / "ibkr").chmod(0o700)
+    assert as_unprivileged(check) == 0
 
 
 def test_kite_token_expiry_and_renewal_result(tmp_path):

@@ -279,14 +279,20 @@ def test_textfile_empty_directory_and_errors(tmp_path, caplog):
         render_textfile("x", {"key": "text"})
 
 
-def test_textfile_unwritable_directory_is_logged(tmp_path, caplog):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into a read-only directory")
-    d = tmp_path / "ro"
-    d.mkdir(mode=0o555)
-    with caplog.at_level(logging.ERROR, logger="feeds.ops.metrics"):
+def test_textfile_unwritable_directory_is_logged(open_tmp):
+    from conftest import as_unprivileged
+    d = open_tmp / "ro"
+    d.mkdir(mode=0o755)                          # root's: the unprivileged child may not write in it
+
+    def check():
+        records = []
+        handler = logging.Handler(logging.ERROR)
+        handler.emit = records.append
+        logging.getLogger("feeds.ops.metrics").addHandler(handler)
         assert write_textfile(d, "backfill", {"last_exit_code": 0}) is None
-    assert caplog.records
+        assert records and "backfill" in records[0].getMessage()
+    assert as_unprivileged(check) == 0
+    assert list(d.iterdir()) == []
 
 
 # ---------------------------------------------------------------------- dashboard and Prometheus configuration

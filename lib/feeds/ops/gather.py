@@ -383,9 +383,12 @@ def gather_spools(units: Iterable[str], notes: list[str], root: Path = SPOOL_ROO
     for d, unit in sorted(dirs.items(), key=lambda x: (x[1], str(x[0]))):
         files = size = 0
         try:
-            for p in d.glob("spool-*.bin"):
-                files += 1
-                size += p.stat().st_size
+            # os.scandir, not Path.glob: glob passes over a directory it may not read as if empty
+            with os.scandir(d) as it:
+                for e in it:
+                    if e.name.startswith("spool-") and e.name.endswith(".bin"):
+                        files += 1
+                        size += e.stat().st_size
         except FileNotFoundError:
             pass
         except PermissionError:
