@@ -343,11 +343,13 @@ def _aware(t: dt.datetime) -> dt.datetime:
     return t
 
 
-def _iso(t: dt.datetime | None) -> str | None:
+def utc_iso(t: dt.datetime | None) -> str | None:
+    """``t`` as ISO 8601 in UTC to the second (``2026-12-01T04:30:00+00:00``); None stays None."""
     return None if t is None else t.astimezone(UTC).isoformat(timespec="seconds")
 
 
-def _parse(s: Any) -> dt.datetime | None:
+def parse_aware(s: Any) -> dt.datetime | None:
+    """The aware datetime an ISO 8601 text gives; None for anything else (naive, malformed, not text)."""
     if not isinstance(s, str):
         return None
     try:
@@ -384,8 +386,8 @@ def _counters(hb: Heartbeat) -> dict:
     d = hb.detail or {}
     tables = d.get("tables") or {}
     return {
-        "started_at": _iso(hb.started_at),
-        "updated_at": _iso(hb.updated_at),
+        "started_at": utc_iso(hb.started_at),
+        "updated_at": utc_iso(hb.updated_at),
         "messages": _int(d.get("messages")),
         "malformed": _int(d.get("malformed")),
         "errors": sum(_int(d.get(k)) for k in ERROR_FIGURES),
@@ -433,7 +435,7 @@ def _window(cur: dict, prev: Mapping | None) -> _Window:
     rejected = {t: max(0, n - _int(prev_rej.get(t))) for t, n in cur["rejected"].items()}
     rate = None
     if same:
-        t0, t1 = _parse(prev.get("updated_at")), _parse(cur["updated_at"])
+        t0, t1 = parse_aware(prev.get("updated_at")), parse_aware(cur["updated_at"])
         if t0 is not None and t1 is not None and (t1 - t0).total_seconds() > 0:
             rate = d("messages") / (t1 - t0).total_seconds()
     return _Window(d("messages"), d("malformed"), d("errors"), d("spooled_rows"), rejected, rate)
@@ -446,13 +448,13 @@ def _restarts_last_hour(unit: UnitFacts | None, samples: list, now: dt.datetime)
     keep = []
     for s in samples or []:
         try:
-            t, n = _parse(s[0]), int(s[1])
+            t, n = parse_aware(s[0]), int(s[1])
         except (TypeError, ValueError, IndexError):
             continue
         if t is not None and (now - t).total_seconds() <= 3600 and n <= unit.n_restarts:
-            keep.append([_iso(t), n])
+            keep.append([utc_iso(t), n])
     oldest = min((n for _, n in keep), default=unit.n_restarts)
-    keep.append([_iso(now), unit.n_restarts])
+    keep.append([utc_iso(now), unit.n_restarts])
     return max(0, unit.n_restarts - oldest), keep
 
 
@@ -487,7 +489,7 @@ def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
     prev_units: Mapping = prev.get("units") or {}
     prev_spools: Mapping = prev.get("spools") or {}
     out: Holding = {}
-    memory: dict = {"version": MEMORY_VERSION, "at": _iso(now), "units": {}, "spools": {}}
+    memory: dict = {"version": MEMORY_VERSION, "at": utc_iso(now), "units": {}, "spools": {}}
     scores: dict = {}
     hold_for = dt.timedelta(seconds=params.hold_new_for_s)
     grace = dt.timedelta(seconds=params.grace_s)
@@ -511,9 +513,9 @@ def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
             rejected_at = {t: s for t, s in (pu.get("rejected_at") or {}).items() if isinstance(s, str)}
             for table, new in win.rejected.items():
                 if new > 0:
-                    rejected_at[table] = _iso(now)
+                    rejected_at[table] = utc_iso(now)
             for table, stamp in sorted(rejected_at.items()):
-                t = _parse(stamp)
+                t = parse_aware(stamp)
                 if t is None or now - t > hold_for:
                     continue
                 total = cur["rejected"].get(table, 0)
@@ -527,7 +529,7 @@ def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
                     f"replay or discard them",
                     WARNING)
             mem["rejected_at"] = {t: s for t, s in rejected_at.items()
-                                  if (p := _parse(s)) is not None and now - p <= hold_for}
+                                  if (p := parse_aware(s)) is not None and now - p <= hold_for}
         memory["units"][unit] = mem
 
         rule = rule_of_unit(unit)
@@ -560,7 +562,7 @@ def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
                     CRITICAL)
             elif age is None or age > params.stale_after_s:
                 seen = "no heartbeat row" if hb is None else \
-                    f"last heartbeat {_secs(age)} ago ({_iso(hb.updated_at)}, state {hb.state}: {hb.status})"
+                    f"last heartbeat {_secs(age)} ago ({utc_iso(hb.updated_at)}, state {hb.state}: {hb.status})"
                 out[f"stale:{unit}"] = (
                     f"feeds: {unit} heartbeat stale",
                     f"{sess_txt}, and {unit} is active but its heartbeat is stale: {seen} "
@@ -622,14 +624,14 @@ def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
     # spools: exists (warning) or grows (critical)
     for sp in sorted(facts.spools, key=lambda s: (s.unit, s.path)):
         p = prev_spools.get(f"{sp.unit}|{sp.path}") or {}
-        grew_at = _parse(p.get("grew_at"))
+        grew_at = parse_aware(p.get("grew_at"))
         grew_now = (bool(p) and sp.bytes > _int(p.get("bytes"))) or (
             sp.unit in windows and windows[sp.unit].spooled_rows > 0
             and "counters" in (prev_units.get(sp.unit) or {}))
         if grew_now:
             grew_at = now
         memory["spools"][f"{sp.unit}|{sp.path}"] = {"bytes": sp.bytes, "files": sp.files,
-                                                     "grew_at": _iso(grew_at)}
+                                                     "grew_at": utc_iso(grew_at)}
         growing = grew_at is not None and now - grew_at <= dt.timedelta(seconds=max(params.stale_after_s, 120))
         if sp.bytes <= 0 and sp.files <= 0 and not growing:
             continue
@@ -657,7 +659,7 @@ def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
             open_gaps.setdefault((g.stream, g.symbol), []).append(g)
     for (stream, symbol), gs in sorted(open_gaps.items()):
         lines = _listing(gs, lambda g: f"{g.first} .. {g.last}"
-                         + (f" (found {_iso(g.detected_at)})" if g.detected_at else ""))
+                         + (f" (found {utc_iso(g.detected_at)})" if g.detected_at else ""))
         out[f"gap:{stream}:{symbol}"] = (
             f"feeds: unfilled gap in {stream} {symbol}",
             f"{len(gs)} gap(s) in {stream} for {symbol} are not filled:\n{lines}\n"

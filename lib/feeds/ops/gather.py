@@ -57,7 +57,7 @@ from ..health import status_rates
 from ..runtime import write_atomically
 from . import checks
 from .checks import (BackfillError, Disk, Facts, Gap, Heartbeat, KlineMismatch, Spool, TokenFacts,
-                     UnitFacts)
+                     UnitFacts, parse_aware, utc_iso)
 
 log = logging.getLogger(__name__)
 UTC = dt.timezone.utc
@@ -101,18 +101,6 @@ def systemd_booted() -> bool:
     return os.path.isdir("/run/systemd/system")
 
 
-def _iso(t: dt.datetime | None) -> str | None:
-    return None if t is None else t.astimezone(UTC).isoformat(timespec="seconds")
-
-
-def _parse(s: Any) -> dt.datetime | None:
-    if not isinstance(s, str):
-        return None
-    try:
-        t = dt.datetime.fromisoformat(s)
-    except ValueError:
-        return None
-    return t if t.tzinfo is not None else None
 
 
 def _first_line(e: BaseException) -> str:
@@ -241,7 +229,7 @@ class Memory:
 
     def record_alerts(self, now: dt.datetime, results: Iterable[tuple[Any, bool]]) -> None:
         for alert, ok in results:
-            self.alerts.append({"at": _iso(now), "key": alert.key, "status": alert.status,
+            self.alerts.append({"at": utc_iso(now), "key": alert.key, "status": alert.status,
                                 "severity": alert.severity, "title": alert.title, "accepted": bool(ok)})
 
     def prune(self, now: dt.datetime) -> None:
@@ -255,7 +243,7 @@ class Memory:
                 else:
                     del self.doc[k][unit]
         for k in ("alerts", "gaps_filled"):
-            keep = [x for x in self.doc[k] if (_parse(x.get("at") or x.get("filled_by")) or now) >= cutoff]
+            keep = [x for x in self.doc[k] if (parse_aware(x.get("at") or x.get("filled_by")) or now) >= cutoff]
             self.doc[k] = keep[-HISTORY_MAX:]
 
 
@@ -419,8 +407,8 @@ def gather_gaps(conn, now: dt.datetime, memory: Memory) -> tuple[list[Gap], list
         if key not in listed:
             sym, _, first = key.rpartition("|")
             memory.gaps_filled.append({"symbol": sym, "first": int(first), "last": g.get("last"),
-                                       "detected_at": g.get("detected_at"), "filled_by": _iso(now)})
-    memory.doc["gaps_open"] = {k: {"last": l, "detected_at": _iso(d)} for k, (s, f, l, d) in listed.items()}
+                                       "detected_at": g.get("detected_at"), "filled_by": utc_iso(now)})
+    memory.doc["gaps_open"] = {k: {"last": l, "detected_at": utc_iso(d)} for k, (s, f, l, d) in listed.items()}
     gaps, filling = [], []
     for s, f, l, d in rows:
         g = Gap("binance_agg_trade", s, f, l, False, d)
@@ -516,9 +504,9 @@ def _all_rate(hb: Heartbeat, prev: Mapping | None) -> float | None:
     if not prev:
         return None
     c = (prev.get("counters") or {}) if isinstance(prev, Mapping) else {}
-    if not c or c.get("started_at") != _iso(hb.started_at) or hb.started_at is None:
+    if not c or c.get("started_at") != utc_iso(hb.started_at) or hb.started_at is None:
         return None
-    t0 = _parse(c.get("updated_at"))
+    t0 = parse_aware(c.get("updated_at"))
     if t0 is None:
         return None
     dt_s = (hb.updated_at - t0).total_seconds()
@@ -606,10 +594,10 @@ def gather(now: dt.datetime, conn, *, memory: Memory | None = None, runner: Runn
                      "migrations not read")
     # filled gaps of the last hour also count (for the check's listing)
     for g in memory.gaps_filled:
-        t = _parse(g.get("filled_by"))
+        t = parse_aware(g.get("filled_by"))
         if t is not None and (now - t).total_seconds() <= 3600:
             gaps.append(Gap("binance_agg_trade", g["symbol"], g["first"], g["last"], True,
-                            _parse(g.get("detected_at"))))
+                            parse_aware(g.get("detected_at"))))
 
     unit_names = sorted(set(units) | set(heartbeats))
     spools = gather_spools(unit_names, notes, spool_root)

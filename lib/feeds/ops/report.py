@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Iterable, Mapping
 
+from .checks import parse_aware, utc_iso
 from .gather import GAP_FILL_GRACE_S, Memory
 
 UTC = dt.timezone.utc
@@ -51,9 +52,6 @@ FEED_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
 NOT_DERIVED = ("live candle minutes of Kite and IBKR are not listed: a minute without a trade has no candle, "
                "so a missing candle is not a gap")
 
-
-def _iso(t: dt.datetime | None) -> str | None:
-    return None if t is None else t.astimezone(UTC).isoformat(timespec="seconds")
 
 
 def _day(t: dt.datetime | None) -> str | None:
@@ -98,18 +96,18 @@ def gaps(conn, now: dt.datetime, *, since: dt.datetime, stream: str | None = Non
             young = (now - d).total_seconds() < GAP_FILL_GRACE_S
             out.append({"stream": "binance_agg_trade", "symbol": s, "day": _day(d), "first": f, "last": l,
                         "missing": l - f + 1, "unit": "ids", "state": "filling" if young else "not filled",
-                        "detail": f"found {_iso(d)}"})
+                        "detail": f"found {utc_iso(d)}"})
         if memory is not None:
             listed = {(s, f) for s, f, _, _ in rows}
             for g in memory.gaps_filled:
-                d = _parse(g.get("detected_at"))
+                d = parse_aware(g.get("detected_at"))
                 if (d is not None and d < since) or (g["symbol"], g["first"]) in listed:
                     continue
                 last = g.get("last") if g.get("last") is not None else g["first"]
                 out.append({"stream": "binance_agg_trade", "symbol": g["symbol"], "day": _day(d),
                             "first": g["first"], "last": last, "missing": last - g["first"] + 1,
                             "unit": "ids", "state": "filled",
-                            "detail": f"found {_iso(d)}, filled by {g.get('filled_by')}"})
+                            "detail": f"found {utc_iso(d)}, filled by {g.get('filled_by')}"})
         else:
             notes.append("filled aggTrade gaps are known from feedctl check's memory, which is not readable here")
     if want("binance_kline"):
@@ -121,8 +119,8 @@ def gaps(conn, now: dt.datetime, *, since: dt.datetime, stream: str | None = Non
         for s, t, stage, diff, rep, note in rows:
             state = ("repaired" if rep else "not repaired") if stage == "after_fill" else \
                 ("not filled" if note else "fill pending")
-            out.append({"stream": "binance_kline", "symbol": s, "day": _day(t), "first": _iso(t),
-                        "last": _iso(t + dt.timedelta(minutes=1)), "missing": 1, "unit": "minutes",
+            out.append({"stream": "binance_kline", "symbol": s, "day": _day(t), "first": utc_iso(t),
+                        "last": utc_iso(t + dt.timedelta(minutes=1)), "missing": 1, "unit": "minutes",
                         "state": state, "detail": (f"differs: {diff}" if diff else "agrees after the fill")
                         + (f"; {note}" if note else "")})
     if want("ibkr_bar_1min"):
@@ -133,24 +131,15 @@ def gaps(conn, now: dt.datetime, *, since: dt.datetime, stream: str | None = Non
                 WHERE status IN ('ERROR', 'PARTIAL', 'PENDING') AND session_date >= %s
                 ORDER BY symbol, session_date""", (since.astimezone(UTC).date(),)).fetchall()
         for s, d, st, o, c, exp, act, err, note in rows:
-            out.append({"stream": "ibkr_bar_1min", "symbol": s, "day": d.isoformat(), "first": _iso(o),
-                        "last": _iso(c), "missing": max(0, exp - act), "unit": "minutes",
+            out.append({"stream": "ibkr_bar_1min", "symbol": s, "day": d.isoformat(), "first": utc_iso(o),
+                        "last": utc_iso(c), "missing": max(0, exp - act), "unit": "minutes",
                         "state": {"ERROR": "not filled (ERROR)", "PARTIAL": "partial (fetched again)",
                                   "PENDING": "pending"}[st],
                         "detail": "; ".join(x for x in (f"{act}/{exp} bars", err, note) if x)})
     out.sort(key=lambda e: (e["stream"], e["day"] or "", e["symbol"], str(e["first"])))
     notes.append(NOT_DERIVED)
-    return {"since": _iso(since), "stream": stream, "entries": out, "notes": notes}
+    return {"since": utc_iso(since), "stream": stream, "entries": out, "notes": notes}
 
-
-def _parse(s: Any) -> dt.datetime | None:
-    if not isinstance(s, str):
-        return None
-    try:
-        t = dt.datetime.fromisoformat(s)
-    except ValueError:
-        return None
-    return t if t.tzinfo is not None else None
 
 
 def gaps_text(doc: dict) -> list[str]:
@@ -283,7 +272,7 @@ def report(conn, kind: str, day: dt.date, *, memory: Memory | None, scores: Mapp
     rows = conn.execute("SELECT count(*), coalesce(sum(last_id - first_id + 1), 0) FROM binance_agg_gap "
                         "WHERE detected_at >= %s AND detected_at < %s", (lo, hi)).fetchone()
     filled = [x for x in (mem.get("gaps_filled") or [])
-              if (t := _parse(x.get("detected_at"))) is not None and lo <= t < hi]
+              if (t := parse_aware(x.get("detected_at"))) is not None and lo <= t < hi]
     g["agg_trade_gaps_open"] = rows[0]
     g["agg_trade_ids_open"] = int(rows[1])
     g["agg_trade_gaps_filled"] = len(filled)
@@ -305,7 +294,7 @@ def report(conn, kind: str, day: dt.date, *, memory: Memory | None, scores: Mapp
 
     # alerts
     for a in mem.get("alerts") or []:
-        t = _parse(a.get("at"))
+        t = parse_aware(a.get("at"))
         if t is None or not (lo <= t < hi):
             continue
         f = feed(feed_of(a.get("key", "")))
