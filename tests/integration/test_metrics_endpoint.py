@@ -230,7 +230,8 @@ def test_feed_kite_token_writes_its_textfile(tmp_path):
     prom.mkdir()
     with KiteSimulator(heartbeat_interval=0.5, min_nse_equities=100).running() as sim:
         s = Setup(tmp_path, sim)
-        s.config.write_text(s.config.read_text() + f'[metrics]\ntextfile_dir = "{prom}"\n')
+        s.config.write_text(s.config.read_text().replace('[metrics]\ntextfile_dir = ""\n',
+                                                         f'[metrics]\ntextfile_dir = "{prom}"\n'))
         r = s.run("--no-browser")
         assert r.returncode == 0, r.output[-3000:]
         tok = TokenStore(s.token_file).load()

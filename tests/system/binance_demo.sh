@@ -40,7 +40,7 @@ contains "$j" "feed-binance starting" && contains "$j" "status: " \
     && ok "journalctl -u feed-binance shows start-up and status" || bad "journal lacks start-up/status"
 st=$(prop feed-binance StatusText); [ -n "$st" ] && ok "systemctl status line: $st" || bad "no StatusText"
 
-$I runuser -u feeds -- /opt/feeds/bin/feedctl status > "$SDTEST_DIR/feedctl.txt" 2>&1 \
+$I /opt/feeds/bin/feedctl status > "$SDTEST_DIR/feedctl.txt" 2>&1 \
     && grep -q "feed-binance.service" "$SDTEST_DIR/feedctl.txt" && ok "feedctl status lists feed-binance" \
     || { bad "feedctl status"; cat "$SDTEST_DIR/feedctl.txt"; }
 
