@@ -77,7 +77,7 @@ def test_quiet_healthy_system_holds_nothing():
 def test_binance_stale_on_sunday_night_alerts():
     now = SUNDAY_0300
     h = check(quiet(now, heartbeats={BIN: hb(now, age=300)}))
-    assert set(h) == {f"stale:{BIN}", f"health:{BIN}"}
+    assert set(h) == {f"stale:{BIN}"}                   # its low health score is the same failure
     title, body, sev = h[f"stale:{BIN}"]
     assert sev == "critical" and "journalctl -u feed-binance.service" in body and "5m 0s" in body
 
@@ -249,15 +249,33 @@ def test_health_under_threshold():
     assert set(h.holding) == {f"health:{BIN}"}
 
 
-def test_rate_drop():
+def test_rate_drop_on_two_runs_in_a_row_is_one_condition_that_clears_with_a_margin():
     now = SUNDAY_0300
-    f = quiet(now, rates={(BIN, "aggTrade"): 5.0, (BIN, "bookTicker"): 300.0},
-              usual_rates={(BIN, "aggTrade"): 100.0, (BIN, "bookTicker"): 320.0})
-    h = check(f, Params(rate_drop=0.2))
-    assert set(h) == {f"rate:{BIN}:aggTrade"}
-    # Kite outside its hours is not judged
+    p = Params(rate_drop=0.2)
+    usual = {(BIN, "aggTrade"): 100.0, (BIN, "bookTicker"): 320.0}
+
+    def run(minute, agg, previous):
+        t = now + dt.timedelta(minutes=minute)
+        return evaluate(quiet(t, rates={(BIN, "aggTrade"): agg, (BIN, "bookTicker"): 300.0}, usual_rates=usual,
+                              previous=previous), p, CALS)
+    first = run(0, 5.0, None)
+    assert first.holding == {}                          # one low window is not enough
+    second = run(1, 5.0, first.memory)
+    assert set(second.holding) == {f"rate:{BIN}"}
+    assert "aggTrade: 5.00 msg/s now, usually 100.00" in second.holding[f"rate:{BIN}"][1]
+    # 30 msg/s: above 20 % but under 40 % of usual -> still holds; 45 msg/s -> clears
+    third = run(2, 30.0, second.memory)
+    assert set(third.holding) == {f"rate:{BIN}"}
+    assert run(3, 45.0, third.memory).holding == {}
+    # low, then normal, then low again: never two in a row, nothing holds
+    a = run(0, 5.0, None)
+    b = run(1, 90.0, a.memory)
+    c = run(2, 5.0, b.memory)
+    assert a.holding == b.holding == c.holding == {}
+    # Kite outside its hours is not judged, however long
     f = quiet(MONDAY_NSE_CLOSED, rates={(KITE, "full"): 0.0}, usual_rates={(KITE, "full"): 50.0})
-    assert check(f) == {}
+    k1 = evaluate(f, p, CALS)
+    assert k1.holding == {} and evaluate(replace(f, previous=k1.memory), p, CALS).holding == {}
 
 
 def test_keys_stable_and_no_secrets():
@@ -277,3 +295,25 @@ def test_keys_stable_and_no_secrets():
 def test_naive_now_refused():
     with pytest.raises(ValueError):
         check(Facts(now=dt.datetime(2026, 1, 1)))
+
+
+def test_a_running_unit_that_receives_nothing_is_stale_and_that_alone_is_told():
+    now = SUNDAY_0300
+    usual = {(BIN, "aggTrade"): 100.0}
+    silent = quiet(now, heartbeats={BIN: hb(now, age=5, last_message_age=240.0)},
+                   rates={(BIN, "aggTrade"): 0.0}, usual_rates=usual)
+    first = evaluate(silent, Params(), CALS)
+    second = evaluate(replace(silent, now=now + dt.timedelta(minutes=1), previous=first.memory,
+                              heartbeats={BIN: hb(now + dt.timedelta(minutes=1), age=5, last_message_age=300.0)}),
+                      Params(), CALS)
+    assert set(second.holding) == {f"stale:{BIN}"}      # not also rate: and health:
+    title, body, sev = second.holding[f"stale:{BIN}"]
+    assert "receives no data" in title and "5m 5s old" in body and sev == "critical"
+    # fresh data: nothing
+    assert check(quiet(now, heartbeats={BIN: hb(now, age=5, last_message_age=1.0)})) == {}
+    # a collector waiting for its session (or just starting) is not judged by its data
+    ib_now = MONDAY_NYSE_OPEN
+    waiting = Heartbeat(updated_at=ib_now, state="waiting", status="waiting for the session",
+                        detail={"last_message_age": None}, started_at=START)
+    assert f"stale:{IB}" not in check(quiet(ib_now, units={BIN: ACTIVE, IB: ACTIVE},
+                                            heartbeats={BIN: hb(ib_now), IB: waiting}))

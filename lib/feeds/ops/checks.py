@@ -20,10 +20,13 @@ key                              severity  holds when
 ``stale:<unit>``                 critical  the venue's session is open (Binance: always; Kite:
                                            XNSE session; IBKR: XNYS session, from the calendars)
                                            and ``grace_s`` has passed since the open, and the unit
-                                           is not active or its heartbeat is older than
-                                           ``stale_after_s`` (or missing)
-``rate:<unit>:<kind>``           warning   in session, the stream kind's rate is below
-                                           ``rate_drop`` x its usual rate for that time of day
+                                           is not active, or its heartbeat is older than
+                                           ``stale_after_s`` (or missing), or its newest message is
+                                           (the process is alive but receives nothing)
+``rate:<unit>``                  warning   in session, a stream kind's rate (or the unit's total,
+                                           kind ``all``) is below ``rate_drop`` x its usual rate
+                                           for that time of day on two runs in a row; it clears
+                                           once every such rate is back to twice that fraction
 ``spool:<unit>``                 warning / a spool holds data (warning) / grew since the last run or
                                  critical  the heartbeat's spooled rows grew (critical)
 ``rejected:<unit>:<table>``      warning   the sink rejected rows of ``table`` within the last
@@ -40,8 +43,10 @@ key                              severity  holds when
 ``health:<unit>``                warning   the feed's health score is under ``health_threshold``
 ===============================  ========  ====================================================
 
-Keys depend only on the unit, stream, symbol, table or path, never on
-measured values, so a condition keeps its key from one run to the next.
+While ``stale:<unit>`` holds, that unit's ``rate:`` and ``health:`` are not
+told: they would be the same failure told again.  Keys depend only on the
+unit, stream, symbol, table or path, never on measured values, so a
+condition keeps its key from one run to the next.
 Bodies say what was measured and what to run; they never hold a secret
 (no token, no URL, no DSN).
 
@@ -412,6 +417,31 @@ def _lag_p99(hist: Any) -> float | None:
     return float(pairs[-1][0])
 
 
+def _data_age(hb: Heartbeat, hb_age: float | None) -> float | None:
+    """Seconds since the unit's newest message: the heartbeat's
+    ``last_message_age`` plus the heartbeat's own age; None before the
+    first message (or while it waits for its session)."""
+    lma = (hb.detail or {}).get("last_message_age")
+    if hb.state in ("starting", "waiting") or not isinstance(lma, (int, float)) or isinstance(lma, bool):
+        return None
+    return float(lma) + max(0.0, hb_age or 0.0)
+
+
+def _low_rates(unit: str, rates: Mapping[tuple[str, str], float],
+               usual: Mapping[tuple[str, str], float] | None, params: "Params") -> dict[str, tuple[float, float]]:
+    """``{kind: (rate, usual)}`` of the unit's stream kinds (and ``all``)
+    whose rate is under ``min(1, 2 * rate_drop)`` x a usual rate worth
+    judging (at least ``rate_min_usual``)."""
+    out = {}
+    for (u, kind), us in sorted((usual or {}).items()):
+        if u != unit or us is None or us < params.rate_min_usual:
+            continue
+        rate = rates.get((u, kind))
+        if rate is not None and rate < min(1.0, 2 * params.rate_drop) * us:
+            out[kind] = (rate, us)
+    return out
+
+
 @dataclass
 class _Window:
     """Counters of one heartbeat since the previous run (same process) or
@@ -570,6 +600,15 @@ def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
                     f"PostgreSQL.\nWhat to do:\n  feedctl status\n  journalctl -u {unit} -e\n"
                     f"  systemctl restart {unit}  (if it is hung)",
                     CRITICAL)
+            elif (data_age := _data_age(hb, age)) is not None and data_age > params.stale_after_s:
+                out[f"stale:{unit}"] = (
+                    f"feeds: {unit} receives no data",
+                    f"{sess_txt}, and {unit} is running (heartbeat {_secs(age)} ago, state {hb.state}) but "
+                    f"its newest message is {_secs(data_age)} old (limit {params.stale_after_s:.0f}s): the "
+                    f"venue's connection is silent or down.\nStatus: {hb.status}\nWhat to do:\n"
+                    f"  feedctl status\n  journalctl -u {unit} -e --grep -i 'connect|silent|stale'",
+                    CRITICAL)
+        told_stale = f"stale:{unit}" in out
 
         # rates (in session only)
         unit_rates = dict(facts.rates)
@@ -578,20 +617,26 @@ def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
         usual_all = None
         if facts.usual_rates is not None:
             usual_all = facts.usual_rates.get((unit, "all"))
-            if in_session and uf.active:
-                for (u, kind), usual in sorted(facts.usual_rates.items()):
-                    if u != unit or usual is None or usual < params.rate_min_usual:
-                        continue
-                    rate = unit_rates.get((u, kind))
-                    if rate is None or rate >= params.rate_drop * usual:
-                        continue
-                    out[f"rate:{unit}:{kind}"] = (
-                        f"feeds: {unit} {kind} rate dropped",
-                        f"{unit} stream kind {kind!r}: {rate:.2f} msg/s now, usually {usual:.2f} msg/s "
-                        f"at this time of day (alert under {params.rate_drop:.0%} of usual).\n"
-                        f"Subscriptions may have been dropped or the venue is quiet.\nWhat to do:\n"
-                        f"  feedctl status\n  journalctl -u {unit} -e",
-                        WARNING)
+        low = _low_rates(unit, unit_rates, facts.usual_rates, params) if in_session and uf.active else {}
+        # two runs in a row below rate_drop start it; holding, it clears once every rate is back
+        # above twice rate_drop (one noisy window neither starts nor ends it)
+        was = bool(pu.get("rate_holding"))
+        starts = {k: v for k, v in low.items() if v[0] < params.rate_drop * v[1]}
+        keeps = {k: v for k, v in low.items() if v[0] < min(1.0, 2 * params.rate_drop) * v[1]}
+        mem["rate_low_runs"] = (_int(pu.get("rate_low_runs")) + 1) if starts else 0
+        holding_rate = bool(keeps) if was else (bool(starts) and mem["rate_low_runs"] >= 2)
+        mem["rate_holding"] = holding_rate
+        if holding_rate and not told_stale:
+            shown = keeps if was else starts
+            lines = "\n".join(f"  {kind}: {rate:.2f} msg/s now, usually {usual:.2f} msg/s"
+                              for kind, (rate, usual) in sorted(shown.items()))
+            out[f"rate:{unit}"] = (
+                f"feeds: {unit} rate dropped",
+                f"{unit} receives far less than usual at this time of day (alert under "
+                f"{params.rate_drop:.0%} of usual):\n{lines}\n"
+                f"Subscriptions may have been dropped or the venue is quiet.\nWhat to do:\n"
+                f"  feedctl status\n  journalctl -u {unit} -e",
+                WARNING)
 
         # health score
         d = (hb.detail if hb is not None else {}) or {}
@@ -611,7 +656,7 @@ def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
             lag_p99_ms=_lag_p99(d.get("lag_ms_hist")),
             rate=unit_rates.get((unit, "all")), usual_rate=usual_all)
         sc = scores[unit] = healthscore.score(m, params.health)
-        if healthscore.alerting(sc, params.health_threshold):
+        if healthscore.alerting(sc, params.health_threshold) and not told_stale:
             parts = ", ".join(f"{k} {v}/{healthscore.MAX_POINTS[k]}" for k, v in sc.parts.items())
             reasons = "\n".join(f"  - {r}" for r in sc.reasons) or "  (none)"
             out[f"health:{unit}"] = (
