@@ -195,6 +195,11 @@ RUNNER = None
 SYSTEMD: bool | None = None
 #: Exit status when the database cannot be reached.
 EX_DB = 2
+#: Exit status when this user may not read ops.toml (EX_NOPERM).
+EX_NOPERM = 77
+#: Exit status of ``check`` when its alert state cannot be read or written (EX_CANTCREAT):
+#: feed-check.service then fails, and its OnFailure= alert says so.
+EX_STATE = 73
 
 
 def _runner():
@@ -214,6 +219,10 @@ def _ops_config(ctx: click.Context, config_path: str | None) -> Config:
     FEEDS_OPS_CONFIG, else /etc/feeds/ops.toml), checked; an absent file reads
     as empty (enough with FEEDS_DSN, or a feeds.toml beside it)."""
     path = config_path or (ctx.find_root().obj or {}).get("config") or OPS
+    if Path(path).exists() and not os.access(path, os.R_OK):
+        click.echo(f"feedctl: cannot read {path}: feedctl is for root and the members of the group feeds_ops "
+                   f"(sudo usermod -aG feeds_ops $USER, then log in again)", err=True)
+        sys.exit(EX_NOPERM)
     return load(path, OPS_FILE) if Path(path).exists() else empty(path, OPS_FILE)
 
 
@@ -415,9 +424,9 @@ def check(ctx: click.Context, config_path: str | None, now_text: str | None) -> 
     told once when it starts and once when it clears (alerts.state_file);
     the runs' memory (counters, usual rates, uptime samples, alerts sent)
     is kept beside it in check-memory.json.  Exit status 0 nothing holds, 1
-    something holds (or the state cannot be written), 2 the database cannot
-    be reached (still alerted, as condition "database"; the other
-    conditions are kept as they were), 78 a configuration error."""
+    something holds, 2 the database cannot be reached (still alerted, as
+    condition "database"; the other conditions are kept as they were), 73
+    the alert state cannot be read or written, 78 a configuration error."""
     from .ops import checks
     from .ops.alerts import AlertState, Channels
     from .ops.gather import Memory
@@ -432,7 +441,7 @@ def check(ctx: click.Context, config_path: str | None, now_text: str | None) -> 
         memory = Memory(Memory.path_for(cfg["alerts.state_file"]))
     except (OSError, ValueError) as e:
         click.echo(f"alert state not usable: {_first_line(e)}", err=True)
-        sys.exit(1)
+        sys.exit(EX_STATE)
     try:
         conn = connect(dsn, application_name="feedctl check", statement_timeout=30.0, connect_timeout=5)
         unreachable = None
@@ -470,7 +479,7 @@ def check(ctx: click.Context, config_path: str | None, now_text: str | None) -> 
         memory.save()
     except OSError as e:
         click.echo(f"alert state not writable: {e.strerror or e} ({getattr(e, 'filename', '')})", err=True)
-        sys.exit(1)
+        sys.exit(EX_STATE)
     for key, (title, _, severity) in sorted(holding.items()):
         click.echo(f"holds [{severity}] {key}: {title}")
     for alert, ok in results:

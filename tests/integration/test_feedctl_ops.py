@@ -302,3 +302,27 @@ def test_maintain_textfile_parses(db, tmp_path, monkeypatch):
     assert samples["feeds_job_last_exit_code"].labels == {"job": "maintain"}
     assert samples["feeds_job_tables_failed"].value == 0
     assert "feeds_job_last_success_timestamp_seconds" in samples
+
+
+def test_check_fails_with_73_when_its_alert_state_cannot_be_written(env, db, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    cfg = tmp_path / "ops.toml"
+    cfg.write_text(f'[alerts]\nstate_file = "{blocker / "state.json"}"\n')
+    beat(db, BIN, SUNDAY_0300)
+    r = feedctl("--config", str(cfg), "check", "--now", SUNDAY_0300.isoformat())
+    assert r.exit_code == cli.EX_STATE == 73, r.output
+    assert "alert state not" in r.output
+
+
+def test_a_user_outside_the_operators_group_is_told_how_to_join(tmp_path, open_tmp):
+    from conftest import as_unprivileged
+    cfg = open_tmp / "ops.toml"
+    cfg.write_text("[alerts]\n")
+    cfg.chmod(0o640)                             # root's group: nobody may not read it
+
+    def run():
+        r = CliRunner().invoke(cli.feedctl, ["--config", str(cfg), "status"])
+        assert r.exit_code == cli.EX_NOPERM == 77, r.output
+        assert f"cannot read {cfg}" in r.output and "usermod -aG feeds_ops" in r.output
+    assert as_unprivileged(run) == 0
