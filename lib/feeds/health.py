@@ -25,6 +25,8 @@ from array import array
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import numpy as np
+
 from .db import connect
 from .runtime import sd_notifier
 from .sink import Sink, Table
@@ -88,15 +90,20 @@ class LagHistogram:
             n += 1
         self.n += n
 
-    def percentile(self, p: float) -> float | None:
+    def cumulative(self) -> np.ndarray:
+        """Cumulative counts now: int64, one per 1 ms bin (index = ms; the
+        last bin holds every value of :attr:`LIMIT_MS` or more).  A copy:
+        safe while the sink's writer thread adds to the histogram."""
+        return np.cumsum(np.frombuffer(self.counts, dtype=np.int64))
+
+    def percentile(self, p: float, cumulative: np.ndarray | None = None) -> float | None:
+        """The ``p``-th percentile in milliseconds (None when empty), from
+        ``cumulative`` when given (:meth:`cumulative`, to reuse one)."""
         if not self.n:
             return None
-        target, acc = self.n * p / 100.0, 0
-        for ms, c in enumerate(self.counts):
-            acc += c
-            if acc >= target:
-                return float(ms)
-        return float(self.LIMIT_MS)
+        cum = self.cumulative() if cumulative is None else cumulative
+        ms = int(np.searchsorted(cum, self.n * p / 100.0, side="left"))
+        return float(min(ms, self.LIMIT_MS))
 
     def snapshot(self) -> dict:
         """Sparse ``{ms: count}`` for the heartbeat detail."""

@@ -224,3 +224,19 @@ def test_no_watchdog_from_the_wait_hook_once_the_writer_is_dead():
     h.ready = True
     h.sink_waiting()
     assert "WATCHDOG=1" not in n.sent
+
+
+def test_lag_percentile_is_the_first_millisecond_reaching_the_share_of_values():
+    import random
+    from feeds.health import LagHistogram
+    rnd = random.Random(7)
+    h = LagHistogram()
+    values = [rnd.choice((rnd.randint(0, 40), rnd.randint(0, 5000), 70_000)) for _ in range(5000)]
+    for v in values:
+        h.counts[min(v, h.LIMIT_MS)] += 1
+    h.n = len(values)
+    ordered = sorted(min(v, h.LIMIT_MS) for v in values)
+    for p in (1, 50, 90, 99, 99.9, 100):
+        k = max(1, -(-len(values) * p // 100))            # the smallest count reaching p %
+        assert h.percentile(p) == float(ordered[int(k) - 1]), p
+    assert LagHistogram().percentile(99) is None

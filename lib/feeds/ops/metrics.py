@@ -83,12 +83,10 @@ import re
 import tempfile
 import threading
 import time
-from bisect import bisect_left
-from itertools import accumulate
-from operator import mul
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
+import numpy as np
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
@@ -194,16 +192,16 @@ class FeedCollector:
         cumulative buckets at :data:`LAG_BUCKETS` and +Inf; the sum counts
         each value at the middle of its millisecond; ``p99_ms`` as
         :meth:`LagHistogram.percentile` computes it (None when empty)."""
-        counts = hist.counts[:]                   # one copy: the sink's writer thread adds to it
-        acc = list(accumulate(counts))
-        n = acc[-1] if acc else 0
+        counts = np.frombuffer(hist.counts, dtype=np.int64).copy()   # the sink's writer thread adds to it
+        acc = np.cumsum(counts)
+        n = int(acc[-1]) if len(acc) else 0
         buckets = []
         for le in LAG_BUCKETS:
             i = min(int(round(le * 1000)), len(acc))
             buckets.append((floatToGoString(le), float(acc[i - 1] if i > 0 else 0)))
         buckets.append(("+Inf", float(n)))
-        total_ms = sum(map(mul, range(len(counts)), counts)) + 0.5 * n
-        p99 = float(bisect_left(acc, n * 0.99)) if n else None
+        total_ms = float(np.dot(np.arange(len(counts), dtype=np.float64), counts)) + 0.5 * n
+        p99 = float(np.searchsorted(acc, n * 0.99, side="left")) if n else None
         return buckets, total_ms / 1000.0, n, p99
 
     # ------------------------------------------------------------ the scrape
