@@ -54,8 +54,13 @@ def stored(dsn: str) -> int:
                          "(select count(*) from binance_book_ticker)").fetchone()[0]
 
 
+#: Appended to the collector's configuration: no metrics endpoint, unless a caller asks for one.
+NO_OPS = "[metrics]\nport = 0\n"
+
+
 class Rig:
-    def __init__(self, symbols: int, rate: float):
+    def __init__(self, symbols: int, rate: float, extra_toml: str = NO_OPS):
+        self.extra_toml = extra_toml
         self.pg = durable_cluster()
         self.dsn = migrated_database(self.pg)
         self.port = free_port()
@@ -86,7 +91,7 @@ max_streams_per_connection = 200
 bookTicker = 0
 [sink]
 spool_dir = "{self.tmp}/spool-{shard or 'all'}"
-""")
+""" + self.extra_toml)
         env = dict(os.environ, FEEDS_DSN=self.dsn, FEEDS_LOG_LEVEL="WARNING", PYTHONPATH=str(ROOT / "lib"))
         args = [PY, str(ROOT / "bin" / "feed-binance"), "--config", str(cfg)]
         if shard:
@@ -138,8 +143,10 @@ def loss(rig: Rig) -> tuple[int, int, int]:
     return sent - last, int(gaps), rest
 
 
-def saturation(symbols: int, window: float, warmup: float = 15.0) -> dict:
-    rig = Rig(symbols, 0)
+def saturation(symbols: int, window: float, warmup: float = 15.0, extra_toml: str = NO_OPS) -> dict:
+    """Stored msg/s with the simulator generating as fast as the collector
+    takes them; ``extra_toml`` is appended to the collector's configuration."""
+    rig = Rig(symbols, 0, extra_toml)
     try:
         p = rig.start_collector()
         wait_rows(rig.dsn, 10_000, 90)

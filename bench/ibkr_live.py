@@ -114,6 +114,8 @@ status_interval = {status_interval}
 intervals = [{", ".join(str(i) for i in intervals)}]
 [sink]
 spool_dir = "{self.tmp}/spool"
+[metrics]
+port = 0
 """)
         return cfg
 

@@ -62,7 +62,10 @@ def sent_full(base: str) -> int:
     return sum(c["packets_sent"]["full"] for c in http_json(base + "/sim/stats")["connections"])
 
 
-def run(instruments: int, rate: float, window: float, decoder: str, warmup: float = 8.0) -> dict:
+def run(instruments: int, rate: float, window: float, decoder: str, warmup: float = 8.0,
+        extra_toml: str = "[metrics]\nport = 0\n") -> dict:
+    """One measured run; ``extra_toml`` is appended to the collector's
+    configuration (default: no metrics endpoint)."""
     pg = durable_cluster()
     tmp = Path(tempfile.mkdtemp(prefix="feeds-bench-kite-"))
     sim = col = None
@@ -100,7 +103,7 @@ silence_timeout = 30
 status_interval = 5
 [sink]
 spool_dir = "{tmp}/spool"
-""")
+""" + extra_toml)
         env = dict(os.environ, FEEDS_DSN=dsn, FEEDS_LOG_LEVEL="INFO", PYTHONPATH=str(ROOT / "lib"))
         col = subprocess.Popen([PY, str(ROOT / "bin" / "feed-zerodha"), "--config", str(tmp / "kite.toml"),
                                 "--unit", "bench-kite"], env=env, stdout=subprocess.DEVNULL,
