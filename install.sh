@@ -67,6 +67,9 @@ runuser -u postgres -- psql -qAtc 'select 1' >/dev/null 2>&1 || die "PostgreSQL 
 # feeds owns the database (feed-migrate, feed-maintain); each collector has its own user,
 # which is also its database role (peer authentication): feeds_binance, feeds_kite (feed-zerodha
 # and feed-kite-token, the only reader of the Kite secrets), feeds_ibkr (feed-backfill, feed-ibkr).
+# feeds_ops runs feed-check and feed-alert@, feeds_api feed-api; the group feeds_ops is the
+# operators': a member runs feedctl as the read-only database role feeds_ops (its password is
+# readable by the group):  usermod -aG feeds_ops alice
 install -D -m 644 "$SRC/systemd/feeds.sysusers" /etc/sysusers.d/feeds.conf
 install -D -m 644 "$SRC/systemd/feeds.tmpfiles" /etc/tmpfiles.d/feeds.conf
 systemd-sysusers /etc/sysusers.d/feeds.conf
@@ -76,7 +79,8 @@ systemd-tmpfiles --create /etc/tmpfiles.d/feeds.conf
 # sql/0005_roles.sql grants each role what its program needs; the roles are made here, as
 # postgres, so that feed-migrate (run as feeds) needs no CREATEROLE.
 psql_pg() { runuser -u postgres -- psql -qAt -v ON_ERROR_STOP=1 "$@"; }
-for role in feeds:LOGIN feeds_binance:LOGIN feeds_kite:LOGIN feeds_ibkr:LOGIN feeds_reader:NOLOGIN; do
+for role in feeds:LOGIN feeds_binance:LOGIN feeds_kite:LOGIN feeds_ibkr:LOGIN feeds_reader:NOLOGIN \
+            feeds_ops:LOGIN; do
     if [ "$(psql_pg -c "select 1 from pg_roles where rolname='${role%%:*}'")" != 1 ]; then
         psql_pg -c "CREATE ROLE ${role%%:*} ${role#*:}"
         say "created database role ${role%%:*}"
@@ -88,6 +92,10 @@ if [ "$(psql_pg -c "select 1 from pg_database where datname='feeds'")" != 1 ]; t
 fi
 # Only the owner creates tables (PostgreSQL before 15 lets every role create them in public).
 psql_pg -d feeds -c "REVOKE CREATE ON SCHEMA public FROM PUBLIC"
+# feedctl, feed-check and feed-api read every table (SELECT only) as feeds_ops.
+if [ "$(psql_pg -c "select pg_has_role('feeds_ops', 'feeds_reader', 'member')")" != t ]; then
+    psql_pg -c "GRANT feeds_reader TO feeds_ops"
+fi
 
 # --- package in its own venv -------------------------------------------------------
 install -d -m 755 "$PREFIX" "$PREFIX/bin"
@@ -117,12 +125,23 @@ cfg_group() {  # cfg_group FILE: the group that reads a configuration file
         binance*) echo feeds_binance ;;
         kite*) echo feeds_kite ;;
         ibkr*|contracts*) echo feeds_ibkr ;;
+        ops*|alerts*) echo feeds_ops ;;
         *) echo feeds ;;
     esac
 }
-install -d -m 750 -o root -g feeds "$ETC"
-# traversable by the service users, not listable; each secret file is 0600 of its user
-install -d -m 710 -o root -g feeds "$ETC/secrets"
+# The operators (group feeds_ops) and feeds_api open ops.toml and the password of feeds_ops by
+# name: both directories are searchable by every user, listable as before only by the group
+# feeds (/etc/feeds) or nobody (secrets). Each file keeps its own mode and group; one that every
+# user could read (only the directory's mode hid it) is made private to its owner and group.
+if [ -d "$ETC" ]; then
+    while IFS= read -r -d '' f; do
+        chmod o-rwx "$f"
+        say "$f: no longer readable by every user (mode $(stat -c %a "$f"))"
+    done < <(find "$ETC" -type f -perm /o=rwx -print0)
+fi
+install -d -m 751 -o root -g feeds "$ETC"
+# traversable, not listable; each secret file is 0600 of its user (0640 to a group that shares it)
+install -d -m 711 -o root -g feeds "$ETC/secrets"
 # An install from before the per-venue users: its feeds.toml named user=feeds in the dsn; now
 # each program connects as its own role. The former default is replaced; an edited copy loses
 # just that user=feeds.
@@ -136,6 +155,11 @@ elif [ -f "$ETC/feeds.toml" ] && grep -qxF "$old_dsn" "$ETC/feeds.toml"; then
     say "$ETC/feeds.toml: user=feeds removed from the dsn (each program connects as its own role)"
 elif [ -f "$ETC/feeds.toml" ] && grep -q '^dsn = .*user=feeds[" ]' "$ETC/feeds.toml"; then
     say "WARNING: $ETC/feeds.toml: the dsn names user=feeds: remove it, so that each program connects as its own role"
+fi
+# The demo Binance simulator left port 9100 (node_exporter's) for 19100: an older demo file follows.
+if [ -f "$ETC/binance-demo.toml" ] && grep -q '127\.0\.0\.1:9100"' "$ETC/binance-demo.toml"; then
+    sed -i 's#127\.0\.0\.1:9100"#127.0.0.1:19100"#g' "$ETC/binance-demo.toml"
+    say "$ETC/binance-demo.toml: the demo simulator is now on 127.0.0.1:19100 (9100 is node_exporter's)"
 fi
 for f in "$SRC"/etc/*; do
     dst="$ETC/$(basename "$f")"
@@ -167,9 +191,45 @@ own_state() {  # own_state DIR USER: give a StateDirectory (and what is in it) t
     chown -R "$2:$2" "$1"
     say "$1: now owned by $2"
 }
+if [ -e "$ETC/alerts.toml" ]; then
+    say "$ETC/alerts.toml is no longer read: $ETC/ops.toml replaces it (copy your [alerts] settings there)"
+fi
 own_state /var/lib/feeds/kite feeds_kite
 own_state /var/lib/feeds/zerodha feeds_kite
 for d in /var/lib/feeds/binance /var/lib/feeds/binance-*; do own_state "$d" feeds_binance; done
+
+# --- operators: feedctl, feed-check, feed-alert@, feed-api ---------------------------------
+# The database role feeds_ops logs in over 127.0.0.1 with a password generated here once, kept in
+# a file readable by the group feeds_ops (root, the operators, feed-check, feed-api).
+ops_pw=$ETC/secrets/feeds-ops.password
+if [ ! -s "$ops_pw" ]; then
+    ( umask 077; python3 -c 'import secrets; print(secrets.token_hex(24))' > "$ops_pw.new" )
+    chown root:feeds_ops "$ops_pw.new"; chmod 640 "$ops_pw.new"; mv "$ops_pw.new" "$ops_pw"
+    say "generated the password of the database role feeds_ops in $ops_pw"
+elif [ "$(stat -c '%U:%G %a' "$ops_pw")" != "root:feeds_ops 640" ]; then
+    chown root:feeds_ops "$ops_pw"; chmod 640 "$ops_pw"
+    say "$ops_pw: now root:feeds_ops, mode 640"
+fi
+ops_login() { PGPASSWORD=$(head -n1 "$ops_pw") PGCONNECT_TIMEOUT=10 \
+              psql -qAtw "host=127.0.0.1 dbname=feeds user=feeds_ops" -c 'select 1' >/dev/null 2>&1; }
+if ! ops_login; then
+    # a new role, or a password file kept from another machine or install: the file wins
+    # (given on standard input: never on a command line)
+    printf "ALTER ROLE feeds_ops PASSWORD '%s'\n" "$(head -n1 "$ops_pw")" | psql_pg
+    say "database role feeds_ops: password set from $ops_pw"
+    ops_login || say "WARNING: feeds_ops cannot log in over 127.0.0.1 with its password: feedctl needs" \
+                     "'host all all 127.0.0.1/32 scram-sha-256' in pg_hba.conf (Debian's default)"
+fi
+# feed-api's bearer token, generated once, readable by feeds_api only.
+api_token=$ETC/secrets/feed-api.token
+if [ ! -s "$api_token" ]; then
+    ( umask 077; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > "$api_token.new" )
+    chown feeds_api:feeds_api "$api_token.new"; chmod 600 "$api_token.new"; mv "$api_token.new" "$api_token"
+    say "generated feed-api's bearer token in $api_token"
+elif [ "$(stat -c '%U %a' "$api_token")" != "feeds_api 600" ]; then
+    chown feeds_api:feeds_api "$api_token"; chmod 600 "$api_token"
+    say "$api_token: now owned by feeds_api, mode 600"
+fi
 
 # --- migrations ------------------------------------------------------------------------
 runuser -u feeds -- "$PREFIX/bin/feed-migrate" --sql-dir "$PREFIX/sql"
@@ -178,6 +238,18 @@ runuser -u feeds -- "$PREFIX/bin/feed-migrate" --sql-dir "$PREFIX/sql"
 for u in "$SRC"/systemd/*.service "$SRC"/systemd/*.timer; do
     install -m 644 "$u" "$UNITDIR/$(basename "$u")"
 done
+# Drop-ins: feed-.service.d/on-failure.conf gives every feed-*.service OnFailure=feed-alert@%n.service;
+# feed-alert@.service.d/ takes it away from the alert units themselves.
+for d in "$SRC"/systemd/*.service.d; do
+    for f in "$d"/*.conf; do
+        install -D -m 644 "$f" "$UNITDIR/$(basename "$d")/$(basename "$f")"
+    done
+done
+# feed-api manages feed-* units through systemd's D-Bus API: polkit lets its user do exactly that.
+if [ -f "$SRC/systemd/feeds-api.polkit.rules" ]; then
+    [ -x /usr/lib/polkit-1/polkitd ] || need_pkg __none__ polkitd
+    install -D -m 644 "$SRC/systemd/feeds-api.polkit.rules" /etc/polkit-1/rules.d/60-feeds-api.rules
+fi
 # demo_dropin UNIT SIMULATOR SETTING...: with --demo, point UNIT at SIMULATOR through a drop-in
 # carrying the Environment= settings; without --demo, remove that drop-in.
 demo_dropin() {
@@ -226,6 +298,7 @@ verify=$(systemd-analyze verify "$UNITDIR"/feed-*.service "$UNITDIR"/feed-*.time
 systemctl enable --now feed-maintain.timer >/dev/null 2>&1
 systemctl enable --now feed-backfill.timer >/dev/null 2>&1
 systemctl enable --now feed-ibkr.timer >/dev/null 2>&1
+systemctl enable --now feed-check.timer >/dev/null 2>&1
 kite_ready() { ! grep -q '^api_key = "your_api_key"' "$ETC/kite.toml" &&
                for s in api-secret password totp-secret; do [ -s "$ETC/secrets/kite-$s" ] || return 1; done; }
 if [ $DEMO = 1 ] || kite_ready; then
@@ -251,5 +324,11 @@ if [ $START = 1 ]; then
     systemctl restart feed-binance.service
     say "feed-binance: $(systemctl is-active feed-binance.service)"
 fi
+if [ -f "$UNITDIR/feed-api.service" ]; then
+    systemctl enable feed-api.service >/dev/null 2>&1
+    [ $START = 0 ] || systemctl restart feed-api.service || say "feed-api did not start: journalctl -u feed-api"
+fi
 say "done. Status: systemctl status feed-binance; journalctl -u feed-binance -f; feedctl status;"
 say "      systemctl list-timers 'feed-*'; journalctl -u feed-backfill; journalctl -u feed-ibkr"
+say "      alerts: channels in $ETC/ops.toml (alerts.url_files), then feedctl alert --test;"
+say "      operators: usermod -aG feeds_ops alice (feedctl as the read-only role feeds_ops)"

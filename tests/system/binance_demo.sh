@@ -161,7 +161,7 @@ contains "$owners" "feeds_kite:feeds_kite 600 /var/lib/feeds/kite/access_token.j
     && contains "$owners" "root:feeds_binance 640 /etc/feeds/binance.toml" \
     && contains "$owners" "root:feeds_ibkr 640 /etc/feeds/contracts.csv" \
     && contains "$owners" "root:feeds 640 /etc/feeds/feeds.toml" \
-    && contains "$owners" "root:feeds 710 /etc/feeds/secrets" || bad "owners after the re-run"
+    && contains "$owners" "root:feeds 711 /etc/feeds/secrets" || bad "owners after the re-run"
 $I grep -q 'user=feeds' /etc/feeds/feeds.toml && bad "feeds.toml still names user=feeds" \
     || ok "feeds.toml dsn no longer names user=feeds"
 is_active() { [ "$(prop "$1" ActiveState)" = active ]; }

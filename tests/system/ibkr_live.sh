@@ -21,7 +21,7 @@ has_rows() { [ "$(count "$1")" -gt 0 ]; }
 need_port 5432 "a PostgreSQL on the host; the container's own cannot start" "${SDT_WAIT_5432:-0}"
 # install.sh --demo starts every simulator: each needs its port on the (shared) host network
 need_port 7497 "the TWS simulator unit's"
-need_port 9100 "the Binance simulator unit's"
+need_port 19100 "the Binance simulator unit's"
 need_port 9300 "the Kite simulator unit's"
 boot "$REPO:/opt/src:ro"
 

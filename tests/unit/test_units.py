@@ -1,4 +1,5 @@
-"""The unit files in systemd/: exposure, comments on hardening lines, restart settings, users.
+"""The unit files in systemd/: exposure, comments on hardening lines, restart settings, users,
+the alert units and the drop-ins that start them.
 
 ``systemd-analyze security --offline=true FILE`` scores each service's sandbox from its
 file alone (0 = fully confined, 10 = fully exposed); every unit must stay at or below
@@ -56,7 +57,8 @@ def test_there_are_units_to_check():
     names = {p.name for p in SERVICES}
     assert {"feed-binance.service", "feed-binance@.service", "feed-zerodha.service", "feed-kite-token.service",
             "feed-backfill.service", "feed-migrate.service", "feed-maintain.service",
-            "feed-sim-binance.service", "feed-sim-kite.service", "feed-sim-tws.service"} <= names
+            "feed-sim-binance.service", "feed-sim-kite.service", "feed-sim-tws.service",
+            "feed-check.service", "feed-alert@.service"} <= names
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
@@ -91,10 +93,112 @@ def test_restart_prevent_exit_status_only_with_restart(path):
             f"{path.name}: RestartPreventExitStatus= without Restart="
 
 
-@pytest.mark.parametrize("path", SERVICES, ids=lambda p: p.name)
-def test_no_comment_promises_an_alert(path):
-    """Nothing sends alerts yet: a unit must not say one fires."""
-    assert not [ln for ln in unit_lines(path) if ln.startswith("#") and "alert" in ln.lower()]
+DROPINS = sorted(UNITS.glob("*.service.d/*.conf"))
+
+
+def test_every_feed_unit_gets_on_failure_from_one_prefix_dropin():
+    """feed-.service.d/ applies to every unit named feed-*.service (systemd's prefix drop-ins):
+    each of them starts feed-alert@<its name>.service when it ends failed."""
+    d = directives(UNITS / "feed-.service.d" / "on-failure.conf")
+    assert d == {"OnFailure": ["feed-alert@%n.service"]}
+    assert "[Unit]" in unit_lines(UNITS / "feed-.service.d" / "on-failure.conf")
+    outside = [p.name for p in SERVICES if not p.name.startswith("feed-")]
+    assert not outside, f"units the OnFailure= drop-in does not reach: {outside}"
+    for p in SERVICES:
+        assert "OnFailure" not in directives(p), f"{p.name}: OnFailure= belongs to the shared drop-in"
+
+
+def test_alert_units_do_not_alert_about_themselves():
+    """feed-alert@.service is a feed-*.service too: a drop-in of its own, read after
+    on-failure.conf (drop-ins are applied in file name order across directories), empties
+    OnFailure= so that a failed alert does not start another one."""
+    own = sorted((UNITS / "feed-alert@.service.d").glob("*.conf"))
+    resets = [p for p in own if directives(p).get("OnFailure") == [""]]
+    assert resets, "feed-alert@.service.d/ has no file with an empty OnFailure="
+    assert all(p.name > "on-failure.conf" for p in resets), \
+        f"{[p.name for p in resets]} sort before on-failure.conf: the shared drop-in would win"
+    for p in own:
+        assert directives(p).get("OnFailure", [""])[-1] == "", p.name
+
+
+def test_dropins_explain_themselves():
+    assert DROPINS
+    for p in DROPINS:
+        assert unit_lines(p)[0].startswith("#"), f"{p}: starts with no comment"
+
+
+def test_alert_unit_sends_the_failed_units_alert():
+    d = directives(UNITS / "feed-alert@.service")
+    assert d["Type"] == ["oneshot"]
+    assert d["ExecStart"] == ["/opt/feeds/bin/feedctl alert --unit %i"]
+    assert d["User"] == ["feeds_ops"] and d["Group"] == ["feeds_ops"]
+    assert d["SupplementaryGroups"] == ["systemd-journal"], "reads the failed unit's journal"
+    assert d["CapabilityBoundingSet"] == [""]
+    assert "Restart" not in d
+    assert {"TimeoutStartSec", "MemoryMax"} <= set(d)
+
+
+def test_check_unit_and_its_timer():
+    d = directives(UNITS / "feed-check.service")
+    assert d["Type"] == ["oneshot"]
+    assert d["ExecStart"] == ["/opt/feeds/bin/feedctl check"]
+    assert d["User"] == ["feeds_ops"] and d["Group"] == ["feeds_ops"]
+    assert d["SupplementaryGroups"] == ["systemd-journal"]
+    assert d["StateDirectory"] == ["feeds/alerts"], "alerts.state_file is /var/lib/feeds/alerts/state.json"
+    # reads the collectors' 0700 spool directories, and may do nothing else as a privilege
+    assert d["AmbientCapabilities"] == ["CAP_DAC_READ_SEARCH"]
+    assert d["CapabilityBoundingSet"] == ["CAP_DAC_READ_SEARCH"]
+    assert d["ProtectSystem"] == ["strict"] and "ReadWritePaths" not in d
+    # exit 1: a condition holds, 2: the database is unreachable (itself a condition, told once):
+    # the check worked, and a failed unit would alert through feed-alert@ every minute
+    assert {"1", "2"} <= set(d["SuccessExitStatus"][-1].split())
+    assert {"TimeoutStartSec", "MemoryMax"} <= set(d)
+    t = directives(UNITS / "feed-check.timer")
+    assert t["OnCalendar"] == ["minutely"] and t["AccuracySec"] == ["5s"] and t["Persistent"] == ["false"]
+    assert t.get("Unit", ["feed-check.service"]) == ["feed-check.service"]
+
+
+def test_every_timer_starts_an_existing_service():
+    for timer in UNITS.glob("*.timer"):
+        unit = directives(timer).get("Unit", [timer.name.replace(".timer", ".service")])[-1]
+        assert (UNITS / unit).exists(), f"{timer.name} starts {unit}, not in systemd/"
+        assert "[Install]" in unit_lines(timer) and "WantedBy=timers.target" in unit_lines(timer), timer.name
+
+
+def _sysusers() -> tuple[set[str], set[str], set[tuple[str, str]]]:
+    lines = [ln.split() for ln in (UNITS / "feeds.sysusers").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    return ({ln[1] for ln in lines if ln[0] == "u"}, {ln[1] for ln in lines if ln[0] == "g"},
+            {(ln[1], ln[2]) for ln in lines if ln[0] == "m"})
+
+
+def test_operators_users_and_groups():
+    users, groups, members = _sysusers()
+    assert {"feeds_ops", "feeds_api"} <= users
+    assert ("feeds_api", "feeds_ops") in members, "feed-api reads ops.toml and the feeds_ops password"
+    # the operators' group gives nothing but ops.toml and that password: no service user is in it
+    # but feed-api's, and feeds_ops is in no other group
+    assert {m for m in members if m[1] == "feeds_ops"} == {("feeds_api", "feeds_ops")}
+    assert not {m for m in members if m[0] == "feeds_ops"}
+
+
+def test_oneshot_jobs_may_write_their_textfile():
+    """feed-maintain, feed-backfill and feed-kite-token write a node_exporter textfile in
+    /var/lib/prometheus/node-exporter (tmpfiles: group feeds_metrics, group-writable)."""
+    users, groups, members = _sysusers()
+    assert "feeds_metrics" in groups
+    tmpfiles = [ln.split() for ln in (UNITS / "feeds.tmpfiles").read_text().splitlines()
+                if ln.strip() and not ln.startswith("#")]
+    line = [t for t in tmpfiles if t[1] == "/var/lib/prometheus/node-exporter"]
+    assert line and line[0][0] == "d" and line[0][4] == "feeds_metrics"
+    assert int(line[0][2], 8) & 0o070 == 0o070 and int(line[0][2], 8) & 0o002 == 0
+    for name in ("feed-maintain.service", "feed-backfill.service", "feed-kite-token.service"):
+        d = directives(UNITS / name)
+        assert "-/var/lib/prometheus/node-exporter" in " ".join(d.get("ReadWritePaths", [])).split(), name
+        assert (d["User"][0], "feeds_metrics") in members, f"{name}: {d['User'][0]} not in feeds_metrics"
+    for p in SERVICES:   # nobody else writes there
+        if p.name not in ("feed-maintain.service", "feed-backfill.service", "feed-kite-token.service"):
+            assert "/var/lib/prometheus" not in " ".join(directives(p).get("ReadWritePaths", [])), p.name
 
 
 def test_each_program_runs_as_its_own_user_declared_in_sysusers():
@@ -104,12 +208,15 @@ def test_each_program_runs_as_its_own_user_declared_in_sysusers():
     want = {"feed-binance.service": "feeds_binance", "feed-binance@.service": "feeds_binance",
             "feed-zerodha.service": "feeds_kite", "feed-kite-token.service": "feeds_kite",
             "feed-backfill.service": "feeds_ibkr", "feed-migrate.service": "feeds",
-            "feed-maintain.service": "feeds"}
+            "feed-maintain.service": "feeds", "feed-check.service": "feeds_ops",
+            "feed-alert@.service": "feeds_ops"}
+    if (UNITS / "feed-api.service").exists():
+        want["feed-api.service"] = "feeds_api"
     for name, user in want.items():
         d = directives(UNITS / name)
         assert d["User"] == [user] and d["Group"] == [user], name
         assert user in users, f"{user} not in feeds.sysusers"
-        if user != "feeds":
+        if user not in ("feeds", "feeds_ops", "feeds_api"):
             assert (user, "feeds") in members, f"{user} must be in the group feeds (reads feeds.toml)"
     for name in ("feed-sim-binance.service", "feed-sim-kite.service", "feed-sim-tws.service"):
         d = directives(UNITS / name)
