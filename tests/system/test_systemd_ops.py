@@ -2,31 +2,15 @@
 webhook receiver (OnFailure=, feed-check), the operators' access, feedctl status, Prometheus
 scraping the collectors with the shipped configuration and dashboard, feed-api through D-Bus
 and polkit."""
-import os
-import shutil
-import subprocess
-
 import pytest
 
-from conftest import ROOT
+from test_systemd import run_script
 
 pytestmark = pytest.mark.system
 
 
 def test_ops_alerts_access_status():
-    if os.geteuid() != 0:
-        pytest.skip("system tests need root (they boot systemd in namespaces)")
-    for tool in ("nsenter", "unshare", "script", "systemd-analyze"):
-        if not shutil.which(tool):
-            pytest.skip(f"system tests need {tool}")
-    p = subprocess.run(["bash", str(ROOT / "tests" / "system" / "ops.sh")], capture_output=True, text=True,
-                       timeout=1800)
-    out = p.stdout + p.stderr
-    print(out)
-    if p.returncode == 77:
-        pytest.skip(out.strip().splitlines()[-1])
-    assert p.returncode == 0, "\n".join(ln for ln in out.splitlines() if ln.startswith("FAIL")) or out[-3000:]
-    assert "FAIL:" not in out
+    out = run_script("ops.sh", timeout=1800)
     passed = [ln for ln in out.splitlines() if ln.startswith("PASS")]
     for check in ("systemd-analyze verify prints nothing",
                   "users feeds_ops, feeds_api (member of feeds_ops), group feeds_metrics",
