@@ -201,15 +201,21 @@ for d in /var/lib/feeds/binance /var/lib/feeds/binance-*; do own_state "$d" feed
 # --- operators: feedctl, feed-check, feed-alert@, feed-api ---------------------------------
 # The database role feeds_ops logs in over 127.0.0.1 with a password generated here once, kept in
 # a file readable by the group feeds_ops (root, the operators, feed-check, feed-api).
+# new_secret FILE OWNER:GROUP MODE EXPR WHAT: FILE generated once (python3's secrets.EXPR); an
+# existing one is kept, its owner and mode put right.
+new_secret() {
+    local f=$1 og=$2 mode=$3 expr=$4 what=$5
+    if [ ! -s "$f" ]; then
+        ( umask 077; python3 -c "import secrets; print(secrets.$expr)" > "$f.new" )
+        chown "$og" "$f.new"; chmod "$mode" "$f.new"; mv "$f.new" "$f"
+        say "generated $what in $f"
+    elif [ "$(stat -c '%U:%G %a' "$f")" != "$og $mode" ]; then
+        chown "$og" "$f"; chmod "$mode" "$f"
+        say "$f: now $og, mode $mode"
+    fi
+}
 ops_pw=$ETC/secrets/feeds-ops.password
-if [ ! -s "$ops_pw" ]; then
-    ( umask 077; python3 -c 'import secrets; print(secrets.token_hex(24))' > "$ops_pw.new" )
-    chown root:feeds_ops "$ops_pw.new"; chmod 640 "$ops_pw.new"; mv "$ops_pw.new" "$ops_pw"
-    say "generated the password of the database role feeds_ops in $ops_pw"
-elif [ "$(stat -c '%U:%G %a' "$ops_pw")" != "root:feeds_ops 640" ]; then
-    chown root:feeds_ops "$ops_pw"; chmod 640 "$ops_pw"
-    say "$ops_pw: now root:feeds_ops, mode 640"
-fi
+new_secret "$ops_pw" root:feeds_ops 640 'token_hex(24)' "the password of the database role feeds_ops"
 ops_login() { PGPASSWORD=$(head -n1 "$ops_pw") PGCONNECT_TIMEOUT=10 \
               psql -qAtw "host=127.0.0.1 dbname=feeds user=feeds_ops" -c 'select 1' >/dev/null 2>&1; }
 if ! ops_login; then
@@ -220,16 +226,8 @@ if ! ops_login; then
     ops_login || say "WARNING: feeds_ops cannot log in over 127.0.0.1 with its password: feedctl needs" \
                      "'host all all 127.0.0.1/32 scram-sha-256' in pg_hba.conf (Debian's default)"
 fi
-# feed-api's bearer token, generated once, readable by feeds_api only.
-api_token=$ETC/secrets/feed-api.token
-if [ ! -s "$api_token" ]; then
-    ( umask 077; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > "$api_token.new" )
-    chown feeds_api:feeds_api "$api_token.new"; chmod 600 "$api_token.new"; mv "$api_token.new" "$api_token"
-    say "generated feed-api's bearer token in $api_token"
-elif [ "$(stat -c '%U %a' "$api_token")" != "feeds_api 600" ]; then
-    chown feeds_api:feeds_api "$api_token"; chmod 600 "$api_token"
-    say "$api_token: now owned by feeds_api, mode 600"
-fi
+# feed-api's bearer token, readable by feeds_api only.
+new_secret "$ETC/secrets/feed-api.token" feeds_api:feeds_api 600 'token_urlsafe(32)' "feed-api's bearer token"
 
 # --- migrations ------------------------------------------------------------------------
 runuser -u feeds -- "$PREFIX/bin/feed-migrate" --sql-dir "$PREFIX/sql"
