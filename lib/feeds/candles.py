@@ -129,9 +129,16 @@ class _CalendarSessions:
         return None if w is None else (w[0], w[1])
 
     def anchor(self, window: tuple[int, int]) -> int:
-        """The regular open of the (possibly extended) ``window``: intervals are aligned to it."""
-        w = self._find(window[0])
-        return window[0] if w is None else w[2]
+        """The regular open of the (possibly extended) ``window``: intervals are aligned to it.
+        The session is the one whose window this is, exactly: a pre-market that begins on the
+        evening before (a session opening before 05:30 New York) belongs to its own day, not to
+        the previous day's session."""
+        day = dt.datetime.fromtimestamp(window[0] // SECOND_NS, self.calendar.tz).date()
+        for d in (day, day + dt.timedelta(days=1), day - dt.timedelta(days=1)):
+            w = self._day(d)
+            if w is not None and (w[0], w[1]) == (window[0], window[1]):
+                return w[2]
+        return window[0]
 
     def __repr__(self) -> str:
         return f"calendar_sessions({self.calendar.name}, pre_ns={self.pre_ns}, post_ns={self.post_ns})"
@@ -718,6 +725,17 @@ class CandleBuilder:
         return out
 
     # ------------------------------------------------------------------ history
+
+    def bucket_start(self, ts_ns: int, interval_min: int) -> int | None:
+        """Start (epoch ns) of the ``interval_min`` candle that holds the
+        minute at ``ts_ns`` on this builder's grid (aligned to the session's
+        anchor, cut to its window); None outside every session.  A history
+        fill fetches from the earliest of these, so that :meth:`seed` makes
+        each larger candle from all of its minutes."""
+        w = self._window(ts_ns)
+        if w is None:
+            return None
+        return _grid(ts_ns, (w[0], w[1]), w[2], interval_min * MINUTE_NS)[0]
 
     def seed(self, key: Hashable, bars: Iterable[tuple], *, until_ns: int | None = None) -> list[Candle]:
         """History one-minute bars ``(start_ns, open, high, low, close,

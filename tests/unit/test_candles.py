@@ -409,3 +409,23 @@ def test_candle_decimal_converts_without_binary_float_surprises():
 def test_bad_arguments_are_refused(kw):
     with pytest.raises(ValueError):
         CandleBuilder(always(), **kw)
+
+
+def test_bucket_start_is_the_builders_own_grid_anchored_at_the_regular_open():
+    extended = calendar_sessions(calendar("XNYS"), pre_ns=int(5.5 * 3600) * S, post_ns=4 * 3600 * S)
+    b = CandleBuilder(extended, (1, 5, 15))
+    # pre-market, extended hours: aligned to 09:30, not to the 04:00 start of the window
+    assert b.bucket_start(ny(7, 59, 30), 15) == ny(7, 45)
+    assert b.bucket_start(ny(7, 59), 5) == ny(7, 55)
+    assert b.bucket_start(ny(7, 59, 59), 1) == ny(7, 59)
+    assert b.bucket_start(ny(4, 0), 15) == ny(4, 0)          # the window's first bucket
+    assert b.bucket_start(ny(21, 0), 15) is None              # after the post-market: no session
+
+
+def test_an_early_sessions_pre_market_from_the_evening_before_is_aligned_to_its_own_open():
+    from datetime import date, time
+    from feeds.calendars import ExchangeCalendar
+    cal = ExchangeCalendar("XNYS", extra_sessions={date(2026, 12, 1): (time(0, 38), time(2, 8))})
+    b = CandleBuilder(calendar_sessions(cal, pre_ns=int(5.5 * 3600) * S, post_ns=4 * 3600 * S), (1, 15))
+    # 00:59 New York: the pre-market began at 19:08 on Nov 30, inside that day's post-market hours
+    assert b.bucket_start(ny(0, 59, day=(2026, 12, 1)), 15) == ny(0, 53, day=(2026, 12, 1))

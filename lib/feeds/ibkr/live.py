@@ -729,9 +729,12 @@ class LiveCollector:
             frm = max(open_ns, last.get(sub.symbol, open_ns - MINUTE_NS) + MINUTE_NS)
             if frm > m0:
                 continue
-            # from the earliest start of the candles (every interval) containing frm, so that they are
-            # whole; only the minutes from frm on (and the candles reaching them) are stored
-            fetch = min(open_ns + (frm - open_ns) // (i * MINUTE_NS) * (i * MINUTE_NS) for i in self.s.intervals)
+            # from the earliest start of the candles (every interval) containing frm, on the builder's
+            # own grid, so that they are whole; only the minutes from frm on (and the candles reaching
+            # them) are stored
+            builder = self.builders["stock" if sub.kind == "stock" else "index"]
+            starts = [builder.bucket_start(frm, i) for i in self.s.intervals]
+            fetch = min([s for s in starts if s is not None] or [frm])
             secs = (end_ns - fetch) // 1_000_000_000
             try:
                 bars = await self.ib.reqHistoricalDataAsync(
@@ -752,7 +755,6 @@ class LiveCollector:
                     continue
                 o, h, lo, c, v, _wap = (Decimal(x) for x in b.text)
                 seed.append((start, o, h, lo, c, v if sub.kind == "stock" else None, int(b.barCount)))
-            builder = self.builders["stock" if sub.kind == "stock" else "index"]
             candles = [c for c in builder.seed(sub.symbol, seed, until_ns=end_ns) if c.end_ns > frm]
             self.store_candles(candles)
             self.history_candles += len(candles)
