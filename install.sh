@@ -129,7 +129,7 @@ cfg_group() {  # cfg_group FILE: the group that reads a configuration file
         *) echo feeds ;;
     esac
 }
-# The operators (group feeds_ops) and feeds_api open ops.toml and the password of feeds_ops by
+# The operators (group feeds_ops) and feeds_api open ops.toml, alerts.toml and the password of feeds_ops by
 # name: both directories are searchable by every user, listable as before only by the group
 # feeds (/etc/feeds) or nobody (secrets). Each file keeps its own mode and group; one that every
 # user could read (only the directory's mode hid it) is made private to its owner and group.
@@ -161,6 +161,17 @@ if [ -f "$ETC/binance-demo.toml" ] && grep -q '127\.0\.0\.1:9100"' "$ETC/binance
     sed -i 's#127\.0\.0\.1:9100"#127.0.0.1:19100"#g' "$ETC/binance-demo.toml"
     say "$ETC/binance-demo.toml: the demo simulator is now on 127.0.0.1:19100 (9100 is node_exporter's)"
 fi
+# An ops.toml of the release that kept the alerts in it: its [alerts] section moves to alerts.toml
+# (or, when an alerts.toml exists already, to alerts.toml.from-ops for the operator to compare).
+if [ -f "$ETC/ops.toml" ] && grep -qx '\[alerts\]' "$ETC/ops.toml"; then
+    to="$ETC/alerts.toml"; [ -e "$to" ] && to="$ETC/alerts.toml.from-ops"
+    { echo "# The [alerts] section of $ETC/ops.toml, moved here by install.sh on $(date -u +%F)."
+      awk '/^\[/ { a = ($0 == "[alerts]") } a' "$ETC/ops.toml"; } > "$to.new"
+    awk '/^\[/ { a = ($0 == "[alerts]") } !a' "$ETC/ops.toml" > "$ETC/ops.toml.new"
+    chown root:feeds_ops "$to.new" "$ETC/ops.toml.new"; chmod 640 "$to.new" "$ETC/ops.toml.new"
+    mv "$to.new" "$to"; mv "$ETC/ops.toml.new" "$ETC/ops.toml"
+    say "$ETC/ops.toml: its [alerts] section moved to $to"
+fi
 for f in "$SRC"/etc/*; do
     dst="$ETC/$(basename "$f")"
     if [ ! -e "$dst" ]; then
@@ -191,9 +202,6 @@ own_state() {  # own_state DIR USER: give a StateDirectory (and what is in it) t
     chown -R "$2:$2" "$1"
     say "$1: now owned by $2"
 }
-if [ -e "$ETC/alerts.toml" ]; then
-    say "$ETC/alerts.toml is no longer read: $ETC/ops.toml replaces it (copy your [alerts] settings there)"
-fi
 own_state /var/lib/feeds/kite feeds_kite
 own_state /var/lib/feeds/zerodha feeds_kite
 for d in /var/lib/feeds/binance /var/lib/feeds/binance-*; do own_state "$d" feeds_binance; done
@@ -328,5 +336,5 @@ if [ -f "$UNITDIR/feed-api.service" ]; then
 fi
 say "done. Status: systemctl status feed-binance; journalctl -u feed-binance -f; feedctl status;"
 say "      systemctl list-timers 'feed-*'; journalctl -u feed-backfill; journalctl -u feed-ibkr"
-say "      alerts: channels in $ETC/ops.toml (alerts.url_files), then feedctl alert --test;"
+say "      alerts: channels in $ETC/alerts.toml (alerts.url_files), then feedctl alert --test;"
 say "      operators: usermod -aG feeds_ops alice (feedctl as the read-only role feeds_ops)"

@@ -18,7 +18,7 @@ from .config import EX_CONFIG, Config, ConfigError, exit_on_config_error
 from .migrate import MigrationError, apply, default_sql_dir
 from .db import connect
 from .runtime import setup_logging
-from .settings import FEEDS_FILE, OPS_FILE, database_dsn, empty, load
+from .settings import ALERTS_FILE, FEEDS_FILE, OPS_FILE, Schema, alerts_path, database_dsn, empty, load
 
 log = logging.getLogger("feeds")
 COMMON = "/etc/feeds/feeds.toml"
@@ -187,7 +187,8 @@ def maintain(config_path: str) -> None:
 
 # -- feedctl ---------------------------------------------------------------------------------------
 
-#: feedctl's configuration: the operators' file (database role feeds_ops, alerts, API).
+#: feedctl's configuration: the operators' file (database role feeds_ops, API); the alerts'
+#: file (channels, conditions) is alerts.toml beside it unless --alerts-config names another.
 OPS = "/etc/feeds/ops.toml"
 #: Runs systemctl and journalctl (``argv -> (returncode, stdout)``); None: feeds.ops.gather.run_command.
 RUNNER = None
@@ -195,7 +196,7 @@ RUNNER = None
 SYSTEMD: bool | None = None
 #: Exit status when the database cannot be reached.
 EX_DB = 2
-#: Exit status when this user may not read ops.toml (EX_NOPERM).
+#: Exit status when this user may not read ops.toml or alerts.toml (EX_NOPERM).
 EX_NOPERM = 77
 #: Exit status of ``check`` when its alert state cannot be read or written (EX_CANTCREAT):
 #: feed-check.service then fails, and its OnFailure= alert says so.
@@ -214,16 +215,28 @@ def _systemd() -> bool:
     return True if RUNNER is not None else G.systemd_booted()
 
 
-def _ops_config(ctx: click.Context, config_path: str | None) -> Config:
-    """``ops.toml`` (the subcommand's --config, else feedctl's --config, else
-    FEEDS_OPS_CONFIG, else /etc/feeds/ops.toml), checked; an absent file reads
-    as empty (enough with FEEDS_DSN, or a feeds.toml beside it)."""
-    path = config_path or (ctx.find_root().obj or {}).get("config") or OPS
+def _operators_file(path: str | os.PathLike, schema: Schema) -> Config:
+    """One of the operators' files, checked; an absent file reads as empty
+    (its defaults).  Exits 77 with one line when this user may not read it."""
     if Path(path).exists() and not os.access(path, os.R_OK):
         click.echo(f"feedctl: cannot read {path}: feedctl is for root and the members of the group feeds_ops "
                    f"(sudo usermod -aG feeds_ops $USER, then log in again)", err=True)
         sys.exit(EX_NOPERM)
-    return load(path, OPS_FILE) if Path(path).exists() else empty(path, OPS_FILE)
+    return load(path, schema) if Path(path).exists() else empty(path, schema)
+
+
+def _ops_config(ctx: click.Context, config_path: str | None) -> Config:
+    """``ops.toml`` (the subcommand's --config, else feedctl's --config, else
+    FEEDS_OPS_CONFIG, else /etc/feeds/ops.toml), checked; an absent file reads
+    as empty (enough with FEEDS_DSN, or a feeds.toml beside it)."""
+    return _operators_file(config_path or (ctx.find_root().obj or {}).get("config") or OPS, OPS_FILE)
+
+
+def _alerts_config(ctx: click.Context, ops: Config) -> Config:
+    """``alerts.toml``: feedctl's --alerts-config (FEEDS_ALERTS_CONFIG), else
+    the file of that name beside the ops.toml in use; checked, an absent file
+    reads as its defaults (no channel)."""
+    return _operators_file(alerts_path(ops.file, (ctx.find_root().obj or {}).get("alerts_config")), ALERTS_FILE)
 
 
 def _connect(cfg: Config, statement_timeout: float = 30.0):
@@ -245,29 +258,34 @@ def _now(value: str | None) -> datetime:
 
 
 _config_option = click.option("--config", "config_path", default=None, metavar="FILE",
-                              help="ops.toml (default: feedctl's --config, FEEDS_OPS_CONFIG, /etc/feeds/ops.toml).")
+                              help="ops.toml (default: feedctl's --config, FEEDS_OPS_CONFIG, /etc/feeds/ops.toml); "
+                                   "alerts.toml is read beside it.")
 _now_option = click.option("--now", "now_text", default=None, hidden=True,
                            help="Judge as if it were this time (ISO 8601; UTC unless an offset is given).")
 
 
 @click.group()
 @click.option("--config", "config_path", envvar="FEEDS_OPS_CONFIG", default=OPS, show_default=True,
-              help="The operators' configuration (database role feeds_ops, alerts).")
+              help="The operators' configuration (database role feeds_ops, control API).")
+@click.option("--alerts-config", "alerts_path", envvar="FEEDS_ALERTS_CONFIG", default=None, metavar="FILE",
+              help="The alerts' configuration (channels, conditions) [default: alerts.toml beside ops.toml].")
 @click.pass_context
-def feedctl(ctx: click.Context, config_path: str) -> None:
+def feedctl(ctx: click.Context, config_path: str, alerts_path: str | None) -> None:
     """Look at the feeds: unit states, health, gaps, reports, the kline check, alerts.
 
     Every subcommand reads ops.toml and connects as its database role (root
-    or a member of the group feeds_ops).  Exit status 2: the database cannot
-    be reached; 78: a configuration error."""
+    or a member of the group feeds_ops); status, check, gaps, report and
+    alert also read alerts.toml.  Exit status 2: the database cannot be
+    reached; 77: this user may not read them; 78: a configuration error."""
     ctx.ensure_object(dict)
     ctx.obj["config"] = config_path
+    ctx.obj["alerts_config"] = alerts_path
 
 
-def _memory(cfg: Config, notes: list[str]):
+def _memory(alerts: Config, notes: list[str]):
     """The check memory (read-only use): None when it cannot be read."""
     from .ops.gather import Memory
-    path = Memory.path_for(cfg["alerts.state_file"])
+    path = Memory.path_for(alerts["alerts.state_file"])
     try:
         path.stat()
     except FileNotFoundError:
@@ -333,12 +351,13 @@ def status(ctx: click.Context, config_path: str | None, as_json: bool, stale_aft
     from .ops import checks
     from .ops.gather import expected_now
     cfg = _ops_config(ctx, config_path)
+    acfg = _alerts_config(ctx, cfg)
     now = _now(now_text)
     notes: list[str] = []
-    memory = _memory(cfg, notes)
+    memory = _memory(acfg, notes)
     with _connect(cfg) as conn:
         g = _gather(cfg, conn, now, memory)
-    params = checks.Params.from_config(cfg, stale_after_s=float(stale_after))
+    params = checks.Params.from_config(acfg, stale_after_s=float(stale_after))
     ev = checks.evaluate(replace(g.facts, units=_stand_in_units(g)), params)
     spools = {}
     for sp in g.facts.spools:
@@ -432,13 +451,14 @@ def check(ctx: click.Context, config_path: str | None, now_text: str | None) -> 
     from .ops.gather import Memory
     setup_logging()
     cfg = _ops_config(ctx, config_path)
-    params = checks.Params.from_config(cfg)
+    acfg = _alerts_config(ctx, cfg)
+    params = checks.Params.from_config(acfg)
     dsn = database_dsn(cfg, shared_secret=True)
-    channels = Channels.from_config(cfg)
+    channels = Channels.from_config(acfg)
     now = _now(now_text)
     try:
-        state = AlertState.from_config(cfg, channels.names)
-        memory = Memory(Memory.path_for(cfg["alerts.state_file"]))
+        state = AlertState.from_config(acfg, channels.names)
+        memory = Memory(Memory.path_for(acfg["alerts.state_file"]))
     except (OSError, ValueError) as e:
         click.echo(f"alert state not usable: {_first_line(e)}", err=True)
         sys.exit(EX_STATE)
@@ -466,7 +486,7 @@ def check(ctx: click.Context, config_path: str | None, now_text: str | None) -> 
         ev = checks.evaluate(g.facts, params)
         holding = ev.holding
     if not len(channels):
-        click.echo(f"note: no alert channel (alerts.url_files is empty in {cfg.file}): nothing is sent")
+        click.echo(f"note: no alert channel (alerts.url_files is empty in {acfg.file}): nothing is sent")
     try:
         results = state.deliver(holding, now, channels)
         if ev is not None:
@@ -516,7 +536,7 @@ def gaps(ctx: click.Context, config_path: str | None, since: str, stream: str | 
     cfg = _ops_config(ctx, config_path)
     now = _now(now_text)
     notes: list[str] = []
-    memory = _memory(cfg, notes)
+    memory = _memory(_alerts_config(ctx, cfg), notes)
     try:
         with _connect(cfg) as conn:
             doc = R.gaps(conn, now, since=_since(since) or now - timedelta(days=7), stream=stream,
@@ -558,12 +578,13 @@ def report(ctx: click.Context, config_path: str | None, kind: str, day: str | No
     else:
         d = now.date() - timedelta(days=1 if kind == "daily" else 7)
     notes: list[str] = []
-    memory = _memory(cfg, notes)
+    acfg = _alerts_config(ctx, cfg)
+    memory = _memory(acfg, notes)
     from dataclasses import replace
     try:
         with _connect(cfg, statement_timeout=300.0) as conn:
             g = _gather(cfg, conn, now, memory)
-            ev = checks.evaluate(replace(g.facts, units=_stand_in_units(g)), checks.Params.from_config(cfg))
+            ev = checks.evaluate(replace(g.facts, units=_stand_in_units(g)), checks.Params.from_config(acfg))
             doc = R.report(conn, kind, d, memory=memory, scores=ev.scores,
                            units=sorted(set(g.facts.units) | set(g.facts.heartbeats)), exact=exact, notes=notes)
     except psycopg.Error as e:
@@ -721,7 +742,7 @@ def failure_hint(props: dict[str, str]) -> str:
 @click.pass_context
 @exit_on_config_error
 def alert(ctx: click.Context, config_path: str | None, send_test: bool, unit: str | None) -> None:
-    """Alert channels (alerts.url_files in ops.toml).  ``--test`` sends a
+    """Alert channels (alerts.url_files in alerts.toml).  ``--test`` sends a
     test message to each and prints, per channel (named by its file), whether
     it accepted; exit 0 when every channel did, 1 when one did not or none is
     configured.  ``--unit UNIT`` (run by feed-alert@UNIT.service through
@@ -732,7 +753,7 @@ def alert(ctx: click.Context, config_path: str | None, send_test: bool, unit: st
     if send_test == bool(unit):
         raise click.UsageError("give either --test or --unit UNIT")
     setup_logging()
-    cfg = _ops_config(ctx, config_path)
+    cfg = _alerts_config(ctx, _ops_config(ctx, config_path))
     channels = Channels.from_config(cfg)
     if not len(channels):
         click.echo(f"no alert channel: alerts.url_files is empty in {cfg.file}", err=True)

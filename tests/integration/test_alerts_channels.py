@@ -19,7 +19,7 @@ from pgserver import free_port
 from feeds.ops.alerts import FIRING, RESOLVED, AlertState, Channels, test_message, unit_failure_alert
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
-CONFIG = "/etc/feeds/ops.toml"
+CONFIG = "/etc/feeds/alerts.toml"
 STALE = "stale:feed-binance.service"
 HOLDS = {STALE: ("feed-binance.service is stale", "no aggTrade for 300 s on btcusdt", "critical")}
 HOOK_PATH = "/hook/T0KEN-abcdef-s3cret"
@@ -236,7 +236,9 @@ def test_feedctl_alert_test_reaches_every_channel_and_names_them_by_file(tmp_pat
     root = Path(__file__).resolve().parents[2]
     files = [url_file(tmp_path, "mail.url", smtp.url), url_file(tmp_path, "hook.url", hook.url)]
     cfg = tmp_path / "ops.toml"
-    cfg.write_text("[alerts]\nurl_files = [%s]\nsend_timeout = 5.0\n" % ", ".join(f'"{f}"' for f in files))
+    cfg.write_text("[api]\n")
+    (tmp_path / "alerts.toml").write_text("[alerts]\nurl_files = [%s]\nsend_timeout = 5.0\n"
+                                          % ", ".join(f'"{f}"' for f in files))
     env = {**os.environ, "PYTHONPATH": str(root / "lib")}
     r = subprocess.run([sys.executable, str(root / "bin" / "feedctl"), "alert", "--test", "--config", str(cfg)],
                        capture_output=True, text=True, timeout=120, env=env)

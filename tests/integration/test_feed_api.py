@@ -118,8 +118,9 @@ def config_dir(tmp_path, db):
     token.chmod(0o600)
     (tmp_path / "ops.toml").write_text(
         f'[database]\ndsn = "host=127.0.0.1 dbname=feeds user=feeds_ops password={DSN_SECRET}"\n'
-        f'password_file = "{pw}"\n[alerts]\nhealth_threshold = 55\n'
+        f'password_file = "{pw}"\n'
         f'[api]\nport = 9800\ntoken_file = "{token}"\n')
+    (tmp_path / "alerts.toml").write_text('[alerts]\nhealth_threshold = 55\n')
     (tmp_path / "binance.toml").write_text(
         '[database]\ndsn = "postgresql://feeds_binance:' + DSN_SECRET + '@127.0.0.1/feeds"\n'
         '[binance]\nrest_url = "https://fapi.binance.com"\nws_url = "wss://fstream.binance.com"\n'
@@ -318,8 +319,8 @@ def test_config_shows_settings_but_no_secret(db, config_dir):
     doc = json.loads(text)
     files = doc["files"]
     ops = files["ops.toml"]["values"]
-    assert ops["alerts.health_threshold"] == 55                     # given
-    assert ops["alerts.rate_drop"] == 0.2                           # a default filled in
+    assert files["alerts.toml"]["values"]["alerts.health_threshold"] == 55      # given
+    assert files["alerts.toml"]["values"]["alerts.rate_drop"] == 0.2            # a default filled in
     assert ops["database.password_file"].endswith("feeds-ops.password")   # the path stays
     assert ops["api.token_file"].endswith("feed-api.token")
     assert "password=<redacted>" in ops["database.dsn"] and "user=feeds_ops" in ops["database.dsn"]

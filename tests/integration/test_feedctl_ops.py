@@ -65,13 +65,20 @@ def env(db, tmp_path, monkeypatch):
     return sd
 
 
-def ops_toml(tmp_path, files=(), **alerts):
+def alerts_toml(path, files=(), **alerts):
     lines = ["[alerts]", f'url_files = [{", ".join(json.dumps(f) for f in files)}]',
-             f'state_file = "{tmp_path / "state" / "state.json"}"', "send_timeout = 5.0",
+             f'state_file = "{path.parent / "state" / "state.json"}"', "send_timeout = 5.0",
              "disk_min_free = 0.0"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in alerts.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def ops_toml(tmp_path, files=(), **alerts):
+    """An ops.toml (the database from FEEDS_DSN) with its alerts.toml beside it."""
+    alerts_toml(tmp_path / "alerts.toml", files, **alerts)
     p = tmp_path / "ops.toml"
-    p.write_text("\n".join(lines) + "\n")
+    p.write_text("[api]\n")
     return str(p)
 
 
@@ -153,9 +160,28 @@ def test_check_database_unreachable_exit_2(env, tmp_path, monkeypatch, hook):
 
 def test_bad_config_exit_78(env, tmp_path):
     p = tmp_path / "ops.toml"
-    p.write_text("[alerts]\nhealth_treshold = 10\n")
+    p.write_text("[api]\n")
+    (tmp_path / "alerts.toml").write_text("[alerts]\nhealth_treshold = 10\n")
     r = feedctl("--config", str(p), "check")
-    assert r.exit_code == 78 and "alerts.health_treshold" in r.output
+    assert r.exit_code == 78 and "alerts.health_treshold" in r.output and f"{tmp_path / 'alerts.toml'}" in r.output
+    # the alerts' settings belong in alerts.toml: an [alerts] section in ops.toml is refused, naming it
+    p.write_text("[alerts]\nhealth_threshold = 10\n")
+    r = feedctl("--config", str(p), "check")
+    assert r.exit_code == 78 and f"configuration error in {p}: key 'alerts'" in r.output, r.output
+
+
+def test_alerts_toml_beside_ops_toml_or_named_by_option(env, db, tmp_path, hook):
+    """Channels come from the alerts.toml beside the ops.toml in use, or from
+    the one --alerts-config (FEEDS_ALERTS_CONFIG) names."""
+    cfg = ops_toml(tmp_path)                                   # beside it: no channel
+    other = alerts_toml(tmp_path / "elsewhere.toml", [url_file(tmp_path, "hook.url", hook.url)])
+    r = feedctl("--config", cfg, "alert", "--test")
+    assert r.exit_code == 1 and f"alerts.url_files is empty in {tmp_path / 'alerts.toml'}" in r.output
+    r = feedctl("--config", cfg, "--alerts-config", other, "alert", "--test")
+    assert r.exit_code == 0 and "hook.url: accepted" in r.output, r.output
+    r = CliRunner(env={"FEEDS_ALERTS_CONFIG": other}).invoke(cli.feedctl, ["--config", cfg, "alert", "--test"])
+    assert r.exit_code == 0 and "hook.url: accepted" in r.output, r.output
+    assert len(hook.posts) == 2
 
 
 def test_status_text_and_json(env, db, tmp_path):
@@ -308,7 +334,8 @@ def test_check_fails_with_73_when_its_alert_state_cannot_be_written(env, db, tmp
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     cfg = tmp_path / "ops.toml"
-    cfg.write_text(f'[alerts]\nstate_file = "{blocker / "state.json"}"\n')
+    cfg.write_text("[api]\n")
+    (tmp_path / "alerts.toml").write_text(f'[alerts]\nstate_file = "{blocker / "state.json"}"\n')
     beat(db, BIN, SUNDAY_0300)
     r = feedctl("--config", str(cfg), "check", "--now", SUNDAY_0300.isoformat())
     assert r.exit_code == cli.EX_STATE == 73, r.output
@@ -318,11 +345,16 @@ def test_check_fails_with_73_when_its_alert_state_cannot_be_written(env, db, tmp
 def test_a_user_outside_the_operators_group_is_told_how_to_join(tmp_path, open_tmp):
     from conftest import as_unprivileged
     cfg = open_tmp / "ops.toml"
-    cfg.write_text("[alerts]\n")
+    cfg.write_text("[api]\n")
     cfg.chmod(0o640)                             # root's group: nobody may not read it
+    alerts = open_tmp / "alerts.toml"
+    alerts.write_text("[alerts]\n")
+    alerts.chmod(0o640)
 
-    def run():
+    def run(unreadable):
         r = CliRunner().invoke(cli.feedctl, ["--config", str(cfg), "status"])
         assert r.exit_code == cli.EX_NOPERM == 77, r.output
-        assert f"cannot read {cfg}" in r.output and "usermod -aG feeds_ops" in r.output
-    assert as_unprivileged(run) == 0
+        assert f"cannot read {unreadable}" in r.output and "usermod -aG feeds_ops" in r.output
+    assert as_unprivileged(lambda: run(cfg)) == 0
+    cfg.chmod(0o644)                             # ops.toml readable, alerts.toml still not
+    assert as_unprivileged(lambda: run(alerts)) == 0

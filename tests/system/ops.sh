@@ -46,32 +46,34 @@ contains "$ids" "uid=.*(feeds_ops) gid=.*(feeds_ops) groups=.*(feeds_ops)$" \
     && contains "$ids" "(feeds_api) groups=.*(feeds_ops)" \
     && members_of_metrics feeds feeds_ibkr feeds_kite \
     && ok "users feeds_ops, feeds_api (member of feeds_ops), group feeds_metrics" || { bad "users:"; echo "$ids"; }
-modes=$($I bash -c 'stat -c "%U:%G %a %n" /etc/feeds /etc/feeds/secrets /etc/feeds/ops.toml \
+modes=$($I bash -c 'stat -c "%U:%G %a %n" /etc/feeds /etc/feeds/secrets /etc/feeds/ops.toml /etc/feeds/alerts.toml \
         /etc/feeds/secrets/feeds-ops.password /etc/feeds/secrets/feed-api.token /var/lib/prometheus/node-exporter')
 echo "$modes" | sed 's/^/    /'
 contains "$modes" "root:feeds 751 /etc/feeds$" && contains "$modes" "root:feeds 711 /etc/feeds/secrets$" \
-    && contains "$modes" "root:feeds_ops 640 /etc/feeds/ops.toml$" \
+    && contains "$modes" "root:feeds_ops 640 /etc/feeds/ops.toml$" && contains "$modes" "root:feeds_ops 640 /etc/feeds/alerts.toml$" \
     && contains "$modes" "root:feeds_ops 640 /etc/feeds/secrets/feeds-ops.password$" \
     && contains "$modes" "feeds_api:feeds_api 600 /etc/feeds/secrets/feed-api.token$" \
     && contains "$modes" "root:feeds_metrics 2775 /var/lib/prometheus/node-exporter$" \
-    && ok "modes: /etc/feeds 751, secrets 711, ops.toml and the feeds_ops password 640 root:feeds_ops, token 600 feeds_api" \
+    && ok "modes: /etc/feeds 751, secrets 711, ops.toml, alerts.toml and the feeds_ops password 640 root:feeds_ops, token 600 feeds_api" \
     || bad "modes"
 open=$($I find /etc/feeds -type f -perm /o=rwx)
 [ -z "$open" ] && ok "no file in /etc/feeds is readable by every user" || bad "readable by others: $open"
 before=$($I bash -c 'find /etc/feeds -type f -printf "%u:%g %m %p\n" | sort')
 leak=""
-for f in /etc/feeds/ops.toml /etc/feeds/feeds.toml /etc/feeds/binance.toml /etc/feeds/secrets/feeds-ops.password \
+for f in /etc/feeds/ops.toml /etc/feeds/alerts.toml /etc/feeds/feeds.toml /etc/feeds/binance.toml /etc/feeds/secrets/feeds-ops.password \
          /etc/feeds/secrets/feed-api.token /etc/feeds/secrets/kite-demo-password; do
     $I runuser -u nobody -- cat "$f" >/dev/null 2>&1 && leak="$leak nobody:$f"
 done
 $I runuser -u nobody -- ls /etc/feeds/secrets >/dev/null 2>&1 && leak="$leak nobody:ls-secrets"
 $I runuser -u feeds_binance -- cat /etc/feeds/secrets/feeds-ops.password >/dev/null 2>&1 && leak="$leak feeds_binance:password"
 $I runuser -u feeds_binance -- cat /etc/feeds/ops.toml >/dev/null 2>&1 && leak="$leak feeds_binance:ops.toml"
+$I runuser -u feeds_binance -- cat /etc/feeds/alerts.toml >/dev/null 2>&1 && leak="$leak feeds_binance:alerts.toml"
 $I runuser -u feeds_ops -- cat /etc/feeds/secrets/feed-api.token >/dev/null 2>&1 && leak="$leak feeds_ops:token"
-[ -z "$leak" ] && ok "nobody reads ops.toml, feeds.toml or a secret; feeds_binance not the feeds_ops password; feeds_ops not the API token" \
+[ -z "$leak" ] && ok "nobody reads ops.toml, alerts.toml, feeds.toml or a secret; feeds_binance not the feeds_ops password nor the operators' files; feeds_ops not the API token" \
     || bad "readable:$leak"
 $I runuser -u feeds_api -- cat /etc/feeds/secrets/feed-api.token /etc/feeds/secrets/feeds-ops.password /etc/feeds/ops.toml \
-    >/dev/null 2>&1 && ok "feeds_api reads its token, ops.toml and the feeds_ops password" || bad "feeds_api cannot read its files"
+    /etc/feeds/alerts.toml >/dev/null 2>&1 && ok "feeds_api reads its token, ops.toml, alerts.toml and the feeds_ops password" \
+    || bad "feeds_api cannot read its files"
 role=$(sql "select rolcanlogin, pg_has_role('feeds_ops', 'feeds_reader', 'member'), rolsuper, rolcreaterole
             from pg_roles where rolname = 'feeds_ops'")
 [ "$role" = "t|t|f|f" ] && ok "database role feeds_ops: LOGIN, member of feeds_reader, nothing more" || bad "role feeds_ops: $role"
@@ -178,8 +180,8 @@ EOT
 systemd-run -q --unit=ops-test-receiver /opt/feeds/venv/bin/python /opt/ops-test/receiver.py "$1" /opt/ops-test/received.jsonl
 ( umask 077; echo "json://127.0.0.1:$1/" > /etc/feeds/secrets/alert-test.url )
 chown feeds_ops:feeds_ops /etc/feeds/secrets/alert-test.url
-sed -i 's|^url_files = \[\]|url_files = ["/etc/feeds/secrets/alert-test.url"]|' /etc/feeds/ops.toml
-grep -q '^url_files = \["/etc/feeds/secrets/alert-test.url"\]' /etc/feeds/ops.toml
+sed -i 's|^url_files = \[\]|url_files = ["/etc/feeds/secrets/alert-test.url"]|' /etc/feeds/alerts.toml
+grep -q '^url_files = \["/etc/feeds/secrets/alert-test.url"\]' /etc/feeds/alerts.toml
 EOF
 waitfor 20 $I bash -c "exec 3<>/dev/tcp/127.0.0.1/$port" || bad "receiver not listening"
 cat > "$SDTEST_DIR/alerts.py" <<'EOF'
@@ -408,9 +410,9 @@ s = next_session(d.datetime.now(d.timezone.utc) + d.timedelta(days=1), calendar(
 print((s.close + d.timedelta(hours=5)).isoformat(), (s.open + d.timedelta(hours=2)).isoformat())')"
 if $I feedctl check --help 2>&1 | grep -q -- '--now' || $I feedctl check --now "$outside" --help >/dev/null 2>&1; then
     kite_run() {  # kite_run NAME INSTANT: feedctl check as feeds_ops at INSTANT, own state file
-        $I bash -c "sed 's|^\[alerts\]|[alerts]\nstate_file = \"/var/lib/feeds/alerts/$1/state.json\"|' /etc/feeds/ops.toml \
-                    > /etc/feeds/ops-$1.toml && chown root:feeds_ops /etc/feeds/ops-$1.toml && chmod 640 /etc/feeds/ops-$1.toml"
-        $I runuser -u feeds_ops -- feedctl check --config "/etc/feeds/ops-$1.toml" --now "$2" 2>&1
+        $I bash -c "sed 's|^\[alerts\]|[alerts]\nstate_file = \"/var/lib/feeds/alerts/$1/state.json\"|' /etc/feeds/alerts.toml \
+                    > /etc/feeds/alerts-$1.toml && chown root:feeds_ops /etc/feeds/alerts-$1.toml && chmod 640 /etc/feeds/alerts-$1.toml"
+        $I runuser -u feeds_ops -- feedctl --alerts-config "/etc/feeds/alerts-$1.toml" check --now "$2" 2>&1
     }
     k0=$(count)
     o=$(kite_run kite-outside "$outside")
@@ -429,7 +431,7 @@ if $I feedctl check --help 2>&1 | grep -q -- '--now' || $I feedctl check --now "
 else
     bad "feedctl check has no --now option: cannot judge Kite outside NSE hours"
 fi
-$I rm -f /etc/feeds/ops-kite-outside.toml /etc/feeds/ops-kite-inside.toml
+$I rm -f /etc/feeds/alerts-kite-outside.toml /etc/feeds/alerts-kite-inside.toml
 
 # --- kill -9 past the restart limit: feed-binance failed, feed-alert@ tells -----------------------------
 # The limit (10 starts in 300 s) is lowered to 3 by a test drop-in, for speed.
@@ -474,9 +476,11 @@ $I bash -c 'rm /etc/systemd/system/feed-binance.service.d/zz-test-limit.conf && 
 
 # --- install.sh again: the password file wins, nothing else changes -------------------------------------------
 pw_sum=$($I sha256sum /etc/feeds/secrets/feeds-ops.password /etc/feeds/secrets/feed-api.token)
-# an alerts.toml left by an install from before ops.toml, readable by every user
-$I bash -c 'printf "[alerts]\nurl_files = []\n" > /etc/feeds/alerts.toml && chown root:feeds /etc/feeds/alerts.toml &&
-            chmod 644 /etc/feeds/alerts.toml'
+# an ops.toml of the release that kept the [alerts] section in it, and no alerts.toml
+$I bash -c 'awk "/^\\[api\\]/ { while ((getline l < \"/etc/feeds/alerts.toml\") > 0) if (l !~ /^#/) print l; print \"\" } 1" \
+                /etc/feeds/ops.toml > /tmp/ops.old && cat /tmp/ops.old > /etc/feeds/ops.toml && rm /etc/feeds/alerts.toml /tmp/ops.old'
+$I grep -qx '\[alerts\]' /etc/feeds/ops.toml && $I grep -q '^url_files = \["/etc/feeds/secrets/alert-test.url"\]' /etc/feeds/ops.toml \
+    || bad "could not make an ops.toml with an [alerts] section: $($I cat /etc/feeds/ops.toml)"
 sql "alter role feeds_ops password 'not-the-file'" >/dev/null
 contains "$($I runuser -u alice -- feedctl status 2>&1)" "authentication failed" \
     || bad "feedctl as alice still connects after the role's password changed"
@@ -490,12 +494,14 @@ contains "$(cat "$SDTEST_DIR/install2.log")" "database role feeds_ops: password 
 st=$($I runuser -u alice -- feedctl status 2>&1)
 contains "$st" "feed-binance.service" && ! contains "$st" "authentication failed" \
     && ok "feedctl status as alice works again" || { bad "alice after re-run:"; echo "$st" | head; }
-after=$($I bash -c 'find /etc/feeds -type f -printf "%u:%g %m %p\n" | sort' | grep -v ' /etc/feeds/alerts.toml$')
+after=$($I bash -c 'find /etc/feeds -type f -printf "%u:%g %m %p\n" | sort')
 al=$($I stat -c '%U:%G %a' /etc/feeds/alerts.toml)
-contains "$(cat "$SDTEST_DIR/install2.log")" "/etc/feeds/alerts.toml is no longer read: /etc/feeds/ops.toml replaces it" \
-    && [ "$al" = "root:feeds_ops 640" ] \
-    && ok "re-run: an old alerts.toml kept (now $al, no longer readable by every user), said to be replaced by ops.toml" \
-    || bad "old alerts.toml: $al"
+contains "$(cat "$SDTEST_DIR/install2.log")" "/etc/feeds/ops.toml: its \[alerts\] section moved to /etc/feeds/alerts.toml" \
+    && [ "$al" = "root:feeds_ops 640" ] && ! $I grep -qx '\[alerts\]' /etc/feeds/ops.toml \
+    && $I grep -q '^url_files = \["/etc/feeds/secrets/alert-test.url"\]' /etc/feeds/alerts.toml \
+    && contains "$($I runuser -u feeds_ops -- feedctl alert --test 2>&1)" "alert-test.url: accepted" \
+    && ok "re-run: the [alerts] section of an older ops.toml moved to alerts.toml ($al), its channel still reached" \
+    || { bad "[alerts] of an older ops.toml: alerts.toml $al"; $I cat /etc/feeds/ops.toml /etc/feeds/alerts.toml | sed 's/^/    /'; }
 d=$(diff <(echo "$before" | grep -v alert-test.url) <(echo "$after" | grep -v -e alert-test.url -e '\.dist$'))
 [ -z "$d" ] && ok "re-run: every file in /etc/feeds keeps its owner, group and mode" || { bad "modes changed:"; echo "$d"; }
 

@@ -36,7 +36,7 @@ def test_ops_alerts_access_status():
                   "re-run: the password file and the API token kept",
                   "feedctl status as alice works again",
                   "re-run: every file in /etc/feeds keeps its owner, group and mode",
-                  "re-run: an old alerts.toml kept",
+                  "re-run: the [alerts] section of an older ops.toml moved to alerts.toml",
                   "Prometheus scrapes feed-binance, feed-zerodha, feed-ibkr",
                   "queries of the shipped dashboard return data through Prometheus's HTTP API",
                   "feed-api.service active as feeds_api", "GET /health without a token",

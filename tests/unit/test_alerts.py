@@ -11,7 +11,7 @@ import pytest
 from feeds.ops import alerts
 from feeds.ops.alerts import FIRING, RESOLVED, Alert, AlertState, Channels, QuietHours
 from feeds.config import ConfigError
-from feeds.settings import OPS_FILE, load
+from feeds.settings import ALERTS_FILE, load
 
 UTC = timezone.utc
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -298,10 +298,10 @@ def test_state_is_written_atomically(tmp_path, monkeypatch):
 
 
 def test_from_config(tmp_path):
-    cfg_file = tmp_path / "ops.toml"
+    cfg_file = tmp_path / "alerts.toml"
     cfg_file.write_text(f'[alerts]\nstate_file = "{tmp_path}/s.json"\nquiet_hours = ["23:00", "06:00"]\n'
                         'time_zone = "America/New_York"\n')
-    cfg = load(cfg_file, OPS_FILE)
+    cfg = load(cfg_file, ALERTS_FILE)
     st = AlertState.from_config(cfg)
     assert st.path == tmp_path / "s.json"
     assert datetime(2026, 3, 3, 5, 0, tzinfo=UTC) in st.quiet                   # 00:00 EST
@@ -335,7 +335,7 @@ def test_unit_failure_alert():
 # -- channel URL files -------------------------------------------------------------------------
 
 SECRET_URL = "json://hooks.example.com/T0KEN-abcdef-s3cret?user=ops"
-CONFIG = "/etc/feeds/ops.toml"
+CONFIG = "/etc/feeds/alerts.toml"
 
 
 def url_file(tmp_path, name, text, mode=0o600):

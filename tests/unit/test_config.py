@@ -129,8 +129,8 @@ CASES = [
      {"ops.toml": '[database]\ndsn = "dbname"\n'}, {},
      "database.dsn", "{tmp}/ops.toml", "not a valid libpq connection string"),
     ("unknown key", ["feedctl", "--config", "{tmp}/ops.toml", "check"],
-     {"ops.toml": '[alerts]\nrate_dorp = 0.5\n'}, {"FEEDS_DSN": "dbname=x"},
-     "alerts.rate_dorp", "{tmp}/ops.toml", "did you mean 'alerts.rate_drop'?"),
+     {"ops.toml": "[api]\n", "alerts.toml": '[alerts]\nrate_dorp = 0.5\n'}, {"FEEDS_DSN": "dbname=x"},
+     "alerts.rate_dorp", "{tmp}/alerts.toml", "did you mean 'alerts.rate_drop'?"),
 ]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from feeds.config import ConfigError
 from feeds.health import status_rates
 from feeds.ops import api, page, systemd_bus
 from feeds.ops.systemd_bus import AccessDenied, BusError, NoSuchUnit, SystemdManager
@@ -411,3 +412,24 @@ def test_command_line(private_bus, capsys):
     assert asyncio.run(systemd_bus._main(["stop", "feed-nope.service"], m)) == 4
     assert asyncio.run(systemd_bus._main(["frobnicate"], m)) == 2
     assert os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") != address      # nothing leaked into the environment
+
+
+def test_the_health_threshold_comes_from_alerts_toml_beside_ops_toml_or_the_one_named(tmp_path, monkeypatch):
+    from feeds.settings import OPS_FILE, load
+    monkeypatch.setenv("FEEDS_DSN", "host=127.0.0.1 dbname=feeds user=feeds_ops")
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    token.chmod(0o600)
+    (tmp_path / "ops.toml").write_text(f'[api]\ntoken_file = "{token}"\n')
+    cfg = load(tmp_path / "ops.toml", OPS_FILE)
+    assert api.settings_from_config(cfg).params.health_threshold == 60          # no alerts.toml: default
+    (tmp_path / "alerts.toml").write_text("[alerts]\nhealth_threshold = 45\n")
+    assert api.settings_from_config(cfg).params.health_threshold == 45
+    other = tmp_path / "other.toml"
+    other.write_text("[alerts]\nhealth_threshold = 30\n")
+    s = api.settings_from_config(cfg, alerts=api.alerts_beside(cfg, other))
+    assert s.params.health_threshold == 30 and s.token == "t0ken"
+    other.write_text("[alerts]\nhealth_treshold = 30\n")
+    with pytest.raises(ConfigError, match="alerts.health_treshold") as e:
+        api.alerts_beside(cfg, other)
+    assert e.value.file == str(other)

@@ -175,8 +175,8 @@ def _sysusers() -> tuple[set[str], set[str], set[tuple[str, str]]]:
 def test_operators_users_and_groups():
     users, groups, members = _sysusers()
     assert {"feeds_ops", "feeds_api"} <= users
-    assert ("feeds_api", "feeds_ops") in members, "feed-api reads ops.toml and the feeds_ops password"
-    # the operators' group gives nothing but ops.toml and that password: no service user is in it
+    assert ("feeds_api", "feeds_ops") in members, "feed-api reads ops.toml, alerts.toml and the feeds_ops password"
+    # the operators' group gives nothing but ops.toml, alerts.toml and that password: no service user is in it
     # but feed-api's, and feeds_ops is in no other group
     assert {m for m in members if m[1] == "feeds_ops"} == {("feeds_api", "feeds_ops")}
     assert not {m for m in members if m[0] == "feeds_ops"}

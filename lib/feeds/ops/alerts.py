@@ -2,7 +2,7 @@
 
 Three pieces, used by ``feedctl check``, ``feedctl alert --test`` and
 ``feed-alert@.service`` (``OnFailure=`` of every feed unit), all configured by
-``ops.toml`` (:data:`feeds.settings.OPS_FILE`):
+``alerts.toml`` (:data:`feeds.settings.ALERTS_FILE`):
 
 * :class:`AlertState` turns "which conditions hold now" into the alerts to
   send: one ``firing`` alert when a condition starts holding, one
@@ -186,7 +186,7 @@ class AlertState:
 
     @classmethod
     def from_config(cls, cfg, channels: Iterable[str] = ("*",)) -> "AlertState":
-        """From a loaded ``ops.toml`` (:class:`feeds.config.Config`): settings
+        """From a loaded ``alerts.toml`` (:class:`feeds.config.Config`): settings
         ``alerts.state_file``, ``alerts.quiet_hours``, ``alerts.time_zone``;
         ``channels`` as for the constructor (e.g. ``Channels.names``)."""
         return cls(cfg["alerts.state_file"], cfg["alerts.quiet_hours"], cfg["alerts.time_zone"],
@@ -513,7 +513,7 @@ class Channels:
 
     @classmethod
     def from_config(cls, cfg) -> "Channels":
-        """From a loaded ``ops.toml``: settings ``alerts.url_files`` and
+        """From a loaded ``alerts.toml``: settings ``alerts.url_files`` and
         ``alerts.send_timeout``; errors name ``cfg.file``."""
         return cls(cfg["alerts.url_files"], cfg.file, cfg["alerts.send_timeout"])
 

@@ -642,23 +642,35 @@ def create_app(settings: Settings, manager: Manager) -> web.Application:
 
 # -- the program ---------------------------------------------------------------------------------
 
-def settings_from_config(cfg: Config, config_dir: str | os.PathLike | None = None) -> Settings:
-    """:class:`Settings` of a loaded ``ops.toml`` (reads the token file,
-    mode 0600; raises :class:`ConfigError`)."""
+def alerts_beside(cfg: Config, path: str | os.PathLike | None = None) -> Config:
+    """``alerts.toml`` (``path``, else the file of that name beside the loaded
+    ``ops.toml``), checked; an absent file reads as its defaults.  Raises
+    :class:`ConfigError`."""
+    from ..settings import ALERTS_FILE, alerts_path, empty, load
+    p = alerts_path(cfg.file, path)
+    return load(p, ALERTS_FILE) if p.exists() else empty(p, ALERTS_FILE)
+
+
+def settings_from_config(cfg: Config, config_dir: str | os.PathLike | None = None,
+                         alerts: Config | None = None) -> Settings:
+    """:class:`Settings` of a loaded ``ops.toml`` and ``alerts.toml`` (None:
+    :func:`alerts_beside`); reads the token file, mode 0600; raises
+    :class:`ConfigError`."""
     from ..config import read_secret
     from ..settings import database_dsn
     token = read_secret(cfg["api.token_file"], "api.token_file", cfg.file)
     return Settings(token=token, dsn=database_dsn(cfg, shared_secret=True),
                     config_dir=str(config_dir or Path(cfg.file).parent),
-                    params=checks.Params.from_config(cfg))
+                    params=checks.Params.from_config(alerts if alerts is not None else alerts_beside(cfg)))
 
 
-async def serve(cfg: Config, manager: Manager | None = None, config_dir: str | None = None) -> None:
+async def serve(cfg: Config, manager: Manager | None = None, config_dir: str | None = None,
+                alerts: Config | None = None) -> None:
     """Run feed-api until SIGTERM/SIGINT: READY=1 once listening, WATCHDOG=1
     while the event loop runs."""
     from ..runtime import notify, watchdog_interval
     from .systemd_bus import SystemdManager
-    settings = settings_from_config(cfg, config_dir)
+    settings = settings_from_config(cfg, config_dir, alerts)
     app = create_app(settings, manager or SystemdManager())
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -690,8 +702,10 @@ async def serve(cfg: Config, manager: Manager | None = None, config_dir: str | N
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``feed-api [--config /etc/feeds/ops.toml] [--config-dir DIR]`` (env
-    ``FEEDS_OPS_CONFIG``).  Exit 78 for a bad configuration."""
+    """``feed-api [--config /etc/feeds/ops.toml] [--alerts-config FILE]
+    [--config-dir DIR]`` (env ``FEEDS_OPS_CONFIG``, ``FEEDS_ALERTS_CONFIG``;
+    alerts.toml defaults to the file beside ops.toml).  Exit 78 for a bad
+    configuration."""
     import argparse
 
     from ..config import EX_CONFIG
@@ -699,6 +713,8 @@ def main(argv: list[str] | None = None) -> None:
     from ..settings import OPS_FILE, load
     p = argparse.ArgumentParser(prog="feed-api", description="Control API and status page of the feeds.")
     p.add_argument("--config", default=os.environ.get("FEEDS_OPS_CONFIG", "/etc/feeds/ops.toml"))
+    p.add_argument("--alerts-config", default=os.environ.get("FEEDS_ALERTS_CONFIG"),
+                   help="alerts.toml (default: beside --config); the health threshold and rate drop")
     p.add_argument("--config-dir", default=None, help="directory whose *.toml GET /config shows "
                    "(default: the directory of --config)")
     args = p.parse_args(argv)
@@ -706,7 +722,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
         cfg = load(args.config, OPS_FILE)
-        asyncio.run(serve(cfg, config_dir=args.config_dir))
+        asyncio.run(serve(cfg, config_dir=args.config_dir, alerts=alerts_beside(cfg, args.alerts_config)))
     except ConfigError as e:
         print(str(e), flush=True, file=sys.stderr)
         raise SystemExit(EX_CONFIG) from None

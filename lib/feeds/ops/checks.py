@@ -318,7 +318,7 @@ class Params:
 
     @classmethod
     def from_config(cls, cfg, **over) -> "Params":
-        """From a loaded ``ops.toml``: ``alerts.health_threshold``,
+        """From a loaded ``alerts.toml``: ``alerts.health_threshold``,
         ``alerts.disk_min_free``, ``alerts.rate_drop``; ``over``: other fields."""
         return cls(health_threshold=int(cfg["alerts.health_threshold"]),
                    disk_min_free=float(cfg["alerts.disk_min_free"]),
