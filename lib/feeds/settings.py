@@ -33,6 +33,7 @@ from typing import Any
 
 from .binance import adapter as binance_adapter
 from .config import Config, ConfigError, non_negative, one_of, positive, within
+from .dhan import limits as dhan_limits
 from .kite import adapter as kite_adapter
 from .kite.instruments import MAX_CONNECTIONS_PER_API_KEY, MAX_INSTRUMENTS_PER_CONNECTION
 from .kite.login import CHROMIUM_FLAGS, Selectors
@@ -347,24 +348,28 @@ IBKR = (
     Setting("ibkr.client_id_tries", int, 5, "clientIds tried when one is in use (326)", positive),
     Setting("ibkr.connect_timeout", float, 15.0, "seconds to wait for the API handshake", positive),
     Setting("ibkr.contracts_file", str, "/etc/feeds/contracts.csv", "the contracts to backfill (CSV)"),
-    Setting("backfill.earliest", str, "", "never plan sessions before this date (YYYY-MM-DD); empty: "
-            "IB's head timestamp", _earliest),
-    Setting("backfill.request_timeout", float, 120.0, "seconds without an answer before a request is "
-            "cancelled and tried again", positive),
     Setting("backfill.concurrency", int, 4, "historical requests open at once",
             within(1, 50, "IB allows 50 open requests")),
-    Setting("backfill.max_attempts", int, 4, "tries per session and run for transient failures", positive),
     Setting("backfill.reconnect_timeout", float, 600.0, "seconds to keep reconnecting before the run "
             "gives up", positive),
     Setting("backfill.what_to_show", str, "TRADES", "whatToShow of the bars",
             lambda v: None if v == "TRADES" else "only TRADES is backfilled"),
     Setting("backfill.use_rth", bool, True, "useRTH of the bars",
             lambda v: None if v else "must be true (sessions are regular trading hours)"),
+    Setting("backfill.pacing_scale", float, 1.0, "1 = IB's pacing windows; smaller only for a scaled "
+            "simulator", lambda v: None if 0 < v <= 1 else "must be > 0 and <= 1 (1 = IB's real limits)"),
+)
+
+# The planner and status table shared by feed-backfill (IBKR) and feed-dhan-backfill.
+BACKFILL = (
+    Setting("backfill.earliest", str, "", "never plan sessions before this date (YYYY-MM-DD); empty: "
+            "the venue's earliest (IB's head timestamp; Dhan: dhan.history_years back)", _earliest),
+    Setting("backfill.request_timeout", float, 120.0, "seconds without an answer before a request is "
+            "cancelled and tried again", positive),
+    Setting("backfill.max_attempts", int, 4, "tries per session and run for transient failures", positive),
     Setting("backfill.settle_minutes", float, 30.0, "minutes after a session's close before its bars "
             "are final", lambda v: None if v >= 0 else "must be >= 0"),
     Setting("backfill.status_interval", float, 30.0, "seconds between progress lines", positive),
-    Setting("backfill.pacing_scale", float, 1.0, "1 = IB's pacing windows; smaller only for a scaled "
-            "simulator", lambda v: None if 0 < v <= 1 else "must be > 0 and <= 1 (1 = IB's real limits)"),
 )
 
 def _minutes_list(v: list) -> str | None:
@@ -420,6 +425,105 @@ IBKR_LIVE = (
             "run gives up (exit 1; systemd restarts it)", positive),
     Setting("live.status_interval", float, 10.0, "seconds between status lines", positive),
 )
+
+_DHAN_MODES = ("ticker", "quote", "full")
+L = dhan_limits
+DHAN = (
+    Setting("dhan.client_id", str, REQUIRED, "the Dhan client id (dhanClientId)", _not_empty),
+    Setting("dhan.api_url", str, "https://api.dhan.co", "DhanHQ v2 REST base URL", url("http", "https")),
+    Setting("dhan.auth_url", str, "https://auth.dhan.co", "DhanHQ authentication base URL (PIN + TOTP "
+            "token generation)", url("http", "https")),
+    Setting("dhan.feed_url", str, "wss://api-feed.dhan.co", "DhanHQ v2 live market feed WebSocket URL",
+            url("ws", "wss")),
+    Setting("dhan.instrument_list_url", str, "https://images.dhan.co/api-data/api-scrip-master.csv",
+            "Dhan's instrument list (CSV): security ids and exchange segments", url("http", "https")),
+    Setting("dhan.instrument_list_cache", str, "/var/lib/feeds/dhan/api-scrip-master.csv", "local copy of "
+            "the instrument list, fetched again when older than a day"),
+    Setting("dhan.token_file", str, "/var/lib/feeds/dhan/access_token.json", "access token file written "
+            "by feed-dhan-token (mode 0600)"),
+    Setting("dhan.instruments_file", str, "/etc/feeds/dhan-instruments.txt", "instrument list file "
+            "(SEGMENT:SYMBOL [mode] [priority] a line)"),
+    Setting("dhan.instruments_from_table", bool, False, "also collect the enabled rows of dhan_subscription"),
+    Setting("dhan.default_mode", str, "full", "mode of a line without one", one_of(*_DHAN_MODES)),
+    Setting("dhan.session_calendar", str, "XNSE", "exchange calendar of the sessions; none: collect until "
+            "stopped", one_of("XNSE", "none")),
+    Setting("dhan.connect_before_open", float, 300.0, "seconds before the open to connect",
+            within(0, 3600, unit="s")),
+    Setting("dhan.stop_after_close", float, 300.0, "seconds after the close to stop", within(0, 3600, unit="s")),
+    Setting("dhan.extra_sessions", dict[str, list[str]], {}, "sessions the installed calendar does not "
+            "know: date = [open, close] IST", _session_hours,
+            entry=lambda k: "keys must be dates YYYY-MM-DD" if _iso_date(k) else None),
+    Setting("dhan.extra_holidays", list, [], "days without a session the installed calendar does not know",
+            _dates),
+    Setting("dhan.max_connections", int, L.MAX_CONNECTIONS_PER_USER, "feed connections used",
+            within(1, L.MAX_CONNECTIONS_PER_USER, "Dhan's limit per user")),
+    Setting("dhan.max_instruments_per_connection", int, L.MAX_INSTRUMENTS_PER_CONNECTION,
+            "instruments per feed connection",
+            within(1, L.MAX_INSTRUMENTS_PER_CONNECTION, "Dhan's limit per connection")),
+    Setting("dhan.silence_timeout", float, 30.0, "seconds without any frame (Dhan pings every 10 s) "
+            "before a connection is dropped and reconnected", within(1, 300, unit="s")),
+    Setting("dhan.reconnect_max_delay", float, 30.0, "longest wait between reconnects (s)",
+            within(1, 300, unit="s")),
+    Setting("dhan.status_interval", float, 10.0, "seconds between status lines", positive),
+    Setting("dhan.requests_per_second", float, float(L.DATA_REQUESTS_PER_SECOND), "data API requests "
+            "per second (history, reconciliation)",
+            within(0.1, L.DATA_REQUESTS_PER_SECOND, "Dhan's data API limit", "/s")),
+    Setting("dhan.requests_per_day", int, L.DATA_REQUESTS_PER_DAY, "data API requests per day",
+            within(1, L.DATA_REQUESTS_PER_DAY, "Dhan's data API limit")),
+    Setting("dhan.history_days_per_request", int, L.MAX_INTRADAY_DAYS_PER_REQUEST, "days of one-minute "
+            "candles asked in one intraday charts request",
+            within(1, L.MAX_INTRADAY_DAYS_PER_REQUEST, "Dhan's range per request")),
+    Setting("dhan.history_years", float, 5.0, "years of one-minute history planned when "
+            "backfill.earliest is empty", within(0.01, 30, unit=" years")),
+    Setting("dhan.reconcile", bool, True, "after the session, compare the live one-minute candles with "
+            "Dhan's own (feed-dhan-backfill)"),
+    Setting("dhan.login.method", str, "renew", "how feed-dhan-token gets a new token: renew (Dhan's "
+            "token renewal endpoint, while the current token is valid) or totp (PIN + TOTP)",
+            one_of("renew", "totp")),
+    Setting("dhan.login.initial_token_file", str, "", "file holding a token generated on Dhan's web "
+            "page (mode 0600), used when no token file exists yet (method renew)"),
+    Setting("dhan.login.pin_file", str, None, "file holding the Dhan PIN (mode 0600; method totp)"),
+    Setting("dhan.login.totp_secret_file", str, None, "file holding the base32 TOTP secret (mode 0600; "
+            "method totp)"),
+    Setting("dhan.login.timeout", float, 30.0, "seconds per token request", positive),
+    Setting("dhan.login.attempts", int, 4, "token tries", within(1, 20)),
+    Setting("dhan.login.retry_delays", list[float], [15.0, 60.0, 180.0], "seconds between token tries "
+            "(the last repeats)", _seconds_list),
+)
+del L
+
+_INDICATOR_SPEC = re.compile(r"^[A-Z][A-Z0-9_]*(\(\s*([a-z_]+\s*=\s*[-+0-9.eE]+\s*(,\s*[a-z_]+\s*=\s*[-+0-9.eE]+\s*)*)?\))?$")
+
+
+def _indicator_specs(v: list) -> str | None:
+    for x in v:
+        if not _INDICATOR_SPEC.match(x.strip()):
+            return f"{x!r} is not NAME or NAME(param=value, ...), e.g. \"RSI(timeperiod=14)\""
+    if len(set(v)) != len(v):
+        return "an indicator is listed twice"
+    return None
+
+
+_VENUES = ("binance", "kite", "ibkr", "dhan")
+# Technical indicators on closed candles of every venue (feed-indicators, feeds.indicators).
+INDICATORS = (
+    Setting("indicators.functions", list[str],
+            ["SMA(timeperiod=20)", "EMA(timeperiod=20)", "RSI(timeperiod=14)",
+             "MACD(fastperiod=12, slowperiod=26, signalperiod=9)", "BBANDS(timeperiod=20, nbdevup=2, nbdevdn=2)",
+             "ATR(timeperiod=14)", "ADX(timeperiod=14)", "OBV", "VWAP"],
+            "indicators computed: a TA-Lib function by name with its parameters, or VWAP (the "
+            "README's formula)", _indicator_specs),
+    Setting("indicators.venues", list[str], list(_VENUES), "venues whose candles are read",
+            _subset(_VENUES, "venues")),
+    Setting("indicators.intervals", list[int], [], "candle intervals in minutes; [] for every interval "
+            "stored", lambda v: None if all(1 <= m <= 1440 for m in v) else "minutes from 1 to 1440"),
+    Setting("indicators.warmup_bars", int, 500, "closed candles read per series at start to warm the "
+            "indicators up", within(1, 100_000)),
+    Setting("indicators.poll_interval", float, 1.0, "seconds between looks for new candles when no "
+            "notification came", within(0.05, 60, unit="s")),
+    Setting("indicators.status_interval", float, 10.0, "seconds between status lines", positive),
+)
+
 
 def _quiet_hours(v: list) -> str | None:
     if not v or (len(v) == 2 and all(hhmm(h) for h in v) and v[0] != v[1]):
@@ -514,14 +618,23 @@ KITE_FILE = Schema("kite.toml", "feed-zerodha, feed-kite-token",
                    defaults={"sink.spool_dir": "/var/lib/feeds/zerodha", "sink.max_pending": 50_000,
                              "metrics.port": 9820})
 IBKR_FILE = Schema("ibkr.toml", "feed-backfill, feed-ibkr",
-                   DATABASE + IBKR + IBKR_LIVE + SINK + CANDLES + METRICS + MQTT,
+                   DATABASE + IBKR + BACKFILL + IBKR_LIVE + SINK + CANDLES + METRICS + MQTT,
                    defaults={"sink.spool_dir": "/var/lib/feeds/ibkr", "metrics.port": 9830})
 
 # Operations: feedctl (as root or a member of the group feeds_ops), feed-check, feed-alert@ and
 # feed-api connect as the read-only role feeds_ops.
-OPS_FILE = Schema("ops.toml", "feedctl, feed-check, feed-alert@, feed-api", DATABASE + ALERTS + API)
+OPS_FILE = Schema("ops.toml", "feedctl, feed-check, feed-alert@, feed-api", DATABASE + API)
+# The alert channels and conditions, read beside ops.toml by the same programs.
+ALERTS_FILE = Schema("alerts.toml", "feedctl, feed-check, feed-alert@, feed-api", ALERTS)
+DHAN_FILE = Schema("dhan.toml", "feed-dhan, feed-dhan-token, feed-dhan-backfill",
+                   DATABASE + DHAN + BACKFILL + SINK + CANDLES + METRICS + MQTT,
+                   defaults={"sink.spool_dir": "/var/lib/feeds/dhan", "sink.max_pending": 50_000,
+                             "metrics.port": 9850})
+INDICATORS_FILE = Schema("indicators.toml", "feed-indicators", DATABASE + INDICATORS + SINK + METRICS + MQTT,
+                         defaults={"sink.spool_dir": "/var/lib/feeds/indicators", "metrics.port": 9840})
 
-SCHEMAS = {s.name: s for s in (FEEDS_FILE, BINANCE_FILE, KITE_FILE, IBKR_FILE, OPS_FILE)}
+SCHEMAS = {s.name: s for s in (FEEDS_FILE, BINANCE_FILE, KITE_FILE, IBKR_FILE, OPS_FILE, ALERTS_FILE,
+                               DHAN_FILE, INDICATORS_FILE)}
 """Every kind of configuration file, by its installed name."""
 
 
@@ -661,6 +774,12 @@ def load(path: str | os.PathLike, schema: Schema) -> Config:
 def empty(path: str | os.PathLike, schema: Schema) -> Config:
     """The defaults of ``schema``, as if the file at ``path`` were empty."""
     return check_document(Config({}, path), schema)
+
+
+def alerts_path(ops_file: str | os.PathLike, given: str | os.PathLike | None = None) -> Path:
+    """Where the alerts' file is: ``given`` (an option or FEEDS_ALERTS_CONFIG),
+    else ``alerts.toml`` beside the ``ops.toml`` at ``ops_file``."""
+    return Path(given) if given else Path(ops_file).with_name(ALERTS_FILE.name)
 
 
 def database_dsn(cfg: Config, *, shared_secret: bool = False) -> str:
