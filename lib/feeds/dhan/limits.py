@@ -19,3 +19,12 @@ DATA_REQUESTS_PER_SECOND = 5
 DATA_REQUESTS_PER_DAY = 100_000
 #: Days one intraday charts request may span ("Historical Data": 90 days at a time).
 MAX_INTRADAY_DAYS_PER_REQUEST = 90
+
+#: The feed server pings every 10 s ("Live Market Feed", "Keeping Connection Alive");
+#: the WebSocket library answers with a pong.
+SERVER_PING_INTERVAL_S = 10
+#: ... and closes a connection whose client has not answered for more than 40 s (same section).
+SERVER_IDLE_CLOSE_S = 40
+#: Beyond MAX_CONNECTIONS_PER_USER, every new connection makes Dhan close the *first* one with
+#: disconnect code 805 ("Live Market Feed", "Feed Disconnect"; the code in "Annexure", "Data API Error").
+TOO_MANY_CONNECTIONS_CODE = 805
