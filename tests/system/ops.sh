@@ -476,14 +476,14 @@ $I bash -c 'rm /etc/systemd/system/feed-binance.service.d/zz-test-limit.conf && 
 
 # --- install.sh again: the password file wins, nothing else changes -------------------------------------------
 pw_sum=$($I sha256sum /etc/feeds/secrets/feeds-ops.password /etc/feeds/secrets/feed-api.token)
+sql "alter role feeds_ops password 'not-the-file'" >/dev/null
+contains "$($I runuser -u alice -- feedctl status 2>&1)" "authentication failed" \
+    || bad "feedctl as alice still connects after the role's password changed"
 # an ops.toml of the release that kept the [alerts] section in it, and no alerts.toml
 $I bash -c 'awk "/^\\[api\\]/ { while ((getline l < \"/etc/feeds/alerts.toml\") > 0) if (l !~ /^#/) print l; print \"\" } 1" \
                 /etc/feeds/ops.toml > /tmp/ops.old && cat /tmp/ops.old > /etc/feeds/ops.toml && rm /etc/feeds/alerts.toml /tmp/ops.old'
 $I grep -qx '\[alerts\]' /etc/feeds/ops.toml && $I grep -q '^url_files = \["/etc/feeds/secrets/alert-test.url"\]' /etc/feeds/ops.toml \
     || bad "could not make an ops.toml with an [alerts] section: $($I cat /etc/feeds/ops.toml)"
-sql "alter role feeds_ops password 'not-the-file'" >/dev/null
-contains "$($I runuser -u alice -- feedctl status 2>&1)" "authentication failed" \
-    || bad "feedctl as alice still connects after the role's password changed"
 $I bash -c 'cd /opt/src && ./install.sh --demo' > "$SDTEST_DIR/install2.log" 2>&1 && ok "install.sh --demo re-run" \
     || { bad "install.sh re-run"; tail -20 "$SDTEST_DIR/install2.log"; }
 grep 'install.sh:' "$SDTEST_DIR/install2.log" | sed 's/^/    /'
