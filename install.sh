@@ -66,7 +66,9 @@ runuser -u postgres -- psql -qAtc 'select 1' >/dev/null 2>&1 || die "PostgreSQL 
 # --- users -------------------------------------------------------------------------
 # feeds owns the database (feed-migrate, feed-maintain); each collector has its own user,
 # which is also its database role (peer authentication): feeds_binance, feeds_kite (feed-zerodha
-# and feed-kite-token, the only reader of the Kite secrets), feeds_ibkr (feed-backfill, feed-ibkr).
+# and feed-kite-token, the only reader of the Kite secrets), feeds_ibkr (feed-backfill, feed-ibkr),
+# feeds_dhan (feed-dhan, feed-dhan-token, feed-dhan-backfill, the only reader of the Dhan secrets),
+# feeds_indicators (feed-indicators).
 # feeds_ops runs feed-check and feed-alert@, feeds_api feed-api; the group feeds_ops is the
 # operators': a member runs feedctl as the read-only database role feeds_ops (its password is
 # readable by the group):  usermod -aG feeds_ops alice
@@ -80,7 +82,7 @@ systemd-tmpfiles --create /etc/tmpfiles.d/feeds.conf
 # postgres, so that feed-migrate (run as feeds) needs no CREATEROLE.
 psql_pg() { runuser -u postgres -- psql -qAt -v ON_ERROR_STOP=1 "$@"; }
 for role in feeds:LOGIN feeds_binance:LOGIN feeds_kite:LOGIN feeds_ibkr:LOGIN feeds_reader:NOLOGIN \
-            feeds_ops:LOGIN; do
+            feeds_ops:LOGIN feeds_dhan:LOGIN feeds_indicators:LOGIN; do
     if [ "$(psql_pg -c "select 1 from pg_roles where rolname='${role%%:*}'")" != 1 ]; then
         psql_pg -c "CREATE ROLE ${role%%:*} ${role#*:}"
         say "created database role ${role%%:*}"
@@ -124,6 +126,8 @@ cfg_group() {  # cfg_group FILE: the group that reads a configuration file
     case "$(basename "$1")" in
         binance*) echo feeds_binance ;;
         kite*) echo feeds_kite ;;
+        dhan*) echo feeds_dhan ;;
+        indicators*) echo feeds_indicators ;;
         ibkr*|contracts*) echo feeds_ibkr ;;
         ops*|alerts*) echo feeds_ops ;;
         *) echo feeds ;;
@@ -189,11 +193,12 @@ for f in "$ETC"/*; do
     chgrp "$(cfg_group "$f")" "$f"
     say "$f: now readable by the group $(cfg_group "$f") only"
 done
-for f in "$ETC"/secrets/kite-*; do
+for f in "$ETC"/secrets/kite-* "$ETC"/secrets/dhan-*; do
     [ -f "$f" ] || continue
-    if [ "$(stat -c '%U %a' "$f")" != "feeds_kite 600" ]; then
-        chown feeds_kite:feeds_kite "$f"; chmod 600 "$f"
-        say "$f: now owned by feeds_kite, mode 600"
+    u=feeds_kite; case "$(basename "$f")" in dhan-*) u=feeds_dhan ;; esac
+    if [ "$(stat -c '%U %a' "$f")" != "$u 600" ]; then
+        chown "$u:$u" "$f"; chmod 600 "$f"
+        say "$f: now owned by $u, mode 600"
     fi
 done
 own_state() {  # own_state DIR USER: give a StateDirectory (and what is in it) to its unit's user
@@ -204,6 +209,8 @@ own_state() {  # own_state DIR USER: give a StateDirectory (and what is in it) t
 }
 own_state /var/lib/feeds/kite feeds_kite
 own_state /var/lib/feeds/zerodha feeds_kite
+own_state /var/lib/feeds/dhan feeds_dhan
+own_state /var/lib/feeds/indicators feeds_indicators
 for d in /var/lib/feeds/binance /var/lib/feeds/binance-*; do own_state "$d" feeds_binance; done
 
 # --- operators: feedctl, feed-check, feed-alert@, feed-api ---------------------------------
@@ -311,6 +318,14 @@ if [ $DEMO = 1 ] || kite_ready; then
     systemctl enable --now feed-kite-token.timer feed-zerodha.timer >/dev/null 2>&1
 else
     say "Kite not configured (api_key in $ETC/kite.toml, $ETC/secrets/kite-{api-secret,password,totp-secret}): its timers stay disabled"
+fi
+dhan_ready() { ! grep -q '^client_id = "your_client_id"' "$ETC/dhan.toml" &&
+               { [ -s /var/lib/feeds/dhan/access_token.json ] || [ -s "$ETC/secrets/dhan-initial-token" ] ||
+                 { [ -s "$ETC/secrets/dhan-pin" ] && [ -s "$ETC/secrets/dhan-totp-secret" ]; }; }; }
+if dhan_ready; then
+    systemctl enable --now feed-dhan-token.timer feed-dhan-backfill.timer >/dev/null 2>&1
+else
+    say "Dhan not configured (client_id in $ETC/dhan.toml; $ETC/secrets/dhan-initial-token, or dhan-pin and dhan-totp-secret with login.method = \"totp\"): its timers stay disabled"
 fi
 systemctl enable feed-binance.service >/dev/null 2>&1
 if [ $START = 1 ]; then

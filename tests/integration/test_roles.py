@@ -367,4 +367,5 @@ def test_migrations_as_owner_need_the_roles_to_exist_or_create_them_as_superuser
     with psycopg.connect(dsn2) as c:
         roles = dict(c.execute("SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname LIKE 'feeds%'").fetchall())
     assert roles == {"feeds": True, "feeds_binance": True, "feeds_kite": True, "feeds_ibkr": True,
-                     "feeds_reader": False}
+                     "feeds_reader": False, "feeds_dhan": True}
+

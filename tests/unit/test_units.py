@@ -58,7 +58,8 @@ def test_there_are_units_to_check():
     assert {"feed-binance.service", "feed-binance@.service", "feed-zerodha.service", "feed-kite-token.service",
             "feed-backfill.service", "feed-migrate.service", "feed-maintain.service",
             "feed-sim-binance.service", "feed-sim-kite.service", "feed-sim-tws.service",
-            "feed-check.service", "feed-alert@.service"} <= names
+            "feed-check.service", "feed-alert@.service", "feed-dhan-token.service",
+            "feed-dhan-backfill.service", "feed-sim-dhan.service"} <= names
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
@@ -182,9 +183,14 @@ def test_operators_users_and_groups():
     assert not {m for m in members if m[0] == "feeds_ops"}
 
 
+#: The oneshot jobs that write a node_exporter textfile.
+TEXTFILE_JOBS = ("feed-maintain.service", "feed-backfill.service", "feed-kite-token.service",
+                 "feed-dhan-token.service", "feed-dhan-backfill.service")
+
+
 def test_oneshot_jobs_may_write_their_textfile():
-    """feed-maintain, feed-backfill and feed-kite-token write a node_exporter textfile in
-    /var/lib/prometheus/node-exporter (tmpfiles: group feeds_metrics, group-writable)."""
+    """The oneshot jobs write a node_exporter textfile in /var/lib/prometheus/node-exporter
+    (tmpfiles: group feeds_metrics, group-writable); nobody else writes there."""
     users, groups, members = _sysusers()
     assert "feeds_metrics" in groups
     tmpfiles = [ln.split() for ln in (UNITS / "feeds.tmpfiles").read_text().splitlines()
@@ -192,12 +198,12 @@ def test_oneshot_jobs_may_write_their_textfile():
     line = [t for t in tmpfiles if t[1] == "/var/lib/prometheus/node-exporter"]
     assert line and line[0][0] == "d" and line[0][4] == "feeds_metrics"
     assert int(line[0][2], 8) & 0o070 == 0o070 and int(line[0][2], 8) & 0o002 == 0
-    for name in ("feed-maintain.service", "feed-backfill.service", "feed-kite-token.service"):
+    for name in TEXTFILE_JOBS:
         d = directives(UNITS / name)
         assert "-/var/lib/prometheus/node-exporter" in " ".join(d.get("ReadWritePaths", [])).split(), name
         assert (d["User"][0], "feeds_metrics") in members, f"{name}: {d['User'][0]} not in feeds_metrics"
     for p in SERVICES:   # nobody else writes there
-        if p.name not in ("feed-maintain.service", "feed-backfill.service", "feed-kite-token.service"):
+        if p.name not in TEXTFILE_JOBS:
             assert "/var/lib/prometheus" not in " ".join(directives(p).get("ReadWritePaths", [])), p.name
 
 
@@ -212,13 +218,15 @@ def test_each_program_runs_as_its_own_user_declared_in_sysusers():
             "feed-alert@.service": "feeds_ops"}
     if (UNITS / "feed-api.service").exists():
         want["feed-api.service"] = "feeds_api"
+    want["feed-dhan-token.service"] = "feeds_dhan"
+    want["feed-dhan-backfill.service"] = "feeds_dhan"
     for name, user in want.items():
         d = directives(UNITS / name)
         assert d["User"] == [user] and d["Group"] == [user], name
         assert user in users, f"{user} not in feeds.sysusers"
         if user not in ("feeds", "feeds_ops", "feeds_api"):
             assert (user, "feeds") in members, f"{user} must be in the group feeds (reads feeds.toml)"
-    for name in ("feed-sim-binance.service", "feed-sim-kite.service", "feed-sim-tws.service"):
+    for name in ("feed-sim-binance.service", "feed-sim-kite.service", "feed-sim-tws.service", "feed-sim-dhan.service"):
         d = directives(UNITS / name)
         assert d["DynamicUser"] == ["yes"] and "User" not in d, name
         assert d["IPAddressDeny"] == ["any"] and d["IPAddressAllow"] == ["localhost"], name

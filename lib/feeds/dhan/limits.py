@@ -15,6 +15,8 @@ MAX_INSTRUMENTS_PER_MESSAGE = 100
 
 #: Requests per second to the data APIs (market quote, historical and intraday charts) ("Rate Limit").
 DATA_REQUESTS_PER_SECOND = 5
+#: Requests per second to the non-trading APIs (profile, token renewal, ...) ("Rate Limit": 20).
+NON_TRADING_REQUESTS_PER_SECOND = 20
 #: Requests per day to the data APIs ("Rate Limit": 100,000).
 DATA_REQUESTS_PER_DAY = 100_000
 #: Days one intraday charts request may span ("Historical Data": 90 days at a time).

@@ -11,7 +11,8 @@ committed in one transaction (:mod:`feeds.ibkr.store`), so a crash or
 ``kill -9`` never leaves half a day and a new run starts from the status
 table: no completed session is requested again.
 
-Plan (:meth:`Backfill.plan`): for each STK/IND contract of the contracts
+Plan (:meth:`Backfill.plan`, with the planner shared with feed-dhan-backfill:
+:mod:`feeds.backfill`): for each STK/IND contract of the contracts
 file (FUT and OPT rows are validated and skipped), every weekday from the
 last finished session (close + ``settle`` passed; or ``--to``) back to IB's
 head timestamp (``reqHeadTimeStamp``, cached in ``ibkr_contract``), to
@@ -66,7 +67,6 @@ import concurrent.futures
 import datetime as dt
 import functools
 import logging
-import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -75,12 +75,13 @@ from dataclasses import dataclass, field
 from ib_async import IB, Contract
 from ib_async.wrapper import RequestError
 
+from ..backfill import Selection, fetch_order, fmt_duration, plan_range, plan_sessions, session_status
 from .bars import check_session
 from .connect import ConnectFailed, connect_ib
 from .contracts import ContractRow, fetchable, request_details
 from .pacing import PacingLimiter, is_pacing_violation
 from .sessions import Session, SessionCalendar
-from .store import DONE_STATUSES, BackfillStore
+from .store import BackfillStore
 from .wire import keep_wire_text
 
 log = logging.getLogger(__name__)
@@ -131,23 +132,6 @@ class Settings:
     status_interval: float = 30.0
     pacing_scale: float = 1.0
     earliest: dt.date | None = None
-
-
-@dataclass
-class Selection:
-    """What to fetch: ``symbols`` (None = all), ``first``/``last`` (dates,
-    None = head timestamp / last finished session), ``retry_failed``,
-    ``priority_only``."""
-
-    symbols: Sequence[str] | None = None
-    first: dt.date | None = None
-    last: dt.date | None = None
-    retry_failed: bool = False
-    priority_only: bool = False
-
-    @property
-    def explicit(self) -> bool:
-        return self.first is not None
 
 
 @dataclass
@@ -241,20 +225,6 @@ class RunSummary:
         head = f"run {self.run_id} " if self.run_id is not None else ""
         state = f"FAILED ({self.failed})" if self.failed else ("stopped" if self.stopped else "finished")
         return f"summary: {head}{state} in {fmt_duration(self.elapsed)}: " + ", ".join(parts)
-
-
-def fmt_duration(seconds: float) -> str:
-    """``1h02m``, ``4m10s``, ``12s`` (``?`` for infinity)."""
-    if seconds is None or math.isinf(seconds) or math.isnan(seconds):
-        return "?"
-    s = int(round(seconds))
-    if s >= 86400:
-        return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
 
 
 def _utc_end(t: dt.datetime) -> str:
@@ -456,14 +426,8 @@ class Backfill:
         row = res.row
         cal = self.calendar(row.calendar)
         now = self.now()
-        last = sel.last
-        if last is None:
-            lf = cal.last_finished(now, self.s.settle)
-            last = lf.day if lf else None
-        first_opts = [d for d in (sel.first, self.s.earliest) if d is not None]
-        if res.head is not None:
-            first_opts.append(res.head.astimezone(cal.tz).date())
-        first = max(first_opts) if first_opts else None
+        head = [res.head.astimezone(cal.tz).date()] if res.head is not None else []
+        first, last = plan_range(cal, now, self.s.settle, sel, [self.s.earliest, *head])
         cp = ContractPlan(row, res.con_id, first, last, res.head, error=res.error, head_known=res.head_known)
         if last is None:
             return cp
@@ -473,23 +437,9 @@ class Backfill:
             cp.first = first
         if first is None or first > last:
             return cp
-        for day, session in cal.days(first, last):
-            st = statuses.get((row.symbol, day))
-            if session is None:
-                if st is None or st.status != "HOLIDAY":
-                    cp.holidays.append(day)
-                continue
-            if not session.started(now):
-                continue
-            if st is not None and st.status in DONE_STATUSES:
-                cp.done += 1
-                continue
-            if st is not None and st.status == "ERROR" and not sel.retry_failed and res.error is None:
-                cp.skipped_errors += 1
-                continue
-            if (row.symbol, day) in self._finished:
-                continue
-            cp.sessions.append(session)
+        sp = plan_sessions(cal, row.symbol, first, last, statuses, now=now, retry_failed=sel.retry_failed,
+                           finished=self._finished, include_errors=res.error is not None)
+        cp.sessions, cp.holidays, cp.done, cp.skipped_errors = sp.sessions, sp.holidays, sp.done, sp.skipped_errors
         return cp
 
     async def plan(self, sel: Selection, resolve: bool = True) -> Plan:
@@ -526,7 +476,7 @@ class Backfill:
             res = self._resolved[cp.row.symbol]
             for s in cp.sessions:
                 jobs.append(_Job(res, s, cp.row.priority, self._attempts.get((cp.row.symbol, s.day), 0)))
-        jobs.sort(key=lambda j: (-j.session.day.toordinal(), -j.priority, j.res.row.symbol))
+        jobs.sort(key=lambda j: fetch_order(j.session.day, j.priority, j.res.row.symbol))
         return jobs
 
     async def _apply_plan(self, plan: Plan, first_time: bool) -> None:
@@ -830,20 +780,8 @@ class Backfill:
         row = res.row
         now = self.now()
         chk = check_session(row.symbol, res.con_id or 0, session, bars, now=now)
-        error = None
-        note = chk.note
-        if chk.failure is not None:
-            status, error = "ERROR", f"check failed: {chk.failure}"
-        elif not chk.rows:
-            status = "ERROR"
-            error = f"no bar inside the session ({len(chk.dropped)} outside)" if chk.dropped else "empty answer"
-        elif not session.settled(now, self.s.settle):
-            # the missing minutes may simply be still to come: no "thin" verdict yet
-            status = "PARTIAL"
-            note = "; ".join([f"fetched before the session settled ({chk.actual} of {chk.expected} bars)"]
-                             + [n for n in note.split("; ") if n and not n.startswith("thin:")])
-        else:
-            status = "EARLY_CLOSE" if session.early_close else "COMPLETE"
+        # a thin session stays COMPLETE with its "thin:" note (the table predates THIN)
+        status, error, note = session_status(chk, session, now, self.s.settle, thin_status=None)
         await self._db(self.store.commit_session, row.symbol, res.con_id, session, status, chk.rows, chk.first,
                        chk.last, error, note)
         self.summary.bars += chk.actual

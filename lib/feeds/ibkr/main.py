@@ -1,6 +1,8 @@
 """``feed-backfill``: IBKR one-minute history into PostgreSQL, resumable.
 
-Fetches every session not yet complete (see :mod:`feeds.ibkr.backfill`).
+Fetches every session not yet complete (see :mod:`feeds.ibkr.backfill`;
+the planner, the status table and ``--status`` are shared with
+feed-dhan-backfill: :mod:`feeds.backfill`).
 Run by ``feed-backfill.service`` (oneshot) from ``feed-backfill.timer``
 every weekday evening after the US close, or by hand::
 
@@ -39,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import re
 import shlex
 import sys
 import time
@@ -51,6 +52,7 @@ from .. import service
 from ..config import EX_CONFIG, Config, ConfigError, exit_on_config_error
 from ..ops.metrics import job_values, write_textfile
 from ..settings import IBKR_FILE, database_dsn
+from ..backfill import format_status, parse_date, parse_symbols
 from .backfill import Backfill, BackfillFailed, Plan, Selection, Settings, fmt_duration
 from .contracts import ContractsError, load_contracts
 from .pacing import PacingLimiter
@@ -59,7 +61,6 @@ from .wire import WireVersionError, check_version
 
 log = logging.getLogger("feeds.ibkr")
 EX_TEMPFAIL = 75
-_REL = re.compile(r"^(\d{1,5})d$")
 
 
 def load_settings(cfg: Config) -> tuple[Settings, str]:
@@ -77,28 +78,8 @@ def load_settings(cfg: Config) -> tuple[Settings, str]:
     return s, cfg[i + "contracts_file"]
 
 
-def _date(value: str | None, option: str, today: dt.date) -> dt.date | None:
-    if value is None:
-        return None
-    m = _REL.match(value.strip())
-    if m:
-        return today - dt.timedelta(days=int(m.group(1)))
-    try:
-        return dt.date.fromisoformat(value.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected YYYY-MM-DD or a number of days back such as 30d, got {value!r}",
-                                 param_hint=option) from None
-
-
-def _symbols(first: str | None, extra: tuple[str, ...]) -> list[str] | None:
-    if first is None:
-        if extra:
-            raise click.UsageError(f"unexpected argument(s) {' '.join(extra)} (symbols follow --symbols)")
-        return None
-    out = [s.strip().upper() for v in (first, *extra) for s in v.split(",") if s.strip()]
-    if not out:
-        raise click.BadParameter("no symbol given", param_hint="--symbols")
-    return out
+_date = parse_date
+_symbols = parse_symbols
 
 
 def format_plan(plan: Plan, limiter_window: float, max_requests: int) -> str:
@@ -118,27 +99,6 @@ def format_plan(plan: Plan, limiter_window: float, max_requests: int) -> str:
                  f"{total} requests; pacing ({max_requests} per {fmt_duration(limiter_window)}) implies "
                  f"at least {fmt_duration(plan.duration)}")
     return "\n".join(lines)
-
-
-def format_status(rows: list[dict], errors: list[tuple], last_run: tuple | None) -> str:
-    """The ``--status`` table."""
-    cols = ("COMPLETE", "EARLY_CLOSE", "thin", "PARTIAL", "ERROR", "PENDING", "HOLIDAY")
-    out = [f"{'symbol':<10} " + " ".join(f"{c.lower():>11}" for c in cols)
-           + f" {'first':>10} {'last':>10} {'bars':>12}"]
-    for r in rows:
-        out.append(f"{r['symbol']:<10} " + " ".join(f"{r[c]:>11}" for c in cols)
-                   + f" {str(r['first'] or '-'):>10} {str(r['last'] or '-'):>10} {r['bars']:>12,}")
-    if not rows:
-        out.append("(no sessions recorded yet)")
-    if errors:
-        out.append("latest errors:")
-        out += [f"  {sym} {day}: {err}" for sym, day, err in errors]
-    if last_run:
-        run_id, started, finished, state, requests, bars, errs, summary = last_run
-        out.append(f"last run {run_id}: {state}, started {started:%Y-%m-%d %H:%M:%S %Z}"
-                   + (f", finished {finished:%H:%M:%S}" if finished else "")
-                   + f"; {requests} requests, {bars:,} bars, {errs} errors")
-    return "\n".join(out)
 
 
 async def _test_connection(bf: Backfill, sel: Selection) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from ..backfill import calendar_days
 from ..calendars import ExchangeCalendar, Session, UnknownCalendar, calendar_names
 
 __all__ = ["Session", "SessionCalendar", "calendar_name_for", "calendar_names", "CALENDAR_BY_EXCHANGE",
@@ -68,12 +69,7 @@ class SessionCalendar(ExchangeCalendar):
         super().__init__(name)
 
     def days(self, first: dt.date, last: dt.date) -> list[tuple[dt.date, Session | None]]:
-        """Every day of the exchange's week in ``[first, last]``, newest
-        first, with its session (None on a holiday)."""
-        out = []
-        day = last
-        while day >= first:
-            if self.is_trading_week_day(day):
-                out.append((day, self.session(day)))
-            day -= dt.timedelta(days=1)
-        return out
+        """Every day of the exchange's week in ``[first, last]`` (and any
+        weekend session), newest first, with its session (None on a
+        holiday): :func:`feeds.backfill.calendar_days`."""
+        return calendar_days(self, first, last)

@@ -1,0 +1,355 @@
+"""``feed-dhan-backfill``: Dhan one-minute history into PostgreSQL, resumable.
+
+Fetches every XNSE session not yet final for the instruments of
+``dhan.instruments_file`` (see :mod:`feeds.dhan.history`; the planner, the
+status table and ``--status`` are the ones feed-backfill uses:
+:mod:`feeds.backfill`), then reconciles the day's live candles.  Run by
+``feed-dhan-backfill.service`` (oneshot) from ``feed-dhan-backfill.timer``
+every NSE weekday evening, or by hand::
+
+    feed-dhan-backfill                         every instrument, every session not yet final
+    feed-dhan-backfill --symbols HDFCBANK NSE_EQ:TCS
+    feed-dhan-backfill --from 2020-01-01 --to 2020-12-31
+    feed-dhan-backfill --date 2024-09-12
+    feed-dhan-backfill --from 30d              the last 30 days
+    feed-dhan-backfill --dry-run               the plan: sessions, requests, time the rate limit implies
+    feed-dhan-backfill --retry-failed          also request ERROR sessions again
+    feed-dhan-backfill --priority-only         only instruments with a priority
+    feed-dhan-backfill --refetch --from 30d    fetch stored sessions again: record adjustments (both kept)
+    feed-dhan-backfill --refetch --interval 15 compare Dhan's 15-minute candles with the stored ones
+    feed-dhan-backfill --status                per-instrument summary table from the database
+    feed-dhan-backfill --no-reconcile          skip the comparison with the live candles
+
+A run goes through the collector runtime (:mod:`feeds.service`): progress
+in the journal and ``STATUS=`` every ``backfill.status_interval``, a
+heartbeat row (``feedctl status``), SIGTERM/SIGINT end it cleanly with the
+summary written.  At the end of a run the node_exporter textfile
+``<metrics.textfile_dir>/feeds_dhan_backfill.prom`` is written
+(:func:`run_metrics`).
+
+Exit status: 0 the run finished (or used the day's request budget), 1 it
+could not finish (database failure, sessions left PENDING), 75 another
+feed-dhan-backfill is running, 77 the access token is missing, invalid or
+expired (renew it with feed-dhan-token; not restarted), 78 bad
+configuration or instruments file (one line naming the file and key).
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import shlex
+import sys
+import time
+
+import click
+import psycopg
+
+from .. import service
+from ..backfill import Selection, fmt_duration, format_status, parse_date, parse_symbols
+from ..config import EX_CONFIG, Config, exit_on_config_error
+from ..ops.metrics import job_values, write_textfile
+from ..settings import DHAN_FILE, database_dsn
+from . import rest as R
+from .history import DhanBackfill, DhanStore, Plan, Settings, TokenExpired
+from .instruments import InstrumentList, InstrumentsError, load_instruments, refresh_cache
+
+log = logging.getLogger("feeds.dhan")
+EX_TEMPFAIL = 75
+EX_TOKEN = R.EX_TOKEN
+
+
+def _time(text: str) -> dt.time:
+    h, m = (int(x) for x in text.strip().split(":")[:2])
+    return dt.time(h, m)
+
+
+def load_settings(cfg: Config) -> tuple[Settings, dict]:
+    """:class:`~feeds.dhan.history.Settings` and the file locations
+    (``instruments_file``, ``instrument_list_url``, ``instrument_list_cache``,
+    ``default_mode``) from a loaded ``dhan.toml``."""
+    d, b = "dhan.", "backfill."
+    early = cfg[b + "earliest"]
+    s = Settings(
+        api_url=cfg[d + "api_url"], client_id=cfg[d + "client_id"], token_file=cfg[d + "token_file"],
+        requests_per_second=cfg[d + "requests_per_second"], requests_per_day=cfg[d + "requests_per_day"],
+        days_per_request=cfg[d + "history_days_per_request"], history_years=cfg[d + "history_years"],
+        earliest=dt.date.fromisoformat(early) if early else None, request_timeout=cfg[b + "request_timeout"],
+        max_attempts=cfg[b + "max_attempts"], settle=dt.timedelta(minutes=cfg[b + "settle_minutes"]),
+        status_interval=cfg[b + "status_interval"], reconcile=cfg[d + "reconcile"],
+        calendar="XNSE",
+        extra_sessions={dt.date.fromisoformat(k): (_time(v[0]), _time(v[1]))
+                        for k, v in cfg[d + "extra_sessions"].items()},
+        extra_holidays=[x if isinstance(x, dt.date) else dt.date.fromisoformat(str(x))
+                        for x in cfg[d + "extra_holidays"]],
+    )
+    files = {k: cfg[d + k] for k in ("instruments_file", "instrument_list_url", "instrument_list_cache",
+                                     "default_mode")}
+    return s, files
+
+
+def format_plan(plan: Plan, rate: float) -> str:
+    """The ``--dry-run`` table: per instrument the security id, date range,
+    sessions to fetch, done, holidays, ERROR skipped, requests; then totals
+    and the time the rate limit implies."""
+    lines = [f"{'instrument':<22} {'securityId':>10} {'prio':>4} {'from':<10} {'to':<10} "
+             f"{'fetch':>6} {'done':>6} {'holiday':>7} {'error':>6} {'requests':>8}"]
+    for p in plan.instruments:
+        sid = str(p.inst.security_id) if p.inst else "-"
+        lines.append(f"{p.line.key:<22} {sid:>10} {p.line.priority:>4} {str(p.first or '-'):<10} "
+                     f"{str(p.last or '-'):<10} {len(p.sessions):>6} {p.done:>6} {len(p.holidays):>7} "
+                     f"{p.skipped_errors:>6} {p.requests:>8}" + (f"  ERROR: {p.error}" if p.error else ""))
+    lines.append(f"total: {plan.sessions} sessions to fetch, {plan.requests} requests; the rate limit "
+                 f"({rate:g}/s) implies at least {fmt_duration(plan.duration)}")
+    return "\n".join(lines)
+
+
+class BackfillJob:
+    """One run as a collector of :mod:`feeds.service` (signals, STATUS=,
+    heartbeat, clean stop).  ``run`` returns 0, 1, 75 or 77."""
+
+    def __init__(self, bf: DhanBackfill, sel: Selection, arguments: str, refetch: bool, interval: int):
+        self.bf, self.sel, self.arguments, self.refetch, self.interval = bf, sel, arguments, refetch, interval
+
+    async def run(self, stop: asyncio.Event) -> int:
+        work = asyncio.ensure_future(self._work())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not work.done():
+            work.cancel()
+        try:
+            summary = await work
+        except TokenExpired as e:
+            log.error("access token: %s", e)
+            return EX_TOKEN
+        except RuntimeError as e:
+            log.error("%s", e)
+            return EX_TEMPFAIL
+        except asyncio.CancelledError:
+            if not stop.is_set():
+                raise
+            return 0
+        return 1 if summary.failed else 0
+
+    async def _work(self):
+        if self.interval == 1:
+            return await self.bf.run(self.sel, self.arguments, refetch=self.refetch)
+        return await compare_run(self.bf, self.sel, self.interval)
+
+    def stream_kind(self, stream: str) -> str:
+        return stream
+
+    def figures(self) -> dict[str, int]:
+        return self.bf.figures()
+
+    def periodic(self) -> None:
+        self.bf.periodic()
+
+    def status_line(self) -> str:
+        return self.bf.progress_line()
+
+
+async def compare_run(bf: DhanBackfill, sel: Selection, interval: int):
+    """``--refetch --interval N``: every stored session of the selection
+    fetched at N minutes and compared with the stored one-minute candles
+    rolled up; adjustments recorded (nothing stored in dhan_bar)."""
+    sm = bf.summary
+    await bf._db(bf.store.connect)
+    try:
+        now = bf.now()
+        last = sel.last or (bf.cal.last_finished(now, bf.s.settle).day)
+        first = sel.first or last
+        for ln in bf.selected(sel):
+            inst = bf.resolved.get(ln.key)
+            if inst is None:
+                continue
+            for s in reversed(bf.cal.sessions(first, last)):
+                try:
+                    cmp = await bf.compare_interval(inst, s, interval)
+                except R.TokenError as e:
+                    sm.token_expired, sm.failed = True, str(e)
+                    raise TokenExpired(str(e)) from None
+                except R.DhanError as e:
+                    log.warning("%s %s: %s", ln.key, s.day, e)
+                    sm.errors += 1
+                    continue
+                sm.done += 1
+                log.info("%s %s at %d minutes: %s %s", ln.key, s.day, interval, cmp.kind, cmp.detail)
+    finally:
+        sm.requests = bf.rest.requests
+        line = sm.line()
+        log.info("%s", line)
+        await bf.rest.close()
+        await bf._db(bf.store.close)
+        bf._shutdown_executor()
+    return sm
+
+
+def run_metrics(job: BackfillJob | None, started: float, rc: int) -> dict[str, float]:
+    """The textfile values of one run (:func:`feeds.ops.metrics.job_values`)
+    and its figures (``sessions_planned``, ``sessions_done``,
+    ``sessions_failed``, ``sessions_left_pending``, ``requests``,
+    ``bars_stored``, ``dhan_errors``, ``rate_limited``, ``adjustments``)."""
+    figures = {}
+    if job is not None:
+        sm = job.bf.summary
+        figures = {"sessions_planned": sm.planned, "sessions_done": sm.done, "sessions_failed": sm.statuses["ERROR"],
+                   "sessions_left_pending": sm.left_pending, "requests": job.bf.rest.requests,
+                   "bars_stored": sm.bars, "dhan_errors": job.bf.rest.errors,
+                   "rate_limited": job.bf.rest.rate_limited, "adjustments": sm.adjustments}
+    return job_values(started, rc, **figures)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", envvar="FEEDS_DHAN_CONFIG", default="/etc/feeds/dhan.toml",
+              show_default=True, help="TOML configuration file.")
+@click.option("--symbols", "symbols", default=None, metavar="SYM [SYM ...]",
+              help="Only these instruments (SYMBOL or SEGMENT:SYMBOL, space- or comma-separated).")
+@click.option("--from", "from_", default=None, metavar="DATE", help="First session: YYYY-MM-DD or Nd (days back).")
+@click.option("--to", "to", default=None, metavar="DATE", help="Last session: YYYY-MM-DD or Nd (days back).")
+@click.option("--date", "date", default=None, metavar="DATE", help="Exactly this session (YYYY-MM-DD or Nd).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (nothing fetched, nothing written).")
+@click.option("--retry-failed", is_flag=True, help="Also request sessions recorded as ERROR.")
+@click.option("--priority-only", is_flag=True, help="Only instruments with a priority in the instruments file.")
+@click.option("--status", "status", is_flag=True, help="Print the per-instrument summary table and exit.")
+@click.option("--refetch", is_flag=True, help="Fetch stored sessions again and record adjustments (both kept).")
+@click.option("--interval", type=click.Choice(["1", "5", "15", "25", "60"]), default="1", show_default=True,
+              help="With --refetch: the candle interval fetched for the comparison (N > 1 stores nothing).")
+@click.option("--no-reconcile", is_flag=True, help="Skip the comparison with the live candles.")
+@click.option("--rate-scale", type=float, default=None, envvar="FEEDS_DHAN_RATE_SCALE",
+              help="Scale the one-second rate window (only for simulators with a scaled clock; 1 = Dhan's).")
+@click.option("--status-interval", type=float, default=None, help="Override backfill.status_interval (s).")
+@click.option("--unit", envvar="FEEDS_UNIT", default="feed-dhan-backfill.service", show_default=True,
+              help="Name used for the heartbeat row.")
+@click.argument("more_symbols", nargs=-1, metavar="")
+@exit_on_config_error
+def main(config_path, symbols, from_, to, date, dry_run, retry_failed, priority_only, status, refetch, interval,
+         no_reconcile, rate_scale, status_interval, unit, more_symbols):
+    """Backfill Dhan one-minute candles into PostgreSQL, newest session first,
+    priority instruments first, within Dhan's data API rate limits."""
+    cfg = service.start(config_path, DHAN_FILE)
+    settings, files = load_settings(cfg)
+    if rate_scale is not None:
+        if not 0 < rate_scale <= 1:
+            raise click.BadParameter("must be > 0 and <= 1", param_hint="--rate-scale")
+        settings.rate_scale = rate_scale
+    if status_interval is not None:
+        if status_interval <= 0:
+            raise click.BadParameter("must be > 0", param_hint="--status-interval")
+        settings.status_interval = status_interval
+    if no_reconcile:
+        settings.reconcile = False
+    if int(interval) != 1 and not refetch:
+        raise click.UsageError("--interval goes with --refetch")
+    dsn = database_dsn(cfg)
+    try:
+        lines = load_instruments(files["instruments_file"], files["default_mode"])
+    except InstrumentsError as e:
+        click.echo(str(e), err=True)
+        sys.exit(EX_CONFIG)
+    today = dt.date.today()
+    sym_list = parse_symbols(symbols, more_symbols)
+    if date is not None and (from_ is not None or to is not None):
+        raise click.UsageError("--date excludes --from/--to")
+    first, last = parse_date(from_, "--from", today), parse_date(to, "--to", today)
+    if date is not None:
+        first = last = parse_date(date, "--date", today)
+    if first and last and first > last:
+        raise click.BadParameter(f"--from {first} is after --to {last}", param_hint="--from")
+    if sym_list:
+        known = {ln.key for ln in lines} | {ln.symbol for ln in lines}
+        unknown = [s for s in sym_list if s not in known]
+        if unknown:
+            raise click.BadParameter(f"not in {files['instruments_file']}: {', '.join(unknown)}",
+                                     param_hint="--symbols")
+    sel = Selection(symbols=sym_list, first=first, last=last, retry_failed=retry_failed, priority_only=priority_only)
+    store = DhanStore(dsn)
+    try:
+        if status:
+            store.connect()
+            try:
+                click.echo(format_status(store.summary(sel.symbols and _keys(lines, sel.symbols)),
+                                         store.last_errors(), store.last_run(), width=22))
+            finally:
+                store.close()
+            return
+        _act(settings, files, lines, store, sel, dry_run, refetch, int(interval), unit, cfg["metrics.textfile_dir"])
+    except psycopg.OperationalError as e:
+        log.error("cannot connect to the database: %s", str(e).strip().splitlines()[0] if str(e).strip() else e)
+        sys.exit(1)
+
+
+def _keys(lines, symbols) -> list[str]:
+    want = set(symbols)
+    return [ln.key for ln in lines if ln.key in want or ln.symbol in want]
+
+
+def _act(settings: Settings, files: dict, lines, store: DhanStore, sel: Selection, dry_run: bool, refetch: bool,
+         interval: int, unit: str, textfile_dir: str) -> None:
+    try:
+        text = asyncio.run(refresh_cache(files["instrument_list_url"], files["instrument_list_cache"]))
+    except InstrumentsError as e:
+        log.error("%s", e)
+        sys.exit(1)
+    ilist = InstrumentList(text)
+    if ilist.malformed:
+        log.warning("instrument list: %d rows not understood, skipped", ilist.malformed)
+    if dry_run:
+        async def plan():
+            bf = DhanBackfill(settings, lines, store, ilist, notifier=_Quiet())
+            try:
+                return bf, await bf.plan(sel, refetch)
+            finally:
+                await bf.rest.close()
+                bf._shutdown_executor()
+        store.connect()
+        try:
+            bf, p = asyncio.run(plan())
+        finally:
+            store.close()
+        click.echo(format_plan(p, settings.requests_per_second))
+        return
+    try:
+        R.read_token(settings.token_file)
+    except R.TokenError as e:
+        log.error("%s: renew it with feed-dhan-token", e)
+        sys.exit(EX_TOKEN)
+    log.info("feed-dhan-backfill starting: %d instruments, API %s, %g requests/s, %d a day, "
+             "rate scale %g", len(lines), settings.api_url, settings.requests_per_second,
+             settings.requests_per_day, settings.rate_scale)
+    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    started = time.time()
+    jobs: list[BackfillJob] = []
+    try:
+        locked = store.connect().try_lock()
+    except psycopg.OperationalError:
+        write_textfile(textfile_dir, "dhan_backfill", run_metrics(None, started, 1))
+        raise
+    if not locked:
+        store.close()
+        log.error("another feed-dhan-backfill is running (database advisory lock held)")
+        sys.exit(EX_TEMPFAIL)
+    svc = service.Service(unit, store.dsn, status_interval=settings.status_interval)
+
+    def prepare(svc: service.Service) -> BackfillJob:
+        jobs.append(BackfillJob(DhanBackfill(settings, lines, store, ilist, notifier=svc.health), sel, args,
+                                refetch, interval))
+        return jobs[-1]
+    rc = 1
+    try:
+        rc = svc.run(prepare)
+    finally:
+        store.close()
+        write_textfile(textfile_dir, "dhan_backfill", run_metrics(jobs[-1] if jobs else None, started, rc))
+    sys.exit(rc)
+
+
+class _Quiet:
+    def notify(self, msg: str) -> None:
+        pass
+
+
+__all__ = ["main", "load_settings", "format_plan", "BackfillJob", "run_metrics", "compare_run"]
