@@ -323,11 +323,12 @@ dhan_ready() { ! grep -q '^client_id = "your_client_id"' "$ETC/dhan.toml" &&
                { [ -s /var/lib/feeds/dhan/access_token.json ] || [ -s "$ETC/secrets/dhan-initial-token" ] ||
                  { [ -s "$ETC/secrets/dhan-pin" ] && [ -s "$ETC/secrets/dhan-totp-secret" ]; }; }; }
 if dhan_ready; then
-    systemctl enable --now feed-dhan-token.timer feed-dhan-backfill.timer >/dev/null 2>&1
+    systemctl enable --now feed-dhan-token.timer feed-dhan.timer feed-dhan-backfill.timer >/dev/null 2>&1
 else
     say "Dhan not configured (client_id in $ETC/dhan.toml; $ETC/secrets/dhan-initial-token, or dhan-pin and dhan-totp-secret with login.method = \"totp\"): its timers stay disabled"
 fi
 systemctl enable feed-binance.service >/dev/null 2>&1
+systemctl enable feed-indicators.service >/dev/null 2>&1
 if [ $START = 1 ]; then
     if [ $DEMO = 1 ]; then
         systemctl enable feed-sim-binance.service feed-sim-tws.service feed-sim-kite.service >/dev/null 2>&1
@@ -344,6 +345,7 @@ if [ $START = 1 ]; then
     fi
     systemctl restart feed-binance.service
     say "feed-binance: $(systemctl is-active feed-binance.service)"
+    systemctl restart --no-block feed-indicators.service
 fi
 if [ -f "$UNITDIR/feed-api.service" ]; then
     systemctl enable feed-api.service >/dev/null 2>&1

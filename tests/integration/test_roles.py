@@ -367,5 +367,54 @@ def test_migrations_as_owner_need_the_roles_to_exist_or_create_them_as_superuser
     with psycopg.connect(dsn2) as c:
         roles = dict(c.execute("SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname LIKE 'feeds%'").fetchall())
     assert roles == {"feeds": True, "feeds_binance": True, "feeds_kite": True, "feeds_ibkr": True,
-                     "feeds_reader": False, "feeds_dhan": True}
+                     "feeds_reader": False, "feeds_dhan": True, "feeds_indicators": True}
 
+
+def test_indicators_role_reads_candles_and_writes_only_its_table(dsn):
+    cols = "venue, instrument, interval_min, bar_start, indicator, output, value, computed_at"
+    row = ("kite", "408065", 1, T_OLD, "SMA(timeperiod=20)", "real", 1573.7, T_OLD)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        heartbeat(c, "feed-binance.service")
+    with connect(dsn, "feeds_indicators") as conn:
+        for t in ("binance_kline", "kite_candle", "ibkr_candle", "candle_latest", "indicator_value", "indicator_latest"):
+            conn.execute(f"SELECT count(*) FROM {t}").fetchone()
+        conn.execute("LISTEN feeds_candle")
+        with conn.transaction():
+            with conn.cursor().copy(f"COPY indicator_value ({cols}) FROM STDIN") as cp:
+                cp.write_row(row)
+        with conn.transaction():
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS _stage_indicator_value "
+                         "(LIKE indicator_value INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+            with conn.cursor().copy(f"COPY _stage_indicator_value ({cols}) FROM STDIN") as cp:
+                cp.write_row(row)
+            assert conn.execute(f"INSERT INTO indicator_value ({cols}) SELECT {cols} FROM _stage_indicator_value "
+                                "ON CONFLICT DO NOTHING").rowcount == 0
+        heartbeat(conn, "feed-indicators.service")
+        denied(heartbeat, conn, "feed-binance.service")
+        denied(conn.execute, "INSERT INTO kite_candle (instrument_token, interval_min, bar_start, bar_end, open, high, low, "
+                             "close, ticks, final, revision, source, recorded_at) VALUES (1, 1, now(), "
+                             "now() + interval '1 minute', 1, 1, 1, 1, 0, true, 0, 'live', now())")
+        denied(insert_one, conn, "binance_agg_trade")
+        denied(conn.execute, "UPDATE indicator_value SET value = 0")
+        denied(conn.execute, "DELETE FROM indicator_value")
+        denied(conn.execute, "TRUNCATE indicator_value")
+        denied(conn.execute, "DROP TRIGGER kite_candle_notify ON kite_candle")
+        denied(conn.execute, "CREATE TABLE mine (x int)")
+    with psycopg.connect(dsn) as c:
+        assert c.execute("SELECT has_table_privilege('feeds_reader', 'indicator_value', 'SELECT'), "
+                         "has_table_privilege('feeds_reader', 'indicator_latest', 'SELECT'), "
+                         "has_table_privilege('feeds_reader', 'indicator_value', 'INSERT')").fetchone() == (True, True, False)
+
+
+def test_collectors_inserting_candles_notify_once_per_statement(dsn):
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN feeds_candle")
+        with connect(dsn, "feeds_kite") as conn:
+            with conn.transaction():
+                with conn.cursor().copy("COPY kite_candle (instrument_token, interval_min, bar_start, bar_end, open, high, "
+                                        "low, close, volume, ticks, final, revision, source, recorded_at) FROM STDIN") as cp:
+                    for m in range(3):
+                        t = T_OLD.replace(minute=m)
+                        cp.write_row((408065, 1, t, t.replace(minute=m + 1), "1", "2", "1", "2", "5", 1, True, 0, "live", t))
+        got = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
+    assert got == ["kite_candle"]

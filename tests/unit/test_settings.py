@@ -8,14 +8,15 @@ import pytest
 
 from conftest import ROOT
 from feeds.config import Config, ConfigError
-from feeds.settings import (ALERTS_FILE, DHAN_FILE, OPS_FILE, BINANCE_FILE, FEEDS_FILE, IBKR_FILE, KITE_FILE, REQUIRED, SCHEMAS, check_document,
+from feeds.settings import (ALERTS_FILE, DHAN_FILE, INDICATORS_FILE, OPS_FILE, BINANCE_FILE, FEEDS_FILE, IBKR_FILE, KITE_FILE, REQUIRED, SCHEMAS, check_document,
                             database_dsn, load)
 from feeds.settings import _conform, _value
 
 #: Which kind of file each shipped etc/*.toml is.
 SHIPPED = {"feeds.toml": FEEDS_FILE, "binance.toml": BINANCE_FILE, "binance-demo.toml": BINANCE_FILE,
            "kite.toml": KITE_FILE, "kite-demo.toml": KITE_FILE, "ibkr.toml": IBKR_FILE, "ibkr-demo.toml": IBKR_FILE,
-           "ops.toml": OPS_FILE, "alerts.toml": ALERTS_FILE, "dhan.toml": DHAN_FILE}
+           "ops.toml": OPS_FILE, "alerts.toml": ALERTS_FILE, "indicators.toml": INDICATORS_FILE,
+           "dhan.toml": DHAN_FILE}
 
 
 def test_every_shipped_file_has_a_kind():

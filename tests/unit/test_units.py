@@ -58,7 +58,7 @@ def test_there_are_units_to_check():
     assert {"feed-binance.service", "feed-binance@.service", "feed-zerodha.service", "feed-kite-token.service",
             "feed-backfill.service", "feed-migrate.service", "feed-maintain.service",
             "feed-sim-binance.service", "feed-sim-kite.service", "feed-sim-tws.service",
-            "feed-check.service", "feed-alert@.service", "feed-dhan-token.service",
+            "feed-check.service", "feed-alert@.service", "feed-indicators.service", "feed-dhan.service", "feed-dhan-token.service",
             "feed-dhan-backfill.service", "feed-sim-dhan.service"} <= names
 
 
@@ -218,7 +218,9 @@ def test_each_program_runs_as_its_own_user_declared_in_sysusers():
             "feed-alert@.service": "feeds_ops"}
     if (UNITS / "feed-api.service").exists():
         want["feed-api.service"] = "feeds_api"
+    want["feed-indicators.service"] = "feeds_indicators"
     want["feed-dhan-token.service"] = "feeds_dhan"
+    want["feed-dhan.service"] = "feeds_dhan"
     want["feed-dhan-backfill.service"] = "feeds_dhan"
     for name, user in want.items():
         d = directives(UNITS / name)

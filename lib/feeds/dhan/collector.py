@@ -1,0 +1,718 @@
+"""The Dhan collector: Dhan's v2 live market feed connections -> sink.
+
+One asyncio task per planned connection (:mod:`feeds.dhan.connections`: at
+most 5 per user, 5,000 instruments each), each holding a WebSocket of
+aiohttp's client (``ClientSession.ws_connect``) to
+``<dhan.feed_url>?version=2&token=..&clientId=..&authType=2``.  aiohttp
+rather than ``websockets``: its compiled frame reader hands over a message
+for about 2 us of CPU where ``websockets`` 17 takes about 6.5 us, and at
+30,000 packets a second that difference is a sixth of a core.  On every
+(re)connect the connection's instruments are subscribed again, per mode, in
+JSON messages of at most 100 instruments (:func:`feeds.dhan.wire.subscribe_messages`).
+The official client ``dhanhq`` is not used for the feed: its feed class runs
+an event loop of its own and reads only the first packet of a message.
+
+Per binary message (the hot path, top to bottom): the receive time (strictly
+increasing microseconds per connection, so that ``(instrument, recv_time,
+seq)`` is unique), :func:`feeds.dhan.wire.decode` (malformed packets are
+counted in the health counter and logged, never fatal), the rows
+(:class:`feeds.dhan.adapter.RowMaker`, gathered and handed to the sink every
+``flush_interval`` or ``batch_rows`` rows), the candles.  A call into the
+sink may block (back-pressure): the event loop then stops reading every
+socket and TCP slows Dhan down; nothing is dropped.
+
+Keeping the connection alive ("Live Market Feed", "Keeping Connection
+Alive"): Dhan's server sends a WebSocket ping every 10 s and closes a
+connection that has not answered for 40 s; each ping is answered here with
+a pong at once (aiohttp's ``autoping`` off, so that pings are seen and
+counted).  The client sends no pings of its own.  Every message received
+(data, text, ping) stamps the connection; one that stays silent for
+``silence_timeout`` seconds is closed here and opened again (the socket may
+be dead without a close: a NAT timeout, a stalled server).  Dhan's pings
+also count as the connection's sign of life for the watchdog, so that the
+minutes before the open, when no packet flows, do not stop it.
+
+Feed Disconnect packets (code 50) are written to ``dhan_disconnect`` with
+their code, meaning and the action taken (:func:`feeds.dhan.wire.disconnect_action`):
+
+* ``exit``: the access token expired (807) or was refused (808, 809, 810),
+  or the account lacks the data APIs (806): one clear line, the collector
+  stops with exit status 77 (the unit does not restart it);
+* ``backoff``: 805 (the user opened more connections than Dhan allows: Dhan
+  closes the oldest one), 804, 814: one line, then a long wait before
+  reconnecting (``reconnect_max_delay``, doubled at each repeat up to
+  :data:`BACKOFF_MAX`), so that this collector and the other program of the
+  same client id do not keep closing each other's connections;
+* ``reconnect``: anything else, reconnecting with the usual backoff.
+
+Candles (optional): every decoded record with a price is folded into
+:class:`DhanCandles` (the shared :class:`feeds.candles.CandleBuilder`, the
+approach of :mod:`feeds.kite.candles`); a task closes candles by the wall
+clock and writes them through the same sink into ``dhan_candle``; at the
+stop the candles already due are written final, the open ones with
+``final`` false.
+
+Venue documents: DhanHQ v2 "Live Market Feed", "Annexure".
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import aiohttp
+from aiohttp import WSMsgType
+
+from .. import candles as C
+from ..health import Health, StreamHealth
+from ..sink import Sink, Table
+from . import adapter as A
+from . import wire
+from .connections import Subscription, subscribe_messages
+
+log = logging.getLogger(__name__)
+UTC = timezone.utc
+NS = 1_000_000_000
+
+RC_OK, RC_FAILED, RC_TOKEN = 0, 1, 77
+#: the longest wait after repeated "too many connections" disconnects (s)
+BACKOFF_MAX = 600.0
+#: a connection that delivered data for this long resets the reconnect backoff (s)
+STABLE_AFTER = 30.0
+
+
+@dataclass
+class Settings:
+    """Collector settings (see ``etc/dhan.toml``; times in seconds).
+
+    ``feed_url``: the feed's base URL; ``client_id``: dhanClientId;
+    ``silence_timeout``: a connection without any bytes for this long is
+    aborted and reopened; ``reconnect_max_delay``: the longest ordinary wait
+    between reconnects, and the first wait after an 805; ``flush_interval``
+    / ``batch_rows``: rows are handed to the sink at least this often / in
+    batches of at most this many; ``watchdog_interval``: the longest pause
+    between checks; ``connect_timeout``: the WebSocket handshake's limit;
+    ``connect_stagger``: the pause between opening two connections."""
+    feed_url: str = "wss://api-feed.dhan.co"
+    client_id: str = ""
+    silence_timeout: float = 30.0
+    reconnect_max_delay: float = 30.0
+    flush_interval: float = 0.05
+    batch_rows: int = 2000
+    watchdog_interval: float = 2.0
+    connect_timeout: float = 30.0
+    connect_stagger: float = 0.2
+
+
+@dataclass
+class _Connection:
+    index: int
+    subs: list[Subscription]
+    stream: StreamHealth
+    ws: aiohttp.ClientWebSocketResponse | None = None
+    open: bool = False
+    last: float = 0.0                       # time.monotonic() of the last message of any kind
+    generation: int = 0
+    opened_at: float = 0.0
+    last_us: int = 0
+    sec: int = -1
+    prefix: str = ""
+    silences: int = 0
+    closes: int = 0
+    pings: int = 0
+    disconnects: int = 0
+    backoffs: int = 0
+    backoff_next: bool = False
+    last_close: str = ""
+    messages: int = 0
+    packets: int = 0
+    seen: int = 0
+    alive: float = 0.0
+    by_mode: dict[str, int] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- candles
+
+class _Key(int):
+    """A candle key, ``segment << 32 | security_id`` (an int, hashed as one),
+    shown in the builder's log lines as ``NSE_EQ:1333``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"{wire.SEGMENT_NAMES.get(self >> 32, self >> 32)}:{self & 0xFFFFFFFF}"
+
+
+#: ``dhan_candle`` (sql/0011_dhan_live.sql), every column but ``stored_at``.
+CANDLE_TABLE = Table("dhan_candle", ("exchange_segment", "security_id", "interval_min", "bar_start", "bar_end",
+                                     "open", "high", "low", "close", "volume", "ticks", "final", "revision",
+                                     "source", "recorded_at"))
+
+
+class DhanCandles:
+    """Candles of the collected instruments (the builder's key is
+    ``segment << 32 | security_id``), written through ``sink`` into
+    ``dhan_candle``.
+
+    What counts as a trade (the rule of :mod:`feeds.kite.candles`, for
+    Dhan's packets): the price is the packet's LTP, the time its LTT
+    (:func:`feeds.dhan.wire.ltt_to_utc_ns`; the receive time when the packet
+    has none); quote and full packets carry the day's cumulative volume: a
+    packet whose volume did not change since the instrument's previous one
+    is no trade (a quote or depth change) and never moves a candle, and the
+    candle's volume is the rise of that cumulative volume
+    (``volume="cumulative"`` of the builder).  Ticker packets and every
+    packet of an index (IDX_I) carry no volume: each is a price, counted in
+    the candle, whose volume is NULL.  LTTs are whole seconds: packets of one
+    instrument in the same second keep their order of arrival (1 ns apart),
+    so open and close are the first and last trade of the minute.
+
+    Prices go through the builder as integers of 10**-d rupees (d =
+    :data:`feeds.dhan.wire.PRICE_DECIMALS` of the segment: paise for
+    equities) and are written as exact decimal text.  Not thread-safe: the
+    collector calls it from its event loop.
+
+    ``records(records, recv_ns)`` folds the records of one message;
+    ``close_due(now_ns)`` writes the candles the clock closes;
+    ``close_all()`` the open ones (``final`` false) at the stop;
+    ``seed(key, bars, keep_from_ns)`` history bars.  Each returns the number
+    of rows written."""
+
+    def __init__(self, settings, sessions: C.Sessions, subs: Iterable[Subscription], sink: Sink,
+                 since_ns: int | None = None):
+        self.s = settings
+        self.sink = sink
+        self.builder = C.CandleBuilder(sessions, settings.intervals, grace_s=settings.grace,
+                                       lateness_s=settings.lateness, volume="cumulative", since_ns=since_ns)
+        # the builder's key of an instrument: segment << 32 | security id
+        subs = list(subs)
+        self._keys = {s.segment << 32 | s.security_id: _Key(s.segment << 32 | s.security_id) for s in subs}
+        self.volumeless = {s.segment << 32 | s.security_id for s in subs if s.volumeless}
+        self._last_volume: dict[int, int] = {}
+        self._last_ts: dict[int, int] = {}
+        self._scale = {seg: 10 ** d for seg, d in wire.PRICE_DECIMALS.items()}
+        self.not_trades = 0
+        self.rows_written = 0
+        self.history_rows = 0
+        self.sink_failure: str | None = None
+
+    def key_of(self, segment: int, security_id: int) -> int:
+        """The builder's key of an instrument."""
+        raw = segment << 32 | security_id
+        key = self._keys.get(raw)
+        if key is None:
+            key = self._keys[raw] = _Key(raw)
+        return key
+
+    def records(self, records: list, recv_ns: int) -> None:
+        cum = self.builder.cumulative
+        last = self._last_volume
+        last_ts = self._last_ts
+        scale = self._scale
+        quiet = self.volumeless
+        keys = self._keys
+        ist = wire.IST_OFFSET_S
+        for r in records:
+            k = r.kind
+            if k == "full" or k == "quote":
+                key = keys.get(r[0] << 32 | r[1])
+                if key is None:
+                    key = keys[r[0] << 32 | r[1]] = _Key(r[0] << 32 | r[1])
+                if key in quiet:
+                    vol = None
+                else:
+                    vol = r[6]
+                    if last.get(key) == vol:
+                        self.not_trades += 1
+                        continue
+                    last[key] = vol
+                ltt = r[4]
+            elif k == "ticker":
+                key = keys.get(r[0] << 32 | r[1])
+                if key is None:
+                    key = keys[r[0] << 32 | r[1]] = _Key(r[0] << 32 | r[1])
+                vol = None
+                ltt = r[3]
+            else:
+                continue
+            ts = (ltt - ist) * NS if ltt else recv_ns
+            # LTTs are whole seconds: the packets of one second keep their order of arrival
+            prev = last_ts.get(key)
+            if prev is not None and ts <= prev < ts + NS:
+                ts = prev + 1
+            if prev is None or ts > prev:
+                last_ts[key] = ts
+            cum(key, ts, round(r[2] * scale[r[0]]), vol, recv_ns)
+
+    def _rows(self, candles: Iterable[C.Candle], recorded_ns: int) -> list[tuple]:
+        rec = A.time_text(recorded_ns)
+        names = wire.SEGMENT_NAMES
+        out = []
+        for c in candles:
+            seg, sid = c.key >> 32, c.key & 0xFFFFFFFF
+            d = wire.PRICE_DECIMALS[seg]
+            out.append((names[seg], sid, c.interval_min, A.time_text(c.start_ns), A.time_text(c.end_ns),
+                        _units_text(c.open, d), _units_text(c.high, d), _units_text(c.low, d),
+                        _units_text(c.close, d), c.volume, c.ticks, c.final, c.revision, c.source, rec))
+        return out
+
+    def _write(self, rows: list[tuple]) -> int:
+        if rows:
+            try:
+                self.sink.add_many(CANDLE_TABLE.name, rows)
+            except RuntimeError as e:
+                self.sink_failure = f"sink refused candle rows: {e}"
+                return 0
+            self.rows_written += len(rows)
+        return len(rows)
+
+    def next_due_ns(self) -> int | None:
+        return self.builder.next_due_ns()
+
+    def close_due(self, now_ns: int | None = None) -> int:
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        return self._write(self._rows(self.builder.due(now_ns), now_ns))
+
+    def close_all(self) -> int:
+        return self._write(self._rows(self.builder.close_all(), time.time_ns()))
+
+    def seed(self, key: int, bars: list[tuple], keep_from_ns: int, until_ns: int | None = None,
+             now_ns: int | None = None) -> int:
+        """Write the history one-minute ``bars`` of ``key`` (``(start_ns, open,
+        high, low, close, volume or None, ticks)``, prices in integer units)
+        and the larger candles they complete
+        (:meth:`feeds.candles.CandleBuilder.seed`); one-minute candles before
+        ``keep_from_ns`` (stored already) are not written again.  The candles
+        due now are closed first, so that a live minute past its lateness
+        gives way to its history bar."""
+        now = time.time_ns() if now_ns is None else now_ns
+        due = self.builder.due(now)
+        done = self.builder.seed(key, bars, until_ns=until_ns)
+        n = self._write(self._rows(due, now))
+        # a microsecond later: never the key (instrument, interval, start, recorded_at) of a row just written
+        h = self._write(self._rows([c for c in done if c.interval_min != 1 or c.start_ns >= keep_from_ns],
+                                   now + 1000))
+        self.history_rows += h
+        return n + h
+
+    def figures(self) -> dict[str, int]:
+        st = self.builder.stats
+        return {"candles": self.rows_written, "candles from history": self.history_rows,
+                "late revised": st.get("late_revised", 0), "late dropped": st.get("late_dropped", 0)}
+
+
+def _units_text(units: int, decimals: int) -> str:
+    """Integer units of 10**-decimals (>= 0) as exact decimal text (165045, 2 -> "1650.45")."""
+    whole, frac = divmod(units, 10 ** decimals)
+    return f"{whole}.{frac:0{decimals}d}"
+
+
+# ----------------------------------------------------------------------------- the collector
+
+class DhanCollector:
+    """Collect Dhan's live market feed for ``plan`` (a list of connections,
+    each a list of :class:`~feeds.dhan.connections.Subscription`) with the
+    access token ``access_token`` into ``sink``.
+
+    ``await run(stop)`` connects, collects until ``stop`` is set or the
+    aware datetime ``until`` passes, closes the connections and returns an
+    exit status: 0 (stopped, or the session is over), 77 (Dhan refused the
+    access token or the client: disconnect codes 806-810, or HTTP 401/403 at
+    the handshake), 1 (the sink failed).  The caller closes the sink.  A
+    collector of :mod:`feeds.service` (``stream_kind``, ``figures``,
+    ``periodic``).
+
+    ``history``: ``(when_ns, job)``: at the wall-clock time ``when_ns`` the
+    coroutine ``job(stop)`` runs on the event loop (the history fill of a
+    start inside a session, :func:`feeds.dhan.main.history_job`)."""
+
+    def __init__(self, settings: Settings, access_token: str, plan: list[list[Subscription]], sink: Sink,
+                 health: Health, until: datetime | None = None, candles: DhanCandles | None = None,
+                 history: tuple[int, Callable[[asyncio.Event], Awaitable[None]]] | None = None):
+        self.s = settings
+        self.access_token = access_token
+        self.sink = sink
+        self.health = health
+        self.until = until
+        self.candles = candles
+        self.history = history
+        self.conns: list[_Connection] = []
+        for i, subs in enumerate(plan, 1):
+            c = _Connection(i, list(subs), health.stream(f"connection {i}"))
+            for s in subs:
+                c.by_mode[s.mode] = c.by_mode.get(s.mode, 0) + 1
+            self.conns.append(c)
+        used = {s.mode for subs in plan for s in subs}
+        self.table_streams = {t.name: (health.stream(t.name.removeprefix("dhan_tick_"))
+                                       if t.name.removeprefix("dhan_tick_") in used else StreamHealth())
+                              for t in A.TICK_TABLES}
+        self.rows = A.RowMaker()
+        self.failure: str | None = None
+        self.failure_rc = RC_FAILED
+        self.text_messages = 0
+        self._texts_logged = 0
+        self.disconnects: dict[int, int] = {}
+        self._stop: asyncio.Event | None = None
+        self._stall_end = 0.0
+        self._candle_errors = 0
+        self._http: aiohttp.ClientSession | None = None
+
+    # ------------------------------------------------------------ the hot path
+    def _text(self, c: _Connection, msg) -> None:
+        self.text_messages += 1
+        if self._texts_logged < 100:
+            self._texts_logged += 1
+            log.info("connection %d: text message from Dhan: %.300s", c.index, msg)
+
+    def _candle_failed(self) -> None:
+        self._candle_errors += 1
+        if self._candle_errors <= 3:
+            log.exception("candles: packets not folded into candles")
+
+    def handler(self, c: _Connection):
+        """The function called with each message of connection ``c`` (the hot
+        path; names bound once).  Returns True when the collector must stop
+        reading (a fatal disconnect code)."""
+        decode = wire.decode
+        add = self.rows.add
+        rows = self.rows
+        fold = self.candles.records if self.candles is not None else None
+        malformed = self.health.count_malformed
+        where = f"connection {c.index}"
+        batch = self.s.batch_rows
+        time_ns = time.time_ns
+        epoch_text = A.epoch_text
+
+        def on(msg) -> bool:
+            c.messages += 1
+            if type(msg) is not bytes:
+                self._text(c, msg)
+                return False
+            ns = time_ns()
+            us = ns // 1000
+            if us <= c.last_us:
+                us = c.last_us + 1
+            c.last_us = us
+            records, errors = decode(msg, ns / NS)
+            if errors:
+                for e in errors:
+                    malformed(where, str(e))
+            if not records:
+                return False
+            sec, frac = divmod(us, 1_000_000)
+            if sec != c.sec:
+                c.sec, c.prefix = sec, epoch_text(sec)[:19]
+            recv = f"{c.prefix}.{frac:06d}+00:00"
+            disc = add(records, recv)
+            c.packets += 1
+            if fold is not None:
+                try:
+                    fold(records, ns)
+                except Exception:           # a candle bug must not stop the ticks being stored
+                    self._candle_failed()
+            if disc:
+                for d in disc:
+                    self._on_disconnect(c, d.reason, recv)
+            if rows.pending >= batch:
+                self._flush()
+            return self.failure is not None
+        return on
+
+    def _flush(self) -> None:
+        for c in self.conns:                # messages with data, for the health of each connection
+            if c.packets != c.seen:
+                c.stream.seen(c.packets - c.seen)
+                c.seen = c.packets
+        batch = self.rows.take()
+        if not batch:
+            return
+        t0 = time.monotonic()
+        try:
+            for name, rows in batch.items():
+                self.sink.add_many(name, rows)
+                st = self.table_streams.get(name)
+                if st is not None:
+                    st.seen(len(rows))
+        except RuntimeError as e:           # the sink is closed or its writer died
+            if self.failure is None:
+                self.failure = f"sink refused rows: {e}"
+        t1 = time.monotonic()
+        if t1 - t0 > 0.5:                   # reading was paused on purpose: not silence
+            self._stall_end = t1
+
+    def _on_disconnect(self, c: _Connection, code: int, recv: str) -> None:
+        action = wire.disconnect_action(code)
+        meaning = wire.disconnect_reason(code)
+        c.disconnects += 1
+        self.disconnects[code] = self.disconnects.get(code, 0) + 1
+        self.rows.rows[A.DISCONNECT_TABLE.name].append(A.disconnect_row(recv, c.index, code, action))
+        self.rows.pending += 1
+        if action == "exit":
+            if self.failure is None:
+                self.failure = (f"Dhan closed the feed with code {code} ({meaning}): renew the access token "
+                                f"(systemctl start feed-dhan-token), then start feed-dhan again")
+                self.failure_rc = RC_TOKEN
+            log.error("connection %d: Dhan disconnected it with code %d (%s)", c.index, code, meaning)
+        elif action == "backoff":
+            c.backoff_next = True
+            log.warning("connection %d: Dhan disconnected it with code %d (%s)%s", c.index, code, meaning,
+                        ": another program of client id %s holds feed connections; waiting before reconnecting"
+                        % self.s.client_id if code == wire.TOO_MANY_CONNECTIONS else "; waiting before reconnecting")
+        else:
+            log.warning("connection %d: Dhan disconnected it with code %d (%s); reconnecting", c.index, code,
+                        meaning)
+
+    # ------------------------------------------------------------ connections
+    def _delay(self, c: _Connection, attempt: int) -> float:
+        if c.backoff_next:
+            c.backoff_next = False
+            c.backoffs += 1
+            return min(BACKOFF_MAX, self.s.reconnect_max_delay * 2 ** (c.backoffs - 1))
+        return random.uniform(0.5, 1.0) * min(self.s.reconnect_max_delay, 2.0 ** attempt)
+
+    async def _open(self, c: _Connection) -> aiohttp.ClientWebSocketResponse:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None,
+                                                                             connect=self.s.connect_timeout))
+        url = wire.feed_url(self.s.feed_url, self.access_token, self.s.client_id)
+        return await self._http.ws_connect(url, autoping=False, autoclose=True, compress=0, max_msg_size=1 << 20,
+                                           timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0))
+
+    async def _connection(self, c: _Connection) -> None:
+        stop = self._stop
+        attempt = 0
+        while not stop.is_set() and self.failure is None:
+            try:
+                ws = await self._open(c)
+            except aiohttp.WSServerHandshakeError as e:
+                status = e.status
+                if status in (401, 403):
+                    if self.failure is None:
+                        self.failure = (f"Dhan refused the access token at the feed (HTTP {status}): it has "
+                                        "expired or was revoked; renew it (systemctl start feed-dhan-token), "
+                                        "then start feed-dhan again")
+                        self.failure_rc = RC_TOKEN
+                    return
+                if status == 429:
+                    c.backoff_next = True
+                wait = self._delay(c, attempt)
+                attempt += 1
+                log.warning("connection %d: the feed refused the connection (HTTP %d); retrying in %.1f s",
+                            c.index, status, wait)
+                await self._sleep(wait)
+                continue
+            except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as e:
+                wait = self._delay(c, attempt)
+                attempt += 1
+                log.warning("connection %d: cannot connect to %s (%s); retrying in %.1f s", c.index,
+                            self.s.feed_url, _first_line(e), wait)
+                await self._sleep(wait)
+                continue
+            c.ws, c.open = ws, True
+            c.generation += 1
+            c.opened_at = c.last = time.monotonic()
+            try:
+                for m in subscribe_messages(c.subs):
+                    await ws.send_str(m)
+                log.info("connection %d open (generation %d): %d instruments subscribed (%s)", c.index,
+                         c.generation, len(c.subs), ", ".join(f"{m} {n}" for m, n in sorted(c.by_mode.items())))
+                on = self.handler(c)
+                mono = time.monotonic
+                binary, ping, text = WSMsgType.BINARY, WSMsgType.PING, WSMsgType.TEXT
+                async for msg in ws:
+                    c.last = mono()
+                    t = msg.type
+                    if t is binary:
+                        if on(msg.data):
+                            break
+                    elif t is ping:
+                        c.pings += 1
+                        await ws.pong(msg.data)
+                    elif t is text:
+                        self._text(c, msg.data)
+                    elif t is WSMsgType.ERROR:
+                        log.info("connection %d: %s", c.index, _first_line(msg.data))
+                        break
+            except (ConnectionError, aiohttp.ClientError):
+                pass
+            finally:
+                c.open = False
+                lasted = time.monotonic() - c.opened_at
+                if not stop.is_set():
+                    c.closes += 1
+                await _close(ws)
+                code = ws.close_code
+                c.last_close = f"close code {code}" if code is not None else "no close frame"
+            if stop.is_set() or self.failure is not None:
+                break
+            if lasted >= STABLE_AFTER:
+                attempt = 0
+            wait = self._delay(c, attempt)
+            attempt += 1
+            log.info("connection %d closed after %.1f s (%s); reconnecting in %.1f s", c.index, lasted,
+                     c.last_close, wait)
+            await self._sleep(wait)
+
+    def check_silence(self) -> list[int]:
+        """Abort the connections silent (no bytes at all, pings included)
+        beyond ``silence_timeout``; returns their numbers.  Bytes received
+        (Dhan's pings before the open, when no packet flows) also count as
+        the connection's sign of life for the watchdog."""
+        now = time.monotonic()
+        out = []
+        for c in self.conns:
+            ws = c.ws
+            if not c.open or ws is None:
+                continue
+            if c.last > c.alive:
+                c.alive = c.last
+                c.stream.seen(0)
+            since = max(c.last, self._stall_end)
+            if now - since > self.s.silence_timeout:
+                c.silences += 1
+                c.last = now
+                log.warning("connection %d silent for %.1f s (no data, no ping): dropping it to reconnect",
+                            c.index, now - since)
+                asyncio.ensure_future(_close(ws))       # ends the connection's reading loop
+                out.append(c.index)
+        return out
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), max(0.0, seconds))
+        except asyncio.TimeoutError:
+            pass
+
+    async def _flusher(self) -> None:
+        while not self._stop.is_set():
+            await self._sleep(self.s.flush_interval)
+            if self.rows.pending:
+                self._flush()
+
+    async def _candle_timer(self) -> None:
+        """Close candles by the wall clock: each one ``grace`` seconds after its end."""
+        cd = self.candles
+        while not self._stop.is_set():
+            now = time.time_ns()
+            due = cd.next_due_ns()
+            if due is not None and due <= now:
+                self._flush()               # the ticks first, then their candles
+                cd.close_due(now)
+                continue
+            await self._sleep(0.25 if due is None else min(0.25, (due - now) / NS))
+
+    async def _history(self) -> None:
+        when_ns, job = self.history
+        await self._sleep((when_ns - time.time_ns()) / NS)
+        if self._stop.is_set():
+            return
+        try:
+            await job(self._stop)
+        except Exception:                   # the live candles go on without it
+            log.exception("candles: history fill failed")
+
+    # ------------------------------------------------------------ the runtime's interface
+    def stream_kind(self, stream: str) -> str:
+        """``frames`` for a connection's messages, else the packet kind (full, quote, ticker, oi)."""
+        return "frames" if stream.startswith("connection") else stream
+
+    def figures(self) -> dict[str, int]:
+        """Connections (planned and open), reconnects, silence drops,
+        Dhan's pings, disconnect packets (all and 805), instruments, text
+        messages; with candles, the candle rows written and the late ticks."""
+        out = {"connections": len(self.conns), "open": sum(c.open for c in self.conns),
+               "reconnects": sum(max(0, c.generation - 1) for c in self.conns),
+               "silent": sum(c.silences for c in self.conns),
+               "pings": sum(c.pings for c in self.conns),
+               "disconnects": sum(self.disconnects.values()),
+               "too many connections": self.disconnects.get(wire.TOO_MANY_CONNECTIONS, 0),
+               "instruments": sum(len(c.subs) for c in self.conns), "text messages": self.text_messages}
+        if self.candles is not None:
+            out.update(self.candles.figures())
+        return out
+
+    def periodic(self) -> None:
+        """Nothing beyond the checks of :meth:`run`."""
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Connect, collect until ``stop`` is set or ``until`` passes, close
+        the connections; returns 0, 77 or 1 (see the class)."""
+        self._stop = inner = asyncio.Event()
+        log.info("connecting %d connection(s) to %s for %d instruments", len(self.conns), self.s.feed_url,
+                 sum(len(c.subs) for c in self.conns))
+        tasks: list[asyncio.Task] = []
+        for c in self.conns:
+            tasks.append(asyncio.ensure_future(self._connection(c)))
+            if self.s.connect_stagger:
+                await asyncio.sleep(self.s.connect_stagger)
+        helpers = [asyncio.ensure_future(self._flusher())]
+        if self.candles is not None:
+            helpers.append(asyncio.ensure_future(self._candle_timer()))
+            if self.history is not None:
+                helpers.append(asyncio.ensure_future(self._history()))
+        check = min(self.s.watchdog_interval, max(0.1, self.s.silence_timeout / 4))
+        rc = RC_OK
+        try:
+            while not stop.is_set():
+                if self.until is not None and datetime.now(UTC) >= self.until:
+                    log.info("session over (stop time %s reached)", self.until.isoformat(timespec="seconds"))
+                    break
+                if self.failure is not None:
+                    log.error("%s", self.failure)
+                    rc = self.failure_rc
+                    break
+                if self.sink.fatal:
+                    log.error("sink writer failed: %r", self.sink.fatal)
+                    rc = RC_FAILED
+                    break
+                for t in helpers:
+                    if t.done() and not t.cancelled() and t.exception() is not None and self.failure is None:
+                        self.failure = f"collector task failed: {t.exception()!r}"
+                if self.candles is not None and self.candles.sink_failure and self.failure is None:
+                    self.failure = self.candles.sink_failure
+                self.check_silence()
+                wait = check
+                if self.until is not None:
+                    wait = min(wait, (self.until - datetime.now(UTC)).total_seconds())
+                try:
+                    await asyncio.wait_for(stop.wait(), max(0.0, wait))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            inner.set()
+            for c in self.conns:
+                if c.ws is not None and c.open:
+                    await _close(c.ws)
+            for t in tasks + helpers:
+                t.cancel()
+            await asyncio.gather(*tasks, *helpers, return_exceptions=True)
+            if self._http is not None:
+                await self._http.close()
+            self._flush()
+            if self.candles is not None:
+                try:
+                    n = self.candles.close_due() + self.candles.close_all()
+                    log.info("candles: %d written at the stop (open ones not final)", n)
+                except Exception:
+                    log.exception("candles: open candles not written at the stop")
+            log.info("connections closed (%d message(s), %d ping(s) from Dhan, %d silence drop(s), %d disconnect "
+                     "packet(s))", sum(c.messages for c in self.conns), self.figures()["pings"],
+                     sum(c.silences for c in self.conns), sum(self.disconnects.values()))
+        return rc
+
+
+async def _close(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """Close ``ws`` (a close frame, at most 2 s for the answer: ``ws_close``)."""
+    try:
+        await asyncio.wait_for(ws.close(), 5.0)
+    except Exception:                       # closing a broken connection: nothing more to do
+        pass
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
