@@ -520,7 +520,7 @@ def check(ctx: click.Context, config_path: str | None, now_text: str | None) -> 
 @_config_option
 @click.option("--since", default="7d", show_default=True, metavar="DATE",
               help="From then on: YYYY-MM-DD, YYYY-MM-DDTHH:MM (UTC) or 7d / 12h back.")
-@click.option("--stream", type=click.Choice(["binance_agg_trade", "binance_kline", "ibkr_bar_1min"]),
+@click.option("--stream", type=click.Choice(["binance_agg_trade", "binance_kline", "ibkr_bar_1min", "dhan_bar"]),
               default=None, help="Only this stream.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_now_option
@@ -530,8 +530,10 @@ def gaps(ctx: click.Context, config_path: str | None, since: str, stream: str | 
          now_text: str | None) -> None:
     """Missing id ranges or minutes per stream and day, and which were filled:
     Binance aggTrade id gaps (filled, filling, not filled), Binance minutes
-    whose kline disagreed (repaired or not), IBKR history sessions not
-    complete.  Exit status 0, 2 when the database cannot be reached."""
+    whose kline disagreed (repaired or not), IBKR and Dhan history sessions
+    not complete (Dhan's THIN sessions too: minutes without a trade).  A
+    stream whose table is not there yet is a note.  Exit status 0, 2 when
+    the database cannot be reached."""
     from .ops import report as R
     cfg = _ops_config(ctx, config_path)
     now = _now(now_text)
@@ -565,7 +567,9 @@ def report(ctx: click.Context, config_path: str | None, kind: str, day: str | No
            now_text: str | None) -> None:
     """Per feed, over a UTC day or an ISO week: rows stored per table, uptime
     inside its sessions (from feedctl check's runs), gaps, alerts sent,
-    health score.  Exit status 0, 2 when the database cannot be reached."""
+    health score; for feed-dhan-backfill also the adjustments found and the
+    reconciliation of the live candles with Dhan's, per instrument.  Exit
+    status 0, 2 when the database cannot be reached."""
     from .ops import checks
     from .ops import report as R
     cfg = _ops_config(ctx, config_path)

@@ -352,6 +352,6 @@ def test_rows_per_minute_exact_and_sampled(db):
         assert est
         assert sum(sampled.values()) == pytest.approx(total, rel=0.01)
     series = chart_series(db, now)
-    assert set(series) == {"binance", "kite", "ibkr"}
+    assert set(series) == {"binance", "kite", "ibkr", "dhan"}
     assert sum(series["binance"].points.values()) == total
     assert series["kite"].points == {} and series["binance"].error is None

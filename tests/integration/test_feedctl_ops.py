@@ -358,3 +358,224 @@ def test_a_user_outside_the_operators_group_is_told_how_to_join(tmp_path, open_t
     assert as_unprivileged(lambda: run(cfg)) == 0
     cfg.chmod(0o644)                             # ops.toml readable, alerts.toml still not
     assert as_unprivileged(lambda: run(alerts)) == 0
+
+
+# -- Dhan (feed-dhan, feed-dhan-backfill, feed-dhan-token) and feed-indicators ----------------------
+
+FRIDAY = dt.date(2026, 11, 27)
+F_OPEN, F_CLOSE = dt.datetime(2026, 11, 27, 3, 45, tzinfo=UTC), dt.datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
+
+
+def seed_dhan(db):
+    """History sessions of Friday 2026-11-27 in every state, adjustments found that day and before,
+    the reconciliation of that session and of the day before, and a few rows of the Dhan tables."""
+    with connect(db, application_name="test") as conn:
+        conn.execute(
+            """INSERT INTO dhan_session_status (instrument, session_date, security_id, status, session_open,
+                 session_close, expected_bars, actual_bars, error, note) VALUES
+                 ('NSE_EQ:HDFCBANK', %(d)s, 1333, 'COMPLETE', %(o)s, %(c)s, 375, 375, NULL, NULL),
+                 ('NSE_EQ:TCS', %(d)s, 11536, 'THIN', %(o)s, %(c)s, 375, 370, NULL,
+                  'thin: 5 minutes without a trade'),
+                 ('NSE_EQ:INFY', %(d)s, 1594, 'ERROR', %(o)s, %(c)s, 375, 0,
+                  'DH-905 Input_Exception: invalid securityId', NULL),
+                 ('NSE_EQ:SBIN', %(d)s, 3045, 'PARTIAL', %(o)s, %(c)s, 375, 200, NULL,
+                  'fetched before the session settled (200 of 375 bars)'),
+                 ('NSE_EQ:SBIN', '2026-11-10', 3045, 'ERROR', NULL, NULL, 375, 0, 'DH-908 internal error', NULL)""",
+            {"d": FRIDAY, "o": F_OPEN, "c": F_CLOSE})
+        conn.execute(
+            """INSERT INTO dhan_adjustment (exchange_segment, security_id, symbol, session_date, kind, price_factor,
+                 volume_factor, interval_minutes, candles_compared, stored_first_close, fetched_first_close,
+                 stored_version, new_version, found_at, detail) VALUES
+                 ('NSE_EQ', 1333, 'HDFCBANK', '2026-11-20', 'factor', 2.000, 2, 1, 375, 1650.40, 825.20, 0, 1,
+                  '2026-11-27 14:30+00', '1:1 bonus'),
+                 ('NSE_EQ', 11536, 'TCS', '2026-11-19', 'revision', NULL, NULL, 15, 25, 4100, 4101, 0, NULL,
+                  '2026-11-25 14:30+00', NULL)""")
+        conn.execute(
+            """INSERT INTO dhan_reconciliation (exchange_segment, security_id, symbol, session_date, minutes_compared,
+                 minutes_differing, missing_live, missing_dhan, detail) VALUES
+                 ('NSE_EQ', 1333, 'HDFCBANK', %(d)s, 374, 2, 1, 0, '09:31 close 1650.4/1650.45'),
+                 ('NSE_EQ', 11536, 'TCS', %(d)s, 370, 0, 0, 0, NULL),
+                 ('NSE_EQ', 1594, 'INFY', '2026-11-26', 300, 5, 75, 0, NULL)""", {"d": FRIDAY})
+        conn.cursor().executemany(
+            """INSERT INTO dhan_bar (exchange_segment, security_id, symbol, bar_start, open, high, low, close, volume)
+               VALUES ('NSE_EQ', 1333, 'HDFCBANK', %s, 1650.4, 1651, 1650, 1650.5, 1200)""",
+            [(F_OPEN + dt.timedelta(minutes=i),) for i in range(3)])
+        conn.execute("""INSERT INTO dhan_candle (exchange_segment, security_id, interval_min, bar_start, bar_end,
+                          open, high, low, close, volume, ticks, final, revision, source, recorded_at)
+                        VALUES ('NSE_EQ', 1333, 1, %s, %s, 1650.4, 1651, 1650, 1650.5, 1200, 12, true, 0,
+                                'live', %s)""",
+                     (F_OPEN, F_OPEN + dt.timedelta(minutes=1), F_OPEN + dt.timedelta(minutes=1)))
+        conn.cursor().executemany(
+            """INSERT INTO indicator_value (venue, instrument, interval_min, bar_start, indicator, output, value,
+                 computed_at) VALUES ('dhan', '1333', 1, %s, 'SMA(timeperiod=20)', 'real', 1650.1, %s)""",
+            [(F_OPEN, F_OPEN + dt.timedelta(minutes=1)),
+             (F_OPEN + dt.timedelta(minutes=1), F_OPEN + dt.timedelta(minutes=2)),
+             # a value of Friday's bar computed again on Saturday (a revised candle): Saturday's row
+             (F_OPEN, F_OPEN + dt.timedelta(days=1))])
+
+
+def test_report_shows_dhan_sessions_adjustments_and_reconciliation(env, db, tmp_path):
+    cfg = ops_toml(tmp_path)
+    seed_dhan(db)
+    r = feedctl("--config", cfg, "report", "--daily", "--date", FRIDAY.isoformat(), "--json", "--exact")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    feeds = {f["feed"]: f for f in rep["feeds"]}
+    assert {"feed-dhan", "feed-dhan-backfill", "feed-indicators"} <= set(feeds)
+    assert feeds["feed-dhan"]["rows"] == {"dhan_tick_ticker": 0, "dhan_tick_quote": 0, "dhan_tick_full": 0,
+                                          "dhan_tick_oi": 0, "dhan_prev_close": 0, "dhan_candle": 1}
+    assert feeds["feed-indicators"]["rows"] == {"indicator_value": 2}          # by computed_at
+    bf = feeds["feed-dhan-backfill"]
+    assert bf["rows"] == {"dhan_bar": 3}
+    assert bf["gaps"] == {"sessions": 4, "sessions_ok": 2, "sessions_error": 1, "minutes_missing": 375 + 175,
+                          "sessions_thin": 1, "minutes_thin": 5}
+    assert bf["adjustments"]["found"] == 1                                     # the TCS one was found before
+    (a,) = bf["adjustments"]["entries"]
+    assert (a["instrument"], a["session_date"], a["kind"], a["price_factor"], a["volume_factor"],
+            a["stored_version"], a["new_version"]) == ("NSE_EQ:HDFCBANK", "2026-11-20", "factor", "2", "2", 0, 1)
+    rec = {x["instrument"]: x for x in bf["reconciliation"]}
+    assert set(rec) == {"NSE_EQ:HDFCBANK", "NSE_EQ:TCS"}                       # INFY's session is Thursday's
+    h = rec["NSE_EQ:HDFCBANK"]
+    assert (h["symbol"], h["sessions"], h["minutes_compared"], h["minutes_differing"], h["missing_live"],
+            h["missing_dhan"], h["detail"]) == ("HDFCBANK", 1, 374, 2, 1, 0, "09:31 close 1650.4/1650.45")
+    assert (rec["NSE_EQ:TCS"]["minutes_compared"], rec["NSE_EQ:TCS"]["minutes_differing"]) == (370, 0)
+    assert not [n for n in rep["notes"] if "not there yet" in n]
+    # IBKR's backfill keeps its own figures
+    assert feeds["feed-backfill"]["gaps"]["sessions"] == 0
+
+    r = feedctl("--config", cfg, "report", "--daily", "--date", FRIDAY.isoformat(), "--exact")
+    assert r.exit_code == 0, r.output
+    text = r.output.split("\nfeed-dhan-backfill")[1].split("\n\n")[0]
+    assert "rows stored: 3: dhan_bar 3" in text
+    assert ("gaps: sessions 4, sessions ok 2, sessions error 1, minutes missing 550, sessions thin 1, "
+            "minutes thin 5") in text
+    assert "adjustments found: 1" in text
+    assert "NSE_EQ:HDFCBANK session 2026-11-20: factor, prices / 2, volume x 2 (1-minute candles, 375 compared; " \
+           "version 0 kept, new version 1)" in text
+    assert ("reconciliation (live candles vs Dhan's): 2 instrument(s), 744 minutes compared, 2 differing, "
+            "1 missing live, 0 missing at Dhan") in text
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("NSE_EQ:HDFCBANK ") and "compared," in ln)
+    assert "1 session(s): 374 compared, 2 differing, 1 missing live, 0 missing at Dhan; 09:31 close" in line
+    assert "1 other instrument(s) agree on every compared minute" in text
+    # the weekly report adds the Thursday reconciliation and the Tuesday-before ERROR is outside the week
+    r = feedctl("--config", cfg, "report", "--weekly", "--date", FRIDAY.isoformat(), "--json")
+    bf = {f["feed"]: f for f in json.loads(r.output)["feeds"]}["feed-dhan-backfill"]
+    assert bf["adjustments"]["found"] == 2 and bf["gaps"]["sessions"] == 4
+    infy = {x["instrument"]: x for x in bf["reconciliation"]}["NSE_EQ:INFY"]
+    assert (infy["minutes_differing"], infy["missing_live"]) == (5, 75)
+
+
+def test_gaps_list_dhan_history_sessions(env, db, tmp_path):
+    from feeds.ops import report as R
+    cfg = ops_toml(tmp_path)
+    seed_dhan(db)
+    r = feedctl("--config", cfg, "gaps", "--json", "--since", "2026-11-20")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    got = {(e["symbol"], e["day"]): e for e in doc["entries"] if e["stream"] == "dhan_bar"}
+    assert set(got) == {("NSE_EQ:INFY", "2026-11-27"), ("NSE_EQ:SBIN", "2026-11-27"), ("NSE_EQ:TCS", "2026-11-27")}
+    infy = got[("NSE_EQ:INFY", "2026-11-27")]
+    assert (infy["missing"], infy["unit"], infy["state"], infy["first"], infy["last"]) == \
+        (375, "minutes", "not filled (ERROR)", F_OPEN.isoformat(), F_CLOSE.isoformat())
+    assert "0/375 candles" in infy["detail"] and "DH-905" in infy["detail"]
+    assert (got[("NSE_EQ:SBIN", "2026-11-27")]["missing"], got[("NSE_EQ:SBIN", "2026-11-27")]["state"]) == \
+        (175, "partial (fetched again)")
+    assert (got[("NSE_EQ:TCS", "2026-11-27")]["missing"], got[("NSE_EQ:TCS", "2026-11-27")]["state"]) == \
+        (5, "thin (no trade; final)")
+    r = feedctl("--config", cfg, "gaps", "--since", "2026-11-01")
+    assert r.exit_code == 0, r.output
+    assert "dhan_bar 2026-11-27:" in r.output and "dhan_bar 2026-11-10:" in r.output
+    line = next(ln for ln in r.output.splitlines() if "NSE_EQ:INFY" in ln)
+    assert "03:45-10:00 UTC" in line and "375 minutes" in line and "not filled (ERROR)" in line
+    # one stream only (feedctl gaps --stream dhan_bar)
+    with connect(db, application_name="test") as conn:
+        doc = R.gaps(conn, dt.datetime.now(UTC), since=dt.datetime(2026, 11, 20, tzinfo=UTC), stream="dhan_bar")
+    assert {e["stream"] for e in doc["entries"]} == {"dhan_bar"} and len(doc["entries"]) == 3
+
+
+def test_check_tells_dhan_backfill_errors_and_the_dhan_token(env, db, tmp_path, monkeypatch, hook):
+    from feeds.dhan.token import DhanToken
+    seed_dhan(db)
+    tok = tmp_path / "dhan-state" / "access_token.json"
+    tok.parent.mkdir()
+    t = SUNDAY_0300 + dt.timedelta(minutes=45)          # 09:15 IST: Monday's open (03:45 UTC) 45 min away
+    tok.write_text(DhanToken(client_id="1000000001", access_token="eyJ0eXAi.test-token",
+                             obtained_at=t - dt.timedelta(hours=30), expires_at=t - dt.timedelta(hours=6)).to_json())
+    dcfg = tmp_path / "dhan.toml"
+    dcfg.write_text(f'[dhan]\nclient_id = "1000000001"\ntoken_file = "{tok}"\n')
+    monkeypatch.setattr(G, "DHAN_CONFIG", dcfg)
+    env.units["feed-dhan.service"] = ("inactive", "dead", "success", 0)
+    env.units["feed-dhan-token.service"] = ("inactive", "dead", "exit-code", 0)
+    cfg = ops_toml(tmp_path, [url_file(tmp_path, "hook.url", hook.url)], health_threshold=0)
+    beat(db, BIN, t - dt.timedelta(seconds=5))
+    r = feedctl("--config", cfg, "check", "--now", t.isoformat())
+    assert r.exit_code == 1, r.output
+    assert "holds [critical] token:dhan" in r.output
+    assert "holds [warning] backfill-error:dhan:NSE_EQ:INFY" in r.output
+    assert "holds [warning] backfill-error:dhan:NSE_EQ:SBIN" in r.output
+    assert "stale:feed-dhan" not in r.output                 # Sunday; and feed-dhan-token is a oneshot
+    titles = sorted(p["title"] for _, p in hook.posts)
+    assert "[critical] feeds: Dhan access token not renewed" in titles
+    assert "[warning] feeds: Dhan backfill of NSE_EQ:INFY failed" in titles
+    body = next(p["message"] for _, p in hook.posts if "Dhan access token" in p["title"])
+    assert "feed-dhan-token.service" in body and "eyJ0eXAi" not in body          # never the token itself
+    # the report files the alerts under their feeds
+    r = feedctl("--config", cfg, "report", "--daily", "--date", t.date().isoformat(), "--json")
+    feeds = {f["feed"]: f for f in json.loads(r.output)["feeds"]}
+    assert feeds["feed-dhan"]["alerts"]["keys"] == ["token:dhan"]
+    assert sorted(feeds["feed-dhan-backfill"]["alerts"]["keys"]) == ["backfill-error:dhan:NSE_EQ:INFY",
+                                                                     "backfill-error:dhan:NSE_EQ:SBIN"]
+    assert feeds["feed-zerodha"]["alerts"]["keys"] == [] and feeds["feed-backfill"]["alerts"]["keys"] == []
+    # status: feed-dhan-token is a oneshot (never stale), feed-dhan has its session rule
+    r = feedctl("--config", cfg, "status", "--json", "--now", t.isoformat())
+    units = {u["unit"]: u for u in json.loads(r.output)["units"]}
+    assert not units["feed-dhan-token.service"]["stale"] and not units["feed-dhan.service"]["stale"]
+
+
+@pytest.fixture
+def db_before_dhan(pg, tmp_path):
+    """A database with only the migrations before Dhan's (0001..0008) applied."""
+    import shutil
+    from pathlib import Path
+    from feeds.migrate import apply
+    root = Path(__file__).resolve().parents[2]
+    sql = tmp_path / "sql-before-dhan"
+    sql.mkdir()
+    for f in sorted((root / "sql").glob("*.sql")):
+        if f.name < "0009":
+            shutil.copy(f, sql / f.name)
+    dsn = pg.dsn(pg.create_db())
+    apply(dsn, sql)
+    return dsn
+
+
+def test_feedctl_works_before_the_dhan_and_indicator_migrations(env, db_before_dhan, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEEDS_DSN", db_before_dhan)
+    cfg = ops_toml(tmp_path, health_threshold=0)
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    beat(db_before_dhan, BIN, now - dt.timedelta(seconds=5))
+    r = feedctl("--config", cfg, "report", "--daily", "--date", now.date().isoformat(), "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    feeds = {f["feed"]: f for f in rep["feeds"]}
+    assert feeds["feed-dhan"]["rows"] == {} and feeds["feed-indicators"]["rows"] == {}
+    assert feeds["feed-dhan-backfill"]["gaps"] == {} and "reconciliation" not in feeds["feed-dhan-backfill"]
+    assert "binance_agg_trade" in feeds["feed-binance"]["rows"]                 # the rest as before
+    notes = "\n".join(rep["notes"])
+    for table, mig in (("dhan_tick_full", "0011_dhan_live.sql"), ("dhan_bar", "0009_dhan.sql"),
+                       ("dhan_session_status", "0009_dhan.sql"), ("dhan_reconciliation", "0009_dhan.sql"),
+                       ("dhan_adjustment", "0009_dhan.sql"), ("indicator_value", "0010_indicators.sql")):
+        assert f"table {table} not there yet (sql/{mig} not applied" in notes, table
+    r = feedctl("--config", cfg, "report", "--weekly", "--date", now.date().isoformat())
+    assert r.exit_code == 0 and "note: rows of dhan_candle: table dhan_candle not there yet" in r.output, r.output
+    r = feedctl("--config", cfg, "gaps", "--json")
+    assert r.exit_code == 0, r.output
+    gnotes = json.loads(r.output)["notes"]
+    assert any(n.startswith("dhan_bar: table dhan_session_status not there yet") for n in gnotes), gnotes
+    r = feedctl("--config", cfg, "check", "--now", now.isoformat())
+    assert r.exit_code == 1 and "holds [warning] migrations" in r.output, r.output       # told, not a crash
+    assert "backfill-error" not in r.output
+    beat(db_before_dhan, KITE, dt.datetime.now(UTC))
+    r = feedctl("--config", cfg, "status", "--json")
+    assert r.exit_code == 0, r.output
+    assert any("dhan_session_status not there yet" in n for n in json.loads(r.output)["notes"])

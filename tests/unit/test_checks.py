@@ -317,3 +317,88 @@ def test_a_running_unit_that_receives_nothing_is_stale_and_that_alone_is_told():
                         detail={"last_message_age": None}, started_at=START)
     assert f"stale:{IB}" not in check(quiet(ib_now, units={BIN: ACTIVE, IB: ACTIVE},
                                             heartbeats={BIN: hb(ib_now), IB: waiting}))
+
+
+# -- Dhan and feed-indicators ---------------------------------------------------------------------
+
+DHAN, IND = "feed-dhan.service", "feed-indicators.service"
+
+
+def test_rules_of_dhan_and_indicator_units():
+    from feeds.ops.checks import INDICATORS, NSE_DHAN
+    assert rule_of_unit(DHAN) is NSE_DHAN and rule_of_unit("feed-dhan@part2.service") is NSE_DHAN
+    assert NSE_DHAN.kind == "calendar" and NSE_DHAN.calendar == "XNSE"
+    assert rule_of_unit(IND) is INDICATORS and rule_of_unit("feed-indicators") is INDICATORS
+    assert INDICATORS.kind == "always"
+    # a name continued by "-" is another unit: the oneshots next to feed-dhan have no rule
+    for u in ("feed-dhan-token.service", "feed-dhan-backfill.service", "feed-dhan-token", "feed-dhan-backfill",
+              "feed-dhanx.service", "feed-indicators-bench.service"):
+        assert rule_of_unit(u) is NO_RULE, u
+    assert rule_of_unit("feed-binance@eth.service") is ALWAYS and rule_of_unit(KITE) is NSE
+
+
+def test_dhan_stale_only_inside_nse_hours_and_its_oneshots_never():
+    now = MONDAY_NSE_CLOSED
+    f = quiet(now, units={BIN: ACTIVE, DHAN: ACTIVE, "feed-dhan-token.service": INACTIVE,
+                          "feed-dhan-backfill.service": INACTIVE},
+              heartbeats={BIN: hb(now), DHAN: hb(now, age=3600), "feed-dhan-backfill.service": hb(now, age=9000)})
+    assert check(f) == {}
+    now = MONDAY_NSE_OPEN
+    h = check(replace(f, now=now, heartbeats={BIN: hb(now), DHAN: hb(now, age=3600),
+                                              "feed-dhan-backfill.service": hb(now, age=9000)}))
+    assert set(h) == {f"stale:{DHAN}"} and "NSE (Dhan) session" in h[f"stale:{DHAN}"][1]
+    h = check(quiet(now, units={BIN: ACTIVE, DHAN: INACTIVE, "feed-dhan-token.service": INACTIVE}))
+    assert set(h) == {f"stale:{DHAN}"} and "systemctl start feed-dhan.service" in h[f"stale:{DHAN}"][1]
+
+
+def test_indicators_must_run_around_the_clock():
+    now = SUNDAY_0300
+    assert check(quiet(now, units={BIN: ACTIVE, IND: ACTIVE}, heartbeats={BIN: hb(now), IND: hb(now)})) == {}
+    h = check(quiet(now, units={BIN: ACTIVE, IND: ACTIVE}, heartbeats={BIN: hb(now), IND: hb(now, age=600)}))
+    assert set(h) == {f"stale:{IND}"} and "feed-indicators runs around the clock" in h[f"stale:{IND}"][1]
+    h = check(quiet(now, units={BIN: ACTIVE, IND: UnitFacts("failed", "failed", "exit-code", 4)}))
+    assert set(h) == {f"stale:{IND}"} and h[f"stale:{IND}"][2] == "critical"
+
+
+def test_dhan_token_condition():
+    now = dt.datetime(2026, 11, 30, 3, 0, tzinfo=UTC)            # 08:30 IST, open 09:15
+    expired = TokenFacts(expires_at=dt.datetime(2026, 11, 30, 0, 30, tzinfo=UTC))
+    h = check(quiet(now, dhan_token=expired))
+    assert set(h) == {"token:dhan"}                               # Kite's token (quiet) is fine
+    title, body, sev = h["token:dhan"]
+    assert sev == "critical" and title == "feeds: Dhan access token not renewed"
+    assert "feed-dhan cannot connect" in body and "journalctl -u feed-dhan-token.service" in body
+    assert "feed-dhan-token --check" in body and "Kite" not in body
+    # both venues at once: two conditions, two keys
+    assert set(check(quiet(now, token=expired, dhan_token=expired))) == {"token:kite", "token:dhan"}
+    ok = TokenFacts(expires_at=dt.datetime(2026, 12, 1, 3, 0, tzinfo=UTC))       # 24 h from 08:30 IST
+    assert check(quiet(now, dhan_token=ok)) == {}
+    # the evening before: the token ends before tomorrow's close, but the session is not token_lead_s away
+    evening = MONDAY_NSE_CLOSED                                  # 17:30 IST, NYSE not open yet
+    assert check(quiet(evening, dhan_token=ok)) == {}
+    assert "token:dhan" in check(quiet(dt.datetime(2026, 12, 1, 3, 0, tzinfo=UTC), dhan_token=ok))
+    # no token an hour before the open; a token of another client
+    assert "no usable token" in check(quiet(now, dhan_token=TokenFacts(expires_at=None)))["token:dhan"][1]
+    other = replace(ok, problem="it belongs to client 2, not dhan.client_id 1")
+    assert "belongs to client 2" in check(quiet(now, dhan_token=other))["token:dhan"][1]
+    # the last renewal failed (exit 77: Dhan refused), told whatever the hour; not while it runs again
+    failed = replace(ok, renewal_result="exit-code")
+    assert "ended with result exit-code" in check(quiet(evening, dhan_token=failed))["token:dhan"][1]
+    assert check(quiet(evening, dhan_token=replace(failed, renewal_active_state="activating"))) == {}
+    # no dhan.toml: nothing
+    assert check(quiet(now, dhan_token=None)) == {}
+
+
+def test_dhan_backfill_errors_have_keys_of_their_own():
+    f = quiet(SUNDAY_0300, backfill_errors=[
+        BackfillError("NSE_EQ:HDFCBANK", dt.date(2026, 11, 27), "DH-905 input exception", venue="dhan"),
+        BackfillError("NSE_EQ:HDFCBANK", dt.date(2026, 11, 26), "no candle inside the session", venue="dhan"),
+        BackfillError("HDFCBANK", dt.date(2026, 11, 27), "162 no data")])
+    h = check(f)
+    assert set(h) == {"backfill-error:dhan:NSE_EQ:HDFCBANK", "backfill-error:HDFCBANK"}
+    title, body, sev = h["backfill-error:dhan:NSE_EQ:HDFCBANK"]
+    assert sev == "warning" and title == "feeds: Dhan backfill of NSE_EQ:HDFCBANK failed"
+    assert "2 session(s)" in body and "dhan_session_status" in body and "DH-905" in body
+    assert "feed-dhan-backfill --symbols NSE_EQ:HDFCBANK --retry-failed" in body
+    assert body.index("2026-11-26") < body.index("2026-11-27")
+    assert "ibkr_session_status" in h["backfill-error:HDFCBANK"][1]

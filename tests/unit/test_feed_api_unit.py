@@ -127,6 +127,9 @@ def test_venue_of_unit():
     assert api.venue_of_unit("feed-ibkr.service") == "ibkr"
     assert api.venue_of_unit("feed-backfill.service") is None
     assert api.venue_of_unit("feed-binancex.service") is None
+    assert api.venue_of_unit("feed-dhan.service") == "dhan"
+    assert api.venue_of_unit("feed-dhan-token.service") is None
+    assert api.venue_of_unit("feed-dhan-backfill.service") is None
 
 
 def test_create_app_refuses_an_empty_token():

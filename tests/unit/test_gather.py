@@ -216,3 +216,154 @@ def test_usual_rates_are_learnt_per_hour_of_the_week(tmp_path):
     assert G.Memory(tmp_path / "m.json").usual_rates(monday_10) == {(BIN, "aggTrade"): 100.0}
     (tmp_path / "bad.json").write_text("{not json")
     assert G.Memory(tmp_path / "bad.json").doc["alerts"] == []
+
+
+# -- Dhan and feed-indicators ---------------------------------------------------------------------
+
+DHAN = "feed-dhan.service"
+
+
+@pytest.fixture
+def db_before_dhan(pg, tmp_path):
+    """A database with the migrations before Dhan's (0001..0008) applied: no dhan_* table, no
+    indicator_value; yields its DSN and the directory of those migrations."""
+    from feeds.migrate import apply
+    sql = tmp_path / "sql-before-dhan"
+    sql.mkdir()
+    for f in sorted((ROOT / "sql").glob("*.sql")):
+        if f.name < "0009":
+            shutil.copy(f, sql / f.name)
+    dsn = pg.dsn(pg.create_db())
+    apply(dsn, sql)
+    return dsn, sql
+
+
+def dhan_files(tmp_path, *, client="1000000001", expires=None, token_client=None):
+    """A dhan.toml naming a token file; the token (DhanToken's JSON) when ``expires`` is given."""
+    from feeds.dhan.token import DhanToken
+    tok = tmp_path / "dhan" / "access_token.json"
+    tok.parent.mkdir(parents=True, exist_ok=True)
+    if expires is not None:
+        tok.write_text(DhanToken(client_id=token_client or client, access_token="eyJ0eXAi.test-token",
+                                 obtained_at=expires - dt.timedelta(hours=24), expires_at=expires,
+                                 method="renew").to_json())
+    cfg = tmp_path / "dhan.toml"
+    cfg.write_text(f'[dhan]\nclient_id = "{client}"\ntoken_file = "{tok}"\n')
+    return cfg, tok
+
+
+def test_spool_dirs_of_dhan_and_indicators(tmp_path):
+    root = Path("/var/lib/feeds")
+    assert G.spool_dir_of(DHAN) == root / "dhan"
+    assert G.spool_dir_of("feed-indicators.service") == root / "indicators"
+    for u in ("feed-dhan-token.service", "feed-dhan-backfill.service", "feed-sim-dhan.service"):
+        assert G.spool_dir_of(u) is None, u
+    # the settings' defaults agree (sink.spool_dir of dhan.toml and indicators.toml)
+    from feeds.settings import DHAN_FILE, INDICATORS_FILE
+    assert DHAN_FILE.defaults["sink.spool_dir"] == str(root / "dhan")
+    assert INDICATORS_FILE.defaults["sink.spool_dir"] == str(root / "indicators")
+    # spools left behind are found without their unit being named; the token file is not a spool
+    sp = tmp_path / "feeds"
+    (sp / "dhan").mkdir(parents=True)
+    (sp / "dhan" / "spool-00000001.bin").write_bytes(b"x" * 10)
+    (sp / "dhan" / "access_token.json").write_text("{}")
+    (sp / "indicators").mkdir()
+    got = {s.unit: (s.files, s.bytes, s.path) for s in G.gather_spools([], [], sp)}
+    assert got == {DHAN: (1, 10, str(sp / "dhan")), "feed-indicators.service": (0, 0, str(sp / "indicators"))}
+
+
+def test_dhan_token_expiry_renewal_result_and_client(tmp_path):
+    exp = dt.datetime(2026, 12, 2, 2, 30, tzinfo=UTC)
+    cfg, tok = dhan_files(tmp_path, expires=exp)
+    units = {G.DHAN_TOKEN_UNIT: UnitFacts("inactive", "dead", "exit-code", 0)}
+    notes = []
+    t = G.gather_dhan_token(units, notes, cfg)
+    assert (t.expires_at, t.renewal_result, t.problem) == (exp, "exit-code", None) and notes == []
+    assert G.gather_dhan_token({}, notes, cfg).renewal_result is None          # never run
+    # a token of another client id: kept, its problem said
+    cfg2, _ = dhan_files(tmp_path / "other", expires=exp, token_client="2000000002")
+    assert "belongs to client 2000000002" in G.gather_dhan_token({}, notes, cfg2).problem
+    # no token file yet, or not a token document: no usable token
+    tok.write_text("not json")
+    assert G.gather_dhan_token({}, notes, cfg).expires_at is None
+    tok.unlink()
+    t = G.gather_dhan_token({}, notes, cfg)
+    assert t.expires_at is None and t.problem is None and notes == []
+    # Dhan not configured here
+    assert G.gather_dhan_token({}, notes, tmp_path / "absent.toml") is None
+    # a dhan.toml with an error: a note, no crash
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[dhan]\ntoken_file = "/x"\n')                 # no client_id
+    assert G.gather_dhan_token({}, notes, bad) is None
+    assert len(notes) == 1 and notes[0].startswith(f"dhan token: {bad} not usable") and "client_id" in notes[0]
+
+
+def test_dhan_token_unreadable_is_a_note(open_tmp):
+    from conftest import as_unprivileged
+    cfg, tok = dhan_files(open_tmp, expires=dt.datetime(2026, 12, 2, 2, 30, tzinfo=UTC))
+    cfg.chmod(0o644)
+    tok.parent.chmod(0o755)
+    tok.chmod(0o600)                              # feeds_dhan's: others may not read it
+
+    def check():
+        notes = []
+        assert G.gather_dhan_token({}, notes, cfg) is None
+        assert notes == [f"dhan token: {tok} not readable by this user; token not checked"], notes
+    assert as_unprivileged(check) == 0
+
+
+def test_gather_reads_dhan_sessions_in_error_and_the_dhan_token(db, tmp_path, spools):
+    now = dt.datetime(2026, 11, 30, 3, 0, tzinfo=UTC)          # 08:30 IST
+    cfg, _ = dhan_files(tmp_path, expires=now - dt.timedelta(hours=1))
+    sd = FakeSystemd({BIN: ("active", "running", "success", 0), DHAN: ("inactive", "dead", "success", 0)},
+                     files={"feed-dhan-token.timer": "enabled", "feed-dhan-token.service": "static"})
+    with connect(db, application_name="test") as conn:
+        conn.execute("""INSERT INTO dhan_session_status (instrument, session_date, status, expected_bars,
+                          actual_bars, error) VALUES
+                          ('NSE_EQ:HDFCBANK', '2026-11-27', 'ERROR', 375, 0, 'DH-905 input exception'),
+                          ('NSE_EQ:TCS', '2026-11-27', 'COMPLETE', 375, 375, NULL)""")
+        conn.execute("""INSERT INTO ibkr_session_status (symbol, session_date, status, expected_bars, actual_bars,
+                          error) VALUES ('AAPL', '2026-11-27', 'ERROR', 210, 0, '162 no data')""")
+        g = G.gather(now, conn, runner=sd, spool_root=spools, kite_config=tmp_path / "no-kite.toml",
+                     dhan_config=cfg)
+    f = g.facts
+    assert sorted((b.venue, b.symbol, b.day, b.error) for b in f.backfill_errors) == [
+        ("dhan", "NSE_EQ:HDFCBANK", dt.date(2026, 11, 27), "DH-905 input exception"),
+        ("ibkr", "AAPL", dt.date(2026, 11, 27), "162 no data")]
+    assert G.DHAN_TOKEN_UNIT in f.units                      # asked of systemd, started by its timer
+    assert f.dhan_token is not None and f.dhan_token.expires_at == now - dt.timedelta(hours=1)
+    assert f.token is None
+    from feeds.calendars import ExchangeCalendar
+    from feeds.ops.checks import evaluate
+    cals = {"XNSE": ExchangeCalendar("XNSE"), "XNYS": ExchangeCalendar("XNYS")}
+    h = evaluate(f, calendars=cals).holding
+    assert {"token:dhan", "backfill-error:dhan:NSE_EQ:HDFCBANK", "backfill-error:AAPL"} <= set(h)
+
+
+def test_dhan_tables_missing_are_notes(db_before_dhan, tmp_path, spools):
+    dsn, sql = db_before_dhan
+    now = dt.datetime.now(UTC)
+    with connect(dsn, application_name="test") as conn:
+        conn.execute("""INSERT INTO ibkr_session_status (symbol, session_date, status, expected_bars, actual_bars,
+                          error) VALUES ('AAPL', '2026-11-27', 'ERROR', 210, 0, '162 no data')""")
+        g = G.gather(now, conn, runner=None, spool_root=spools, kite_config=tmp_path / "x.toml",
+                     dhan_config=tmp_path / "x.toml")
+    assert [(b.venue, b.symbol) for b in g.facts.backfill_errors] == [("ibkr", "AAPL")]     # IBKR still read
+    (n,) = [n for n in g.notes if n.startswith("dhan backfill sessions")]
+    assert "dhan_session_status not there yet" in n and "0009_dhan.sql" in n
+    assert g.facts.dhan_token is None
+
+
+def test_feed_of_alert_keys_and_units():
+    from feeds.ops.report import feed_of
+    assert feed_of("token:kite") == "feed-zerodha" and feed_of("token:dhan") == "feed-dhan"
+    assert feed_of("backfill-error:AAPL") == "feed-backfill"
+    assert feed_of("backfill-error:dhan:NSE_EQ:HDFCBANK") == "feed-dhan-backfill"
+    assert feed_of("stale:feed-dhan.service") == "feed-dhan"
+    assert feed_of("health:feed-indicators.service") == "feed-indicators"
+    assert feed_of("spool:feed-indicators.service") == "feed-indicators"
+    assert feed_of("rejected:feed-dhan.service:dhan_tick_full") == "feed-dhan"
+    assert feed_of("feed-dhan-token.service") == "feed-dhan-token"
+    assert feed_of("feed-dhan-backfill.service") == "feed-dhan-backfill"
+    assert feed_of("gap:binance_agg_trade:BTCUSDT") == "feed-binance"
+    assert feed_of("migrations") == "system" and feed_of("disk:/var/lib/feeds") == "system"

@@ -352,6 +352,9 @@ def test_prometheus_configuration_loads():
     r = subprocess.run([str(PROMTOOL), "check", "config", str(PROM_CONFIG)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     text = PROM_CONFIG.read_text()
-    for target in ("127.0.0.1:9810", "127.0.0.1:9820", "127.0.0.1:9830", "127.0.0.1:9100"):
+    from feeds.settings import SCHEMAS
+    ports = {sc.default("metrics.port") for sc in SCHEMAS.values() if sc.setting("metrics.port")} - {0}
+    assert ports >= {9810, 9820, 9830, 9840, 9850}          # every long-running program's endpoint
+    for target in [f"127.0.0.1:{p}" for p in sorted(ports)] + ["127.0.0.1:9100"]:
         assert f'"{target}"' in text, target
     assert "honor_labels: true" in text

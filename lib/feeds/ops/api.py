@@ -87,6 +87,8 @@ CHART_TABLES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
                               ("kite_tick_full", "recv_time"))),
     "ibkr": ("feed-ibkr", (("ibkr_trade", "recv_time"), ("ibkr_quote", "recv_time"),
                            ("ibkr_index_tick", "recv_time"))),
+    "dhan": ("feed-dhan", (("dhan_tick_ticker", "recv_time"), ("dhan_tick_quote", "recv_time"),
+                           ("dhan_tick_full", "recv_time"))),
 }
 #: Bytes of a table's last two days of partitions up to which rows are counted exactly.
 CHART_EXACT_BYTES = 16 << 20
@@ -246,10 +248,11 @@ def effective_config(directory: str | os.PathLike) -> dict:
 # -- status -----------------------------------------------------------------------------------------
 
 def venue_of_unit(unit: str) -> str | None:
-    """The :data:`CHART_TABLES` venue of ``unit`` (``feed-binance@2of2.service`` -> ``binance``)."""
+    """The :data:`CHART_TABLES` venue of ``unit`` (``feed-binance@2of2.service`` -> ``binance``;
+    the name itself or an instance of it: ``feed-dhan-token.service`` is not ``feed-dhan``'s)."""
     base = checks.unit_base(unit)
     for venue, (prefix, _) in CHART_TABLES.items():
-        if base == prefix or base.startswith(prefix + "@") or base.startswith(prefix + "-"):
+        if base == prefix or base.startswith(prefix + "@"):
             return venue
     return None
 

@@ -2,8 +2,9 @@
 
 The caller (``feedctl check``, run every minute by ``feed-check.timer``)
 gathers the facts -- systemd's unit properties, the ``feed_heartbeat`` rows,
-gaps, kline check rows, the Kite token, backfill sessions in ERROR, free
-disk space, pending migrations, usual rates -- into a :class:`Facts`, and
+gaps, kline check rows, the Kite and Dhan tokens, backfill sessions in ERROR
+(IBKR and Dhan), free disk space, pending migrations, usual rates -- into a
+:class:`Facts`, and
 calls :func:`evaluate` (or :func:`holding`).  The result's ``holding`` is
 the ``{key: (title, body, severity)}`` mapping that
 :meth:`feeds.ops.alerts.AlertState.update` takes; its ``memory`` is a small
@@ -17,8 +18,9 @@ Conditions (key -> severity):
 ===============================  ========  ====================================================
 key                              severity  holds when
 ===============================  ========  ====================================================
-``stale:<unit>``                 critical  the venue's session is open (Binance: always; Kite:
-                                           XNSE session; IBKR: XNYS session, from the calendars)
+``stale:<unit>``                 critical  the venue's session is open (Binance and
+                                           feed-indicators: always; Kite and Dhan: XNSE session;
+                                           IBKR: XNYS session, from the calendars)
                                            and ``grace_s`` has passed since the open, and the unit
                                            is not active, or its heartbeat is older than
                                            ``stale_after_s`` (or missing), or its newest message is
@@ -33,10 +35,14 @@ key                              severity  holds when
                                            ``hold_new_for_s`` seconds
 ``gap:<stream>:<symbol>``        warning   a gap that is not filled
 ``kline:<symbol>``               warning   a kline check mismatch not repaired
-``token:kite``                   critical  the renewal failed, or the token is missing or expires
-                                           before the end of the next (or current) NSE session
-                                           once that session is ``token_lead_s`` away
-``backfill-error:<symbol>``      warning   backfill sessions in ERROR
+``token:kite``                   critical  the renewal (feed-kite-token) failed, or the token is
+                                           missing or expires before the end of the next (or
+                                           current) NSE session once that session is
+                                           ``token_lead_s`` away
+``token:dhan``                   critical  the same for Dhan's token (feed-dhan-token, feed-dhan)
+``backfill-error:<symbol>``      warning   IBKR backfill sessions in ERROR (ibkr_session_status)
+``backfill-error:dhan:<instr>``  warning   Dhan backfill sessions in ERROR (dhan_session_status;
+                                           ``<instr>`` is ``SEGMENT:SYMBOL``, e.g. NSE_EQ:HDFCBANK)
 ``disk:<path>``                  warning / free space under ``disk_min_free`` percent (critical
                                  critical  under half of it)
 ``migrations``                   warning   migrations not applied
@@ -82,25 +88,37 @@ Holding = dict[str, tuple[str, str, str]]
 class SessionRule:
     """When a unit must deliver data.
 
-    ``kind``: ``"always"`` (Binance), ``"calendar"`` (the session of exchange
-    calendar ``calendar``: Kite ``XNSE``, IBKR ``XNYS``) or ``"none"`` (a
-    oneshot: no staleness rule); ``venue``: a name for messages.
+    ``kind``: ``"always"`` (Binance, feed-indicators), ``"calendar"`` (the
+    session of exchange calendar ``calendar``: Kite and Dhan ``XNSE``, IBKR
+    ``XNYS``) or ``"none"`` (a oneshot: no staleness rule); ``venue``: a
+    name for messages; ``always_text``: for an ``"always"`` rule, why it
+    must run now (one clause for messages).
     """
     kind: str
     calendar: str | None = None
     venue: str = ""
+    always_text: str = ""
 
 
-ALWAYS = SessionRule("always", None, "Binance USD-M futures")
+ALWAYS = SessionRule("always", None, "Binance USD-M futures", "Binance trades around the clock")
 NSE = SessionRule("calendar", "XNSE", "NSE (Kite)")
 NYSE = SessionRule("calendar", "XNYS", "NYSE (IBKR)")
+NSE_DHAN = SessionRule("calendar", "XNSE", "NSE (Dhan)")
+INDICATORS = SessionRule("always", None, "technical indicators",
+                         "feed-indicators runs around the clock (it polls every venue's candles)")
 NO_RULE = SessionRule("none")
 
-#: Unit name prefixes (without ``.service``) and their rules; the first match wins.
+#: Unit names (without ``.service``) and their rules: a unit matches a name
+#: exactly or as its template's instance (``<name>@<instance>``).  Anything
+#: else -- oneshots such as feed-backfill, feed-kite-token, feed-dhan-token,
+#: feed-dhan-backfill, feed-maintain -- has :data:`NO_RULE`: a name
+#: continued by ``-`` is another unit (feed-dhan-token is not feed-dhan).
 VENUE_OF_UNIT: tuple[tuple[str, SessionRule], ...] = (
     ("feed-binance", ALWAYS),     # feed-binance.service, feed-binance@<name>.service
     ("feed-zerodha", NSE),
     ("feed-ibkr", NYSE),
+    ("feed-dhan", NSE_DHAN),      # feed-dhan.service, feed-dhan@<name>.service; not feed-dhan-token
+    ("feed-indicators", INDICATORS),
 )
 
 
@@ -111,12 +129,14 @@ def unit_base(unit: str) -> str:
 
 def rule_of_unit(unit: str) -> SessionRule:
     """The :class:`SessionRule` of systemd unit ``unit`` (with or without
-    ``.service``): feed-binance* always, feed-zerodha* the XNSE session,
-    feed-ibkr* the XNYS session, anything else (oneshots such as
-    feed-backfill, feed-kite-token, feed-maintain) :data:`NO_RULE`."""
+    ``.service``): feed-binance and feed-indicators always, feed-zerodha and
+    feed-dhan the XNSE session, feed-ibkr the XNYS session (each also as
+    ``<name>@<instance>``), anything else (oneshots such as feed-backfill,
+    feed-kite-token, feed-dhan-token, feed-dhan-backfill, feed-maintain)
+    :data:`NO_RULE`."""
     base = unit_base(unit)
-    for prefix, rule in VENUE_OF_UNIT:
-        if base == prefix or base.startswith(prefix + "@") or base.startswith(prefix + "-"):
+    for name, rule in VENUE_OF_UNIT:
+        if base == name or base.startswith(name + "@"):
             return rule
     return NO_RULE
 
@@ -224,22 +244,31 @@ class KlineMismatch:
 
 @dataclass(frozen=True)
 class TokenFacts:
-    """The Kite access token: ``expires_at`` (aware, None when there is no
-    readable token file), ``renewal_result`` (``feed-kite-token.service``'s
-    systemd Result, e.g. ``"success"`` / ``"exit-code"``; None = never run),
-    ``renewal_active_state`` (its ActiveState; ``"activating"`` while it runs)."""
+    """A venue's access token (Kite: :attr:`Facts.token`, Dhan:
+    :attr:`Facts.dhan_token`): ``expires_at`` (aware, None when there is no
+    usable token file), ``renewal_result`` (the renewal unit's systemd
+    Result -- ``feed-kite-token.service``, ``feed-dhan-token.service`` --
+    e.g. ``"success"`` / ``"exit-code"``; None = never run),
+    ``renewal_active_state`` (its ActiveState; ``"activating"`` while it
+    runs), ``problem`` (why a token that has not expired cannot be used, e.g.
+    it belongs to another client id; None: no such reason)."""
     expires_at: dt.datetime | None
     renewal_result: str | None = "success"
     renewal_active_state: str = "inactive"
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
 class BackfillError:
-    """An ``ibkr_session_status`` row in ERROR: ``symbol``, ``day`` (the
-    session date), ``error`` (IB's code and text)."""
+    """A backfill session in ERROR: ``symbol`` (IBKR: the symbol; Dhan: the
+    instrument ``SEGMENT:SYMBOL``), ``day`` (the session date), ``error``
+    (the venue's code and text), ``venue``: ``"ibkr"`` (an
+    ``ibkr_session_status`` row, feed-backfill) or ``"dhan"`` (a
+    ``dhan_session_status`` row, feed-dhan-backfill)."""
     symbol: str
     day: dt.date
     error: str = ""
+    venue: str = "ibkr"
 
 
 @dataclass(frozen=True)
@@ -259,8 +288,9 @@ class Facts:
     (e.g. ``"feed-binance.service"``); a long-running feed absent here is
     not checked.  ``heartbeats``: ``{unit: Heartbeat}``.  ``spools``: every
     spool.  ``gaps``: gaps found recently (filled or not).
-    ``kline_mismatches``: mismatches of the last window.  ``token``: None
-    when Kite is not used.  ``backfill_errors``, ``disks``,
+    ``kline_mismatches``: mismatches of the last window.  ``token``: the
+    Kite token, None when Kite is not used; ``dhan_token``: Dhan's, None
+    when Dhan is not used.  ``backfill_errors`` (IBKR and Dhan), ``disks``,
     ``pending_migrations`` (file names).  ``rates``: ``{(unit, kind): msg/s}``
     now; ``usual_rates``: ``{(unit, kind): msg/s}`` usual at this time of day
     (None: unknown); kind ``"all"`` is the unit's total, which is computed
@@ -275,6 +305,7 @@ class Facts:
     kline_mismatches: Iterable[KlineMismatch] = ()
     token: TokenFacts | None = None
     backfill_errors: Iterable[BackfillError] = ()
+    dhan_token: TokenFacts | None = None
     disks: Iterable[Disk] = ()
     pending_migrations: Iterable[str] = ()
     rates: Mapping[tuple[str, str], float] = field(default_factory=dict)
@@ -498,6 +529,25 @@ def _listing(items: list, line: Callable[[Any], str], limit: int = 10) -> str:
     return text + (f"\n  ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def _token_problem(tk: TokenFacts, now: dt.datetime, get_cal, params: Params, renewal: str) -> str | None:
+    """Why the token ``tk`` will not do for the next (or current) NSE
+    session, or None: the last renewal (unit ``renewal``) failed and is not
+    running again; or, once that session is ``token_lead_s`` away, there is
+    no usable token or it expires before the session's close."""
+    if tk.renewal_result not in (None, "success") and tk.renewal_active_state != "activating":
+        return f"the last renewal ({renewal}.service) ended with result {tk.renewal_result}"
+    s = next_session(now, get_cal("XNSE"))
+    if s is None or now < s.open - dt.timedelta(seconds=params.token_lead_s):
+        return None
+    if tk.expires_at is None:
+        return f"there is no usable token for the session {s.describe()}"
+    if tk.problem:
+        return f"the stored token cannot be used for the session {s.describe()}: {tk.problem}"
+    if tk.expires_at < s.close:
+        return f"the token expires {_utc(tk.expires_at)}, before the end of the session {s.describe()}"
+    return None
+
+
 def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
              calendars: Mapping[str, Any] | Callable[[str], Any] | None = None) -> Evaluation:
     """Which conditions hold at ``facts.now`` (see the module's table).
@@ -577,7 +627,7 @@ def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
             expected = in_session or (uf.active and session is not None
                                       and session.open - margin <= now < session.close + margin)
         age = (now - hb.updated_at).total_seconds() if hb is not None else None
-        sess_txt = "Binance trades around the clock" if rule.kind == "always" else \
+        sess_txt = (rule.always_text or f"{rule.venue} runs around the clock") if rule.kind == "always" else \
             f"{rule.venue} session {session.describe()} is open"
 
         # staleness / not running
@@ -731,36 +781,40 @@ def evaluate(facts: Facts, params: Params = DEFAULT_PARAMS,
             f"{ks[0].open_time.astimezone(UTC).date()}",
             WARNING)
 
-    # Kite token
-    if facts.token is not None:
-        tk = facts.token
-        problem = None
-        if tk.renewal_result not in (None, "success") and tk.renewal_active_state != "activating":
-            problem = f"the last renewal (feed-kite-token.service) ended with result {tk.renewal_result}"
-        else:
-            s = next_session(now, get_cal("XNSE"))
-            if s is not None and now >= s.open - dt.timedelta(seconds=params.token_lead_s):
-                if tk.expires_at is None:
-                    problem = f"there is no usable token for the session {s.describe()}"
-                elif tk.expires_at < s.close:
-                    problem = (f"the token expires {_utc(tk.expires_at)}, before the end of the "
-                               f"session {s.describe()}")
+    # access tokens (Kite, Dhan)
+    for key, tk, venue, renewal, feed_unit, todo in (
+            ("token:kite", facts.token, "Kite", "feed-kite-token", "feed-zerodha",
+             "systemctl start feed-kite-token.service  (or run feed-kite-token by hand)"),
+            ("token:dhan", facts.dhan_token, "Dhan", "feed-dhan-token", "feed-dhan",
+             "systemctl start feed-dhan-token.service\n  feed-dhan-token --check  (asks Dhan whether the "
+             "stored token is valid)")):
+        if tk is None:
+            continue
+        problem = _token_problem(tk, now, get_cal, params, renewal)
         if problem:
             exp = "no token file" if tk.expires_at is None else f"token expires {_utc(tk.expires_at)}"
-            out["token:kite"] = (
-                "feeds: Kite access token not renewed",
-                f"Kite: {problem} ({exp}). feed-zerodha cannot connect without a valid token.\n"
-                f"What to do:\n  journalctl -u feed-kite-token.service -e\n"
-                f"  systemctl start feed-kite-token.service  (or run feed-kite-token by hand)",
+            out[key] = (
+                f"feeds: {venue} access token not renewed",
+                f"{venue}: {problem} ({exp}). {feed_unit} cannot connect without a valid token.\n"
+                f"What to do:\n  journalctl -u {renewal}.service -e\n  {todo}",
                 CRITICAL)
 
-    # backfill sessions in ERROR
-    errs: dict[str, list[BackfillError]] = {}
+    # backfill sessions in ERROR (IBKR: feed-backfill; Dhan: feed-dhan-backfill)
+    errs: dict[tuple[str, str], list[BackfillError]] = {}
     for e in facts.backfill_errors:
-        errs.setdefault(e.symbol, []).append(e)
-    for symbol, es in sorted(errs.items()):
+        errs.setdefault((e.venue, e.symbol), []).append(e)
+    for (venue, symbol), es in sorted(errs.items()):
         es.sort(key=lambda e: e.day)
         lines = _listing(es, lambda e: f"{e.day}: {e.error or '(no error text)'}")
+        if venue == "dhan":
+            out[f"backfill-error:dhan:{symbol}"] = (
+                f"feeds: Dhan backfill of {symbol} failed",
+                f"{len(es)} session(s) of {symbol} are in ERROR in dhan_session_status:\n{lines}\n"
+                f"They are fetched again only on request.\nWhat to do:\n"
+                f"  feed-dhan-backfill --status\n  journalctl -u feed-dhan-backfill.service -e\n"
+                f"  feed-dhan-backfill --symbols {symbol} --retry-failed",
+                WARNING)
+            continue
         out[f"backfill-error:{symbol}"] = (
             f"feeds: IBKR backfill of {symbol} failed",
             f"{len(es)} session(s) of {symbol} are in ERROR in ibkr_session_status:\n{lines}\n"

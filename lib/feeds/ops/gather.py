@@ -10,10 +10,13 @@
   says so;
 * PostgreSQL (an open session of the read-only operators' role): the
   ``feed_heartbeat`` rows, ``binance_agg_gap``, ``binance_kline_check``,
-  ``ibkr_session_status`` rows in ERROR, ``schema_migrations`` against the
-  ``sql/`` files, ``SHOW data_directory``;
+  ``ibkr_session_status`` and ``dhan_session_status`` rows in ERROR,
+  ``schema_migrations`` against the ``sql/`` files, ``SHOW data_directory``.
+  A table whose migration is not applied yet (``dhan_session_status``
+  before ``sql/0009_dhan.sql``) is a note, not a failure;
 * files: each collector's spool (``spool-*.bin`` in ``/var/lib/feeds/<dir>``),
   the Kite access token (``kite.token_file`` of ``/etc/feeds/kite.toml``),
+  the Dhan access token (``dhan.token_file`` of ``/etc/feeds/dhan.toml``),
   free space (``statvfs``) of the database's and the spools' file systems;
 * the memory of the previous run (:class:`Memory`, a JSON file next to
   ``alerts.state_file``): usual rates, uptime samples, gaps seen, alerts sent.
@@ -64,11 +67,15 @@ UTC = dt.timezone.utc
 
 #: Where the collectors keep their spools (``StateDirectory=feeds/<dir>``).
 SPOOL_ROOT = Path("/var/lib/feeds")
-#: The spool directory of each collector unit (``binance-<shard>`` for feed-binance@<shard>).
+#: The spool directory of each collector unit (``binance-<shard>`` for feed-binance@<shard>):
+#: ``sink.spool_dir``'s default in each program's file (lib/feeds/settings.py), its StateDirectory=.
 SPOOL_DIRS = (("feed-binance@", "binance-"), ("feed-binance", "binance"), ("feed-zerodha", "zerodha"),
-              ("feed-ibkr", "ibkr"))
+              ("feed-ibkr", "ibkr"), ("feed-dhan", "dhan"), ("feed-indicators", "indicators"))
 KITE_CONFIG = Path("/etc/feeds/kite.toml")
 KITE_TOKEN_UNIT = "feed-kite-token.service"
+#: Dhan's configuration (``dhan.token_file``); read at each :func:`gather` (tests point it elsewhere).
+DHAN_CONFIG = Path("/etc/feeds/dhan.toml")
+DHAN_TOKEN_UNIT = "feed-dhan-token.service"
 #: A ``binance_agg_gap`` row younger than this is a fill in progress, not an unfilled gap.
 GAP_FILL_GRACE_S = 600.0
 #: ``binance_kline_check`` minutes looked at by the check.
@@ -349,8 +356,9 @@ def spool_dir_of(unit: str, root: Path = SPOOL_ROOT) -> Path | None:
 def gather_spools(units: Iterable[str], notes: list[str], root: Path = SPOOL_ROOT) -> list[Spool]:
     """The spool of each collector unit (files and bytes of ``spool-*.bin``); a
     directory that does not exist is an empty spool, one that cannot be read
-    is noted and left out.  Also every ``binance*``, ``zerodha``, ``ibkr``
-    directory under ``root`` whose unit is not named (a spool left behind)."""
+    is noted and left out.  Also every ``binance*``, ``zerodha``, ``ibkr``,
+    ``dhan``, ``indicators`` directory under ``root`` whose unit is not named
+    (a spool left behind)."""
     dirs: dict[Path, str] = {}
     for u in units:
         d = spool_dir_of(u, root)
@@ -359,10 +367,9 @@ def gather_spools(units: Iterable[str], notes: list[str], root: Path = SPOOL_ROO
     try:
         for d in sorted(root.iterdir()) if root.is_dir() else []:
             name = d.name
-            unit = ("feed-binance.service" if name == "binance" else
-                    f"feed-binance@{name[len('binance-'):]}.service" if name.startswith("binance-") else
-                    "feed-zerodha.service" if name == "zerodha" else
-                    "feed-ibkr.service" if name == "ibkr" else None)
+            unit = (f"feed-binance@{name[len('binance-'):]}.service" if name.startswith("binance-") else
+                    next((f"{u}.service" for u, dn in SPOOL_DIRS if not u.endswith("@") and dn == name),
+                         None))
             if unit is not None:
                 dirs.setdefault(d, unit)
     except OSError as e:
@@ -434,6 +441,26 @@ def gather_backfill_errors(conn) -> list[BackfillError]:
     return [BackfillError(s, d, e) for s, d, e in rows]
 
 
+class TableMissing(Exception):
+    """A table whose migration is not applied yet."""
+
+
+def table_exists(conn, table: str) -> bool:
+    """Whether ``table`` (a relation of the search path) exists."""
+    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
+
+
+def gather_dhan_backfill_errors(conn) -> list[BackfillError]:
+    """``dhan_session_status`` rows in ERROR (venue ``dhan``; symbol = the
+    instrument ``SEGMENT:SYMBOL``).  Raises :class:`TableMissing` before
+    ``sql/0009_dhan.sql`` is applied."""
+    if not table_exists(conn, "dhan_session_status"):
+        raise TableMissing("table dhan_session_status not there yet: sql/0009_dhan.sql not applied")
+    rows = conn.execute("SELECT instrument, session_date, coalesce(error, '') FROM dhan_session_status "
+                        "WHERE status = 'ERROR' ORDER BY instrument, session_date").fetchall()
+    return [BackfillError(s, d, e, venue="dhan") for s, d, e in rows]
+
+
 def gather_migrations(conn, sql_dir: Path | None) -> list[str]:
     from ..migrate import default_sql_dir, discover
     migs = discover(sql_dir or default_sql_dir())
@@ -476,6 +503,65 @@ def gather_token(runner: Runner | None, units: Mapping[str, UnitFacts], notes: l
     result = u.result if u is not None else None
     active = u.active_state if u is not None else "inactive"
     return TokenFacts(expires_at=expires, renewal_result=result, renewal_active_state=active)
+
+
+def _dhan_token_expiry(path: Path) -> tuple[dt.datetime | None, str | None]:
+    """(expiry, client id) of the Dhan token document at ``path``: through
+    :class:`feeds.dhan.token.TokenStore`, else (that module not installed)
+    the JSON's ``expires_at`` and ``client_id``.  (None, None) when the file
+    is not a token document.  Raises PermissionError when it cannot be read."""
+    try:
+        from ..dhan.token import TokenMissing, TokenStore
+    except ImportError:
+        try:
+            d = json.loads(path.read_text())
+            t = dt.datetime.fromisoformat(d["expires_at"])
+        except (ValueError, KeyError, TypeError):
+            return None, None
+        return (t if t.tzinfo is not None else None), str(d.get("client_id", "")) or None
+    try:
+        tok = TokenStore(path).load()
+    except TokenMissing as e:
+        if "not readable" in str(e):
+            raise PermissionError(str(e)) from None
+        return None, None
+    return tok.expires_at, tok.client_id
+
+
+def gather_dhan_token(units: Mapping[str, UnitFacts], notes: list[str],
+                      dhan_config: Path | None = None) -> TokenFacts | None:
+    """The Dhan token's expiry and feed-dhan-token's last result; None when
+    Dhan is not configured here (no ``dhan.toml``), or the file or the token
+    cannot be read by this user (noted).  A token of another client id than
+    ``dhan.client_id`` is kept with its ``problem`` said."""
+    dhan_config = DHAN_CONFIG if dhan_config is None else dhan_config
+    if not dhan_config.exists():
+        return None
+    from ..config import ConfigError
+    from ..settings import DHAN_FILE, load
+    try:
+        cfg = load(dhan_config, DHAN_FILE)
+    except ConfigError as e:
+        why = e.reason if e.key in ("-", "") else f"{e.key}: {e.reason}"
+        notes.append(f"dhan token: {dhan_config} not usable ({why}); token not checked")
+        return None
+    path = Path(cfg["dhan.token_file"])
+    expires = client = None
+    try:
+        path.stat()
+        expires, client = _dhan_token_expiry(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        why = "by this user" if isinstance(e, PermissionError) else f"({e.strerror})"
+        notes.append(f"dhan token: {path} not readable {why}; token not checked")
+        return None
+    problem = None
+    if client is not None and client != cfg["dhan.client_id"]:
+        problem = f"it belongs to client {client}, not dhan.client_id {cfg['dhan.client_id']}"
+    u = units.get(DHAN_TOKEN_UNIT)
+    return TokenFacts(expires_at=expires, renewal_result=u.result if u is not None else None,
+                      renewal_active_state=u.active_state if u is not None else "inactive", problem=problem)
 
 
 def gather_disks(paths: Iterable[str | os.PathLike], notes: list[str]) -> list[Disk]:
@@ -540,7 +626,7 @@ def _get_cal(calendars):
 def gather(now: dt.datetime, conn, *, memory: Memory | None = None, runner: Runner | None = run_command,
            systemd: bool | None = None, spool_root: Path = SPOOL_ROOT, kite_config: Path = KITE_CONFIG,
            sql_dir: Path | None = None, calendars=None, stale_after_s: float = checks.DEFAULT_PARAMS.stale_after_s,
-           extra_disks: Iterable[str] = ()) -> Gathered:
+           extra_disks: Iterable[str] = (), dhan_config: Path | None = None) -> Gathered:
     """The :class:`Gathered` facts at ``now`` (aware).
 
     ``conn``: an open autocommit session (:func:`feeds.db.connect`) or None
@@ -549,16 +635,20 @@ def gather(now: dt.datetime, conn, *, memory: Memory | None = None, runner: Runn
     seen; the caller records uptime, rates and alerts and saves it).
     ``runner``: runs ``systemctl`` (see :func:`run_command`); ``systemd``:
     whether to ask it (default: :func:`systemd_booted` for the default
-    runner, True for another).  ``spool_root``, ``kite_config``, ``sql_dir``:
-    where those live.  ``calendars``: as for :func:`checks.evaluate`.
+    runner, True for another).  ``spool_root``, ``kite_config``, ``sql_dir``,
+    ``dhan_config`` (None: :data:`DHAN_CONFIG`): where those live.
+    ``calendars``: as for :func:`checks.evaluate`.
     """
     memory = memory if memory is not None else Memory(None)
+    dhan_config = DHAN_CONFIG if dhan_config is None else dhan_config
     notes: list[str] = []
     if systemd is None:
         systemd = systemd_booted() if runner is run_command else runner is not None
     units: dict[str, UnitFacts] = {}
     if systemd and runner is not None:
-        units = gather_units(runner, notes, extra=[KITE_TOKEN_UNIT] if kite_config.exists() else [])
+        extra = ([KITE_TOKEN_UNIT] if kite_config.exists() else []) + \
+            ([DHAN_TOKEN_UNIT] if dhan_config.exists() else [])
+        units = gather_units(runner, notes, extra=extra)
     else:
         notes.append("systemd: not available here (PID 1 is not systemd); unit states not checked")
 
@@ -584,6 +674,7 @@ def gather(now: dt.datetime, conn, *, memory: Memory | None = None, runner: Runn
             gaps, filling = r
         klines = source("kline check", lambda: gather_klines(conn, now)) or []
         backfill = source("backfill sessions", lambda: gather_backfill_errors(conn)) or []
+        backfill += source("dhan backfill sessions", lambda: gather_dhan_backfill_errors(conn)) or []
         pending = source("migrations", lambda: gather_migrations(conn, sql_dir)) or []
         try:
             data_dir = conn.execute("SHOW data_directory").fetchone()[0]
@@ -602,6 +693,7 @@ def gather(now: dt.datetime, conn, *, memory: Memory | None = None, runner: Runn
     unit_names = sorted(set(units) | set(heartbeats))
     spools = gather_spools(unit_names, notes, spool_root)
     token = source("kite token", lambda: gather_token(runner, units, notes, kite_config))
+    dhan_token = source("dhan token", lambda: gather_dhan_token(units, notes, dhan_config))
     disk_paths = ([data_dir] if data_dir else ["/var/lib/postgresql"]) + [s.path for s in spools] \
         + [str(spool_root)] + list(extra_disks)
     disks = gather_disks(disk_paths, notes)
@@ -632,7 +724,8 @@ def gather(now: dt.datetime, conn, *, memory: Memory | None = None, runner: Runn
 
     usual = memory.usual_rates(now)
     facts = Facts(now=now, units=units, heartbeats=heartbeats, spools=spools, gaps=gaps,
-                  kline_mismatches=klines, token=token, backfill_errors=backfill, disks=disks,
+                  kline_mismatches=klines, token=token, dhan_token=dhan_token, backfill_errors=backfill,
+                  disks=disks,
                   pending_migrations=pending, rates=rates, usual_rates=usual or None,
                   previous=memory.checks)
     return Gathered(facts=facts, notes=notes, systemd=bool(systemd and runner is not None),

@@ -14,10 +14,14 @@ Gaps (:func:`gaps`), per stream, symbol and UTC day:
   (``binance_kline_check``): ``repaired``, ``not repaired`` or ``fill pending``.
 * ``ibkr_bar_1min``: IBKR history sessions not complete (``ibkr_session_status``
   ERROR, PARTIAL, PENDING): the session's missing minutes (expected - stored bars).
+* ``dhan_bar``: Dhan history sessions (``dhan_session_status``, symbol =
+  the instrument ``SEGMENT:SYMBOL``) in ERROR, PARTIAL or PENDING, and THIN
+  ones (final: minutes without a trade have no candle): their missing
+  minutes (expected - stored candles).
 
-Candle minutes missing in the live Kite and IBKR candles are not derived (a
-minute without a trade has no candle, so absence is not a gap); the output
-says so.
+Candle minutes missing in the live Kite, IBKR and Dhan candles are not
+derived (a minute without a trade has no candle, so absence is not a gap);
+the output says so.
 
 Report (:func:`report`), per feed over a UTC day or ISO week (Monday to
 Sunday): rows stored per table (a whole day partition by its planner
@@ -25,7 +29,16 @@ estimate ``reltuples`` once analysed, otherwise counted; other tables
 counted on their time column), uptime inside its sessions (check runs that
 saw the unit up / runs in which it was expected to run), gaps found and
 filled, alerts sent (firing / resolved, from the memory), and the health
-score (mean and last of the check runs).
+score (mean and last of the check runs).  For ``feed-dhan-backfill`` also
+the adjustments Dhan's history showed in the period (``dhan_adjustment``,
+by ``found_at``) and the reconciliation of the live one-minute candles with
+Dhan's (``dhan_reconciliation``, sessions of the period): per instrument,
+minutes compared, minutes differing, minutes missing live and at Dhan.
+
+A table whose migration is not applied yet (the ``dhan_*`` tables before
+``sql/0009_dhan.sql`` and ``sql/0011_dhan_live.sql``, ``indicator_value``
+before ``sql/0010_indicators.sql``) is left out with a note; it never
+fails the command.
 """
 from __future__ import annotations
 
@@ -33,7 +46,7 @@ import datetime as dt
 from typing import Any, Iterable, Mapping
 
 from .checks import parse_aware, utc_iso
-from .gather import GAP_FILL_GRACE_S, Memory
+from .gather import GAP_FILL_GRACE_S, Memory, table_exists
 
 UTC = dt.timezone.utc
 
@@ -47,11 +60,49 @@ FEED_TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     "feed-ibkr": (("ibkr_trade", "recv_time"), ("ibkr_quote", "recv_time"), ("ibkr_index_tick", "recv_time"),
                   ("ibkr_candle", "bar_start")),
     "feed-backfill": (("ibkr_bar_1min", "bar_start"),),
+    "feed-dhan": (("dhan_tick_ticker", "recv_time"), ("dhan_tick_quote", "recv_time"),
+                  ("dhan_tick_full", "recv_time"), ("dhan_tick_oi", "recv_time"), ("dhan_prev_close", "recv_time"),
+                  ("dhan_candle", "bar_start")),
+    "feed-dhan-backfill": (("dhan_bar", "bar_start"),),
+    # computed_at, not bar_start: the rows written in the period.  A revised or late candle and the
+    # warm-up after a restart write values of older bars again (new rows, later computed_at); by
+    # bar_start those rows would be added to past periods, whose reports would change afterwards.
+    "feed-indicators": (("indicator_value", "computed_at"),),
 }
 
-NOT_DERIVED = ("live candle minutes of Kite and IBKR are not listed: a minute without a trade has no candle, "
-               "so a missing candle is not a gap")
+#: The migration that creates each table a feed may lack (named in the notes).
+MIGRATION_OF = {"dhan_bar": "0009_dhan.sql", "dhan_session_status": "0009_dhan.sql",
+                "dhan_adjustment": "0009_dhan.sql", "dhan_reconciliation": "0009_dhan.sql",
+                "dhan_tick_ticker": "0011_dhan_live.sql", "dhan_tick_quote": "0011_dhan_live.sql",
+                "dhan_tick_full": "0011_dhan_live.sql", "dhan_tick_oi": "0011_dhan_live.sql",
+                "dhan_prev_close": "0011_dhan_live.sql", "dhan_candle": "0011_dhan_live.sql",
+                "indicator_value": "0010_indicators.sql"}
 
+#: Streams of :func:`gaps`.
+STREAMS = ("binance_agg_trade", "binance_kline", "ibkr_bar_1min", "dhan_bar")
+
+NOT_DERIVED = ("live candle minutes of Kite, IBKR and Dhan are not listed: a minute without a trade has no "
+               "candle, so a missing candle is not a gap")
+
+#: dhan_session_status states in gaps.
+DHAN_GAP_STATES = {"ERROR": "not filled (ERROR)", "PARTIAL": "partial (fetched again)", "PENDING": "pending",
+                   "THIN": "thin (no trade; final)"}
+
+
+def missing_table_note(table: str, what: str = "") -> str:
+    """One line: ``table`` is not there yet (its migration not applied)."""
+    mig = MIGRATION_OF.get(table)
+    return (f"{what or table}: table {table} not there yet "
+            f"({'sql/' + mig if mig else 'its migration'} not applied; systemctl start feed-migrate.service)")
+
+
+
+def _dec(v: Any) -> str | None:
+    """A numeric as plain decimal text (``Decimal('2.000')`` -> ``"2"``); None stays None."""
+    if v is None:
+        return None
+    t = format(v.normalize(), "f") if hasattr(v, "normalize") else str(v)
+    return t
 
 
 def _day(t: dt.datetime | None) -> str | None:
@@ -67,9 +118,9 @@ def feed_of(unit_or_key: str) -> str:
     if kind in ("gap", "kline"):
         return "feed-binance"
     if kind == "token":
-        return "feed-zerodha"
+        return {"kite": "feed-zerodha", "dhan": "feed-dhan"}.get(subject, "system")
     if kind == "backfill-error":
-        return "feed-backfill"
+        return "feed-dhan-backfill" if subject.startswith("dhan:") else "feed-backfill"
     if kind in ("disk", "migrations", "database") or not subject.startswith("feed-"):
         return "system"
     unit = subject.split(":")[0]
@@ -81,14 +132,28 @@ def feed_of(unit_or_key: str) -> str:
 
 def gaps(conn, now: dt.datetime, *, since: dt.datetime, stream: str | None = None,
          memory: Memory | None = None, notes: list[str] | None = None) -> dict:
-    """Gaps from ``since`` on (aware), optionally of one ``stream`` (``binance_agg_trade``,
-    ``binance_kline``, ``ibkr_bar_1min``).  Returns ``{"since", "entries": [...],
-    "notes": [...]}``, each entry ``{"stream", "symbol", "day", "first", "last",
-    "missing", "unit", "state", "detail"}`` (``unit``: ``ids`` or ``minutes``),
-    sorted by stream, day, symbol.  Raises ``psycopg.Error``."""
+    """Gaps from ``since`` on (aware), optionally of one ``stream`` (:data:`STREAMS`:
+    ``binance_agg_trade``, ``binance_kline``, ``ibkr_bar_1min``, ``dhan_bar``).
+    Returns ``{"since", "entries": [...], "notes": [...]}``, each entry
+    ``{"stream", "symbol", "day", "first", "last", "missing", "unit", "state",
+    "detail"}`` (``unit``: ``ids`` or ``minutes``), sorted by stream, day,
+    symbol.  A stream whose table is not there yet is left out with a note.
+    Raises ``psycopg.Error``."""
     notes = list(notes or [])
     out: list[dict] = []
-    want = (lambda s: stream is None or s == stream)
+    source_of = {"binance_agg_trade": "binance_agg_gap", "binance_kline": "binance_kline_check",
+                 "ibkr_bar_1min": "ibkr_session_status", "dhan_bar": "dhan_session_status"}
+    present: dict[str, bool] = {}
+
+    def want(s: str) -> bool:
+        if stream is not None and s != stream:
+            return False
+        if s not in present:
+            present[s] = table_exists(conn, source_of[s])
+            if not present[s]:
+                notes.append(missing_table_note(source_of[s], s))
+        return present[s]
+
     if want("binance_agg_trade"):
         rows = conn.execute("SELECT symbol, first_id, last_id, detected_at FROM binance_agg_gap "
                             "WHERE detected_at >= %s ORDER BY symbol, first_id", (since,)).fetchall()
@@ -136,6 +201,18 @@ def gaps(conn, now: dt.datetime, *, since: dt.datetime, stream: str | None = Non
                         "state": {"ERROR": "not filled (ERROR)", "PARTIAL": "partial (fetched again)",
                                   "PENDING": "pending"}[st],
                         "detail": "; ".join(x for x in (f"{act}/{exp} bars", err, note) if x)})
+    if want("dhan_bar"):
+        rows = conn.execute(
+            """SELECT instrument, session_date, status, session_open, session_close, expected_bars, actual_bars,
+                      coalesce(error, ''), coalesce(note, '')
+                 FROM dhan_session_status
+                WHERE status IN ('ERROR', 'PARTIAL', 'PENDING', 'THIN') AND session_date >= %s
+                ORDER BY instrument, session_date""", (since.astimezone(UTC).date(),)).fetchall()
+        for s, d, st, o, c, exp, act, err, note in rows:
+            out.append({"stream": "dhan_bar", "symbol": s, "day": d.isoformat(), "first": utc_iso(o),
+                        "last": utc_iso(c), "missing": max(0, exp - act), "unit": "minutes",
+                        "state": DHAN_GAP_STATES[st],
+                        "detail": "; ".join(x for x in (f"{act}/{exp} candles", err, note) if x)})
     out.sort(key=lambda e: (e["stream"], e["day"] or "", e["symbol"], str(e["first"])))
     notes.append(NOT_DERIVED)
     return {"since": utc_iso(since), "stream": stream, "entries": out, "notes": notes}
@@ -212,8 +289,18 @@ def report(conn, kind: str, day: dt.date, *, memory: Memory | None, scores: Mapp
     """The ``daily`` or ``weekly`` report of the period holding ``day`` (see the
     module's doc).  ``scores``: ``{unit: healthscore.Score}`` now (from a
     check of the present); ``units``: unit names known now (systemd,
-    heartbeats).  Returns ``{"kind", "first", "last", "feeds": [...], "notes"}``.
-    Raises ``psycopg.Error``."""
+    heartbeats).  Returns ``{"kind", "first", "last", "feeds": [...], "notes"}``,
+    each feed ``{"feed", "units", "rows": {table: n}, "rows_estimated",
+    "uptime", "gaps", "alerts", "health"}``; ``feed-dhan-backfill`` also has
+    ``"adjustments": {"found", "entries": [{"instrument", "symbol",
+    "exchange_segment", "security_id", "session_date", "kind",
+    "price_factor", "volume_factor" (decimal text), "interval_minutes",
+    "candles_compared", "stored_version", "new_version", "found_at"}]}`` and
+    ``"reconciliation": [{"instrument", "symbol", "exchange_segment",
+    "interval_minutes", "sessions", "minutes_compared", "minutes_differing",
+    "missing_live", "missing_dhan", "detail"}]`` (one per instrument and
+    interval, summed over the period's sessions; ``detail``: the newest
+    session's first differences).  Raises ``psycopg.Error``."""
     first, last = period(kind, day)
     lo = dt.datetime.combine(first, dt.time(), UTC)
     hi = dt.datetime.combine(last + dt.timedelta(days=1), dt.time(), UTC)
@@ -240,9 +327,20 @@ def report(conn, kind: str, day: dt.date, *, memory: Memory | None, scores: Mapp
             f["units"].append(u)
 
     # rows
+    exists: dict[str, bool] = {}
+
+    def present(table: str, what: str = "") -> bool:
+        if table not in exists:
+            exists[table] = table_exists(conn, table)
+            if not exists[table]:
+                notes.append(missing_table_note(table, what))
+        return exists[table]
+
     for base, tables in FEED_TABLES.items():
         f = feed(base)
         for table, col in tables:
+            if not present(table, f"rows of {table}"):
+                continue
             try:
                 n, est = rows_stored(conn, table, col, first, last, exact)
             except Exception as e:
@@ -269,28 +367,73 @@ def report(conn, kind: str, day: dt.date, *, memory: Memory | None, scores: Mapp
 
     # gaps
     g = feed("feed-binance")["gaps"]
-    rows = conn.execute("SELECT count(*), coalesce(sum(last_id - first_id + 1), 0) FROM binance_agg_gap "
-                        "WHERE detected_at >= %s AND detected_at < %s", (lo, hi)).fetchone()
-    filled = [x for x in (mem.get("gaps_filled") or [])
-              if (t := parse_aware(x.get("detected_at"))) is not None and lo <= t < hi]
-    g["agg_trade_gaps_open"] = rows[0]
-    g["agg_trade_ids_open"] = int(rows[1])
-    g["agg_trade_gaps_filled"] = len(filled)
-    kc = conn.execute(
-        """SELECT count(*) FILTER (WHERE stage = 'found'),
-                  count(*) FILTER (WHERE stage = 'after_fill' AND repaired),
-                  count(*) FILTER (WHERE stage = 'after_fill' AND NOT repaired)
-             FROM binance_kline_check WHERE open_time >= %s AND open_time < %s""", (lo, hi)).fetchone()
-    g["kline_minutes_mismatched"], g["kline_minutes_repaired"], g["kline_minutes_not_repaired"] = kc
-    ib = conn.execute(
-        """SELECT count(*), count(*) FILTER (WHERE status IN ('COMPLETE', 'EARLY_CLOSE', 'HOLIDAY')),
-                  count(*) FILTER (WHERE status = 'ERROR'),
-                  coalesce(sum(greatest(expected_bars - actual_bars, 0))
-                           FILTER (WHERE status IN ('ERROR', 'PARTIAL', 'PENDING')), 0)
-             FROM ibkr_session_status WHERE session_date BETWEEN %s AND %s""", (first, last)).fetchone()
-    bg = feed("feed-backfill")["gaps"]
-    bg["sessions"], bg["sessions_ok"], bg["sessions_error"], bg["minutes_missing"] = \
-        ib[0], ib[1], ib[2], int(ib[3])
+    if present("binance_agg_gap", "aggTrade gaps"):
+        rows = conn.execute("SELECT count(*), coalesce(sum(last_id - first_id + 1), 0) FROM binance_agg_gap "
+                            "WHERE detected_at >= %s AND detected_at < %s", (lo, hi)).fetchone()
+        filled = [x for x in (mem.get("gaps_filled") or [])
+                  if (t := parse_aware(x.get("detected_at"))) is not None and lo <= t < hi]
+        g["agg_trade_gaps_open"] = rows[0]
+        g["agg_trade_ids_open"] = int(rows[1])
+        g["agg_trade_gaps_filled"] = len(filled)
+    if present("binance_kline_check", "kline check"):
+        kc = conn.execute(
+            """SELECT count(*) FILTER (WHERE stage = 'found'),
+                      count(*) FILTER (WHERE stage = 'after_fill' AND repaired),
+                      count(*) FILTER (WHERE stage = 'after_fill' AND NOT repaired)
+                 FROM binance_kline_check WHERE open_time >= %s AND open_time < %s""", (lo, hi)).fetchone()
+        g["kline_minutes_mismatched"], g["kline_minutes_repaired"], g["kline_minutes_not_repaired"] = kc
+    if present("ibkr_session_status", "IBKR history sessions"):
+        ib = conn.execute(
+            """SELECT count(*), count(*) FILTER (WHERE status IN ('COMPLETE', 'EARLY_CLOSE', 'HOLIDAY')),
+                      count(*) FILTER (WHERE status = 'ERROR'),
+                      coalesce(sum(greatest(expected_bars - actual_bars, 0))
+                               FILTER (WHERE status IN ('ERROR', 'PARTIAL', 'PENDING')), 0)
+                 FROM ibkr_session_status WHERE session_date BETWEEN %s AND %s""", (first, last)).fetchone()
+        bg = feed("feed-backfill")["gaps"]
+        bg["sessions"], bg["sessions_ok"], bg["sessions_error"], bg["minutes_missing"] = \
+            ib[0], ib[1], ib[2], int(ib[3])
+
+    # Dhan history: sessions, adjustments found, reconciliation of the live candles
+    dh = feed("feed-dhan-backfill")
+    if present("dhan_session_status", "Dhan history sessions"):
+        ds = conn.execute(
+            """SELECT count(*), count(*) FILTER (WHERE status IN ('COMPLETE', 'EARLY_CLOSE', 'THIN', 'HOLIDAY')),
+                      count(*) FILTER (WHERE status = 'ERROR'),
+                      coalesce(sum(greatest(expected_bars - actual_bars, 0))
+                               FILTER (WHERE status IN ('ERROR', 'PARTIAL', 'PENDING')), 0),
+                      count(*) FILTER (WHERE status = 'THIN'),
+                      coalesce(sum(greatest(expected_bars - actual_bars, 0)) FILTER (WHERE status = 'THIN'), 0)
+                 FROM dhan_session_status WHERE session_date BETWEEN %s AND %s""", (first, last)).fetchone()
+        dg = dh["gaps"]
+        dg["sessions"], dg["sessions_ok"], dg["sessions_error"], dg["minutes_missing"] = \
+            ds[0], ds[1], ds[2], int(ds[3])
+        dg["sessions_thin"], dg["minutes_thin"] = ds[4], int(ds[5])
+    if present("dhan_adjustment", "Dhan adjustments"):
+        adj = conn.execute(
+            """SELECT exchange_segment, symbol, security_id, session_date, kind, price_factor, volume_factor,
+                      interval_minutes, candles_compared, stored_version, new_version, found_at
+                 FROM dhan_adjustment WHERE found_at >= %s AND found_at < %s
+                ORDER BY found_at, exchange_segment, symbol, session_date""", (lo, hi)).fetchall()
+        dh["adjustments"] = {"found": len(adj), "entries": [
+            {"instrument": f"{seg}:{sym}", "symbol": sym, "exchange_segment": seg, "security_id": sid,
+             "session_date": d.isoformat(), "kind": kind, "price_factor": _dec(pf), "volume_factor": _dec(vf),
+             "interval_minutes": iv, "candles_compared": n, "stored_version": sv, "new_version": nv,
+             "found_at": utc_iso(at)}
+            for seg, sym, sid, d, kind, pf, vf, iv, n, sv, nv, at in adj]}
+    if present("dhan_reconciliation", "Dhan reconciliation"):
+        rec = conn.execute(
+            """SELECT exchange_segment, symbol, interval_minutes, count(*), sum(minutes_compared),
+                      sum(minutes_differing), sum(missing_live), sum(missing_dhan),
+                      (array_agg(detail ORDER BY session_date DESC)
+                           FILTER (WHERE detail IS NOT NULL AND detail <> ''))[1]
+                 FROM dhan_reconciliation WHERE session_date BETWEEN %s AND %s
+                GROUP BY exchange_segment, symbol, interval_minutes
+                ORDER BY symbol, exchange_segment, interval_minutes""", (first, last)).fetchall()
+        dh["reconciliation"] = [
+            {"instrument": f"{seg}:{sym}", "symbol": sym, "exchange_segment": seg, "interval_minutes": iv,
+             "sessions": n, "minutes_compared": int(c), "minutes_differing": int(dif),
+             "missing_live": int(ml), "missing_dhan": int(md), "detail": det}
+            for seg, sym, iv, n, c, dif, ml, md, det in rec]
 
     # alerts
     for a in mem.get("alerts") or []:
@@ -321,6 +464,43 @@ def report(conn, kind: str, day: dt.date, *, memory: Memory | None, scores: Mapp
             "feeds": [feeds[k] for k in sorted(feeds)], "notes": notes}
 
 
+def _adjustments_text(adj: dict) -> list[str]:
+    lines = [f"  adjustments found: {adj['found']}" + ("" if adj["found"] else " (Dhan's history unchanged)")]
+    for e in adj["entries"]:
+        what = (f"prices / {e['price_factor'] or '?'}, volume x {e['volume_factor'] or '?'}"
+                if e["kind"] == "factor" else "no consistent factor")
+        ver = f"version {e['stored_version']} kept" + (f", new version {e['new_version']}"
+                                                       if e["new_version"] is not None else "")
+        lines.append(f"    {e['instrument']} session {e['session_date']}: {e['kind']}, {what} "
+                     f"({e['interval_minutes']}-minute candles, {e['candles_compared']} compared; {ver}), "
+                     f"found {e['found_at']}")
+    return lines
+
+
+def _reconciliation_text(rec: list[dict]) -> list[str]:
+    """Totals, then one line per instrument with a differing or missing minute
+    (the --json output has every instrument)."""
+    if not rec:
+        return ["  reconciliation (live candles vs Dhan's): no session reconciled"]
+    tot = {k: sum(r[k] for r in rec) for k in ("minutes_compared", "minutes_differing", "missing_live",
+                                              "missing_dhan")}
+    lines = [f"  reconciliation (live candles vs Dhan's): {len(rec)} instrument(s), "
+             f"{tot['minutes_compared']:,} minutes compared, {tot['minutes_differing']:,} differing, "
+             f"{tot['missing_live']:,} missing live, {tot['missing_dhan']:,} missing at Dhan"]
+    agree = 0
+    for r in rec:
+        if not (r["minutes_differing"] or r["missing_live"] or r["missing_dhan"]):
+            agree += 1
+            continue
+        iv = "" if r["interval_minutes"] == 1 else f" ({r['interval_minutes']}-minute)"
+        lines.append(f"    {r['instrument']:<22}{iv} {r['sessions']} session(s): {r['minutes_compared']:,} compared, "
+                     f"{r['minutes_differing']:,} differing, {r['missing_live']:,} missing live, "
+                     f"{r['missing_dhan']:,} missing at Dhan" + (f"; {r['detail']}" if r["detail"] else ""))
+    if agree:
+        lines.append(f"    {agree} other instrument(s) agree on every compared minute")
+    return lines
+
+
 def report_text(doc: dict) -> list[str]:
     lines = [f"{doc['kind']} report {doc['first']}" + (f" .. {doc['last']}" if doc["last"] != doc["first"] else "")
              + " (UTC)"]
@@ -336,6 +516,10 @@ def report_text(doc: dict) -> list[str]:
                                                 f"check runs)" if up else "no check run in session"))
         if f["gaps"]:
             lines.append("  gaps: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in f["gaps"].items()))
+        if "adjustments" in f:
+            lines += _adjustments_text(f["adjustments"])
+        if "reconciliation" in f:
+            lines += _reconciliation_text(f["reconciliation"])
         a = f["alerts"]
         lines.append(f"  alerts: {a['firing']} firing, {a['resolved']} resolved"
                      + (f" ({', '.join(a['keys'])})" if a["keys"] else ""))
