@@ -186,10 +186,11 @@ def run_in_process(instruments: int, packets: int, candles: bool) -> dict:
     import resource
     from feeds import candles as C
     from feeds.dhan import adapter as A
-    from feeds.dhan.collector import CANDLE_TABLE, DhanCandles, DhanCollector, Settings
+    from feeds.dhan.candles import CANDLE_TABLE, DhanCandles
+    from feeds.dhan.collector import DhanCollector, Settings
     from feeds.dhan.connections import Subscription
     from feeds.health import Health
-    from feeds.kite.candles import CandleSettings
+    from feeds.candles import CandleSettings
     from feeds.runtime import tune_gc
     from feeds.sink import Sink
     frames = make_frames(instruments, packets)

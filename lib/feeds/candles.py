@@ -829,3 +829,46 @@ def _iso(ns: int | None) -> str:
     if ns is None:
         return "?"
     return dt.datetime.fromtimestamp(ns // SECOND_NS, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------- collectors' shared pieces
+
+@dataclass
+class CandleSettings:
+    """``[candles]`` of a collector's configuration (see :data:`feeds.settings.CANDLES`)."""
+    enabled: bool = True
+    intervals: tuple[int, ...] = (1, 5, 15)
+    grace: float = 2.0
+    lateness: float = 10.0
+    fill_from_history: bool = True
+
+
+def candle_settings(cfg) -> CandleSettings:
+    """:class:`CandleSettings` from a loaded configuration holding :data:`feeds.settings.CANDLES`."""
+    return CandleSettings(enabled=cfg["candles.enabled"], intervals=tuple(sorted(cfg["candles.intervals"])),
+                          grace=cfg["candles.grace"], lateness=cfg["candles.lateness"],
+                          fill_from_history=cfg["candles.fill_from_history"])
+
+
+def sessions_of(calendar) -> Sessions:
+    """The builder's sessions: the exchange calendar's (early closes and special
+    sessions included), or one window per UTC day without a calendar."""
+    return always() if calendar is None else calendar_sessions(calendar)
+
+
+def first_missing(open_ns: int, last_final_ns: int | None, intervals_min: Iterable[int]) -> tuple[int, int]:
+    """``(request_from_ns, keep_from_ns)`` for one instrument: the first
+    missing minute (``keep_from_ns``) is the session's open or the minute
+    after the last final one-minute candle stored; history is requested
+    from the earliest start of a candle (of any interval, aligned to the
+    open) holding that minute or another requested one, so that every
+    candle the history bars fall into is complete, and one-minute candles
+    are stored from ``keep_from_ns`` on."""
+    keep = open_ns if last_final_ns is None else max(open_ns, last_final_ns + MINUTE_NS)
+    widths = [m * MINUTE_NS for m in intervals_min]
+    first = keep
+    while True:            # every candle holding a requested minute starts at or after ``first``
+        earlier = min(open_ns + (first - open_ns) // w * w for w in widths)
+        if earlier == first:
+            return first, keep
+        first = earlier

@@ -360,13 +360,16 @@ def test_live_candles_equal_the_simulators_one_minute_candles(tmp_path, db, coll
     collector saw whole."""
     sids = (100001, 100002)
     with sim_for(rate=2, instruments=10).running() as sim:
-        started = time.time()
         c = on_sim(collectors, tmp_path, db, sim, ["NSE_EQ:SIMEQ00001 full", "NSE_EQ:SIMEQ00002 quote"],
                    sections={"candles": {"intervals": [1], "grace": 1.0, "lateness": 3.0}})
+        assert wait_for(lambda: count(db, "dhan_tick_full") and count(db, "dhan_tick_quote"), timeout=60), \
+            c.output[-3000:]
+        # both instruments' packets flow from here on: the minute of an instrument's first packet holds the
+        # baseline of its cumulative volume (not whole), every later minute is whole
+        started = time.time()
         first_whole = (int(started) // 60 + 1) * 60
         want_minutes = 2
         deadline = first_whole + 60 * want_minutes + 8
-        assert wait_for(lambda: count(db, "dhan_tick_full"), timeout=60), c.output[-3000:]
         time.sleep(max(0.0, deadline - time.time()))
         assert c.stop() == 0
         sim_c = {sid: sim.candles(sid, "NSE_EQ", first_whole, first_whole + 60 * want_minutes - 1) for sid in sids}

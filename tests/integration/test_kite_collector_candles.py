@@ -127,11 +127,14 @@ def test_live_candles_match_the_venue_stop_writes_open_ones_and_a_restart_fills_
                    "candles": CANDLES}
         kite = {"session_calendar": "XNSE"}
         a = collectors(tmp_path / "a", db, sim, instruments, kite=kite, sections=session)
-        a_start = datetime.now(UTC)
         tok = wait_for(lambda: len(tokens_of(db, FULL + (LTP,))) == 3 and tokens_of(db, FULL + (LTP,)))
         assert tok, a.output[-3000:]
         full_tokens = [tok[s] for s in FULL]
-        # two complete minutes after the one it started in, closed by the timer (no tick needed)
+        # ticks flow from here on: the minute it is in was seen only in part (the collector leaves that
+        # one to the history fill), every later one completely
+        a.wait_line("first batch stored; READY")
+        a_start = datetime.now(UTC)
+        # two complete minutes after the one it subscribed in, closed by the timer (no tick needed)
         first_full = _minute(a_start) + timedelta(minutes=1)
         final_live = lambda: q(db, "select count(*) from kite_candle where instrument_token = %s and interval_min = 1 "
                                    "and final and source = 'live' and bar_start >= %s", full_tokens[0], first_full)[0][0]

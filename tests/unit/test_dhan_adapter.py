@@ -9,9 +9,9 @@ from decimal import Decimal
 from feeds import candles as C
 from feeds.dhan import adapter as A
 from feeds.dhan import wire
-from feeds.dhan.collector import CANDLE_TABLE, DhanCandles
+from feeds.dhan.candles import CANDLE_TABLE, DhanCandles
 from feeds.dhan.connections import Subscription
-from feeds.kite.candles import CandleSettings
+from feeds.candles import CandleSettings
 from feeds.sim import dhan_packets as P
 
 UTC = timezone.utc

@@ -8,7 +8,7 @@ import os
 import random
 import struct
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from decimal import Decimal
 
 import numpy as np
@@ -202,16 +202,9 @@ def test_simulator_fault_packets_are_handled():
         assert ltp == [(408065, "1573.70", RECV, 0)]
 
 
-def test_epoch_and_receive_time_text():
+def test_epoch_text_is_utc_and_zero_is_none():
     assert A.epoch_text(1625461887) == "2021-07-05 05:11:27+00:00"
     assert A.epoch_text(0) is None
-    before = time.time_ns() // 1000
-    t = A.now_text()
-    after = time.time_ns() // 1000
-    got = datetime.fromisoformat(t)
-    assert len(t) == 32 and t.endswith("+00:00") and got.utcoffset() == timedelta(0)
-    # the wall clock read between the two readings around the call, to the microsecond
-    assert before <= (got - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1) <= after, (before, t, after)
 
 
 def test_table_definitions_match_the_rows():

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import shared_file
 from feeds.kite import history as H
-from feeds.kite.candles import CANDLE_TABLE, CandleSettings, KiteCandles, sessions_of, units
+from feeds.candles import CandleSettings, first_missing, sessions_of
+from feeds.kite.candles import CANDLE_TABLE, KiteCandles, units
 from feeds.kite.instruments import HISTORICAL_REQUESTS_PER_SECOND, Subscription
 from feeds.kite.session import IST, NseCalendar
 
@@ -255,12 +256,12 @@ def test_restart_mid_session_history_bars_replace_the_missed_minutes():
     kc.close_due(at(DAY, 10, 33, 3))
     live = candles(sink)[ist_label(DAY, 10, 32)]
     assert live["final"] is False and live["source"] == "live"
-    req_from, keep = H.first_missing(at(DAY, 9, 15), at(DAY, 10, 30), (1, 5, 15))
+    req_from, keep = first_missing(at(DAY, 9, 15), at(DAY, 10, 30), (1, 5, 15))
     assert (req_from, keep) == (at(DAY, 10, 30), at(DAY, 10, 31))
     # intervals that do not nest: from the start of every candle a requested minute falls into
-    assert H.first_missing(at(DAY, 9, 15), at(DAY, 9, 22), (1, 2, 3)) == (at(DAY, 9, 21), at(DAY, 9, 23))
-    assert H.first_missing(at(DAY, 9, 15), at(DAY, 9, 17), (1, 2, 3)) == (at(DAY, 9, 15), at(DAY, 9, 18))
-    assert H.first_missing(at(DAY, 9, 15), None, (1, 5, 15)) == (at(DAY, 9, 15), at(DAY, 9, 15))
+    assert first_missing(at(DAY, 9, 15), at(DAY, 9, 22), (1, 2, 3)) == (at(DAY, 9, 21), at(DAY, 9, 23))
+    assert first_missing(at(DAY, 9, 15), at(DAY, 9, 17), (1, 2, 3)) == (at(DAY, 9, 15), at(DAY, 9, 18))
+    assert first_missing(at(DAY, 9, 15), None, (1, 5, 15)) == (at(DAY, 9, 15), at(DAY, 9, 15))
     bars = [(at(DAY, 10, m), 9_990 + m, 10_000 + m, 9_980, 9_995 + m, 1_000 + m, 0) for m in (30, 31, 32)]
     n = kc.seed(EQ, bars, keep, at(DAY, 10, 33), now_ns=at(DAY, 10, 33, 13))
     assert n > 0

@@ -37,9 +37,9 @@ text (``2024-09-11 03:45:00+00:00`` for 09:15:00 IST); 0 (no trade) is NULL.
 """
 from __future__ import annotations
 
-import time
 
 from ..sink import Table
+from ..timetext import epoch_text, time_text
 from . import wire
 
 __all__ = ["TICKER_TABLE", "QUOTE_TABLE", "FULL_TABLE", "OI_TABLE", "PREV_CLOSE_TABLE", "MARKET_STATUS_TABLE",
@@ -71,28 +71,9 @@ TABLE_OF_KIND = {"ticker": TICKER_TABLE.name, "quote": QUOTE_TABLE.name, "full":
                  "market_status": MARKET_STATUS_TABLE.name}
 
 _IST = wire.IST_OFFSET_S
-_SECONDS: dict[int, str] = {}
-
-
-def epoch_text(sec: int) -> str:
-    """UTC epoch seconds -> ``YYYY-MM-DD HH:MM:SS+00:00`` (cached: ticks repeat seconds)."""
-    t = _SECONDS.get(sec)
-    if t is None:
-        if len(_SECONDS) > 100_000:
-            _SECONDS.clear()
-        t = _SECONDS[sec] = time.strftime("%Y-%m-%d %H:%M:%S+00:00", time.gmtime(sec))
-    return t
-
-
 def ltt_text(ltt_ist: int) -> str | None:
     """A packet's ``ltt`` (epoch seconds of the IST wall clock) as UTC text; 0 -> None."""
     return epoch_text(ltt_ist - _IST) if ltt_ist else None
-
-
-def time_text(ns: int) -> str:
-    """Epoch nanoseconds as UTC text with microseconds (``2024-09-11 03:45:00.123456+00:00``)."""
-    sec, us = divmod(ns // 1000, 1_000_000)
-    return f"{epoch_text(sec)[:19]}.{us:06d}+00:00"
 
 
 def disconnect_row(recv: str, connection: int, code: int, action: str) -> tuple:

@@ -26,7 +26,7 @@ a session, waits for a later one (the Muhurat evening session), connects
 ``dhan.connect_before_open`` before the open and stops
 ``dhan.stop_after_close`` after the close.  ``--at`` prints that plan.
 
-Candles (``[candles]``): built live (:class:`feeds.dhan.collector.DhanCandles`);
+Candles (``[candles]``): built live (:class:`feeds.dhan.candles.DhanCandles`);
 after a start inside a session, the minutes missed come from Dhan's
 intraday charts (:func:`history_job`, ``candles.fill_from_history``).
 """
@@ -44,11 +44,11 @@ import click
 from .. import calendars, service
 from ..candles import always, calendar_sessions
 from ..config import Config, ConfigError, exit_on_config_error
-from ..kite.candles import CandleSettings
-from ..kite.candles import settings_from as candle_settings
+from ..candles import CandleSettings, candle_settings, first_missing
 from ..settings import DHAN_FILE, database_dsn, hhmm
 from . import adapter as A
-from .collector import CANDLE_TABLE, RC_TOKEN, DhanCandles, DhanCollector, Settings
+from .candles import CANDLE_TABLE, DhanCandles
+from .collector import RC_TOKEN, DhanCollector, Settings
 from .connections import Subscription, TooManyInstruments, capacity, plan_connections, too_many_message
 from .instruments import InstrumentLine, InstrumentList, InstrumentsError, load_instruments, parse_instruments
 from .instruments import refresh_cache
@@ -264,7 +264,6 @@ def history_job(dc: DhanConfig, dsn: str, access_token: str, candles: DhanCandle
     Dhan gives no trade count: history bars carry ``ticks`` 0; instruments
     without volume (ticker mode, indices) get bars without volume.
     Venue document: DhanHQ v2 "Historical Data", "Intraday Historical Data"."""
-    from ..kite.history import first_missing
     from .rest import DailyBudget, DhanError, DhanRest, TokenError as RestTokenError, data_limiter
     from .wire import PRICE_DECIMALS
 

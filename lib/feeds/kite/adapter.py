@@ -38,7 +38,7 @@ Two decoders give identical rows:
   correctly rounded and every price is below 2**32 units), the naive IST
   times are converted to UTC.
 
-Every row ends with ``recv_time`` (text from :func:`now_text`, the frame's
+Every row ends with ``recv_time`` (text from :func:`feeds.timetext.now_text`, the frame's
 receive time) and ``seq`` (the packet's position in its frame); with
 ``instrument_token`` they form the tables' natural key, so a replayed spool
 never duplicates a tick.
@@ -55,11 +55,11 @@ to the same ranges (prices must come back as 0 .. 2**32-1 units).
 from __future__ import annotations
 
 import struct
-import time
 from datetime import datetime, timedelta
 from typing import Callable
 
 from .. import plausible
+from .. import timetext as T
 from ..sink import Table
 
 SEGMENT_CDS = 3
@@ -158,34 +158,9 @@ def price_text(units: int, div: int) -> str:
     return _TEXTS[div][units]
 
 
-_SECONDS: dict[int, str] = {}
-
-
 def epoch_text(sec: int) -> str | None:
-    """Epoch seconds -> ``YYYY-MM-DD HH:MM:SS+00:00`` (UTC); 0 -> None."""
-    if not sec:
-        return None
-    t = _SECONDS.get(sec)
-    if t is None:
-        if len(_SECONDS) > 100_000:
-            _SECONDS.clear()
-        t = _SECONDS[sec] = time.strftime("%Y-%m-%d %H:%M:%S+00:00", time.gmtime(sec))
-    return t
-
-
-def now_text() -> str:
-    """The current time as UTC timestamp text with microseconds (a receive time)."""
-    return time_text(time.time_ns())
-
-
-def time_text(ns: int) -> str:
-    """Epoch nanoseconds as UTC timestamp text with microseconds
-    (``2021-07-05 05:11:27.123456+00:00``)."""
-    sec, us = divmod(ns // 1000, 1_000_000)
-    base = _SECONDS.get(sec)
-    if base is None:
-        base = epoch_text(sec)
-    return f"{base[:19]}.{us:06d}+00:00"
+    """Epoch seconds -> ``YYYY-MM-DD HH:MM:SS+00:00`` (UTC); 0 (no time in the packet) -> None."""
+    return T.epoch_text(sec) if sec else None
 
 
 class FrameDecoder:

@@ -35,12 +35,12 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from .. import candles as C
 from ..sink import Sink, Table
-from .adapter import SEGMENT_INDICES, divisor, price_text, time_text
+from ..timetext import time_text
+from .adapter import SEGMENT_INDICES, divisor, price_text
 from .instruments import Subscription
 
 log = logging.getLogger(__name__)
@@ -51,29 +51,6 @@ NS = 1_000_000_000
 CANDLE_TABLE = Table("kite_candle", ("instrument_token", "interval_min", "bar_start", "bar_end", "open", "high",
                                      "low", "close", "volume", "ticks", "final", "revision", "source",
                                      "recorded_at"))
-
-
-@dataclass
-class CandleSettings:
-    """``[candles]`` of kite.toml (see :data:`feeds.settings.CANDLES`)."""
-    enabled: bool = True
-    intervals: tuple[int, ...] = (1, 5, 15)
-    grace: float = 2.0
-    lateness: float = 10.0
-    fill_from_history: bool = True
-
-
-def settings_from(cfg) -> CandleSettings:
-    """:class:`CandleSettings` from a loaded kite.toml."""
-    return CandleSettings(enabled=cfg["candles.enabled"], intervals=tuple(sorted(cfg["candles.intervals"])),
-                          grace=cfg["candles.grace"], lateness=cfg["candles.lateness"],
-                          fill_from_history=cfg["candles.fill_from_history"])
-
-
-def sessions_of(calendar) -> C.Sessions:
-    """The builder's sessions: the NSE calendar's (early closes and special
-    sessions included), or one window per UTC day without a calendar."""
-    return C.always() if calendar is None else C.calendar_sessions(calendar)
 
 
 _TS: dict[str, int] = {}
@@ -112,7 +89,7 @@ class KiteCandles:
     final).
     """
 
-    def __init__(self, settings: CandleSettings, sessions: C.Sessions, subs: Iterable[Subscription], sink: Sink,
+    def __init__(self, settings: C.CandleSettings, sessions: C.Sessions, subs: Iterable[Subscription], sink: Sink,
                  since_ns: int | None = None):
         self.s = settings
         self.sink = sink

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 
 from ..health import Health, StreamHealth
 from ..sink import Sink
+from ..timetext import time_text
 from . import adapter as A
 from . import wire as W
 from .instruments import Subscription
@@ -193,7 +194,7 @@ class KiteCollector:
         if self.s.decoder != "native":
             return                          # decoded by KiteTicker, see _on_ticks
         recv_ns = time.time_ns()
-        recv = A.time_text(recv_ns)
+        recv = time_text(recv_ns)
         dec = self.decoder
         try:
             rows = dec.decode(payload, recv)
@@ -216,7 +217,7 @@ class KiteCollector:
     def _on_ticks(self, c: _Connection, ticks: list) -> None:
         recv_ns = time.time_ns()
         try:
-            rows = A.rows_from_ticks(ticks, A.time_text(recv_ns),
+            rows = A.rows_from_ticks(ticks, time_text(recv_ns),
                                      on_bad=lambda r: self.health.count_malformed(f"connection {c.index}", r))
         except (KeyError, TypeError, ValueError) as e:      # not KiteTicker ticks at all
             self.health.count_malformed(f"connection {c.index}", f"ticks not understood ({e!r}); skipped")

@@ -130,24 +130,6 @@ def last_final_minutes(dsn: str, tokens: Iterable[int], since_ns: int) -> dict[i
     return {int(t): int(ts.timestamp()) * NS for t, ts in rows}
 
 
-def first_missing(open_ns: int, last_final_ns: int | None, intervals_min: Iterable[int]) -> tuple[int, int]:
-    """``(request_from_ns, keep_from_ns)`` for one instrument: the first
-    missing minute (``keep_from_ns``) is the session's open or the minute
-    after the last final one-minute candle stored; history is requested
-    from the earliest start of a candle (of any interval, aligned to the
-    open) holding that minute or another requested one, so that every
-    candle the history bars fall into is complete, and one-minute candles
-    are stored from ``keep_from_ns`` on."""
-    keep = open_ns if last_final_ns is None else max(open_ns, last_final_ns + MINUTE_NS)
-    widths = [m * MINUTE_NS for m in intervals_min]
-    first = keep
-    while True:            # every candle holding a requested minute starts at or after ``first``
-        earlier = min(open_ns + (first - open_ns) // w * w for w in widths)
-        if earlier == first:
-            return first, keep
-        first = earlier
-
-
 class HistoryError(Exception):
     """Kite refused a historical request (token, input) or kept failing."""
 

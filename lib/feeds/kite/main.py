@@ -40,8 +40,8 @@ from ..config import EX_CONFIG, Config, ConfigError, exit_on_config_error
 from ..settings import KITE_FILE, database_dsn, hhmm
 from . import adapter as A
 from . import history as H
-from .candles import CANDLE_TABLE, CandleSettings, KiteCandles, sessions_of, volumeless
-from .candles import settings_from as candle_settings
+from ..candles import CandleSettings, candle_settings, first_missing, sessions_of
+from .candles import CANDLE_TABLE, KiteCandles, volumeless
 from .collector import RC_TOKEN, KiteCollector, Settings
 from .instruments import LTP_MAX_INSTRUMENTS, QUOTE_REQUESTS_PER_SECOND
 from .instruments import (InstrumentSpec, SpecError, TooManyInstruments, merge_specs, parse_spec, plan_connections,
@@ -229,7 +229,7 @@ def history_job(kc: KiteConfig, dsn: str, access_token: str, candles, subs, open
                 log.warning("candles: stored candles not read (%s); filling from the session's open",
                             _first_line(e))
                 last = {}
-            plan = [(s.instrument_token, *H.first_missing(open_ns, last.get(s.instrument_token),
+            plan = [(s.instrument_token, *first_missing(open_ns, last.get(s.instrument_token),
                                                           kc.candles.intervals), not volumeless(s)) for s in subs]
             plan = [p for p in plan if p[2] <= last_ns]
             if not plan:
