@@ -37,27 +37,9 @@ PY = sys.executable
 
 import psycopg  # noqa: E402
 
-from pgserver import PgServer  # noqa: E402
+from procstats import COMMIT_SETTINGS, durable_cluster, free_port, migrated_database, stop_processes  # noqa: E402
 
 CLIENT = "1000000001"
-
-
-def durable_pg() -> tuple[PgServer, str]:
-    pg = PgServer().init()
-    with open(pg.data / "postgresql.conf", "a") as f:   # durable defaults, not the test shortcuts
-        f.write("fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n")
-    pg.start()
-    dsn = pg.dsn(pg.create_db())
-    from feeds.migrate import apply
-    apply(dsn, ROOT / "sql")
-    return pg, dsn
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> dict:
@@ -78,7 +60,8 @@ def main() -> None:
     sessions = [s.day for s in cal.sessions(last - dt.timedelta(days=5 * a.days), last)][-a.days:]
     first = sessions[0]
 
-    pg, dsn = durable_pg()
+    pg = durable_cluster(COMMIT_SETTINGS)
+    dsn = migrated_database(pg)
     tmp = Path(tempfile.mkdtemp(prefix="dhan-bench-"))
     port = free_port()
     tok = tmp / "token.json"
@@ -127,8 +110,7 @@ def main() -> None:
         print(f"  throughput: {done} sessions in {elapsed:.1f}s = {3600 * done / elapsed:,.0f} sessions/hour, "
               f"{bars / elapsed:,.0f} candles/s")
     finally:
-        sim.terminate()
-        sim.wait(10)
+        stop_processes([sim], timeout=10)
         pg.destroy()
 
 

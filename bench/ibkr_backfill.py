@@ -44,20 +44,9 @@ PY = sys.executable
 
 import psycopg  # noqa: E402
 
-from pgserver import PgServer  # noqa: E402
+from procstats import COMMIT_SETTINGS, durable_cluster, migrated_database  # noqa: E402
 
 SYMS = {"AAPL": "NASDAQ", "MSFT": "NASDAQ", "IBM": "NYSE", "SPY": "ARCA"}   # symbol: primaryExchange
-
-
-def durable_pg() -> tuple[PgServer, str]:
-    pg = PgServer().init()
-    with open(pg.data / "postgresql.conf", "a") as f:   # durable defaults, not the test shortcuts
-        f.write("fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n")
-    pg.start()
-    dsn = pg.dsn(pg.create_db())
-    from feeds.migrate import apply
-    apply(dsn, ROOT / "sql")
-    return pg, dsn
 
 
 def date_range_for(requests: int, n_syms: int) -> tuple[dt.date, dt.date]:
@@ -76,7 +65,8 @@ def date_range_for(requests: int, n_syms: int) -> tuple[dt.date, dt.date]:
 
 def pacing(scale: float, requests: int) -> dict:
     from feeds.ibkr.pacing import max_in_window, utilisation
-    pg, dsn = durable_pg()
+    pg = durable_cluster(COMMIT_SETTINGS)
+    dsn = migrated_database(pg)
     tmp = Path(tempfile.mkdtemp(prefix="feeds-bench-ibkr-"))
     sim = None
     try:
@@ -153,7 +143,8 @@ def session_cost(n: int) -> dict:
             fields += [str(b.t), b.open, b.high, b.low, b.close, b.volume, b.wap, str(b.count)]
         messages.append(fields)
 
-    pg, dsn = durable_pg()
+    pg = durable_cluster(COMMIT_SETTINGS)
+    dsn = migrated_database(pg)
     decode, check, store, total = [], [], [], []
     try:
         st = BackfillStore(dsn).connect()

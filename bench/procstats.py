@@ -11,8 +11,10 @@ from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ROOT = Path(__file__).resolve().parents[1]
-DURABLE_SETTINGS = ("fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n"
-                    "max_wal_size = 4GB\ncheckpoint_timeout = 15min\n")
+#: every commit on disk before it returns: fsync, synchronous commit, full-page writes
+COMMIT_SETTINGS = "fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n"
+#: COMMIT_SETTINGS with the WAL and checkpoint spacing of a server sized for steady ingest
+DURABLE_SETTINGS = COMMIT_SETTINGS + "max_wal_size = 4GB\ncheckpoint_timeout = 15min\n"
 
 
 def proc_cpu(pid: int) -> float:

@@ -37,26 +37,51 @@ stays in the venue's package; what is here is the same for every venue:
              fetched again only with ``--retry-failed``
   ========== ==========================================================
 
-* **Command line** pieces (:func:`parse_date`, :func:`parse_symbols`,
-  :func:`format_status`, :func:`fmt_duration`) for ``--from/--to/--date``,
-  ``--symbols`` and ``--status``.
+* **Checks** (:class:`SessionCheck`): what a venue's ``check_session``
+  returns (the rows to store, the first failure, bars dropped, the note of
+  thin minutes), and :func:`session_status` reads.
+* **The run** (:class:`BackfillRun`, :class:`RunSummary`): the database on
+  one worker thread, the lock, the run log row (started, progress, the
+  final counters and the ``summary:`` line), a signal or a failure ending
+  the run with every committed session kept.  The venue's run does its
+  requests in between.
+* **Command line** (:func:`backfill_command`, :func:`selection_from_options`,
+  :func:`apply_overrides`, :func:`print_status`, :func:`database_exit`,
+  :class:`BackfillJob`, :func:`run_job`; :func:`parse_date`,
+  :func:`parse_symbols`, :func:`format_status`, :func:`fmt_duration`): the
+  options every backfill has (``--symbols``, ``--from/--to/--date``,
+  ``--dry-run``, ``--retry-failed``, ``--priority-only``, ``--status``,
+  ``--status-interval``, ``--unit``), the run as a service with its lock,
+  heartbeat and node_exporter textfile, and the exit statuses 0, 1 and 75
+  (:data:`EX_TEMPFAIL`: another run holds the lock).
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import datetime as dt
+import functools
+import logging
 import math
 import os
 import re
+import shlex
 import socket
-from collections.abc import Iterable, Sequence
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, NoReturn
 
 from .calendars import ExchangeCalendar, Session
 
-__all__ = ["STATUSES", "DONE_STATUSES", "Selection", "SessionPlan", "StatusRow", "StatusStore", "plan_sessions",
-           "plan_range", "fetch_order", "session_status", "fmt_duration", "parse_date", "parse_symbols",
-           "format_status", "calendar_days"]
+__all__ = ["STATUSES", "DONE_STATUSES", "Selection", "SessionPlan", "Plan", "StatusRow", "StatusStore",
+           "SessionCheck", "RunSummary", "BackfillRun", "BackfillJob", "plan_sessions", "plan_range", "fetch_order",
+           "session_status", "fmt_duration", "parse_date", "parse_symbols", "format_status", "calendar_days",
+           "backfill_command", "selection_from_options", "apply_overrides", "print_status", "database_exit",
+           "run_job", "EX_TEMPFAIL"]
 
 STATUSES = ("PENDING", "COMPLETE", "EARLY_CLOSE", "THIN", "HOLIDAY", "PARTIAL", "ERROR")
 #: Statuses a run never requests again.
@@ -95,14 +120,44 @@ class StatusRow:
 
 @dataclass
 class SessionPlan:
-    """One instrument's sessions between ``first`` and ``last``:
-    ``sessions`` to request (newest first), ``holidays`` to record, counts
-    of sessions already done and of ERROR ones skipped."""
+    """One instrument's sessions between ``first`` and ``last``
+    (:func:`plan_sessions`): ``sessions`` to request (newest first),
+    ``holidays`` to record, counts of sessions already done and of ERROR
+    ones skipped; ``error`` for an instrument the venue could not resolve
+    (its sessions get the error, no request is sent).  Every field is a
+    keyword: a venue's plan of one instrument (:class:`feeds.ibkr.backfill.ContractPlan`,
+    :class:`feeds.dhan.history.InstrumentPlan`) puts its own fields first."""
 
-    sessions: list[Session] = field(default_factory=list)
-    holidays: list[dt.date] = field(default_factory=list)
-    done: int = 0
-    skipped_errors: int = 0
+    first: dt.date | None = field(default=None, kw_only=True)
+    last: dt.date | None = field(default=None, kw_only=True)
+    sessions: list[Session] = field(default_factory=list, kw_only=True)
+    holidays: list[dt.date] = field(default_factory=list, kw_only=True)
+    done: int = field(default=0, kw_only=True)
+    skipped_errors: int = field(default=0, kw_only=True)
+    error: str | None = field(default=None, kw_only=True)
+
+    @property
+    def requests(self) -> int:
+        """Requests the plan sends: one a session, none for an instrument in error."""
+        return 0 if self.error else len(self.sessions)
+
+
+@dataclass
+class Plan:
+    """A run's plan: every selected instrument's :class:`SessionPlan` and the
+    time the venue's request limits imply (``duration``, seconds)."""
+
+    items: list[SessionPlan]
+    duration: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        return sum(p.requests for p in self.items)
+
+    @property
+    def sessions(self) -> int:
+        """Sessions to fetch (instruments in error left out)."""
+        return sum(len(p.sessions) for p in self.items if not p.error)
 
 
 def calendar_days(cal: ExchangeCalendar, first: dt.date, last: dt.date) -> list[tuple[dt.date, Session | None]]:
@@ -135,14 +190,16 @@ def plan_range(cal: ExchangeCalendar, now: dt.datetime, settle: dt.timedelta, se
 
 def plan_sessions(cal: ExchangeCalendar, symbol: str, first: dt.date, last: dt.date,
                   statuses: dict[tuple[str, dt.date], StatusRow], *, now: dt.datetime, retry_failed: bool = False,
-                  finished: Iterable[tuple[str, dt.date]] = (), include_errors: bool = False) -> SessionPlan:
+                  finished: Iterable[tuple[str, dt.date]] = (), include_errors: bool = False,
+                  out: SessionPlan | None = None) -> SessionPlan:
     """The sessions of ``symbol`` in ``[first, last]`` to fetch (newest
     first) and the holidays to record, given the stored ``statuses``
-    (``{(symbol, day): StatusRow}``).  Sessions not yet opened at ``now``
-    are left out; so are those in ``finished`` (done by this run).
+    (``{(symbol, day): StatusRow}``), added to ``out`` (default a new
+    :class:`SessionPlan`), which is returned.  Sessions not yet opened at
+    ``now`` are left out; so are those in ``finished`` (done by this run).
     ``include_errors`` plans ERROR sessions even without ``retry_failed``
     (the instrument itself is in error and the error goes on them)."""
-    out = SessionPlan()
+    out = SessionPlan() if out is None else out
     done = set(finished)
     for day, session in (calendar_days(cal, first, last) if first <= last else []):
         st = statuses.get((symbol, day))
@@ -169,19 +226,69 @@ def fetch_order(day: dt.date, priority: int, symbol: str) -> tuple:
     return (-day.toordinal(), -priority, symbol)
 
 
-class CheckResult(Protocol):
-    """What :func:`session_status` reads of a venue's session check."""
+@dataclass
+class SessionCheck:
+    """The check of one fetched session: built by the venue's
+    ``check_session`` (:func:`feeds.ibkr.bars.check_session`,
+    :func:`feeds.dhan.history.check_session`), read by :func:`session_status`.
 
-    failure: str | None
-    dropped: list
-    expected: int
-    note: str
+    ``rows``: tuples in the venue's bar-table column order, ready to store
+    (empty when ``failure`` is set); ``first``/``last``: bar starts (UTC) of
+    the stored rows; ``failure``: the first failed check (the session is
+    ERROR); ``dropped``: starts of bars outside the session; ``expected``:
+    the session's minutes; ``note``: the reasons stored with the session
+    (thin minutes, dropped bars).
+    """
+
+    rows: list[tuple] = field(default_factory=list)
+    first: dt.datetime | None = None
+    last: dt.datetime | None = None
+    failure: str | None = None
+    dropped: list[dt.datetime] = field(default_factory=list)
+    expected: int = 0
+    note: str = ""
 
     @property
-    def actual(self) -> int: ...
+    def actual(self) -> int:
+        return len(self.rows)
+
+    def fail(self, reason: str) -> SessionCheck:
+        """The whole answer is unusable: ``failure`` = ``reason``, no rows; returns self."""
+        self.failure = reason
+        self.rows = []
+        self.first = self.last = None
+        return self
+
+    def finish(self, session: Session, start: int, bar: str, missing: str) -> SessionCheck:
+        """After the last bar: ``first``/``last`` from column ``start`` of the
+        rows, and the note: ``thin: N of M minutes without <missing> (first
+        HH:MM)`` when minutes have no row, ``K <bar>(s) outside the session
+        dropped (HH:MM, ...)`` when bars were dropped (times in the
+        exchange's zone).  Returns self."""
+        rows, tz = self.rows, session.tz
+        if rows:
+            self.first, self.last = rows[0][start], rows[-1][start]
+        notes = []
+        gaps = self.expected - len(rows)
+        if rows and gaps > 0:
+            have = {r[start] for r in rows}
+            gap = next((session.open + dt.timedelta(minutes=i) for i in range(self.expected)
+                        if session.open + dt.timedelta(minutes=i) not in have), None)
+            notes.append(f"thin: {gaps} of {self.expected} minutes without {missing}"
+                         + (f" (first {_hm(gap, tz)})" if gap else ""))
+        if self.dropped:
+            notes.append(f"{len(self.dropped)} {bar}(s) outside the session dropped ("
+                         + ", ".join(_hm(t, tz) for t in self.dropped[:5])
+                         + (", ..." if len(self.dropped) > 5 else "") + ")")
+        self.note = "; ".join(notes)
+        return self
 
 
-def session_status(chk: CheckResult, session: Session, now: dt.datetime, settle: dt.timedelta,
+def _hm(t: dt.datetime, tz) -> str:
+    return t.astimezone(tz).strftime("%H:%M")
+
+
+def session_status(chk: SessionCheck, session: Session, now: dt.datetime, settle: dt.timedelta,
                    thin_status: str | None = "THIN") -> tuple[str, str | None, str]:
     """The status of a fetched session from its check: ``(status, error,
     note)``.
@@ -204,6 +311,194 @@ def session_status(chk: CheckResult, session: Session, now: dt.datetime, settle:
     if thin_status is not None and chk.actual < chk.expected:
         return thin_status, None, note
     return ("EARLY_CLOSE" if session.early_close else "COMPLETE"), None, note
+
+
+# ------------------------------------------------------------------------ the run
+
+
+@dataclass
+class RunSummary:
+    """Counters of one run, written to the venue's run log (``run_table``
+    of :class:`StatusStore`); :meth:`line` is the run's last journal line.
+    A venue adds its own counters and their words (:meth:`venue_parts`)."""
+
+    #: statuses counted in the summary line, in this order
+    line_statuses: ClassVar[tuple[str, ...]] = ("COMPLETE", "EARLY_CLOSE", "PARTIAL", "ERROR")
+
+    run_id: int | None = None
+    planned: int = 0
+    done: int = 0
+    left_pending: int = 0
+    holidays: int = 0
+    requests: int = 0
+    bars: int = 0
+    errors: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    elapsed: float = 0.0
+    failed: str | None = None
+    stopped: bool = False
+
+    def venue_parts(self) -> list[str]:
+        """The venue's counters in the summary line (after the bars stored)."""
+        return []
+
+    def ending(self) -> str:
+        """How a run that did not fail ended: ``stopped`` or ``finished``."""
+        return "stopped" if self.stopped else "finished"
+
+    def line(self) -> str:
+        """``summary: run 3 finished in 1m15s: 10 sessions planned, 9 done
+        (COMPLETE 8, ERROR 1), 1 left PENDING, 0 HOLIDAY recorded, 11
+        requests, 3,510 bars stored, ...`` (``FAILED (why)`` when it failed)."""
+        st = ", ".join(f"{k} {self.statuses[k]}" for k in self.line_statuses if self.statuses[k])
+        parts = [f"{self.planned} sessions planned, {self.done} done" + (f" ({st})" if st else ""),
+                 f"{self.left_pending} left PENDING", f"{self.holidays} HOLIDAY recorded",
+                 f"{self.requests} requests", f"{self.bars:,} bars stored", *self.venue_parts()]
+        head = f"run {self.run_id} " if self.run_id is not None else ""
+        state = f"FAILED ({self.failed})" if self.failed else self.ending()
+        return f"summary: {head}{state} in {fmt_duration(self.elapsed)}: " + ", ".join(parts)
+
+
+class BackfillRun:
+    """What every venue's run does the same way around its requests: the
+    database on one worker thread (the store is used from it only), the
+    sessions planned and finished, the run log row (start, progress every
+    ``periodic`` call, the final counters and summary line), the advisory
+    lock and the end of a run.
+
+    A venue sets ``log`` (its module's logger), ``program`` (the command's
+    name), ``lock_error`` (raised when another run holds the lock),
+    ``db_thread`` (the worker thread's name) and, in :meth:`settle` and
+    :meth:`disconnect`, what it does at the end.
+    """
+
+    log = logging.getLogger(__name__)
+    program = "feed-backfill"
+    lock_error: type[Exception] = RuntimeError
+    db_thread = "backfill-db"
+    #: failures that end a run with their message only (no traceback)
+    known_failures: tuple[type[Exception], ...] = ()
+
+    def __init__(self, store: StatusStore, summary: RunSummary, notifier=None,
+                 now: Callable[[], dt.datetime] | None = None):
+        self.store = store
+        self.summary = summary
+        self.now = now or (lambda: dt.datetime.now(dt.timezone.utc))
+        if notifier is None:
+            from .runtime import sd_notifier
+            notifier = sd_notifier()
+        self.notifier = notifier
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._planned: set[tuple[str, dt.date]] = set()
+        self._finished: set[tuple[str, dt.date]] = set()
+        self._stop = asyncio.Event()
+        self._total = 0
+        self._t0 = time.monotonic()
+        self._run_log: asyncio.Future | None = None
+
+    async def _db(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the database thread."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=self.db_thread)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def _shutdown_executor(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _finish(self, key: str, day: dt.date, status: str) -> None:
+        """The session ``(key, day)`` is done for this run with ``status``."""
+        self._finished.add((key, day))
+        self.summary.done += 1
+        self.summary.statuses[status] += 1
+
+    async def _begin(self, arguments: str, client_id=None) -> None:
+        """Connect, take the lock (raises ``lock_error`` when another run
+        holds it, with everything closed) and start the run log row."""
+        self._t0 = time.monotonic()
+        self._stop = asyncio.Event()
+        await self._db(self.store.connect)
+        if not await self._db(self.store.try_lock):
+            await self._db(self.store.close)
+            self._shutdown_executor()
+            raise self.lock_error(f"another {self.program} is running (database advisory lock held)")
+        self.summary.run_id = await self._db(self.store.start_run, arguments, client_id)
+
+    async def _guarded(self, work: Awaitable, failure: str) -> None:
+        """Await ``work`` and then end the run (:meth:`_end`) whatever
+        happened: a ``known_failures`` exception or any other one (logged
+        with ``failure`` and its traceback) fails the run, a cancellation
+        (SIGTERM/SIGINT) stops it; every committed session stays."""
+        sm = self.summary
+        try:
+            await work
+        except self.known_failures as e:
+            sm.failed = str(e)
+            self.log.error("%s", e)
+        except asyncio.CancelledError:  # SIGTERM/SIGINT: every committed session stays; the next run goes on
+            sm.stopped = True
+            self.log.info("stopped by a signal; the next run goes on from the status table")
+        except Exception as e:  # database or client failure: say what, leave the rest to the next run
+            sm.failed = f"{type(e).__name__}: {e}".strip()
+            self.log.exception(failure)
+        finally:
+            await self._end()
+
+    def settle(self) -> None:
+        """The venue's last word on the summary before its line is written
+        (why it failed, counters kept elsewhere)."""
+
+    async def disconnect(self) -> None:
+        """Close the venue's connection at the end of a run."""
+
+    def run_counts(self, final: bool = False) -> dict:
+        """The run log columns written every ``periodic`` call and, with
+        ``final``, at the end."""
+        sm = self.summary
+        return dict(sessions_planned=sm.planned, sessions_done=sm.done, requests=sm.requests, bars_stored=sm.bars,
+                    errors=sm.errors)
+
+    async def _end(self) -> None:
+        sm = self.summary
+        self._stop.set()
+        if self._run_log is not None:
+            await asyncio.gather(self._run_log, return_exceptions=True)
+        sm.left_pending = len(self._planned - self._finished)
+        self.settle()
+        sm.elapsed = time.monotonic() - self._t0
+        line = sm.line()
+        self.log.info("%s", line)
+        self.notifier.notify("STATUS=" + line[:1000])
+        try:
+            state = "failed" if sm.failed else ("interrupted" if sm.stopped else "finished")
+            await self._db(self.store.update_run, sm.run_id, finished=True, state=state,
+                           **self.run_counts(final=True), summary=line)
+        except Exception as e:  # the summary line above already says what happened
+            self.log.error("run log not updated: %s", e)
+        await self.disconnect()
+        try:
+            await self._db(self.store.close)   # also releases the advisory lock
+        except Exception as e:
+            self.log.warning("database connection not closed cleanly: %s", e)
+        self._shutdown_executor()
+
+    def periodic(self) -> None:
+        """Write the progress counters to this run's run log row (in the
+        background; skipped while the previous write runs)."""
+        if self.summary.run_id is None or self._stop.is_set():
+            return
+        if self._run_log is None or self._run_log.done():
+            self._run_log = asyncio.ensure_future(self._write_progress())
+
+    async def _write_progress(self) -> None:
+        if self._stop.is_set():             # the run's own last write follows
+            return
+        try:
+            await self._db(self.store.update_run, self.summary.run_id, **self.run_counts())
+        except Exception as e:
+            self.log.warning("run log not updated: %s", e)
 
 
 # ------------------------------------------------------------------------ command line
@@ -278,6 +573,232 @@ def format_status(rows: list[dict], errors: list[tuple], last_run: tuple | None,
                    + (f", finished {finished:%H:%M:%S}" if finished else "")
                    + f"; {requests} requests, {bars:,} bars, {errs} errors")
     return "\n".join(out)
+
+
+#: exit status of a run refused because another one holds the lock
+EX_TEMPFAIL = 75
+
+
+def backfill_command(*, config_env: str, config_default: str, symbols_help: str, priority_help: str,
+                     status_help: str, status_interval_help: str, unit: str, options: Sequence = ()):
+    """Decorator making a venue's ``main`` its click command, with the
+    options every backfill has: ``--config`` (from ``config_env``, default
+    ``config_default``), ``--symbols``, ``--from``, ``--to``, ``--date``,
+    ``--dry-run``, ``--retry-failed``, ``--priority-only``, ``--status``;
+    then the venue's ``options`` (``click.option`` decorators, in order);
+    then ``--status-interval``, ``--unit`` (from ``FEEDS_UNIT``, default
+    ``unit``) and the symbols after ``--symbols`` (``more_symbols``).  A
+    ``ConfigError`` exits 78 (:func:`feeds.config.exit_on_config_error`)."""
+    import click
+
+    from .config import exit_on_config_error
+
+    head = [
+        click.option("--config", "config_path", envvar=config_env, default=config_default, show_default=True,
+                     help="TOML configuration file."),
+        click.option("--symbols", "symbols", default=None, metavar="SYM [SYM ...]", help=symbols_help),
+        click.option("--from", "from_", default=None, metavar="DATE",
+                     help="First session: YYYY-MM-DD or Nd (days back)."),
+        click.option("--to", "to", default=None, metavar="DATE", help="Last session: YYYY-MM-DD or Nd (days back)."),
+        click.option("--date", "date", default=None, metavar="DATE", help="Exactly this session (YYYY-MM-DD or Nd)."),
+        click.option("--dry-run", is_flag=True, help="Print the plan (nothing fetched, nothing written)."),
+        click.option("--retry-failed", is_flag=True, help="Also request sessions recorded as ERROR."),
+        click.option("--priority-only", is_flag=True, help=priority_help),
+        click.option("--status", "status", is_flag=True, help=status_help),
+    ]
+    tail = [
+        click.option("--status-interval", type=float, default=None, help=status_interval_help),
+        click.option("--unit", envvar="FEEDS_UNIT", default=unit, show_default=True,
+                     help="Name used for the heartbeat row."),
+        click.argument("more_symbols", nargs=-1, metavar=""),
+    ]
+
+    def wrap(fn):
+        f = exit_on_config_error(fn)
+        for deco in reversed([*head, *options, *tail]):
+            f = deco(f)
+        return click.command(context_settings={"help_option_names": ["-h", "--help"]})(f)
+    return wrap
+
+
+def apply_overrides(settings, *, scale: float | None, scale_attr: str, scale_option: str,
+                    status_interval: float | None) -> None:
+    """Set the command line's scale (``scale_attr`` of ``settings``: 0 <
+    scale <= 1) and ``status_interval`` (> 0) when given.  Raises
+    ``click.BadParameter`` naming the option."""
+    import click
+
+    if scale is not None:
+        if not 0 < scale <= 1:
+            raise click.BadParameter("must be > 0 and <= 1", param_hint=scale_option)
+        setattr(settings, scale_attr, scale)
+    if status_interval is not None:
+        if status_interval <= 0:
+            raise click.BadParameter("must be > 0", param_hint="--status-interval")
+        settings.status_interval = status_interval
+
+
+def selection_from_options(symbols: str | None, more_symbols: tuple[str, ...], from_: str | None, to: str | None,
+                           date: str | None, retry_failed: bool, priority_only: bool, known: set[str],
+                           source: str, today: dt.date | None = None) -> Selection:
+    """The :class:`Selection` of the command line (``--symbols``, ``--from``,
+    ``--to``, ``--date``, ``--retry-failed``, ``--priority-only``; dates
+    relative to ``today``, default the local date).  Raises
+    ``click.UsageError``/``BadParameter``: ``--date`` with ``--from``/``--to``,
+    ``--from`` after ``--to``, a symbol not in ``known`` (the instruments of
+    the file ``source``)."""
+    import click
+
+    today = today or dt.date.today()
+    sym_list = parse_symbols(symbols, more_symbols)
+    if date is not None and (from_ is not None or to is not None):
+        raise click.UsageError("--date excludes --from/--to")
+    first, last = parse_date(from_, "--from", today), parse_date(to, "--to", today)
+    if date is not None:
+        first = last = parse_date(date, "--date", today)
+    if first and last and first > last:
+        raise click.BadParameter(f"--from {first} is after --to {last}", param_hint="--from")
+    if sym_list:
+        unknown = [s for s in sym_list if s not in known]
+        if unknown:
+            raise click.BadParameter(f"not in {source}: {', '.join(unknown)}", param_hint="--symbols")
+    return Selection(symbols=sym_list, first=first, last=last, retry_failed=retry_failed,
+                     priority_only=priority_only)
+
+
+def print_status(store: StatusStore, symbols: Sequence[str] | None, error_symbols: Sequence[str] | None,
+                 width: int = 10) -> None:
+    """``--status``: the summary of ``symbols`` (None: all), the latest
+    errors of ``error_symbols`` and the last run, on stdout.  Raises
+    ``psycopg.Error``."""
+    import click
+
+    store.connect()
+    try:
+        click.echo(format_status(store.summary(symbols), store.last_errors(error_symbols), store.last_run(),
+                                 width=width))
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def database_exit(log: logging.Logger):
+    """Around a command's work: a database that cannot be reached logs one
+    line (``cannot connect to the database: ...``) and exits 1."""
+    import psycopg
+
+    try:
+        yield
+    except psycopg.OperationalError as e:
+        log.error("cannot connect to the database: %s", str(e).strip().splitlines()[0] if str(e).strip() else e)
+        sys.exit(1)
+
+
+class BackfillJob:
+    """One backfill run as a collector of :mod:`feeds.service`: the runtime
+    gives it signals, STATUS= (the progress line), the heartbeat row and the
+    clean stop.  ``bf`` is the venue's run (``run(sel, arguments)``,
+    ``figures()``, ``periodic()``, ``progress_line()``, ``summary``).
+    ``run`` returns 0 (finished or stopped by a signal), 1 (the run could
+    not finish) or the status ``failures`` gives the exception raised.
+
+    A venue sets ``log``, ``failures`` (``(exception class, log format,
+    exit status)``, the first match wins) and ``early_stop`` (logged when a
+    signal stops the job before the run started; None: nothing)."""
+
+    log = logging.getLogger(__name__)
+    failures: tuple[tuple[type[Exception], str, int], ...] = ()
+    early_stop: str | None = None
+
+    def __init__(self, bf, sel: Selection, arguments: str):
+        self.bf, self.sel, self.arguments = bf, sel, arguments
+
+    def work(self) -> Awaitable:
+        """The run itself."""
+        return self.bf.run(self.sel, self.arguments)
+
+    async def run(self, stop: asyncio.Event) -> int:
+        work = asyncio.ensure_future(self.work())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not work.done():
+            work.cancel()           # the run writes its summary, then returns it
+        try:
+            summary = await work
+        except asyncio.CancelledError:
+            if not stop.is_set():
+                raise
+            if self.early_stop:
+                self.log.info("%s", self.early_stop)
+            return 0
+        except Exception as e:
+            for cls, fmt, rc in self.failures:
+                if isinstance(e, cls):
+                    self.log.error(fmt, e)
+                    return rc
+            raise
+        return 1 if summary.failed else 0
+
+    def stream_kind(self, stream: str) -> str:
+        return stream
+
+    def figures(self) -> dict[str, int]:
+        return self.bf.figures()
+
+    def periodic(self) -> None:
+        self.bf.periodic()
+
+    def status_line(self) -> str:
+        return self.bf.progress_line()
+
+
+def run_job(store: StatusStore, *, unit: str, status_interval: float, make_job: Callable,
+            run_metrics: Callable, textfile_dir: str, job_name: str, log: logging.Logger) -> NoReturn:
+    """Run one backfill as a service and exit with its status.
+
+    The lock first (the run takes it again on the same connection): a
+    second run must not touch the running one's heartbeat row nor its
+    textfile; it exits 75 with one line naming the command (the store's
+    ``application_name``) on ``log``.  Then ``make_job(health,
+    arguments)`` (the :class:`BackfillJob`; ``health`` gets the STATUS=
+    lines, ``arguments`` is the command line) runs under
+    :class:`feeds.service.Service` (``unit``, ``status_interval``); the
+    node_exporter textfile ``feeds_<job_name>.prom`` gets
+    ``run_metrics(job or None, started, rc)``, also when the database
+    cannot be reached (rc 1, ``psycopg.OperationalError`` raised on)."""
+    import psycopg
+
+    from . import service
+    from .ops.metrics import write_textfile
+
+    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    started = time.time()
+    jobs: list[BackfillJob] = []
+    try:
+        locked = store.connect().try_lock()
+    except psycopg.OperationalError:
+        write_textfile(textfile_dir, job_name, run_metrics(None, started, 1))
+        raise
+    if not locked:
+        store.close()
+        log.error("another %s is running (database advisory lock held)", store.application_name)
+        sys.exit(EX_TEMPFAIL)
+    svc = service.Service(unit, store.dsn, status_interval=status_interval)
+
+    def prepare(svc: service.Service) -> BackfillJob:
+        jobs.append(make_job(svc.health, args))
+        return jobs[-1]
+    rc = 1
+    try:
+        rc = svc.run(prepare)
+    finally:
+        store.close()
+        # the node_exporter textfile (metrics.textfile_dir): the run's outcome and figures
+        write_textfile(textfile_dir, job_name, run_metrics(jobs[-1] if jobs else None, started, rc))
+    sys.exit(rc)
 
 
 # ------------------------------------------------------------------------ the status table

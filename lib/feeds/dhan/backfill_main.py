@@ -38,24 +38,21 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import shlex
 import sys
-import time
 
 import click
-import psycopg
 
+from .. import backfill as B
 from .. import service
-from ..backfill import Selection, fmt_duration, format_status, parse_date, parse_symbols
-from ..config import EX_CONFIG, Config, exit_on_config_error
-from ..ops.metrics import job_values, write_textfile
+from ..backfill import EX_TEMPFAIL, Selection, fmt_duration, format_status
+from ..config import EX_CONFIG, Config
+from ..ops.metrics import job_values
 from ..settings import DHAN_FILE, database_dsn
 from . import rest as R
 from .history import DhanBackfill, DhanStore, Plan, Settings, TokenExpired
 from .instruments import InstrumentList, InstrumentsError, load_instruments, refresh_cache
 
 log = logging.getLogger("feeds.dhan")
-EX_TEMPFAIL = 75
 EX_TOKEN = R.EX_TOKEN
 
 
@@ -94,7 +91,7 @@ def format_plan(plan: Plan, rate: float) -> str:
     and the time the rate limit implies."""
     lines = [f"{'instrument':<22} {'securityId':>10} {'prio':>4} {'from':<10} {'to':<10} "
              f"{'fetch':>6} {'done':>6} {'holiday':>7} {'error':>6} {'requests':>8}"]
-    for p in plan.instruments:
+    for p in plan.items:
         sid = str(p.inst.security_id) if p.inst else "-"
         lines.append(f"{p.line.key:<22} {sid:>10} {p.line.priority:>4} {str(p.first or '-'):<10} "
                      f"{str(p.last or '-'):<10} {len(p.sessions):>6} {p.done:>6} {len(p.holidays):>7} "
@@ -104,52 +101,25 @@ def format_plan(plan: Plan, rate: float) -> str:
     return "\n".join(lines)
 
 
-class BackfillJob:
+class BackfillJob(B.BackfillJob):
     """One run as a collector of :mod:`feeds.service` (signals, STATUS=,
-    heartbeat, clean stop).  ``run`` returns 0, 1, 75 or 77."""
+    heartbeat, clean stop: :class:`feeds.backfill.BackfillJob`).  ``run``
+    returns 0, 1, 75 or 77."""
+
+    log = log
+    failures = ((TokenExpired, "access token: %s", EX_TOKEN), (RuntimeError, "%s", EX_TEMPFAIL))
 
     def __init__(self, bf: DhanBackfill, sel: Selection, arguments: str, refetch: bool, interval: int):
-        self.bf, self.sel, self.arguments, self.refetch, self.interval = bf, sel, arguments, refetch, interval
+        super().__init__(bf, sel, arguments)
+        self.refetch, self.interval = refetch, interval
 
-    async def run(self, stop: asyncio.Event) -> int:
-        work = asyncio.ensure_future(self._work())
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-        if not work.done():
-            work.cancel()
-        try:
-            summary = await work
-        except TokenExpired as e:
-            log.error("access token: %s", e)
-            return EX_TOKEN
-        except RuntimeError as e:
-            log.error("%s", e)
-            return EX_TEMPFAIL
-        except asyncio.CancelledError:
-            if not stop.is_set():
-                raise
-            return 0
-        return 1 if summary.failed else 0
+    def work(self):
+        return self._work()
 
     async def _work(self):
         if self.interval == 1:
             return await self.bf.run(self.sel, self.arguments, refetch=self.refetch)
         return await compare_run(self.bf, self.sel, self.interval)
-
-    def stream_kind(self, stream: str) -> str:
-        return stream
-
-    def figures(self) -> dict[str, int]:
-        return self.bf.figures()
-
-    def periodic(self) -> None:
-        self.bf.periodic()
-
-    def status_line(self) -> str:
-        return self.bf.progress_line()
 
 
 async def compare_run(bf: DhanBackfill, sel: Selection, interval: int):
@@ -203,43 +173,28 @@ def run_metrics(job: BackfillJob | None, started: float, rc: int) -> dict[str, f
     return job_values(started, rc, **figures)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", envvar="FEEDS_DHAN_CONFIG", default="/etc/feeds/dhan.toml",
-              show_default=True, help="TOML configuration file.")
-@click.option("--symbols", "symbols", default=None, metavar="SYM [SYM ...]",
-              help="Only these instruments (SYMBOL or SEGMENT:SYMBOL, space- or comma-separated).")
-@click.option("--from", "from_", default=None, metavar="DATE", help="First session: YYYY-MM-DD or Nd (days back).")
-@click.option("--to", "to", default=None, metavar="DATE", help="Last session: YYYY-MM-DD or Nd (days back).")
-@click.option("--date", "date", default=None, metavar="DATE", help="Exactly this session (YYYY-MM-DD or Nd).")
-@click.option("--dry-run", is_flag=True, help="Print the plan (nothing fetched, nothing written).")
-@click.option("--retry-failed", is_flag=True, help="Also request sessions recorded as ERROR.")
-@click.option("--priority-only", is_flag=True, help="Only instruments with a priority in the instruments file.")
-@click.option("--status", "status", is_flag=True, help="Print the per-instrument summary table and exit.")
-@click.option("--refetch", is_flag=True, help="Fetch stored sessions again and record adjustments (both kept).")
-@click.option("--interval", type=click.Choice(["1", "5", "15", "25", "60"]), default="1", show_default=True,
-              help="With --refetch: the candle interval fetched for the comparison (N > 1 stores nothing).")
-@click.option("--no-reconcile", is_flag=True, help="Skip the comparison with the live candles.")
-@click.option("--rate-scale", type=float, default=None, envvar="FEEDS_DHAN_RATE_SCALE",
-              help="Scale the one-second rate window (only for simulators with a scaled clock; 1 = Dhan's).")
-@click.option("--status-interval", type=float, default=None, help="Override backfill.status_interval (s).")
-@click.option("--unit", envvar="FEEDS_UNIT", default="feed-dhan-backfill.service", show_default=True,
-              help="Name used for the heartbeat row.")
-@click.argument("more_symbols", nargs=-1, metavar="")
-@exit_on_config_error
+@B.backfill_command(
+    config_env="FEEDS_DHAN_CONFIG", config_default="/etc/feeds/dhan.toml", unit="feed-dhan-backfill.service",
+    symbols_help="Only these instruments (SYMBOL or SEGMENT:SYMBOL, space- or comma-separated).",
+    priority_help="Only instruments with a priority in the instruments file.",
+    status_help="Print the per-instrument summary table and exit.",
+    status_interval_help="Override backfill.status_interval (s).",
+    options=[
+        click.option("--refetch", is_flag=True, help="Fetch stored sessions again and record adjustments (both kept)."),
+        click.option("--interval", type=click.Choice(["1", "5", "15", "25", "60"]), default="1", show_default=True,
+                     help="With --refetch: the candle interval fetched for the comparison (N > 1 stores nothing)."),
+        click.option("--no-reconcile", is_flag=True, help="Skip the comparison with the live candles."),
+        click.option("--rate-scale", type=float, default=None, envvar="FEEDS_DHAN_RATE_SCALE",
+                     help="Scale the one-second rate window (only for simulators with a scaled clock; 1 = Dhan's)."),
+    ])
 def main(config_path, symbols, from_, to, date, dry_run, retry_failed, priority_only, status, refetch, interval,
          no_reconcile, rate_scale, status_interval, unit, more_symbols):
     """Backfill Dhan one-minute candles into PostgreSQL, newest session first,
     priority instruments first, within Dhan's data API rate limits."""
     cfg = service.start(config_path, DHAN_FILE)
     settings, files = load_settings(cfg)
-    if rate_scale is not None:
-        if not 0 < rate_scale <= 1:
-            raise click.BadParameter("must be > 0 and <= 1", param_hint="--rate-scale")
-        settings.rate_scale = rate_scale
-    if status_interval is not None:
-        if status_interval <= 0:
-            raise click.BadParameter("must be > 0", param_hint="--status-interval")
-        settings.status_interval = status_interval
+    B.apply_overrides(settings, scale=rate_scale, scale_attr="rate_scale", scale_option="--rate-scale",
+                      status_interval=status_interval)
     if no_reconcile:
         settings.reconcile = False
     if int(interval) != 1 and not refetch:
@@ -250,36 +205,14 @@ def main(config_path, symbols, from_, to, date, dry_run, retry_failed, priority_
     except InstrumentsError as e:
         click.echo(str(e), err=True)
         sys.exit(EX_CONFIG)
-    today = dt.date.today()
-    sym_list = parse_symbols(symbols, more_symbols)
-    if date is not None and (from_ is not None or to is not None):
-        raise click.UsageError("--date excludes --from/--to")
-    first, last = parse_date(from_, "--from", today), parse_date(to, "--to", today)
-    if date is not None:
-        first = last = parse_date(date, "--date", today)
-    if first and last and first > last:
-        raise click.BadParameter(f"--from {first} is after --to {last}", param_hint="--from")
-    if sym_list:
-        known = {ln.key for ln in lines} | {ln.symbol for ln in lines}
-        unknown = [s for s in sym_list if s not in known]
-        if unknown:
-            raise click.BadParameter(f"not in {files['instruments_file']}: {', '.join(unknown)}",
-                                     param_hint="--symbols")
-    sel = Selection(symbols=sym_list, first=first, last=last, retry_failed=retry_failed, priority_only=priority_only)
+    sel = B.selection_from_options(symbols, more_symbols, from_, to, date, retry_failed, priority_only,
+                                   {ln.key for ln in lines} | {ln.symbol for ln in lines}, files["instruments_file"])
     store = DhanStore(dsn)
-    try:
+    with B.database_exit(log):
         if status:
-            store.connect()
-            try:
-                click.echo(format_status(store.summary(sel.symbols and _keys(lines, sel.symbols)),
-                                         store.last_errors(), store.last_run(), width=22))
-            finally:
-                store.close()
+            B.print_status(store, sel.symbols and _keys(lines, sel.symbols), None, width=22)
             return
         _act(settings, files, lines, store, sel, dry_run, refetch, int(interval), unit, cfg["metrics.textfile_dir"])
-    except psycopg.OperationalError as e:
-        log.error("cannot connect to the database: %s", str(e).strip().splitlines()[0] if str(e).strip() else e)
-        sys.exit(1)
 
 
 def _keys(lines, symbols) -> list[str]:
@@ -320,31 +253,10 @@ def _act(settings: Settings, files: dict, lines, store: DhanStore, sel: Selectio
     log.info("feed-dhan-backfill starting: %d instruments, API %s, %g requests/s, %d a day, "
              "rate scale %g", len(lines), settings.api_url, settings.requests_per_second,
              settings.requests_per_day, settings.rate_scale)
-    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
-    started = time.time()
-    jobs: list[BackfillJob] = []
-    try:
-        locked = store.connect().try_lock()
-    except psycopg.OperationalError:
-        write_textfile(textfile_dir, "dhan_backfill", run_metrics(None, started, 1))
-        raise
-    if not locked:
-        store.close()
-        log.error("another feed-dhan-backfill is running (database advisory lock held)")
-        sys.exit(EX_TEMPFAIL)
-    svc = service.Service(unit, store.dsn, status_interval=settings.status_interval)
-
-    def prepare(svc: service.Service) -> BackfillJob:
-        jobs.append(BackfillJob(DhanBackfill(settings, lines, store, ilist, notifier=svc.health), sel, args,
-                                refetch, interval))
-        return jobs[-1]
-    rc = 1
-    try:
-        rc = svc.run(prepare)
-    finally:
-        store.close()
-        write_textfile(textfile_dir, "dhan_backfill", run_metrics(jobs[-1] if jobs else None, started, rc))
-    sys.exit(rc)
+    B.run_job(store, unit=unit, status_interval=settings.status_interval, textfile_dir=textfile_dir,
+              job_name="dhan_backfill", run_metrics=run_metrics, log=log,
+              make_job=lambda health, args: BackfillJob(DhanBackfill(settings, lines, store, ilist, notifier=health),
+                                                        sel, args, refetch, interval))
 
 
 class _Quiet:
@@ -352,4 +264,4 @@ class _Quiet:
         pass
 
 
-__all__ = ["main", "load_settings", "format_plan", "BackfillJob", "run_metrics", "compare_run"]
+__all__ = ["main", "load_settings", "format_plan", "format_status", "BackfillJob", "run_metrics", "compare_run"]

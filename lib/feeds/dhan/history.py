@@ -55,21 +55,19 @@ transient failures leave the sessions PENDING for the next run.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import datetime as dt
-import functools
 import logging
 import math
 import statistics
-import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
+from typing import ClassVar
 
-from ..backfill import (Selection, StatusStore, fetch_order, fmt_duration, plan_range,
-                        plan_sessions, session_status)
+from .. import backfill as B
+from ..backfill import (BackfillRun, Plan, Selection, SessionCheck, SessionPlan, StatusStore, fetch_order,
+                        fmt_duration, plan_range, plan_sessions, session_status)
 from ..calendars import ExchangeCalendar, Session
 from . import rest as R
 from .instruments import Instrument, InstrumentLine, InstrumentList, InstrumentsError
@@ -118,25 +116,6 @@ class Settings:
 # ------------------------------------------------------------------------------------------- pure pieces
 
 
-@dataclass
-class SessionCheck:
-    """Outcome of :func:`check_session` (the shape :func:`feeds.backfill.session_status` reads):
-    ``rows`` in :data:`BAR_COLUMNS` order (empty when ``failure``), ``first``/``last`` bar starts,
-    ``dropped`` starts outside the session, ``expected`` minutes, ``note``."""
-
-    rows: list[tuple] = field(default_factory=list)
-    first: dt.datetime | None = None
-    last: dt.datetime | None = None
-    failure: str | None = None
-    dropped: list[dt.datetime] = field(default_factory=list)
-    expected: int = 0
-    note: str = ""
-
-    @property
-    def actual(self) -> int:
-        return len(self.rows)
-
-
 def _hm(t: dt.datetime, tz) -> str:
     return t.astimezone(tz).strftime("%H:%M")
 
@@ -157,48 +136,26 @@ def check_session(inst: Instrument, session: Session, candles: Sequence[R.Candle
         t = c.start
         where = f"candle {session.day} {_hm(t, tz)}"
         if t.second or t.microsecond:
-            return _fail(out, f"{where}:{t.second:02d}: not on a whole minute")
+            return out.fail(f"{where}:{t.second:02d}: not on a whole minute")
         if prev is not None and t <= prev:
-            return _fail(out, f"{where}: {'duplicate candle' if t == prev else 'not after the previous candle'}")
+            return out.fail(f"{where}: {'duplicate candle' if t == prev else 'not after the previous candle'}")
         prev = t
         if not (c.open > 0 and c.high > 0 and c.low > 0 and c.close > 0):
-            return _fail(out, f"{where}: price not positive (O {c.open} H {c.high} L {c.low} C {c.close})")
+            return out.fail(f"{where}: price not positive (O {c.open} H {c.high} L {c.low} C {c.close})")
         if c.high < max(c.open, c.close):
-            return _fail(out, f"{where}: high {c.high} < max(open {c.open}, close {c.close})")
+            return out.fail(f"{where}: high {c.high} < max(open {c.open}, close {c.close})")
         if c.low > min(c.open, c.close):
-            return _fail(out, f"{where}: low {c.low} > min(open {c.open}, close {c.close})")
+            return out.fail(f"{where}: low {c.low} > min(open {c.open}, close {c.close})")
         if c.volume < 0:
-            return _fail(out, f"{where}: negative volume {c.volume}")
+            return out.fail(f"{where}: negative volume {c.volume}")
         if t > latest:
-            return _fail(out, f"{where}: in the future")
+            return out.fail(f"{where}: in the future")
         if not session.contains(t):
             out.dropped.append(t)
             continue
         out.rows.append((inst.segment, inst.security_id, inst.symbol, t, version, c.open, c.high, c.low, c.close,
                          c.volume, c.oi, adjustment_id))
-    if out.rows:
-        out.first, out.last = out.rows[0][3], out.rows[-1][3]
-    notes = []
-    missing = out.expected - len(out.rows)
-    if out.rows and missing > 0:
-        have = {r[3] for r in out.rows}
-        gap = next((session.open + dt.timedelta(minutes=i) for i in range(out.expected)
-                    if session.open + dt.timedelta(minutes=i) not in have), None)
-        notes.append(f"thin: {missing} of {out.expected} minutes without a candle"
-                     + (f" (first {_hm(gap, tz)})" if gap else ""))
-    if out.dropped:
-        notes.append(f"{len(out.dropped)} candle(s) outside the session dropped ("
-                     + ", ".join(_hm(t, tz) for t in out.dropped[:5]) + (", ..." if len(out.dropped) > 5 else "")
-                     + ")")
-    out.note = "; ".join(notes)
-    return out
-
-
-def _fail(out: SessionCheck, reason: str) -> SessionCheck:
-    out.failure = reason
-    out.rows = []
-    out.first = out.last = None
-    return out
+    return out.finish(session, 3, "candle", "a candle")
 
 
 def split_by_day(candles: Sequence[R.Candle], tz) -> dict[dt.date, list[R.Candle]]:
@@ -466,41 +423,19 @@ class DhanStore(StatusStore):
 
 
 @dataclass
-class InstrumentPlan:
-    """The plan for one instrument: sessions to fetch (newest first),
-    holidays to record, counts done/skipped, the date range, the requests
-    (:func:`request_chunks`), and for an unresolvable instrument ``error``."""
+class InstrumentPlan(SessionPlan):
+    """The plan for one instrument (:class:`feeds.backfill.SessionPlan`:
+    the date range, sessions to fetch, holidays to record, counts, ``error``
+    for an unresolvable instrument) with its line, the instrument and the
+    requests (:func:`request_chunks`)."""
 
     line: InstrumentLine
     inst: Instrument | None
-    first: dt.date | None
-    last: dt.date | None
-    sessions: list[Session] = field(default_factory=list)
-    holidays: list[dt.date] = field(default_factory=list)
-    done: int = 0
-    skipped_errors: int = 0
     chunks: list[list[Session]] = field(default_factory=list)
-    error: str | None = None
 
     @property
     def requests(self) -> int:
         return 0 if self.error else len(self.chunks)
-
-
-@dataclass
-class Plan:
-    """Every instrument's plan, the requests and the time the rate limit implies (s)."""
-
-    instruments: list[InstrumentPlan]
-    duration: float = 0.0
-
-    @property
-    def requests(self) -> int:
-        return sum(p.requests for p in self.instruments)
-
-    @property
-    def sessions(self) -> int:
-        return sum(len(p.sessions) for p in self.instruments if not p.error)
 
 
 @dataclass
@@ -514,38 +449,24 @@ class _Job:
 
 
 @dataclass
-class RunSummary:
+class RunSummary(B.RunSummary):
     """Counters of one run (also written to ``dhan_backfill_run``)."""
 
-    run_id: int | None = None
-    planned: int = 0
-    done: int = 0
-    left_pending: int = 0
-    holidays: int = 0
-    requests: int = 0
-    bars: int = 0
-    errors: int = 0
+    line_statuses: ClassVar[tuple[str, ...]] = ("COMPLETE", "EARLY_CLOSE", "THIN", "PARTIAL", "ERROR")
+
     rate_limited: int = 0
     adjustments: int = 0
     revisions: int = 0
     off_calendar: int = 0
     malformed: int = 0
     reconciled: int = 0
-    statuses: Counter = field(default_factory=Counter)
     instrument_errors: dict[str, str] = field(default_factory=dict)
-    elapsed: float = 0.0
-    failed: str | None = None
-    stopped: bool = False
     token_expired: bool = False
     budget_used: bool = False
 
-    def line(self) -> str:
-        st = ", ".join(f"{k} {self.statuses[k]}" for k in ("COMPLETE", "EARLY_CLOSE", "THIN", "PARTIAL", "ERROR")
-                       if self.statuses[k])
-        parts = [f"{self.planned} sessions planned, {self.done} done" + (f" ({st})" if st else ""),
-                 f"{self.left_pending} left PENDING", f"{self.holidays} HOLIDAY recorded",
-                 f"{self.requests} requests", f"{self.bars:,} bars stored", f"{self.errors} Dhan errors",
-                 f"{self.rate_limited} rate-limit answers", f"{self.adjustments} adjustments"]
+    def venue_parts(self) -> list[str]:
+        parts = [f"{self.errors} Dhan errors", f"{self.rate_limited} rate-limit answers",
+                 f"{self.adjustments} adjustments"]
         if self.revisions:
             parts.append(f"{self.revisions} revisions")
         if self.off_calendar:
@@ -554,19 +475,19 @@ class RunSummary:
             parts.append(f"{self.malformed} malformed entries skipped")
         if self.reconciled:
             parts.append(f"{self.reconciled} instruments reconciled")
-        head = f"run {self.run_id} " if self.run_id is not None else ""
-        state = (f"FAILED ({self.failed})" if self.failed else
-                 "stopped" if self.stopped else "stopped (daily request budget used)" if self.budget_used
-                 else "finished")
-        return f"summary: {head}{state} in {fmt_duration(self.elapsed)}: " + ", ".join(parts)
+        return parts
+
+    def ending(self) -> str:
+        return "stopped" if self.stopped else "stopped (daily request budget used)" if self.budget_used else "finished"
 
 
 def _ist(t: dt.datetime) -> str:
     return t.astimezone(R.IST).strftime("%Y-%m-%d %H:%M:%S")
 
 
-class DhanBackfill:
-    """One feed-dhan-backfill run.
+class DhanBackfill(BackfillRun):
+    """One feed-dhan-backfill run (the run log, the lock and the end of a
+    run: :class:`feeds.backfill.BackfillRun`).
 
     Args:
         settings: :class:`Settings`.
@@ -581,13 +502,17 @@ class DhanBackfill:
     :meth:`run` fetches; :meth:`plan` only plans.
     """
 
+    log = log
+    program = "feed-dhan-backfill"
+    lock_error = RuntimeError
+    db_thread = "dhan-backfill-db"
+
     def __init__(self, settings: Settings, lines: Sequence[InstrumentLine], store: DhanStore,
                  instruments: InstrumentList, *, rest: R.DhanRest | None = None, notifier=None,
                  now: Callable[[], dt.datetime] | None = None):
+        super().__init__(store, RunSummary(), notifier, now)
         self.s = settings
         self.lines = list(lines)
-        self.store = store
-        self.now = now or (lambda: dt.datetime.now(dt.timezone.utc))
         self.cal = ExchangeCalendar(settings.calendar, extra_sessions=settings.extra_sessions,
                                     extra_holidays=settings.extra_holidays)
         self.resolved: dict[str, Instrument] = {}
@@ -604,34 +529,11 @@ class DhanBackfill:
                               budget=R.DailyBudget(settings.requests_per_day), timeout=settings.request_timeout,
                               max_attempts=settings.max_attempts)
         self.rest = rest
-        if notifier is None:
-            from ..runtime import sd_notifier
-            notifier = sd_notifier()
-        self.notifier = notifier
-        self.summary = RunSummary()
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._queue: list[_Job] = []
-        self._planned: set[tuple[str, dt.date]] = set()
-        self._finished: set[tuple[str, dt.date]] = set()
-        self._stop = asyncio.Event()
-        self._total = 0
-        self._t0 = time.monotonic()
-        self._run_log: asyncio.Future | None = None
         self.refetch = False
 
     def _token(self) -> str:
         return R.read_token(self.s.token_file)[0]
-
-    async def _db(self, fn, *args, **kwargs):
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dhan-backfill-db")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
-
-    def _shutdown_executor(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
 
     def selected(self, sel: Selection) -> list[InstrumentLine]:
         """The lines a selection names (``symbols`` match SEGMENT:SYMBOL or SYMBOL), priority ones only
@@ -657,7 +559,7 @@ class DhanBackfill:
         for ln in self.selected(sel):
             inst = self.resolved.get(ln.key)
             first, last = plan_range(self.cal, now, self.s.settle, sel, [self._earliest(today)])
-            ip = InstrumentPlan(ln, inst, first, last, error=self.unresolved.get(ln.key))
+            ip = InstrumentPlan(ln, inst, first=first, last=last, error=self.unresolved.get(ln.key))
             if last is None or first is None or first > last:
                 plans.append(ip)
                 continue
@@ -667,9 +569,8 @@ class DhanBackfill:
             statuses = await self._db(self.store.statuses, [ln.key], first, last)
             if refetch:
                 statuses = {k: v for k, v in statuses.items() if v.status == "HOLIDAY"}
-            sp = plan_sessions(self.cal, ln.key, first, last, statuses, now=now, retry_failed=sel.retry_failed,
-                               finished=self._finished, include_errors=ip.error is not None)
-            ip.sessions, ip.holidays, ip.done, ip.skipped_errors = sp.sessions, sp.holidays, sp.done, sp.skipped_errors
+            plan_sessions(self.cal, ln.key, first, last, statuses, now=now, retry_failed=sel.retry_failed,
+                          finished=self._finished, include_errors=ip.error is not None, out=ip)
             ip.chunks = request_chunks(ip.sessions, self.s.days_per_request)
             plans.append(ip)
         plan = Plan(plans)
@@ -679,12 +580,12 @@ class DhanBackfill:
 
     async def _apply_plan(self, plan: Plan) -> None:
         sm = self.summary
-        holidays = [(p.line.key, p.inst.security_id if p.inst else None, d) for p in plan.instruments
+        holidays = [(p.line.key, p.inst.security_id if p.inst else None, d) for p in plan.items
                     for d in p.holidays]
         await self._db(self.store.mark_holidays, holidays)
         sm.holidays += len(holidays)
         jobs, pending = [], []
-        for p in plan.instruments:
+        for p in plan.items:
             if p.error is not None:
                 sm.instrument_errors[p.line.key] = p.error
                 for s in p.sessions:
@@ -703,11 +604,6 @@ class DhanBackfill:
         sm.planned += len(pending)
         self._total = sm.planned
 
-    def _finish(self, key: str, day: dt.date, status: str) -> None:
-        self._finished.add((key, day))
-        self.summary.done += 1
-        self.summary.statuses[status] += 1
-
     # ---------------------------------------------------------------- run
     async def run(self, sel: Selection, arguments: str = "", refetch: bool = False) -> RunSummary:
         """Fetch every selected session not yet final (with ``refetch``:
@@ -716,69 +612,50 @@ class DhanBackfill:
         :class:`TokenExpired` (after writing the summary) when the token is
         missing, invalid or expired, and ``RuntimeError`` when another run
         holds the lock."""
-        self._t0 = time.monotonic()
-        self._stop = asyncio.Event()
         self.refetch = refetch
+        await self._begin(arguments, self.s.client_id)
+        await self._guarded(self._fetch_all(sel, refetch), "feed-dhan-backfill failed")
         sm = self.summary
-        await self._db(self.store.connect)
-        if not await self._db(self.store.try_lock):
-            await self._db(self.store.close)
-            self._shutdown_executor()
-            raise RuntimeError("another feed-dhan-backfill is running (database advisory lock held)")
-        sm.run_id = await self._db(self.store.start_run, arguments, self.s.client_id)
-        try:
-            used = await self._db(self.store.requests_today)
-            self.rest.budget.used = max(self.rest.budget.used, used)
-            await self._db(self.store.save_instruments, list(self.resolved.values()))
-            for key, err in self.unresolved.items():
-                log.error("%s", err)
-            plan = await self.plan(sel, refetch)
-            await self._apply_plan(plan)
-            log.info("plan: %d sessions to fetch for %d instruments in %d requests, %d holidays recorded; the rate "
-                     "limit implies %s", len(self._planned), len(plan.instruments), plan.requests, sm.holidays,
-                     fmt_duration(plan.duration))
-            self.notifier.notify(f"STATUS=fetching {len(self._planned)} sessions in {plan.requests} requests")
-            await self._run_workers()
-            if self.s.reconcile and not sm.token_expired and not sm.budget_used:
-                await self.reconcile(sel)
-        except asyncio.CancelledError:
-            sm.stopped = True
-            log.info("stopped by a signal; the next run goes on from the status table")
-        except Exception as e:
-            sm.failed = f"{type(e).__name__}: {e}".strip()
-            log.exception("feed-dhan-backfill failed")
-        finally:
-            self._stop.set()
-            if self._run_log is not None:
-                await asyncio.gather(self._run_log, return_exceptions=True)
-            sm.left_pending = len(self._planned - self._finished)
-            if sm.token_expired and sm.failed is None:
-                sm.failed = "the access token is invalid or expired"
-            elif sm.failed is None and sm.left_pending and not (sm.stopped or sm.budget_used):
-                sm.failed = f"{sm.left_pending} sessions left PENDING"
-            sm.requests, sm.rate_limited = self.rest.requests, self.rest.rate_limited
-            sm.errors, sm.malformed = self.rest.errors, sm.malformed + self.rest.malformed
-            sm.elapsed = time.monotonic() - self._t0
-            line = sm.line()
-            log.info("%s", line)
-            self.notifier.notify("STATUS=" + line[:1000])
-            try:
-                state = "failed" if sm.failed else ("interrupted" if sm.stopped else "finished")
-                await self._db(self.store.update_run, sm.run_id, finished=True, state=state,
-                               sessions_planned=sm.planned, sessions_done=sm.done, requests=sm.requests,
-                               bars_stored=sm.bars, errors=sm.errors, pacing_violations=sm.rate_limited,
-                               adjustments=sm.adjustments, summary=line)
-            except Exception as e:
-                log.error("run log not updated: %s", e)
-            await self.rest.close()
-            try:
-                await self._db(self.store.close)
-            except Exception as e:
-                log.warning("database connection not closed cleanly: %s", e)
-            self._shutdown_executor()
         if sm.token_expired:
             raise TokenExpired(sm.failed)
         return sm
+
+    async def _fetch_all(self, sel: Selection, refetch: bool) -> None:
+        sm = self.summary
+        used = await self._db(self.store.requests_today)
+        self.rest.budget.used = max(self.rest.budget.used, used)
+        await self._db(self.store.save_instruments, list(self.resolved.values()))
+        for key, err in self.unresolved.items():
+            log.error("%s", err)
+        plan = await self.plan(sel, refetch)
+        await self._apply_plan(plan)
+        log.info("plan: %d sessions to fetch for %d instruments in %d requests, %d holidays recorded; the rate "
+                 "limit implies %s", len(self._planned), len(plan.items), plan.requests, sm.holidays,
+                 fmt_duration(plan.duration))
+        self.notifier.notify(f"STATUS=fetching {len(self._planned)} sessions in {plan.requests} requests")
+        await self._run_workers()
+        if self.s.reconcile and not sm.token_expired and not sm.budget_used:
+            await self.reconcile(sel)
+
+    def settle(self) -> None:
+        sm = self.summary
+        if sm.token_expired and sm.failed is None:
+            sm.failed = "the access token is invalid or expired"
+        elif sm.failed is None and sm.left_pending and not (sm.stopped or sm.budget_used):
+            sm.failed = f"{sm.left_pending} sessions left PENDING"
+        sm.requests, sm.rate_limited = self.rest.requests, self.rest.rate_limited
+        sm.errors, sm.malformed = self.rest.errors, sm.malformed + self.rest.malformed
+
+    async def disconnect(self) -> None:
+        await self.rest.close()
+
+    def run_counts(self, final: bool = False) -> dict:
+        counts = super().run_counts(final)
+        if final:
+            counts.update(pacing_violations=self.summary.rate_limited, adjustments=self.summary.adjustments)
+        else:   # the summary takes the client's counters at the end
+            counts.update(requests=self.rest.requests, errors=self.rest.errors)
+        return counts
 
     async def _run_workers(self) -> None:
         """``concurrency`` workers take jobs in order; each answer's sessions are
@@ -989,20 +866,3 @@ class DhanBackfill:
         sm = self.summary
         return {"sessions": self._total, "done": sm.done, "requests": self.rest.requests, "bars": sm.bars,
                 "errors": self.rest.errors, "rate limited": self.rest.rate_limited, "adjustments": sm.adjustments}
-
-    def periodic(self) -> None:
-        if self.summary.run_id is None or self._stop.is_set():
-            return
-        if self._run_log is None or self._run_log.done():
-            self._run_log = asyncio.ensure_future(self._write_progress())
-
-    async def _write_progress(self) -> None:
-        sm = self.summary
-        if self._stop.is_set():
-            return
-        try:
-            await self._db(self.store.update_run, sm.run_id, sessions_planned=sm.planned, sessions_done=sm.done,
-                           requests=self.rest.requests, bars_stored=sm.bars, errors=self.rest.errors)
-        except Exception as e:
-            log.warning("run log not updated: %s", e)
-

@@ -63,19 +63,19 @@ the journal, sd_notify ``STATUS=`` and the heartbeat row;
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import datetime as dt
-import functools
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ib_async import IB, Contract
 from ib_async.wrapper import RequestError
 
-from ..backfill import Selection, fetch_order, fmt_duration, plan_range, plan_sessions, session_status
+from .. import backfill as B
+from ..backfill import (BackfillRun, Plan, Selection, SessionPlan, fetch_order, fmt_duration, plan_range,
+                        plan_sessions, session_status)
 from .bars import check_session
 from .connect import ConnectFailed, connect_ib
 from .contracts import ContractRow, fetchable, request_details
@@ -146,39 +146,15 @@ class _Resolved:
 
 
 @dataclass
-class ContractPlan:
-    """The plan for one contract: ``sessions`` to request (newest first),
-    ``holidays`` to record, counts of sessions already done or skipped
-    (ERROR without --retry-failed), the date range, the head timestamp and,
-    for an unresolvable contract, ``error``."""
+class ContractPlan(SessionPlan):
+    """The plan for one contract (:class:`feeds.backfill.SessionPlan`: the
+    date range, sessions to request, holidays to record, counts, ``error``
+    for an unresolvable contract) with its row, conId and head timestamp."""
 
     row: ContractRow
     con_id: int | None
-    first: dt.date | None
-    last: dt.date | None
     head: dt.datetime | None
-    sessions: list[Session] = field(default_factory=list)
-    holidays: list[dt.date] = field(default_factory=list)
-    done: int = 0
-    skipped_errors: int = 0
-    error: str | None = None
     head_known: bool = True
-
-    @property
-    def requests(self) -> int:
-        return 0 if self.error else len(self.sessions)
-
-
-@dataclass
-class Plan:
-    """All contracts' plans and the duration the pacing rules imply (s)."""
-
-    contracts: list[ContractPlan]
-    duration: float = 0.0
-
-    @property
-    def requests(self) -> int:
-        return sum(c.requests for c in self.contracts)
 
 
 @dataclass
@@ -194,37 +170,18 @@ class _Job:
 
 
 @dataclass
-class RunSummary:
+class RunSummary(B.RunSummary):
     """Counters of one run (also written to ``ibkr_backfill_run``)."""
 
-    run_id: int | None = None
-    planned: int = 0
-    done: int = 0
-    left_pending: int = 0
-    holidays: int = 0
-    requests: int = 0
-    bars: int = 0
-    errors: int = 0
     pacing_violations: int = 0
     reconnects: int = 0
     connectivity_losses: int = 0
-    statuses: Counter = field(default_factory=Counter)
     contract_errors: dict[str, str] = field(default_factory=dict)
-    elapsed: float = 0.0
-    failed: str | None = None
-    stopped: bool = False
     request_times: list[float] = field(default_factory=list)
 
-    def line(self) -> str:
-        st = ", ".join(f"{k} {self.statuses[k]}" for k in ("COMPLETE", "EARLY_CLOSE", "PARTIAL", "ERROR")
-                       if self.statuses[k])
-        parts = [f"{self.planned} sessions planned, {self.done} done" + (f" ({st})" if st else ""),
-                 f"{self.left_pending} left PENDING", f"{self.holidays} HOLIDAY recorded",
-                 f"{self.requests} requests", f"{self.bars:,} bars stored", f"{self.errors} IB errors",
-                 f"{self.pacing_violations} pacing violations", f"{self.reconnects} reconnects"]
-        head = f"run {self.run_id} " if self.run_id is not None else ""
-        state = f"FAILED ({self.failed})" if self.failed else ("stopped" if self.stopped else "finished")
-        return f"summary: {head}{state} in {fmt_duration(self.elapsed)}: " + ", ".join(parts)
+    def venue_parts(self) -> list[str]:
+        return [f"{self.errors} IB errors", f"{self.pacing_violations} pacing violations",
+                f"{self.reconnects} reconnects"]
 
 
 def _utc_end(t: dt.datetime) -> str:
@@ -232,8 +189,9 @@ def _utc_end(t: dt.datetime) -> str:
     return t.astimezone(dt.timezone.utc).strftime("%Y%m%d-%H:%M:%S")
 
 
-class Backfill:
-    """One feed-backfill run.
+class Backfill(BackfillRun):
+    """One feed-backfill run (the run log, the lock and the end of a run:
+    :class:`feeds.backfill.BackfillRun`).
 
     Args:
         settings: :class:`Settings`.
@@ -249,41 +207,33 @@ class Backfill:
     :class:`BackfillFailed` when the run cannot go on.
     """
 
+    log = log
+    program = "feed-backfill"
+    lock_error = BackfillFailed
+    known_failures = (BackfillFailed,)
+
     def __init__(self, settings: Settings, contracts: Sequence[ContractRow], store: BackfillStore, *,
                  limiter: PacingLimiter | None = None, notifier=None,
                  now: Callable[[], dt.datetime] | None = None):
+        super().__init__(store, RunSummary(), notifier, now)
         self.s = settings
         self.rows = list(contracts)
-        self.store = store
         self.limiter = limiter or PacingLimiter(scale=settings.pacing_scale)
-        if notifier is None:
-            from ..runtime import sd_notifier
-            notifier = sd_notifier()
-        self.notifier = notifier
-        self.now = now or (lambda: dt.datetime.now(dt.timezone.utc))
         self._calendars: dict[str, SessionCalendar] = {}
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.ib: IB | None = None
         self.client_id: int | None = None
-        self.summary = RunSummary()
         self._resolved: dict[str, _Resolved] = {}
         self._queue: deque[_Job] = deque()
         self._attempts: dict[tuple[str, dt.date], int] = {}
-        self._finished: set[tuple[str, dt.date]] = set()
         self._inflight: dict[int, tuple[_Job, asyncio.Future]] = {}
         self._busy = 0
-        self._planned: set[tuple[str, dt.date]] = set()
         self._active: set[tuple[str, dt.date]] = set()
         self._link_up = False
         self._ib_ok = True
         self._ready = asyncio.Event()
         self._lost = asyncio.Event()
         self._changed = asyncio.Event()
-        self._stop = asyncio.Event()
         self._selection = Selection()
-        self._total = 0
-        self._t0 = time.monotonic()
-        self._run_log: asyncio.Future | None = None
 
     # ------------------------------------------------------------ helpers
     def calendar(self, name: str) -> SessionCalendar:
@@ -292,12 +242,6 @@ class Backfill:
         if cal is None:
             cal = self._calendars[name] = SessionCalendar(name)
         return cal
-
-    async def _db(self, fn, *args, **kwargs):
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="backfill-db")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
     def _selected(self, sel: Selection) -> list[ContractRow]:
         return fetchable(self.rows, sel.symbols, verb="fetched",
@@ -428,7 +372,8 @@ class Backfill:
         now = self.now()
         head = [res.head.astimezone(cal.tz).date()] if res.head is not None else []
         first, last = plan_range(cal, now, self.s.settle, sel, [self.s.earliest, *head])
-        cp = ContractPlan(row, res.con_id, first, last, res.head, error=res.error, head_known=res.head_known)
+        cp = ContractPlan(row, res.con_id, res.head, first=first, last=last, error=res.error,
+                          head_known=res.head_known)
         if last is None:
             return cp
         if res.error is not None:
@@ -437,10 +382,8 @@ class Backfill:
             cp.first = first
         if first is None or first > last:
             return cp
-        sp = plan_sessions(cal, row.symbol, first, last, statuses, now=now, retry_failed=sel.retry_failed,
-                           finished=self._finished, include_errors=res.error is not None)
-        cp.sessions, cp.holidays, cp.done, cp.skipped_errors = sp.sessions, sp.holidays, sp.done, sp.skipped_errors
-        return cp
+        return plan_sessions(cal, row.symbol, first, last, statuses, now=now, retry_failed=sel.retry_failed,
+                             finished=self._finished, include_errors=res.error is not None, out=cp)
 
     async def plan(self, sel: Selection, resolve: bool = True) -> Plan:
         """Resolve the selected contracts (when connected and ``resolve``)
@@ -470,7 +413,7 @@ class Backfill:
 
     def _jobs(self, plan: Plan) -> list[_Job]:
         jobs = []
-        for cp in plan.contracts:
+        for cp in plan.items:
             if cp.error is not None:
                 continue
             res = self._resolved[cp.row.symbol]
@@ -481,10 +424,10 @@ class Backfill:
 
     async def _apply_plan(self, plan: Plan, first_time: bool) -> None:
         """Record holidays, contract errors and PENDING rows; fill the queue."""
-        holidays = [(cp.row.symbol, cp.con_id, d) for cp in plan.contracts for d in cp.holidays]
+        holidays = [(cp.row.symbol, cp.con_id, d) for cp in plan.items for d in cp.holidays]
         await self._db(self.store.mark_holidays, holidays)
         self.summary.holidays += len(holidays)
-        for cp in plan.contracts:
+        for cp in plan.items:
             if cp.error is None:
                 continue
             self.summary.contract_errors[cp.row.symbol] = cp.error
@@ -492,9 +435,7 @@ class Backfill:
                 if (cp.row.symbol, s.day) in self._finished:
                     continue
                 await self._db(self.store.record_error, cp.row.symbol, cp.con_id, s, "ERROR", cp.error, 0)
-                self._finished.add((cp.row.symbol, s.day))
-                self.summary.statuses["ERROR"] += 1
-                self.summary.done += 1
+                self._finish(cp.row.symbol, s.day, "ERROR")
                 if first_time:
                     self.summary.planned += 1
         jobs = self._jobs(plan)
@@ -528,69 +469,44 @@ class Backfill:
         """Fetch every selected session not yet complete; returns the
         summary (``summary.failed`` set when the run could not finish).
         Raises :class:`BackfillFailed` when the database lock is held."""
-        self._t0 = time.monotonic()
         self._selection = sel
         self._ready = asyncio.Event()
         self._lost = asyncio.Event()
         self._changed = asyncio.Event()
-        self._stop = asyncio.Event()
-        sm = self.summary
-        await self._db(self.store.connect)
-        if not await self._db(self.store.try_lock):
-            await self._db(self.store.close)
-            self._shutdown_executor()
-            raise BackfillFailed("another feed-backfill is running (database advisory lock held)")
-        sm.run_id = await self._db(self.store.start_run, arguments, None)
+        await self._begin(arguments)
         self.notifier.notify("STATUS=connecting")
-        try:
-            plan = await self._connect_and_plan()
-            await self._db(self.store.update_run, sm.run_id, client_id=self.client_id)
-            await self._apply_plan(plan, first_time=True)
-            await self._seed_pacing()
-            log.info("plan: %d sessions to fetch for %d contracts (%s), %d holidays recorded; pacing implies %s",
-                     len(self._queue), len(plan.contracts),
-                     ", ".join(f"{c.row.symbol} {c.requests}" for c in plan.contracts), sm.holidays,
-                     fmt_duration(plan.duration))
-            await self._run_workers()
-        except BackfillFailed as e:
-            sm.failed = str(e)
-            log.error("%s", e)
-        except asyncio.CancelledError:  # SIGTERM/SIGINT: every committed session stays; the next run goes on
-            sm.stopped = True
-            log.info("stopped by a signal; the next run goes on from the status table")
-        except Exception as e:  # database or client failure: say what, leave the rest to the next run
-            sm.failed = f"{type(e).__name__}: {e}".strip()
-            log.exception("backfill failed")
-        finally:
-            self._stop.set()
-            if self._run_log is not None:
-                await asyncio.gather(self._run_log, return_exceptions=True)
-            sm.left_pending = len(self._planned - self._finished)
-            if sm.failed is None and sm.left_pending and not sm.stopped:
-                sm.failed = f"{sm.left_pending} sessions left PENDING after {self.s.max_attempts} attempts"
-            sm.pacing_violations = self.limiter.violations
-            sm.elapsed = time.monotonic() - self._t0
-            if self.limiter.history is not None:
-                sm.request_times = list(self.limiter.history)
-            line = sm.line()
-            log.info("%s", line)
-            self.notifier.notify("STATUS=" + line[:1000])
-            try:
-                state = "failed" if sm.failed else ("interrupted" if sm.stopped else "finished")
-                await self._db(self.store.update_run, sm.run_id, finished=True, state=state,
-                               sessions_planned=sm.planned, sessions_done=sm.done, requests=sm.requests,
-                               bars_stored=sm.bars, errors=sm.errors, pacing_violations=sm.pacing_violations,
-                               reconnects=sm.reconnects, summary=line)
-            except Exception as e:  # the summary line above already says what happened
-                log.error("run log not updated: %s", e)
-            if self.ib is not None:
-                self.ib.disconnect()
-            try:
-                await self._db(self.store.close)   # also releases the advisory lock
-            except Exception as e:
-                log.warning("database connection not closed cleanly: %s", e)
-            self._shutdown_executor()
-        return sm
+        await self._guarded(self._fetch_all(), "backfill failed")
+        return self.summary
+
+    async def _fetch_all(self) -> None:
+        sm = self.summary
+        plan = await self._connect_and_plan()
+        await self._db(self.store.update_run, sm.run_id, client_id=self.client_id)
+        await self._apply_plan(plan, first_time=True)
+        await self._seed_pacing()
+        log.info("plan: %d sessions to fetch for %d contracts (%s), %d holidays recorded; pacing implies %s",
+                 len(self._queue), len(plan.items), ", ".join(f"{c.row.symbol} {c.requests}" for c in plan.items),
+                 sm.holidays, fmt_duration(plan.duration))
+        await self._run_workers()
+
+    def settle(self) -> None:
+        sm = self.summary
+        if sm.failed is None and sm.left_pending and not sm.stopped:
+            sm.failed = f"{sm.left_pending} sessions left PENDING after {self.s.max_attempts} attempts"
+        sm.pacing_violations = self.limiter.violations
+        if self.limiter.history is not None:
+            sm.request_times = list(self.limiter.history)
+
+    async def disconnect(self) -> None:
+        if self.ib is not None:
+            self.ib.disconnect()
+
+    def run_counts(self, final: bool = False) -> dict:
+        counts = super().run_counts(final)
+        if final:
+            counts["pacing_violations"] = self.summary.pacing_violations
+        counts["reconnects"] = self.summary.reconnects
+        return counts
 
     async def _connect_and_plan(self) -> Plan:
         """Connect and plan; a connection lost or a timeout while resolving
@@ -621,11 +537,6 @@ class Backfill:
             raise supervisor.exception()
         if workers.done() and not workers.cancelled() and workers.exception() is not None:
             raise workers.exception()
-
-    def _shutdown_executor(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
 
     async def _supervise(self) -> None:
         """Reconnect after a socket loss and re-plan from the status table."""
@@ -768,12 +679,7 @@ class Backfill:
             self._requeue(job, err)
             return
         await self._db(self.store.record_error, res.row.symbol, res.con_id, session, "ERROR", err)
-        self._finish(job, "ERROR")
-
-    def _finish(self, job: _Job, status: str) -> None:
-        self._finished.add(job.key)
-        self.summary.done += 1
-        self.summary.statuses[status] += 1
+        self._finish(*job.key, "ERROR")
 
     async def _store(self, job: _Job, bars: list) -> None:
         res, session = job.res, job.session
@@ -793,7 +699,7 @@ class Backfill:
             level = logging.DEBUG if thin_only and status != "PARTIAL" else logging.INFO
             log.log(level, "%s %s: %s %d/%d bars: %s", row.symbol, session.day, status, chk.actual, chk.expected,
                     note)
-        self._finish(job, status)
+        self._finish(*job.key, status)
 
     # ---------------------------------------------------------- progress
     def progress_line(self) -> str:
@@ -813,21 +719,3 @@ class Backfill:
         sm = self.summary
         return {"sessions": self._total, "done": sm.done, "requests": sm.requests, "bars": sm.bars,
                 "errors": sm.errors, "pacing violations": self.limiter.violations, "reconnects": sm.reconnects}
-
-    def periodic(self) -> None:
-        """Write the progress counters to this run's ``ibkr_backfill_run``
-        row (in the background; skipped while the previous write runs)."""
-        if self.summary.run_id is None or self._stop.is_set():
-            return
-        if self._run_log is None or self._run_log.done():
-            self._run_log = asyncio.ensure_future(self._write_progress())
-
-    async def _write_progress(self) -> None:
-        sm = self.summary
-        if self._stop.is_set():             # the run's own last write follows
-            return
-        try:
-            await self._db(self.store.update_run, sm.run_id, sessions_planned=sm.planned, sessions_done=sm.done,
-                           requests=sm.requests, bars_stored=sm.bars, errors=sm.errors, reconnects=sm.reconnects)
-        except Exception as e:
-            log.warning("run log not updated: %s", e)

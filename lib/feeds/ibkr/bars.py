@@ -44,11 +44,11 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from ib_async import BarData
 
 from .. import plausible as P
+from ..backfill import SessionCheck
 from .sessions import Session
 from .wire import WireBar, keep_wire_text
 
@@ -83,30 +83,6 @@ def fmt_local(t: dt.datetime, tz) -> str:
     return t.astimezone(tz).strftime("%Y-%m-%d %H:%M")
 
 
-@dataclass
-class SessionCheck:
-    """Outcome of :func:`check_session`.
-
-    ``rows``: tuples in :data:`BAR_COLUMNS` order, ready to store (empty when
-    ``failure`` is set); ``first``/``last``: bar starts (UTC) of the stored
-    rows; ``failure``: the first failed check (the session is ERROR);
-    ``dropped``: starts of bars outside the session; ``note``: the reasons
-    stored with the session (thin minutes, dropped bars).
-    """
-
-    rows: list[tuple] = field(default_factory=list)
-    first: dt.datetime | None = None
-    last: dt.datetime | None = None
-    failure: str | None = None
-    dropped: list[dt.datetime] = field(default_factory=list)
-    expected: int = 0
-    note: str = ""
-
-    @property
-    def actual(self) -> int:
-        return len(self.rows)
-
-
 def check_session(symbol: str, con_id: int, session: Session, bars: Sequence[BarData],
                   now: dt.datetime | None = None) -> SessionCheck:
     """Check IB's bars for one session and build the rows to store.
@@ -126,29 +102,29 @@ def check_session(symbol: str, con_id: int, session: Session, bars: Sequence[Bar
         try:
             t = _utc(bar.date)
         except ValueError as e:
-            return _fail(out, str(e))
+            return out.fail(str(e))
         o, h, lo, c, v, n = bar.open, bar.high, bar.low, bar.close, bar.volume, bar.barCount
         if prev is not None and t <= prev:
             if t == prev:
-                return _fail(out, f"bar {fmt_local(t, tz)}: duplicate bar start")
-            return _fail(out, f"bar {fmt_local(t, tz)}: not after the previous bar {fmt_local(prev, tz)}")
+                return out.fail(f"bar {fmt_local(t, tz)}: duplicate bar start")
+            return out.fail(f"bar {fmt_local(t, tz)}: not after the previous bar {fmt_local(prev, tz)}")
         prev = t
         if t.second or t.microsecond:
-            return _fail(out, f"bar {fmt_local(t, tz)}:{t.second:02d}: not on a whole minute")
+            return out.fail(f"bar {fmt_local(t, tz)}:{t.second:02d}: not on a whole minute")
         if not (o > 0 and h > 0 and lo > 0 and c > 0):
-            return _fail(out, f"bar {fmt_local(t, tz)}: price not positive (O {o} H {h} L {lo} C {c})")
+            return out.fail(f"bar {fmt_local(t, tz)}: price not positive (O {o} H {h} L {lo} C {c})")
         if h < (o if o > c else c):
-            return _fail(out, f"bar {fmt_local(t, tz)}: high {h} < max(open {o}, close {c})")
+            return out.fail(f"bar {fmt_local(t, tz)}: high {h} < max(open {o}, close {c})")
         if lo > (c if o > c else o):
-            return _fail(out, f"bar {fmt_local(t, tz)}: low {lo} > min(open {o}, close {c})")
+            return out.fail(f"bar {fmt_local(t, tz)}: low {lo} > min(open {o}, close {c})")
         if v < 0:
-            return _fail(out, f"bar {fmt_local(t, tz)}: negative volume {v}")
+            return out.fail(f"bar {fmt_local(t, tz)}: negative volume {v}")
         if n < 0:
-            return _fail(out, f"bar {fmt_local(t, tz)}: negative barCount {n}")
+            return out.fail(f"bar {fmt_local(t, tz)}: negative barCount {n}")
         if type(n) is not int or n > P.INT64_MAX:
-            return _fail(out, f"bar {fmt_local(t, tz)}: barCount {n!r:.40} not a 64-bit integer")
+            return out.fail(f"bar {fmt_local(t, tz)}: barCount {n!r:.40} not a 64-bit integer")
         if t > latest:
-            return _fail(out, f"bar {fmt_local(t, tz)}: in the future")
+            return out.fail(f"bar {fmt_local(t, tz)}: in the future")
         if not (open_ <= t < close_):
             out.dropped.append(t)
             continue
@@ -159,28 +135,6 @@ def check_session(symbol: str, con_id: int, session: Session, bars: Sequence[Bar
                                      (tw, "WAP", P.SIGNED)):
                 P.decimal(text, what, sign)
         except P.Malformed as e:
-            return _fail(out, f"bar {fmt_local(t, tz)}: {e}")
+            return out.fail(f"bar {fmt_local(t, tz)}: {e}")
         rows.append((symbol, t, con_id, to, th, tl, tc, tv, tw, n))
-    if rows:
-        out.first, out.last = rows[0][1], rows[-1][1]
-    notes = []
-    missing = out.expected - len(rows)
-    if rows and missing > 0:
-        have = {r[1] for r in rows}
-        first_gap = next((open_ + dt.timedelta(minutes=i) for i in range(out.expected)
-                          if open_ + dt.timedelta(minutes=i) not in have), None)
-        notes.append(f"thin: {missing} of {out.expected} minutes without a TRADES bar"
-                     + (f" (first {fmt_local(first_gap, tz)[11:]})" if first_gap else ""))
-    if out.dropped:
-        notes.append(f"{len(out.dropped)} bar(s) outside the session dropped ("
-                     + ", ".join(fmt_local(t, tz)[11:] for t in out.dropped[:5])
-                     + (", ..." if len(out.dropped) > 5 else "") + ")")
-    out.note = "; ".join(notes)
-    return out
-
-
-def _fail(out: SessionCheck, reason: str) -> SessionCheck:
-    out.failure = reason
-    out.rows = []
-    out.first = out.last = None
-    return out
+    return out.finish(session, 1, "bar", "a TRADES bar")

@@ -41,18 +41,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import shlex
 import sys
 import time
 
 import click
-import psycopg
 
+from .. import backfill as B
 from .. import service
-from ..config import EX_CONFIG, Config, ConfigError, exit_on_config_error
-from ..ops.metrics import job_values, write_textfile
+from ..backfill import EX_TEMPFAIL, format_status, parse_date, parse_symbols
+from ..config import EX_CONFIG, Config, ConfigError
+from ..ops.metrics import job_values
 from ..settings import IBKR_FILE, database_dsn
-from ..backfill import format_status, parse_date, parse_symbols
 from .backfill import Backfill, BackfillFailed, Plan, Selection, Settings, fmt_duration
 from .contracts import ContractsError, load_contracts
 from .pacing import PacingLimiter
@@ -60,7 +59,6 @@ from .store import BackfillStore
 from .wire import WireVersionError, check_version
 
 log = logging.getLogger("feeds.ibkr")
-EX_TEMPFAIL = 75
 
 
 def load_settings(cfg: Config) -> tuple[Settings, str]:
@@ -88,15 +86,14 @@ def format_plan(plan: Plan, limiter_window: float, max_requests: int) -> str:
     pacing implies."""
     lines = [f"{'symbol':<10} {'secType':<7} {'calendar':<8} {'head timestamp':<17} {'from':<10} {'to':<10} "
              f"{'fetch':>6} {'done':>6} {'holiday':>7} {'error':>6} {'requests':>8}"]
-    for c in plan.contracts:
+    for c in plan.items:
         head = (c.head.strftime("%Y-%m-%d %H:%M") if c.head else ("unknown" if not c.head_known else "-"))
         lines.append(f"{c.row.symbol:<10} {c.row.sec_type:<7} {c.row.calendar:<8} {head:<17} "
                      f"{str(c.first or '-'):<10} {str(c.last or '-'):<10} {len(c.sessions):>6} {c.done:>6} "
                      f"{len(c.holidays):>7} {c.skipped_errors:>6} {c.requests:>8}"
                      + (f"  ERROR: {c.error}" if c.error else ""))
-    total = plan.requests
-    lines.append(f"total: {sum(len(c.sessions) for c in plan.contracts if not c.error)} sessions to fetch, "
-                 f"{total} requests; pacing ({max_requests} per {fmt_duration(limiter_window)}) implies "
+    lines.append(f"total: {plan.sessions} sessions to fetch, "
+                 f"{plan.requests} requests; pacing ({max_requests} per {fmt_duration(limiter_window)}) implies "
                  f"at least {fmt_duration(plan.duration)}")
     return "\n".join(lines)
 
@@ -130,69 +127,28 @@ async def _test_connection(bf: Backfill, sel: Selection) -> int:
     return 0 if ok else 1
 
 
-class BackfillJob:
-    """One backfill run as a collector of :mod:`feeds.service`: the runtime
-    gives it signals, STATUS= (the progress line), the heartbeat row and the
-    clean stop.  ``run`` returns 0 (finished or stopped by a signal), 1 (the
-    run could not finish) or 75 (another feed-backfill holds the lock)."""
+class BackfillJob(B.BackfillJob):
+    """One feed-backfill run as a collector of :mod:`feeds.service` (see
+    :class:`feeds.backfill.BackfillJob`).  ``run`` returns 0 (finished or
+    stopped by a signal), 1 (the run could not finish) or 75 (another
+    feed-backfill holds the lock)."""
 
-    def __init__(self, bf: Backfill, sel: Selection, arguments: str):
-        self.bf, self.sel, self.arguments = bf, sel, arguments
-
-    async def run(self, stop: asyncio.Event) -> int:
-        work = asyncio.ensure_future(self.bf.run(self.sel, self.arguments))
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-        if not work.done():
-            work.cancel()           # the run writes its summary, then returns it
-        try:
-            summary = await work
-        except BackfillFailed as e:
-            log.error("%s", e)
-            return EX_TEMPFAIL
-        except asyncio.CancelledError:
-            if not stop.is_set():
-                raise
-            log.info("stopped by a signal before the run started")
-            return 0
-        return 1 if summary.failed else 0
-
-    def stream_kind(self, stream: str) -> str:
-        return stream
-
-    def figures(self) -> dict[str, int]:
-        return self.bf.figures()
-
-    def periodic(self) -> None:
-        self.bf.periodic()
-
-    def status_line(self) -> str:
-        return self.bf.progress_line()
+    log = log
+    failures = ((BackfillFailed, "%s", EX_TEMPFAIL),)
+    early_stop = "stopped by a signal before the run started"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", envvar="FEEDS_IBKR_CONFIG", default="/etc/feeds/ibkr.toml",
-              show_default=True, help="TOML configuration file.")
-@click.option("--symbols", "symbols", default=None, metavar="SYM [SYM ...]",
-              help="Only these symbols (space- or comma-separated; default: all in the contracts file).")
-@click.option("--from", "from_", default=None, metavar="DATE", help="First session: YYYY-MM-DD or Nd (days back).")
-@click.option("--to", "to", default=None, metavar="DATE", help="Last session: YYYY-MM-DD or Nd (days back).")
-@click.option("--date", "date", default=None, metavar="DATE", help="Exactly this session (YYYY-MM-DD or Nd).")
-@click.option("--dry-run", is_flag=True, help="Print the plan (nothing fetched, nothing written).")
-@click.option("--retry-failed", is_flag=True, help="Also request sessions recorded as ERROR.")
-@click.option("--priority-only", is_flag=True, help="Only contracts with priority > 0 in the contracts file.")
-@click.option("--status", "status", is_flag=True, help="Print the per-symbol summary table and exit.")
-@click.option("--test-connection", is_flag=True, help="Connect, resolve every contract, print, exit.")
-@click.option("--pacing-scale", type=float, default=None, envvar="FEEDS_IBKR_PACING_SCALE",
-              help="Override [backfill] pacing_scale (only for simulators with scaled windows).")
-@click.option("--status-interval", type=float, default=None, help="Override [backfill] status_interval (s).")
-@click.option("--unit", envvar="FEEDS_UNIT", default="feed-backfill.service", show_default=True,
-              help="Name used for the heartbeat row.")
-@click.argument("more_symbols", nargs=-1, metavar="")
-@exit_on_config_error
+@B.backfill_command(
+    config_env="FEEDS_IBKR_CONFIG", config_default="/etc/feeds/ibkr.toml", unit="feed-backfill.service",
+    symbols_help="Only these symbols (space- or comma-separated; default: all in the contracts file).",
+    priority_help="Only contracts with priority > 0 in the contracts file.",
+    status_help="Print the per-symbol summary table and exit.",
+    status_interval_help="Override [backfill] status_interval (s).",
+    options=[
+        click.option("--test-connection", is_flag=True, help="Connect, resolve every contract, print, exit."),
+        click.option("--pacing-scale", type=float, default=None, envvar="FEEDS_IBKR_PACING_SCALE",
+                     help="Override [backfill] pacing_scale (only for simulators with scaled windows)."),
+    ])
 def main(config_path, symbols, from_, to, date, dry_run, retry_failed, priority_only, status, test_connection,
          pacing_scale, status_interval, unit, more_symbols):
     """Backfill IBKR one-minute bars into PostgreSQL, newest session first,
@@ -207,42 +163,19 @@ def main(config_path, symbols, from_, to, date, dry_run, retry_failed, priority_
         # Every IB error is logged once by the backfill with its session; the client's own lines would repeat it.
         logging.getLogger(name).setLevel(logging.CRITICAL)
     settings, contracts_path = load_settings(cfg)
-    if pacing_scale is not None:
-        if not 0 < pacing_scale <= 1:
-            raise click.BadParameter("must be > 0 and <= 1", param_hint="--pacing-scale")
-        settings.pacing_scale = pacing_scale
-    if status_interval is not None:
-        if status_interval <= 0:
-            raise click.BadParameter("must be > 0", param_hint="--status-interval")
-        settings.status_interval = status_interval
+    B.apply_overrides(settings, scale=pacing_scale, scale_attr="pacing_scale", scale_option="--pacing-scale",
+                      status_interval=status_interval)
     dsn = database_dsn(cfg)
     try:
         contracts = load_contracts(contracts_path)
     except ContractsError as e:
         click.echo(str(e), err=True)
         sys.exit(EX_CONFIG)
-    today = dt.date.today()
-    sym_list = _symbols(symbols, more_symbols)
-    if date is not None and (from_ is not None or to is not None):
-        raise click.UsageError("--date excludes --from/--to")
-    first, last = _date(from_, "--from", today), _date(to, "--to", today)
-    if date is not None:
-        first = last = _date(date, "--date", today)
-    if first and last and first > last:
-        raise click.BadParameter(f"--from {first} is after --to {last}", param_hint="--from")
-    if sym_list:
-        known = {c.symbol for c in contracts}
-        unknown = [s for s in sym_list if s not in known]
-        if unknown:
-            raise click.BadParameter(f"not in {contracts_path}: {', '.join(unknown)}", param_hint="--symbols")
-    sel = Selection(symbols=sym_list, first=first, last=last, retry_failed=retry_failed, priority_only=priority_only)
-
-    try:
+    sel = B.selection_from_options(symbols, more_symbols, from_, to, date, retry_failed, priority_only,
+                                   {c.symbol for c in contracts}, contracts_path)
+    with B.database_exit(log):
         _act(settings, contracts, dsn, sel, status, test_connection, dry_run, config_path, contracts_path, unit,
              cfg["metrics.textfile_dir"])
-    except psycopg.OperationalError as e:
-        log.error("cannot connect to the database: %s", str(e).strip().splitlines()[0] if str(e).strip() else e)
-        sys.exit(1)
 
 
 def run_metrics(job: BackfillJob | None, started: float, rc: int) -> dict[str, float]:
@@ -265,11 +198,7 @@ def _act(settings: Settings, contracts, dsn: str, sel: Selection, status: bool, 
          dry_run: bool, config_path: str, contracts_path: str, unit: str, textfile_dir: str = "") -> None:
     store = BackfillStore(dsn)
     if status:
-        store.connect()
-        try:
-            click.echo(format_status(store.summary(sel.symbols), store.last_errors(sel.symbols), store.last_run()))
-        finally:
-            store.close()
+        B.print_status(store, sel.symbols, sel.symbols)
         return
     limiter = PacingLimiter(scale=settings.pacing_scale)
     if test_connection:
@@ -281,35 +210,11 @@ def _act(settings: Settings, contracts, dsn: str, sel: Selection, status: bool, 
         return
     log.info("feed-backfill starting: config %s, contracts %s (%d rows), TWS %s:%d, pacing scale %g",
              config_path, contracts_path, len(contracts), settings.host, settings.port, settings.pacing_scale)
-    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
-    started = time.time()
-    jobs: list[BackfillJob] = []
-    # The lock first (the run takes it again on the same session): a second feed-backfill
-    # must not touch the running one's heartbeat row (nor its textfile).
-    try:
-        locked = store.connect().try_lock()
-    except psycopg.OperationalError:
-        write_textfile(textfile_dir, "backfill", run_metrics(None, started, 1))
-        raise
-    if not locked:
-        store.close()
-        log.error("another feed-backfill is running (database advisory lock held)")
-        sys.exit(EX_TEMPFAIL)
-    svc = service.Service(unit, dsn, status_interval=settings.status_interval)
-
-    def prepare(svc: service.Service) -> BackfillJob:
-        # STATUS= lines of the run (connecting, the summary) also go to the heartbeat row
-        jobs.append(BackfillJob(Backfill(settings, contracts, store, limiter=limiter, notifier=svc.health),
-                                sel, args))
-        return jobs[-1]
-    rc = 1
-    try:
-        rc = svc.run(prepare)
-    finally:
-        store.close()
-        # the node_exporter textfile (metrics.textfile_dir): the run's outcome and figures
-        write_textfile(textfile_dir, "backfill", run_metrics(jobs[-1] if jobs else None, started, rc))
-    sys.exit(rc)
+    B.run_job(store, unit=unit, status_interval=settings.status_interval, textfile_dir=textfile_dir,
+              job_name="backfill", run_metrics=run_metrics, log=log,
+              # STATUS= lines of the run (connecting, the summary) also go to the heartbeat row
+              make_job=lambda health, args: BackfillJob(
+                  Backfill(settings, contracts, store, limiter=limiter, notifier=health), sel, args))
 
 
 __all__ = ["main", "load_settings", "format_plan", "format_status", "BackfillJob", "run_metrics", "ConfigError"]
