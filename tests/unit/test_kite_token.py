@@ -9,6 +9,7 @@ import pyotp
 import pytest
 
 from feeds.kite import login as L
+from feeds.totp import totp_code
 from feeds.kite.token import (IST, AccessToken, TokenExpired, TokenMissing, TokenStore, next_expiry)
 
 UTC = timezone.utc
@@ -77,12 +78,12 @@ def test_totp_code_is_pyotp_and_waits_near_the_step_end():
     def sleep(s):
         slept.append(s)
         now[0] += s
-    code = L.totp_code(secret, min_left=3.0, clock=lambda: now[0], sleep=sleep)
+    code = totp_code(secret, min_left=3.0, clock=lambda: now[0], sleep=sleep)
     assert slept and 1.5 <= slept[0] <= 1.6
     assert code == pyotp.TOTP(secret).at(1_700_000_040.1)
-    assert L.totp_code(secret, clock=lambda: 1_700_000_010.0, sleep=sleep) == pyotp.TOTP(secret).at(1_700_000_010)
+    assert totp_code(secret, clock=lambda: 1_700_000_010.0, sleep=sleep) == pyotp.TOTP(secret).at(1_700_000_010)
     with pytest.raises(ValueError, match="not a usable base32 secret"):
-        L.totp_code("not base32!")
+        totp_code("not base32!")
 
 
 def test_refusal_messages():

@@ -35,21 +35,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
-from datetime import date, datetime, time as dtime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 import click
 
 from .. import calendars, service
-from ..candles import always, calendar_sessions
+from .. import session_main as M
+from ..candles import MINUTE_NS, SECOND_NS as NS
 from ..config import Config, ConfigError, exit_on_config_error
-from ..candles import CandleSettings, candle_settings, first_missing
-from ..settings import DHAN_FILE, database_dsn, hhmm
+from ..session_main import SourceUnavailable, first_line, ist_text
+from ..settings import DHAN_FILE
 from . import adapter as A
 from .candles import CANDLE_TABLE, DhanCandles
 from .collector import RC_TOKEN, DhanCollector, Settings
-from .connections import Subscription, TooManyInstruments, capacity, plan_connections, too_many_message
+from .connections import Subscription, TooManyInstruments, plan_connections, too_many_message
 from .instruments import InstrumentLine, InstrumentList, InstrumentsError, load_instruments, parse_instruments
 from .instruments import refresh_cache
 from .token import IST, TokenError, TokenStore
@@ -60,61 +60,28 @@ UTC = timezone.utc
 EX_NOPERM = 77
 
 
-@dataclass
-class DhanConfig:
-    """The ``[dhan]`` settings feed-dhan uses (see :data:`feeds.settings.DHAN`)."""
-    file: str
+@dataclass(kw_only=True)
+class DhanConfig(M.SessionConfig):
+    """The ``[dhan]`` settings feed-dhan uses (see :data:`feeds.settings.DHAN`;
+    keyword arguments only)."""
     client_id: str
-    api_url: str
     feed_url: str
     instrument_list_url: str
     instrument_list_cache: str
-    token_file: str
-    instruments_file: str
-    instruments_from_table: bool
-    default_mode: str
-    session_calendar: str
-    connect_before_open: float
-    stop_after_close: float
-    max_connections: int
-    max_instruments_per_connection: int
     requests_per_second: float = 5.0
     requests_per_day: int = 100_000
-    status_interval: float = 10.0
-    extra_sessions: dict[date, tuple[dtime, dtime]] = field(default_factory=dict)
-    extra_holidays: list[date] = field(default_factory=list)
     collector: Settings = field(default_factory=Settings)
-    candles: CandleSettings = field(default_factory=CandleSettings)
-
-    @property
-    def capacity(self) -> int:
-        return capacity(self.max_connections, self.max_instruments_per_connection)
-
-
-def _time(text: str) -> dtime:
-    h, m = hhmm(text)
-    return dtime(h, m)
 
 
 def load_settings(cfg: Config) -> DhanConfig:
     """:class:`DhanConfig` from a loaded ``dhan.toml`` (checked by :func:`feeds.settings.load`)."""
     k = "dhan."
-    dc = DhanConfig(file=str(cfg.file), **{n: cfg[k + n] for n in (
-        "client_id", "api_url", "feed_url", "instrument_list_url", "instrument_list_cache", "token_file", "instruments_file",
-        "instruments_from_table", "default_mode", "session_calendar", "connect_before_open", "stop_after_close",
-        "max_connections", "max_instruments_per_connection", "requests_per_second", "requests_per_day",
-        "status_interval")})
-    for day, (open_, close) in cfg[k + "extra_sessions"].items():
-        dc.extra_sessions[date.fromisoformat(day)] = (_time(open_), _time(close))
-    dc.extra_holidays = [d if isinstance(d, date) else date.fromisoformat(str(d)) for d in cfg[k + "extra_holidays"]]
+    dc = M.load_session_config(DhanConfig, cfg, "dhan", ("client_id", "feed_url", "instrument_list_url",
+                                                         "instrument_list_cache", "requests_per_second",
+                                                         "requests_per_day"))
     dc.collector = Settings(feed_url=dc.feed_url, client_id=dc.client_id, silence_timeout=cfg[k + "silence_timeout"],
                             reconnect_max_delay=cfg[k + "reconnect_max_delay"])
-    dc.candles = candle_settings(cfg)
     return dc
-
-
-class SourceUnavailable(Exception):
-    """The instruments could not be read (the database or Dhan's list is unreachable): worth a restart."""
 
 
 def _table_lines(dsn: str, default_mode: str) -> list[InstrumentLine]:
@@ -160,7 +127,7 @@ def gather_lines(dc: DhanConfig, cli: tuple[str, ...], cli_file: str | None,
                 lines += [ln for ln in _table_lines(dsn or "", dc.default_mode) if ln.key not in have]
             except Exception as e:
                 raise SourceUnavailable(f"cannot read the instruments from table dhan_subscription: "
-                                        f"{_first_line(e)}") from None
+                                        f"{first_line(e)}") from None
             names.append("table dhan_subscription")
         source = " + ".join(names) or "nothing"
         where = ("dhan.instruments_file", path or dc.file)
@@ -216,16 +183,7 @@ def _store_instruments(dsn: str, master: InstrumentList, subs: list[Subscription
                                instrument = EXCLUDED.instrument, tick_size = EXCLUDED.tick_size,
                                lot_size = EXCLUDED.lot_size, updated_at = now()""", rows)
     except Exception as e:
-        log.warning("instrument names not stored in dhan_instrument (%s)", _first_line(e))
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
-MINUTE_NS = 60_000_000_000
-NS = 1_000_000_000
+        log.warning("instrument names not stored in dhan_instrument (%s)", first_line(e))
 
 
 def _last_final_minutes(dsn: str, subs: list[Subscription], since_ns: int) -> dict[int, int]:
@@ -247,10 +205,6 @@ def _units(price, scale: int) -> int:
     return int((price * scale).to_integral_value())
 
 
-def _ist(ns: int) -> str:
-    return datetime.fromtimestamp(ns / NS, IST).strftime("%Y-%m-%d %H:%M:%S")
-
-
 def history_job(dc: DhanConfig, dsn: str, access_token: str, candles: DhanCandles, subs: list[Subscription],
                 open_ns: int, last_ns: int):
     """The history fill of a start inside a session: a coroutine function
@@ -268,22 +222,13 @@ def history_job(dc: DhanConfig, dsn: str, access_token: str, candles: DhanCandle
     from .wire import PRICE_DECIMALS
 
     async def job(stop: asyncio.Event) -> None:
-        try:
-            last = await asyncio.to_thread(_last_final_minutes, dsn, subs, open_ns)
-        except Exception as e:
-            log.warning("candles: stored candles not read (%s); filling from the session's open", _first_line(e))
-            last = {}
-        plan = []
-        for s in sorted(subs, key=lambda s: -s.priority):
-            key = candles.key_of(s.segment, s.security_id)
-            first, keep = first_missing(open_ns, last.get(key), candles.s.intervals)
-            if first <= last_ns:
-                plan.append((s, key, first, keep))
+        last = await asyncio.to_thread(M.stored_minutes, lambda: _last_final_minutes(dsn, subs, open_ns), log)
+        items = [(s, candles.key_of(s.segment, s.security_id)) for s in sorted(subs, key=lambda s: -s.priority)]
+        plan = [p for p in M.missed_minutes(items, last, open_ns, candles.s.intervals) if p[2] <= last_ns]
         if not plan:
             return
-        log.info("candles: filling the minutes missed (%s .. %s IST) of %d instrument(s) from Dhan's intraday "
-                 "charts, at most %g requests a second", _ist(min(p[2] for p in plan)), _ist(last_ns), len(plan),
-                 dc.requests_per_second)
+        M.log_fill_start(log, min(p[2] for p in plan), last_ns, len(plan), "Dhan's intraday charts",
+                         dc.requests_per_second)
         rest = DhanRest(dc.api_url, dc.client_id, access_token, limiter=data_limiter(dc.requests_per_second),
                         budget=DailyBudget(dc.requests_per_day))
         filled = bars_n = failed = 0
@@ -294,7 +239,7 @@ def history_job(dc: DhanConfig, dsn: str, access_token: str, candles: DhanCandle
                 try:
                     got, _bad = await rest.intraday(s.security_id, s.segment_name,
                                                     s.instrument or ("INDEX" if s.segment == 0 else "EQUITY"),
-                                                    _ist(first), _ist(last_ns + MINUTE_NS - NS))
+                                                    ist_text(first), ist_text(last_ns + MINUTE_NS - NS))
                 except RestTokenError as e:
                     log.error("candles: history fill stopped: Dhan refused the access token (%s)", e)
                     failed += 1
@@ -315,75 +260,26 @@ def history_job(dc: DhanConfig, dsn: str, access_token: str, candles: DhanCandle
                 bars_n += len(bars)
         finally:
             await rest.close()
-        log.info("candles: history fill %s: %d instrument(s) filled with %d minute(s), %d failed",
-                 "stopped" if stop.is_set() else "done", filled, bars_n, failed)
+        M.log_fill_end(log, stop.is_set(), filled, bars_n, failed)
     return job
 
 
-def _collect(dc: DhanConfig, sk: dict, dsn: str, plan_conns, access_token: str, run_plan, unit: str,
-             calendar, since_ns: int, reporters=()) -> int:
-    """Run the collector through the runtime (waiting for the session first
-    when started before it); returns the exit status."""
-    cs = dc.candles
-    tables = A.TABLES + ((CANDLE_TABLE,) if cs.enabled else ())
-    svc = service.Service(unit, dsn, tables=tables, sink=sk, status_interval=dc.status_interval,
-                          reporters=reporters)
-
-    async def prepare(svc: service.Service) -> DhanCollector | None:
-        if run_plan.start is not None and run_plan.start > datetime.now(UTC):
-            line = (f"waiting for the session: {run_plan.reason}; connecting at "
-                    f"{run_plan.start.astimezone(IST):%Y-%m-%d %H:%M} IST")
-            if not await svc.wait_until(run_plan.start, line):
-                return None
-        dc.collector.watchdog_interval = svc.watchdog_interval
-        candles = history = None
-        if cs.enabled:
-            sessions = always() if calendar is None else calendar_sessions(calendar)
-            subs = [s for conn in plan_conns for s in conn]
-            candles = DhanCandles(cs, sessions, subs, svc.sink, since_ns=since_ns)
-            window = sessions.window(since_ns)
-            note = ""
-            # history only for a real session (without a calendar every UTC day is one window)
-            if cs.fill_from_history and calendar is not None and window is not None and since_ns > window[0]:
-                open_ns, close_ns = window
-                start_min = since_ns // MINUTE_NS * MINUTE_NS
-                # once the start minute can no longer be revised by a late tick: its history bar replaces it
-                when = min(start_min + MINUTE_NS, close_ns) + int((cs.lateness + cs.grace) * NS)
-                history = (when, history_job(dc, svc.dsn, access_token, candles, subs, open_ns, start_min))
-                note = (f"; started inside the session: the minutes missed up to {_ist(start_min)[11:16]} IST come "
-                        f"from Dhan's intraday charts at {_ist(when)[11:19]} IST")
-            log.info("candles: %s min, aligned to the session's open, closed %.1f s after their end%s",
-                     ", ".join(map(str, cs.intervals)), cs.grace, note)
-        return DhanCollector(dc.collector, access_token, plan_conns, svc.sink, svc.health, until=run_plan.stop,
-                             candles=candles, history=history)
-    return svc.run(prepare)
+#: What :func:`feeds.session_main.collect` runs for feed-dhan.
+FEED = M.SessionFeed(program="feed-dhan", venue="Dhan", renewer="feed-dhan-token", tables=A.TABLES,
+                     candle_table=CANDLE_TABLE, collector=DhanCollector, candles=DhanCandles, history_job=history_job,
+                     history_source="Dhan's intraday charts", rc_token=RC_TOKEN, log=log)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", envvar="FEEDS_DHAN_CONFIG", default="/etc/feeds/dhan.toml",
-              show_default=True, help="TOML configuration file.")
-@click.option("--instrument", "-i", "instruments", multiple=True,
-              help="SEGMENT:SYMBOL [ticker|quote|full] [priority] (repeatable, or comma-separated); "
-                   "replaces the configured list.")
-@click.option("--instruments-file", default=None, help="Read the instrument list from this file instead.")
-@click.option("--at", "at", default=None,
-              help="Print the plan for a start at this ISO time (e.g. 2024-11-01T09:10+05:30) and exit.")
-@click.option("--unit", envvar="FEEDS_UNIT", default="feed-dhan.service", help="Name used for the heartbeat row.")
+@M.collector_options("FEEDS_DHAN_CONFIG", "/etc/feeds/dhan.toml", "SEGMENT:SYMBOL [ticker|quote|full] [priority]",
+                     "feed-dhan.service")
 @exit_on_config_error
 def main(config_path: str, instruments: tuple[str, ...], instruments_file: str | None, at: str | None,
          unit: str) -> None:
     """Collect Dhan's live market feed (ticker, quote, full) during NSE sessions into PostgreSQL."""
-    since_ns = time.time_ns()
-    cfg = service.start(config_path, DHAN_FILE)
-    dc = load_settings(cfg)
-    sk = service.sink_settings(cfg)
-    dsn = database_dsn(cfg)
-    reporters = service.reporters(cfg, unit)
-    try:
-        lines, source = gather_lines(dc, instruments, instruments_file, dsn)
-    except SourceUnavailable as e:
-        log.error("%s", e)
-        sys.exit(1)
+    st = M.begin(config_path, DHAN_FILE, unit, load_settings)
+    dc, dsn = st.settings, st.dsn
+    lines, source = M.gathered(lambda: gather_lines(dc, instruments, instruments_file, dsn), log)
     calendar = None
     if dc.session_calendar == "XNSE":
         try:
@@ -411,12 +307,8 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
         if master.malformed:
             log.warning("Dhan's instrument list: %d row(s) not understood, skipped", master.malformed)
     subs, unknown = resolve(lines, master)
-    if unknown:
-        log.warning("%d instrument(s) not in Dhan's instrument list, skipped: %s%s", len(unknown),
-                    ", ".join(unknown[:20]), " ..." if len(unknown) > 20 else "")
-    if not subs:
-        raise ConfigError("dhan.instruments_file", dc.instruments_file or dc.file,
-                          f"none of the {len(lines)} instruments is in Dhan's instrument list")
+    M.check_resolved(subs, unknown, len(lines), "Dhan's", "dhan.instruments_file", dc.instruments_file or dc.file,
+                     log)
     try:
         plan_conns = plan_connections(subs, dc.max_instruments_per_connection, dc.max_connections)
     except TooManyInstruments as e:
@@ -428,9 +320,4 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
              "connection(s) of at most %d, feed %s, %s; token %s", config_path, len(subs), source, modes["full"],
              modes["quote"], modes["ticker"], len(plan_conns), dc.max_instruments_per_connection, dc.feed_url,
              run_plan.reason, tok.describe())
-    rc = _collect(dc, sk, dsn, plan_conns, tok.access_token, run_plan, unit, calendar, since_ns,
-                  reporters=reporters)
-    if rc == RC_TOKEN:
-        print("feed-dhan: Dhan refused the access token during the session; run feed-dhan-token",
-              file=sys.stderr, flush=True)
-    sys.exit(rc)
+    sys.exit(M.collect(FEED, dc, st, plan_conns, tok.access_token, run_plan, unit, calendar))

@@ -40,9 +40,9 @@ message ever carries the token, the PIN or the TOTP code.
 The stored token is one JSON document (:class:`DhanToken`:
 ``client_id``, ``access_token``, ``obtained_at``, ``expires_at`` (ISO 8601
 UTC), ``method``, ``expiry_from``, ``client_name``) at ``dhan.token_file``,
-written atomically with mode 0600 (:func:`feeds.runtime.write_atomically`;
-when written by root, owned by the owner of its directory, the feeds_dhan
-user).  feed-dhan and feed-dhan-backfill read it with
+written atomically with mode 0600 (:mod:`feeds.tokens`; when written by
+root, owned by the owner of its directory, the feeds_dhan user).
+feed-dhan and feed-dhan-backfill read it with
 :meth:`TokenStore.load_current`.
 
 When a run renews (``renew`` method): when the stored token has less than
@@ -84,20 +84,26 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from datetime import date, datetime, time as dtime, timedelta, timezone
-from pathlib import Path
-from zoneinfo import ZoneInfo
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 
 import click
 
-from ..config import EX_CONFIG, Config, ConfigError, exit_on_config_error, read_secret
-from ..runtime import write_atomically
+from .. import session_main as M
+from .. import tokens
+from ..config import Config, ConfigError, exit_on_config_error, read_secret
+from ..session_main import first_line
+from ..tokens import IST, UTC, TokenError, TokenExpired, TokenMissing
+from ..totp import read_totp_secret, totp_code
+
+__all__ = ["IST", "UTC", "EX_NOPERM", "LIFETIME", "RENEW_WITHIN", "TOKEN_REFUSED", "TRANSIENT", "JOB", "TokenError",
+           "TokenMissing", "TokenExpired", "DhanRefused", "DhanUnavailable", "RenewalFailed", "DhanToken",
+           "TokenStore", "jwt_expiry", "parse_dhan_time", "token_expiry", "DhanAuth", "token_from_answer",
+           "TokenSettings", "load_settings", "Window", "next_window", "renewal_due", "obtain", "check", "run",
+           "main"]
 
 log = logging.getLogger("feeds.dhan.token")
 
-IST = ZoneInfo("Asia/Kolkata")
-UTC = timezone.utc
 EX_NOPERM = 77
 #: A Dhan access token's validity ("Authentication": 24 hours).
 LIFETIME = timedelta(hours=24)
@@ -117,19 +123,6 @@ _TOKEN_CHARS = re.compile(r"^[\x21-\x7e]{8,4096}$")
 
 
 # ----------------------------------------------------------------------------- errors
-
-class TokenError(Exception):
-    """The stored access token cannot be used; ``str()`` is one line for the journal."""
-
-
-class TokenMissing(TokenError):
-    """No token file (never obtained), not readable, or not a token document."""
-
-
-class TokenExpired(TokenError):
-    """The token is past its expiry, belongs to another client id, expires
-    during the next session, or Dhan refused it."""
-
 
 class DhanRefused(Exception):
     """Dhan answered a request with a refusal (HTTP 4xx other than 429, or
@@ -164,7 +157,7 @@ class RenewalFailed(Exception):
 # ----------------------------------------------------------------------------- the stored token
 
 @dataclass
-class DhanToken:
+class DhanToken(tokens.StoredToken):
     """A stored access token: ``client_id`` (dhanClientId), ``access_token``,
     ``obtained_at`` and ``expires_at`` (aware UTC), ``method`` (``renew``,
     ``totp``), ``expiry_from`` (where the expiry came from: ``token``,
@@ -177,15 +170,6 @@ class DhanToken:
     method: str = ""
     expiry_from: str = ""
     client_name: str = ""
-
-    def expired(self, now: datetime | None = None) -> bool:
-        return (now or datetime.now(UTC)) >= self.expires_at
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        d["obtained_at"] = self.obtained_at.astimezone(UTC).isoformat()
-        d["expires_at"] = self.expires_at.astimezone(UTC).isoformat()
-        return json.dumps(d, indent=1) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> "DhanToken":
@@ -202,54 +186,17 @@ class DhanToken:
                    method=str(d.get("method", "")), expiry_from=str(d.get("expiry_from", "")),
                    client_name=str(d.get("client_name", "")))
 
-    def describe(self) -> str:
-        """One line without the token itself."""
-        return (f"client {self.client_id}, obtained {self.obtained_at.astimezone(IST):%Y-%m-%d %H:%M:%S} IST"
-                f"{' by ' + self.method if self.method else ''}, expires "
-                f"{self.expires_at.astimezone(IST):%Y-%m-%d %H:%M} IST")
+    def holder(self) -> str:
+        return f"client {self.client_id}"
+
+    def not_for(self, account: str) -> str | None:
+        return f"client {self.client_id}, not dhan.client_id {account}" if self.client_id != account else None
 
 
-class TokenStore:
+class TokenStore(tokens.TokenStore[DhanToken]):
     """The token file at ``path`` (``dhan.token_file``)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def load(self) -> DhanToken:
-        """The stored token.  Raises :class:`TokenMissing` (absent,
-        unreadable or not a token document)."""
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            raise TokenMissing(f"no access token in {self.path}: run feed-dhan-token "
-                               "(systemctl start feed-dhan-token)") from None
-        except OSError as e:
-            raise TokenMissing(f"access token file {self.path} not readable ({e.strerror})") from None
-        try:
-            return DhanToken.from_json(text)
-        except (ValueError, KeyError, TypeError) as e:
-            raise TokenMissing(f"access token file {self.path} is not a token document ({_first_line(e)}); "
-                               "run feed-dhan-token") from None
-
-    def load_current(self, client_id: str, now: datetime | None = None) -> DhanToken:
-        """The stored token if it belongs to ``client_id`` and is before its
-        expiry.  Raises :class:`TokenMissing` or :class:`TokenExpired`."""
-        tok = self.load()
-        if tok.client_id != client_id:
-            raise TokenExpired(f"the access token in {self.path} belongs to client {tok.client_id}, not "
-                               f"dhan.client_id {client_id}; run feed-dhan-token")
-        if tok.expired(now):
-            raise TokenExpired(f"the access token in {self.path} expired at "
-                               f"{tok.expires_at.astimezone(IST):%Y-%m-%d %H:%M} IST ({tok.describe()}); "
-                               "run feed-dhan-token")
-        return tok
-
-    def save(self, tok: DhanToken) -> None:
-        """Write atomically (temporary file 0600, fsync, rename, fsync of the
-        directory).  When run as root, the file is given to the owner of its
-        directory (the service user).  Raises OSError."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomically(self.path, tok.to_json(), owner_of_dir=True)
+    document = DhanToken
+    renewer = "feed-dhan-token"
 
 
 # ----------------------------------------------------------------------------- expiry
@@ -385,7 +332,7 @@ def _reason(e) -> str:
         return "timed out"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
-    return _first_line(e) if isinstance(e, BaseException) else str(e)
+    return first_line(e) if isinstance(e, BaseException) else str(e)
 
 
 def _envelope(body) -> tuple[str, str]:
@@ -448,11 +395,6 @@ class TokenSettings:
     totp_file: str = ""
 
 
-def _hm(text: str) -> dtime:
-    h, m = text.split(":")
-    return dtime(int(h), int(m))
-
-
 def load_settings(cfg: Config, *, read_login_secrets: bool = True) -> TokenSettings:
     """:class:`TokenSettings` from a loaded ``dhan.toml``; with method
     ``totp`` (and ``read_login_secrets``) reads and checks the PIN and
@@ -468,23 +410,17 @@ def load_settings(cfg: Config, *, read_login_secrets: bool = True) -> TokenSetti
         stop_after=timedelta(seconds=cfg[d + "stop_after_close"]))
     if cfg[d + "session_calendar"] != "none":
         from ..calendars import ExchangeCalendar
-        extra = {date.fromisoformat(k): (_hm(v[0]), _hm(v[1])) for k, v in cfg[d + "extra_sessions"].items()}
-        holidays = [h if isinstance(h, date) else date.fromisoformat(str(h)) for h in cfg[d + "extra_holidays"]]
+        extra, holidays = M.extra_days(cfg, "dhan")
         try:
             ts.sessions = ExchangeCalendar(cfg[d + "session_calendar"], extra_sessions=extra, extra_holidays=holidays)
         except ValueError as e:
-            raise ConfigError(d + "extra_sessions", cfg.file, _first_line(e)) from None
+            raise ConfigError(d + "extra_sessions", cfg.file, first_line(e)) from None
     if ts.method == "totp" and read_login_secrets:
-        from ..kite.login import totp_code
         ts.pin = cfg.secret(lg + "pin_file")
         if not ts.pin.isdigit():
             raise ConfigError(lg + "pin_file", cfg.file, f"the PIN in {cfg[lg + 'pin_file']} is not all digits")
         ts.totp_file = cfg.require(lg + "totp_secret_file")
-        ts.totp_secret = cfg.secret(lg + "totp_secret_file")
-        try:
-            totp_code(ts.totp_secret, min_left=0)
-        except ValueError as e:
-            raise ConfigError(lg + "totp_secret_file", cfg.file, f"the secret in {ts.totp_file}: {e}") from None
+        ts.totp_secret = read_totp_secret(cfg, lg + "totp_secret_file")
     return ts
 
 
@@ -596,7 +532,6 @@ def obtain(ts: TokenSettings, store: TokenStore, auth: DhanAuth, *, stored: Dhan
         for attempt in range(1, ts.attempts + 1):
             try:
                 if source is None:
-                    from ..kite.login import totp_code
                     answer = auth.generate(ts.pin, totp_code(ts.totp_secret))
                 else:
                     answer = auth.renew(source)
@@ -729,24 +664,8 @@ def run(ts: TokenSettings, store: TokenStore, auth: DhanAuth, *, force: bool = F
     return 0
 
 
-def _textfile(directory: str, store: TokenStore, started: float, rc: int) -> None:
-    """The node_exporter textfile of a run (``feeds_dhan_token.prom``,
-    :func:`feeds.ops.metrics.write_textfile`): the standard keys and
-    ``token_expiry_timestamp_seconds``, the expiry of the token stored now
-    (left out when none)."""
-    from ..ops.metrics import job_values, write_textfile
-    if not directory:
-        return
-    try:
-        expiry = store.load().expires_at.timestamp()
-    except TokenError:
-        expiry = None
-    write_textfile(directory, JOB, job_values(started, rc, token_expiry_timestamp_seconds=expiry))
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", envvar="FEEDS_DHAN_CONFIG", default="/etc/feeds/dhan.toml",
-              show_default=True, help="TOML configuration file.")
+@M.config_option("FEEDS_DHAN_CONFIG", "/etc/feeds/dhan.toml")
 @click.option("--check", "check_only", is_flag=True,
               help="Only validate the stored token (exit 0 valid, 77 not, 1 Dhan unreachable).")
 @click.option("--force", is_flag=True, help="Renew (or generate) even when the stored token is still good.")
@@ -764,17 +683,4 @@ def main(config_path: str, check_only: bool, force: bool) -> None:
     auth = DhanAuth(ts.api_url, ts.auth_url, ts.client_id, ts.timeout)
     if check_only:
         sys.exit(check(ts, store, auth, datetime.now(UTC)))
-    rc = 1
-    try:
-        rc = run(ts, store, auth, force=force)
-    except ConfigError:
-        rc = EX_CONFIG
-        raise
-    finally:
-        _textfile(ts.textfile_dir, store, started, rc)
-    sys.exit(rc)
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
+    tokens.finish_renewal(lambda: run(ts, store, auth, force=force), ts.textfile_dir, JOB, store, started)

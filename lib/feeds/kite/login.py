@@ -3,8 +3,8 @@ TOTP, then ``generate_session``.
 
 Kite Connect v3 "User" / "Login flow": the login page
 (``<login_url>/connect/login?api_key=..&v=3``) asks for the user id and
-password, then for the second factor (an external TOTP, RFC 6238, computed
-here with pyotp), and finally redirects the browser to the app's redirect
+password, then for the second factor (an external TOTP, RFC 6238,
+:func:`feeds.totp.totp_code`), and finally redirects the browser to the app's redirect
 URL with ``request_token=..`` in the query.  ``POST /session/token``
 (``KiteConnect.generate_session``, checksum with the api_secret) exchanges
 it for the access token.
@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import parse_qs, urljoin, urlsplit
 
-import pyotp
-
+from ..totp import totp_code
 from .token import AccessToken, TokenError, TokenStore, next_expiry, validate
 
 log = logging.getLogger(__name__)
@@ -108,23 +107,6 @@ class LoginSettings:
     http_fallback: bool = True
     timeout: float = 30.0
     selectors: Selectors = field(default_factory=Selectors)
-
-
-def totp_code(secret: str, min_left: float = 3.0, clock: Callable[[], float] = time.time,
-              sleep: Callable[[float], None] = time.sleep) -> str:
-    """The current 6-digit TOTP code (30 s steps); when fewer than
-    ``min_left`` seconds of its step remain, waits for the next step so the
-    code is still valid when Kite checks it.  Raises ValueError for a
-    secret that is not base32 or too short for pyotp (fewer than 112 bits)."""
-    try:
-        totp = pyotp.TOTP(secret)
-        totp.byte_secret()
-    except Exception as e:             # binascii.Error (a ValueError), too short, not a string
-        raise ValueError(f"the TOTP secret is not a usable base32 secret ({e})") from None
-    left = totp.interval - clock() % totp.interval
-    if left < min_left:
-        sleep(left + 0.05)
-    return totp.at(clock())
 
 
 def _login_page_url(settings: LoginSettings, api_key: str) -> str:

@@ -31,16 +31,19 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import date, datetime, time as dtime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 import click
 
 from .. import service
-from ..config import EX_CONFIG, Config, ConfigError, exit_on_config_error
-from ..settings import KITE_FILE, database_dsn, hhmm
+from .. import session_main as M
+from ..config import Config, ConfigError, exit_on_config_error
+from ..session_main import SourceUnavailable, first_line
+from ..settings import KITE_FILE
+from ..tokens import finish_renewal
+from ..totp import read_totp_secret
 from . import adapter as A
 from . import history as H
-from ..candles import CandleSettings, candle_settings, first_missing, sessions_of
 from .candles import CANDLE_TABLE, KiteCandles, volumeless
 from .collector import RC_TOKEN, KiteCollector, Settings
 from .instruments import LTP_MAX_INSTRUMENTS, QUOTE_REQUESTS_PER_SECOND
@@ -55,58 +58,24 @@ UTC = timezone.utc
 EX_NOPERM = 77
 
 
-@dataclass
-class KiteConfig:
-    """Validated ``[kite]`` section (see :data:`feeds.settings.KITE`)."""
-    file: str
+@dataclass(kw_only=True)
+class KiteConfig(M.SessionConfig):
+    """Validated ``[kite]`` section (see :data:`feeds.settings.KITE`; keyword
+    arguments only)."""
     api_key: str
-    api_url: str
     ticker_url: str
     login_url: str
-    token_file: str
-    instruments_file: str
-    instruments_from_table: bool
-    default_mode: str
-    session_calendar: str
-    connect_before_open: float
-    stop_after_close: float
-    max_connections: int
-    max_instruments_per_connection: int
-    status_interval: float = 10.0
-    extra_sessions: dict[date, tuple[dtime, dtime]] = field(default_factory=dict)
-    extra_holidays: list[date] = field(default_factory=list)
     collector: Settings = field(default_factory=Settings)
-    candles: CandleSettings = field(default_factory=CandleSettings)
-
-    @property
-    def capacity(self) -> int:
-        return self.max_connections * self.max_instruments_per_connection
-
-
-def _time(text: str) -> dtime:
-    h, m = hhmm(text)
-    return dtime(h, m)
 
 
 def load_settings(cfg: Config) -> KiteConfig:
     """:class:`KiteConfig` from a loaded ``kite.toml`` (checked by
     :func:`feeds.settings.load`)."""
     k = "kite."
-    kc = KiteConfig(file=cfg.file, **{n: cfg[k + n] for n in (
-        "api_key", "api_url", "ticker_url", "login_url", "token_file", "instruments_file",
-        "instruments_from_table", "default_mode", "session_calendar", "connect_before_open", "stop_after_close",
-        "max_connections", "max_instruments_per_connection", "status_interval")})
-    for day, (open_, close) in cfg[k + "extra_sessions"].items():
-        kc.extra_sessions[date.fromisoformat(day)] = (_time(open_), _time(close))
-    kc.extra_holidays = [d if isinstance(d, date) else date.fromisoformat(str(d)) for d in cfg[k + "extra_holidays"]]
+    kc = M.load_session_config(KiteConfig, cfg, "kite", ("api_key", "ticker_url", "login_url"))
     kc.collector = Settings(api_key=kc.api_key, ticker_url=kc.ticker_url, **{n: cfg[k + n] for n in (
         "decoder", "silence_timeout", "reconnect_max_delay", "reconnect_max_tries")})
-    kc.candles = candle_settings(cfg)
     return kc
-
-
-class SourceUnavailable(Exception):
-    """The instrument list could not be read (the database is down): worth a restart."""
 
 
 def gather_specs(kc: KiteConfig, cli: tuple[str, ...], cli_file: str | None, dsn: str | None) -> tuple[list[InstrumentSpec], str]:
@@ -149,7 +118,7 @@ def gather_specs(kc: KiteConfig, cli: tuple[str, ...], cli_file: str | None, dsn
                 groups.append(read_spec_table(dsn or "", kc.default_mode))
             except Exception as e:
                 raise SourceUnavailable(f"cannot read the instruments from table kite_subscription: "
-                                        f"{_first_line(e)}") from None
+                                        f"{first_line(e)}") from None
             names.append("table kite_subscription")
         specs = merge_specs(*groups)
         source = " + ".join(names) or "nothing"
@@ -168,11 +137,6 @@ def too_many_message(n: int, kc: KiteConfig) -> str:
             f"remove {n - kc.capacity} or run a second collector with another API key")
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
 def _retry(what: str, fn, attempts: int = 4, delay: float = 2.0):
     """Call ``fn`` retrying network failures (not Kite's refusals)."""
     from kiteconnect import exceptions as kex
@@ -183,7 +147,7 @@ def _retry(what: str, fn, attempts: int = 4, delay: float = 2.0):
         except (requests.RequestException, kex.NetworkException, kex.GeneralException, kex.DataException) as e:
             if i == attempts:
                 raise
-            log.warning("%s failed (%s); retrying in %.0f s", what, _first_line(e), delay)
+            log.warning("%s failed (%s); retrying in %.0f s", what, first_line(e), delay)
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
 
@@ -211,7 +175,7 @@ def _store_instruments(dsn: str, rows: list[dict]) -> None:
                           int(r.get("lot_size") or 0), r.get("expiry") or None, repr(r.get("strike") or 0.0))
                          for r in rows])
     except Exception as e:
-        log.warning("instrument names not stored in kite_instrument (%s)", _first_line(e))
+        log.warning("instrument names not stored in kite_instrument (%s)", first_line(e))
 
 
 def history_job(kc: KiteConfig, dsn: str, access_token: str, candles, subs, open_ns: int, last_ns: int):
@@ -223,82 +187,33 @@ def history_job(kc: KiteConfig, dsn: str, access_token: str, candles, subs, open
 
     def job(stop) -> None:
         try:
-            try:
-                last = H.last_final_minutes(dsn, [s.instrument_token for s in subs], open_ns)
-            except Exception as e:
-                log.warning("candles: stored candles not read (%s); filling from the session's open",
-                            _first_line(e))
-                last = {}
-            plan = [(s.instrument_token, *first_missing(open_ns, last.get(s.instrument_token),
-                                                          kc.candles.intervals), not volumeless(s)) for s in subs]
-            plan = [p for p in plan if p[2] <= last_ns]
+            last = M.stored_minutes(lambda: H.last_final_minutes(dsn, [s.instrument_token for s in subs], open_ns), log)
+            items = [(s, s.instrument_token) for s in subs]
+            plan = [(token, first, keep, not volumeless(s))
+                    for s, token, first, keep in M.missed_minutes(items, last, open_ns, kc.candles.intervals)
+                    if keep <= last_ns]
             if not plan:
                 return
-            log.info("candles: filling the minutes missed (%s .. %s IST) of %d instrument(s) from Kite's "
-                     "historical candles, at most %d requests a second", H.ist_text(min(p[1] for p in plan)),
-                     H.ist_text(last_ns), len(plan), H.HISTORICAL_REQUESTS_PER_SECOND)
+            M.log_fill_start(log, min(p[1] for p in plan), last_ns, len(plan), "Kite's historical candles",
+                             H.HISTORICAL_REQUESTS_PER_SECOND)
             kite = KiteConnect(kc.api_key, access_token=access_token, root=kc.api_url)
             res = H.fill(kite, plan, last_ns, candles.seed, stop)
-            log.info("candles: history fill %s: %d instrument(s) filled with %d minute(s), %d failed%s",
-                     "stopped" if res.stopped else "done", res.instruments, res.bars, res.failed,
-                     f", {len(plan) - res.instruments - res.failed} not requested" if res.stopped else "")
+            M.log_fill_end(log, res.stopped, res.instruments, res.bars, res.failed,
+                           f", {len(plan) - res.instruments - res.failed} not requested" if res.stopped else "")
         except Exception:
             log.exception("candles: history fill failed")
     return job
 
 
-def _collect(kc: KiteConfig, sk: dict, dsn: str, plan_conns, access_token: str, run_plan, unit: str,
-             calendar: NseCalendar | None = None, since_ns: int | None = None, reporters=()) -> int:
-    """Run the collector through the runtime (waiting for the session first
-    when started before it); returns the exit status."""
-    cs = kc.candles
-    tables = A.TABLES
-    if cs.enabled:
-        tables = tables + (CANDLE_TABLE,)
-    svc = service.Service(unit, dsn, tables=tables, sink=sk, status_interval=kc.status_interval,
-                          reporters=reporters)
-    since_ns = time.time_ns() if since_ns is None else since_ns
-
-    async def prepare(svc: service.Service) -> KiteCollector | None:
-        if run_plan.start is not None and run_plan.start > datetime.now(UTC):
-            line = (f"waiting for the session: {run_plan.reason}; connecting at "
-                    f"{run_plan.start.astimezone(IST):%Y-%m-%d %H:%M} IST")
-            if not await svc.wait_until(run_plan.start, line):
-                return None
-        kc.collector.watchdog_interval = svc.watchdog_interval
-        candles = history = None
-        if cs.enabled:
-            sessions = sessions_of(calendar)
-            subs = [sub for conn in plan_conns for sub in conn]
-            candles = KiteCandles(cs, sessions, subs, svc.sink, since_ns=since_ns)
-            window = sessions.window(since_ns)
-            note = ""
-            # history only for a real session (without a calendar every UTC day is one window)
-            if cs.fill_from_history and calendar is not None and window is not None and since_ns > window[0]:
-                open_ns, close_ns = window
-                start_min = since_ns // H.MINUTE_NS * H.MINUTE_NS
-                # once the start minute can no longer be revised by a late tick: its history bar replaces it
-                when = min(start_min + H.MINUTE_NS, close_ns) + int((cs.lateness + cs.grace) * 1e9)
-                history = (when, history_job(kc, svc.dsn, access_token, candles, subs, open_ns, start_min))
-                note = (f"; started inside the session: the minutes missed up to {H.ist_text(start_min)[11:16]} "
-                        f"IST come from Kite's historical candles at {H.ist_text(when)[11:19]} IST")
-            log.info("candles: %s min, aligned to the session's open, closed %.1f s after their end%s",
-                     ", ".join(map(str, cs.intervals)), cs.grace, note)
-        return KiteCollector(kc.collector, access_token, plan_conns, svc.sink, svc.health, until=run_plan.stop,
-                             candles=candles, history=history)
-    return svc.run(prepare)
+#: What :func:`feeds.session_main.collect` runs for feed-zerodha.
+FEED = M.SessionFeed(program="feed-zerodha", venue="Kite", renewer="feed-kite-token", tables=A.TABLES,
+                     candle_table=CANDLE_TABLE, collector=KiteCollector, candles=KiteCandles, history_job=history_job,
+                     history_source="Kite's historical candles", rc_token=RC_TOKEN, log=log)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", envvar="FEEDS_KITE_CONFIG", default="/etc/feeds/kite.toml",
-              show_default=True, help="TOML configuration file.")
-@click.option("--instrument", "-i", "instruments", multiple=True,
-              help="EXCHANGE:TRADINGSYMBOL[=full|quote|ltp] (repeatable, or comma-separated); "
-                   "replaces the configured list.")
-@click.option("--instruments-file", default=None, help="Read the instrument list from this file instead.")
-@click.option("--at", "at", default=None,
-              help="Print the plan for a start at this ISO time (e.g. 2024-11-01T09:10+05:30) and exit.")
-@click.option("--unit", envvar="FEEDS_UNIT", default="feed-zerodha.service", help="Name used for the heartbeat row.")
+@M.collector_options("FEEDS_KITE_CONFIG", "/etc/feeds/kite.toml", "EXCHANGE:TRADINGSYMBOL[=full|quote|ltp]",
+                     "feed-zerodha.service")
 @click.option("--test-connection", is_flag=True,
               help="Print what would be subscribed (instruments, modes, connections) and Kite's answer for each "
                    "instrument (its last price), then exit: 0 if every one answered, else 1.  Writes nothing.")
@@ -306,22 +221,14 @@ def _collect(kc: KiteConfig, sk: dict, dsn: str, plan_conns, access_token: str, 
 def main(config_path: str, instruments: tuple[str, ...], instruments_file: str | None, at: str | None,
          unit: str, test_connection: bool) -> None:
     """Collect Zerodha Kite ticks (full, quote, LTP) during NSE sessions into PostgreSQL."""
-    since_ns = time.time_ns()
-    cfg = service.start(config_path, KITE_FILE)
-    kc = load_settings(cfg)
-    sk = service.sink_settings(cfg)
-    dsn = database_dsn(cfg)
-    reporters = service.reporters(cfg, unit)
+    st = M.begin(config_path, KITE_FILE, unit, load_settings)
+    kc, dsn = st.settings, st.dsn
     try:
         use_ist_localtime()
     except (WireVersionError, RuntimeError) as e:
         log.error("%s", e)
         sys.exit(1)
-    try:
-        specs, source = gather_specs(kc, instruments, instruments_file, dsn)
-    except SourceUnavailable as e:
-        log.error("%s", e)
-        sys.exit(1)
+    specs, source = M.gathered(lambda: gather_specs(kc, instruments, instruments_file, dsn), log)
     calendar = NseCalendar(kc.extra_sessions, kc.extra_holidays) if kc.session_calendar == "XNSE" else None
     if test_connection:
         sys.exit(check_connection(kc, specs, source, calendar))
@@ -336,7 +243,7 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
         print(f"feed-zerodha: {e}", file=sys.stderr, flush=True)
         sys.exit(EX_NOPERM)
     except Exception as e:
-        log.error("cannot reach Kite to check the access token: %s", _first_line(e))
+        log.error("cannot reach Kite to check the access token: %s", first_line(e))
         sys.exit(1)
     from kiteconnect import KiteConnect
     from kiteconnect import exceptions as kex
@@ -347,20 +254,16 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
             try:
                 master.extend(_retry(f"instrument list {exch}", lambda e=exch: kite.instruments(e)))
             except kex.InputException as e:
-                log.warning("instrument list for exchange %s refused: %s", exch, _first_line(e))
+                log.warning("instrument list for exchange %s refused: %s", exch, first_line(e))
     except kex.TokenException as e:
         print(f"feed-zerodha: Kite refused the access token ({e}); run feed-kite-token", file=sys.stderr, flush=True)
         sys.exit(EX_NOPERM)
     except Exception as e:
-        log.error("cannot read Kite's instrument list: %s", _first_line(e))
+        log.error("cannot read Kite's instrument list: %s", first_line(e))
         sys.exit(1)
     subs, unknown = resolve(specs, master)
-    if unknown:
-        log.warning("%d instrument(s) not in Kite's instrument list, skipped: %s%s", len(unknown),
-                    ", ".join(s.key for s in unknown[:20]), " ..." if len(unknown) > 20 else "")
-    if not subs:
-        raise ConfigError("kite.instruments_file", kc.instruments_file or kc.file,
-                          f"none of the {len(specs)} instruments is in Kite's instrument list")
+    M.check_resolved(subs, [s.key for s in unknown], len(specs), "Kite's", "kite.instruments_file",
+                     kc.instruments_file or kc.file, log)
     try:
         plan_conns = plan_connections(subs, kc.max_instruments_per_connection, kc.max_connections)
     except TooManyInstruments as e:
@@ -372,12 +275,7 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
              "connection(s) of at most %d, ticker %s, %s; token %s", config_path, len(subs), source,
              modes["full"], modes["quote"], modes["ltp"], len(plan_conns), kc.max_instruments_per_connection,
              kc.ticker_url, run_plan.reason, tok.describe())
-    rc = _collect(kc, sk, dsn, plan_conns, tok.access_token, run_plan, unit, calendar, since_ns,
-                  reporters=reporters)
-    if rc == RC_TOKEN:
-        print("feed-zerodha: Kite refused the access token during the session; run feed-kite-token",
-              file=sys.stderr, flush=True)
-    sys.exit(rc)
+    sys.exit(M.collect(FEED, kc, st, plan_conns, tok.access_token, run_plan, unit, calendar))
 
 
 def check_connection(kc: KiteConfig, specs: list[InstrumentSpec], source: str, calendar: NseCalendar | None,
@@ -405,7 +303,7 @@ def check_connection(kc: KiteConfig, specs: list[InstrumentSpec], source: str, c
         echo(f"access token: FAILED: {e}")
         return 1
     except Exception as e:
-        echo(f"access token: FAILED: cannot reach Kite: {_first_line(e)}")
+        echo(f"access token: FAILED: cannot reach Kite: {first_line(e)}")
         return 1
     echo(f"access token: valid ({tok.describe()}; user {prof.get('user_id', '?')})")
     kite = KiteConnect(kc.api_key, access_token=tok.access_token, root=kc.api_url)
@@ -415,7 +313,7 @@ def check_connection(kc: KiteConfig, specs: list[InstrumentSpec], source: str, c
         try:
             master.extend(_retry(f"instrument list {exch}", lambda e=exch: kite.instruments(e)))
         except Exception as e:
-            echo(f"instrument list {exch}: FAILED: {_first_line(e)}")
+            echo(f"instrument list {exch}: FAILED: {first_line(e)}")
             ok = False
     subs, unknown = resolve(specs, master)
     echo(f"{len(specs)} instrument(s) from {source}: {len(subs)} in Kite's instrument list, {len(unknown)} not")
@@ -443,10 +341,10 @@ def check_connection(kc: KiteConfig, specs: list[InstrumentSpec], source: str, c
         try:
             answers.update(_retry("last prices (quote/ltp)", lambda b=batch: kite.ltp(b)))
         except kex.TokenException as e:
-            echo(f"last prices: FAILED: Kite refused the access token ({_first_line(e)})")
+            echo(f"last prices: FAILED: Kite refused the access token ({first_line(e)})")
             return 1
         except Exception as e:
-            echo(f"last prices of {len(batch)} instrument(s): FAILED: {_first_line(e)}")
+            echo(f"last prices of {len(batch)} instrument(s): FAILED: {first_line(e)}")
             ok = False
     for i, conn in enumerate(conns, 1):
         for sb in conn:
@@ -470,7 +368,7 @@ def check_connection(kc: KiteConfig, specs: list[InstrumentSpec], source: str, c
 def load_login(cfg: Config, kc: KiteConfig, no_browser: bool = False):
     """Credentials and login settings from ``[kite]`` and ``[kite.login]``;
     reads the secret files.  Raises ConfigError."""
-    from .login import Credentials, LoginSettings, Selectors, totp_code
+    from .login import Credentials, LoginSettings, Selectors
     k = "kite.login."
     sel = Selectors(**{n: cfg[f"{k}selectors.{n}"] for n in ("user_id", "password", "submit", "totp", "error")})
     settings = LoginSettings(
@@ -487,19 +385,14 @@ def load_login(cfg: Config, kc: KiteConfig, no_browser: bool = False):
         api_secret=cfg.secret(k + "api_secret_file"),
         user_id=cfg.require(k + "user_id"),
         password=cfg.secret(k + "password_file"),
-        totp_secret=cfg.secret(k + "totp_secret_file"),
+        totp_secret=read_totp_secret(cfg, k + "totp_secret_file"),
         totp_file=cfg[k + "totp_secret_file"],
     )
-    try:
-        totp_code(creds.totp_secret, min_left=0)
-    except ValueError as e:
-        raise ConfigError(k + "totp_secret_file", cfg.file, f"the secret in {creds.totp_file}: {e}") from None
     return creds, settings, cfg[k + "attempts"], list(cfg[k + "retry_delays"])
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", envvar="FEEDS_KITE_CONFIG", default="/etc/feeds/kite.toml",
-              show_default=True, help="TOML configuration file.")
+@M.config_option("FEEDS_KITE_CONFIG", "/etc/feeds/kite.toml")
 @click.option("--check", is_flag=True, help="Only validate the stored token (exit 0 valid, 1 not).")
 @click.option("--force", is_flag=True, help="Log in even when the stored token is still valid.")
 @click.option("--no-browser", is_flag=True, help="Skip the browser; use the HTTP login only.")
@@ -514,33 +407,8 @@ def token_main(config_path: str, check: bool, force: bool, no_browser: bool) -> 
     if check:
         _token_run(cfg, kc, check, force, no_browser)
         return
-    rc = 1
-    try:
-        _token_run(cfg, kc, check, force, no_browser)
-        rc = 0
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        raise
-    except ConfigError:
-        rc = EX_CONFIG
-        raise
-    finally:
-        _token_textfile(cfg["metrics.textfile_dir"], TokenStore(kc.token_file), started, rc)
-
-
-def _token_textfile(directory: str, store: TokenStore, started: float, rc: int) -> None:
-    """The node_exporter textfile of a renewal run (``feeds_kite_token.prom``,
-    :func:`feeds.ops.metrics.write_textfile`): the standard keys and
-    ``token_expiry_timestamp_seconds``, the expiry of the token stored now
-    (whether renewed by this run or still valid; left out when none)."""
-    from ..ops.metrics import job_values, write_textfile
-    if not directory:
-        return
-    try:
-        expiry = store.load().expires_at.timestamp()
-    except TokenError:
-        expiry = None
-    write_textfile(directory, "kite_token", job_values(started, rc, token_expiry_timestamp_seconds=expiry))
+    finish_renewal(lambda: _token_run(cfg, kc, check, force, no_browser), cfg["metrics.textfile_dir"], "kite_token",
+                   TokenStore(kc.token_file), started)
 
 
 def _token_run(cfg: Config, kc: KiteConfig, check: bool, force: bool, no_browser: bool) -> None:
@@ -566,9 +434,9 @@ def _token_run(cfg: Config, kc: KiteConfig, check: bool, force: bool, no_browser
             log.info("logging in: %s", re.sub(r"[:;] run feed-kite-token.*$", "", str(e)))
         except Exception as e:
             if check:
-                log.error("cannot check the stored token: %s", _first_line(e))
+                log.error("cannot check the stored token: %s", first_line(e))
                 sys.exit(1)
-            log.info("renewing: the stored token could not be checked (%s)", _first_line(e))
+            log.info("renewing: the stored token could not be checked (%s)", first_line(e))
     creds, settings, attempts, delays = login
     try:
         renew(creds, settings, store, attempts=attempts, delays=delays)

@@ -5,41 +5,28 @@ day by exchanging a ``request_token`` (``POST /session/token``,
 ``KiteConnect.generate_session``) and stays valid until Kite flushes
 sessions at 06:00 IST the next morning (or until it is invalidated).
 
-:class:`TokenStore` keeps one JSON document, written atomically with mode
-0600 (owned by the service user; when written by root, by the owner of the
-directory).  :func:`validate` asks ``GET /user/profile`` whether Kite still
-accepts the token.  Neither ever logs the token.
+:class:`TokenStore` keeps one JSON document (:mod:`feeds.tokens`: written
+atomically with mode 0600, owned by the service user).  :func:`validate`
+asks ``GET /user/profile`` whether Kite still accepts the token.  Neither
+ever logs the token.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-from dataclasses import asdict, dataclass
-from datetime import datetime, time as dtime, timedelta, timezone
-from pathlib import Path
-from zoneinfo import ZoneInfo
+from dataclasses import dataclass
+from datetime import datetime, time as dtime, timedelta
 
-from ..runtime import write_atomically
+from .. import tokens
+from ..tokens import IST, UTC, TokenError, TokenExpired, TokenMissing
+
+__all__ = ["IST", "UTC", "DAILY_EXPIRY", "TokenError", "TokenMissing", "TokenExpired", "next_expiry", "AccessToken",
+           "TokenStore", "validate"]
 
 log = logging.getLogger(__name__)
 
-IST = ZoneInfo("Asia/Kolkata")
-UTC = timezone.utc
 #: Kite invalidates every access token at this IST time each morning.
 DAILY_EXPIRY = dtime(6, 0)
-
-
-class TokenError(Exception):
-    """The stored access token cannot be used; ``str()`` is one line for the journal."""
-
-
-class TokenMissing(TokenError):
-    """No token file (never renewed), or not readable."""
-
-
-class TokenExpired(TokenError):
-    """The token is past Kite's daily expiry, or Kite refused it (403 TokenException)."""
 
 
 def next_expiry(obtained: datetime) -> datetime:
@@ -53,7 +40,7 @@ def next_expiry(obtained: datetime) -> datetime:
 
 
 @dataclass
-class AccessToken:
+class AccessToken(tokens.StoredToken):
     """A stored session: ``api_key``, ``user_id``, ``access_token``,
     ``obtained_at`` and ``expires_at`` (aware UTC), ``login_time`` (Kite's,
     IST text) and ``method`` (``browser`` or ``http``)."""
@@ -65,15 +52,6 @@ class AccessToken:
     login_time: str = ""
     method: str = ""
 
-    def expired(self, now: datetime | None = None) -> bool:
-        return (now or datetime.now(UTC)) >= self.expires_at
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        d["obtained_at"] = self.obtained_at.isoformat()
-        d["expires_at"] = self.expires_at.isoformat()
-        return json.dumps(d, indent=1) + "\n"
-
     @classmethod
     def from_json(cls, text: str) -> "AccessToken":
         """Raises ValueError/KeyError/TypeError for a document that is not a token."""
@@ -83,54 +61,17 @@ class AccessToken:
                    expires_at=datetime.fromisoformat(d["expires_at"]),
                    login_time=str(d.get("login_time", "")), method=str(d.get("method", "")))
 
-    def describe(self) -> str:
-        """One line without the token itself."""
-        return (f"user {self.user_id}, obtained {self.obtained_at.astimezone(IST):%Y-%m-%d %H:%M:%S} IST"
-                f"{' by ' + self.method if self.method else ''}, expires "
-                f"{self.expires_at.astimezone(IST):%Y-%m-%d %H:%M} IST")
+    def holder(self) -> str:
+        return f"user {self.user_id}"
+
+    def not_for(self, account: str) -> str | None:
+        return "another api_key" if self.api_key != account else None
 
 
-class TokenStore:
-    """The token file at ``path``."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def load(self) -> AccessToken:
-        """The stored token.  Raises :class:`TokenMissing` (absent,
-        unreadable or not a token document)."""
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            raise TokenMissing(f"no access token in {self.path}: run feed-kite-token "
-                               "(systemctl start feed-kite-token)") from None
-        except OSError as e:
-            raise TokenMissing(f"access token file {self.path} not readable ({e.strerror})") from None
-        try:
-            return AccessToken.from_json(text)
-        except (ValueError, KeyError, TypeError) as e:
-            raise TokenMissing(f"access token file {self.path} is not a token document ({e}); "
-                               "run feed-kite-token") from None
-
-    def load_current(self, api_key: str, now: datetime | None = None) -> AccessToken:
-        """The stored token if it belongs to ``api_key`` and is before its
-        expiry.  Raises :class:`TokenMissing` or :class:`TokenExpired`."""
-        tok = self.load()
-        if tok.api_key != api_key:
-            raise TokenExpired(f"the access token in {self.path} belongs to another api_key; run feed-kite-token")
-        if tok.expired(now):
-            raise TokenExpired(f"the access token in {self.path} expired at "
-                               f"{tok.expires_at.astimezone(IST):%Y-%m-%d %H:%M} IST ({tok.describe()}); "
-                               "run feed-kite-token")
-        return tok
-
-    def save(self, tok: AccessToken) -> None:
-        """Write atomically (temporary file, fsync, rename) with mode 0600.
-        When run as root, the file is given to the owner of its directory
-        (the service user).  Raises OSError."""
-        d = self.path.parent
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomically(self.path, tok.to_json(), owner_of_dir=True)
+class TokenStore(tokens.TokenStore[AccessToken]):
+    """The token file at ``path`` (``kite.token_file``)."""
+    document = AccessToken
+    renewer = "feed-kite-token"
 
 
 def validate(tok: AccessToken, api_url: str, timeout: float = 10.0) -> dict:

@@ -105,21 +105,19 @@ import contextlib
 import datetime as dt
 import logging
 import os
-import signal
-import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Mapping
 from urllib.parse import urlencode
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from ..dhan import limits
 from . import dhan_packets as P
+from .common import PerSecondLimiter, SimServer, json_response as _json, shared_data_dir
 from .dhan_auth import DhanError, Token, TokenBook
 from .dhan_feed import FULL, MODE_NAMES, MODE_OF_REQUEST, QUOTE, TICKER, UNSUBSCRIBE, LiveMarket, Subscriptions, \
     ws_frame
@@ -132,21 +130,6 @@ log = logging.getLogger(__name__)
 PING_INTERVAL_S = float(limits.SERVER_PING_INTERVAL_S)
 IDLE_TIMEOUT_S = float(limits.SERVER_IDLE_CLOSE_S)
 DEFAULT_CORPORATE_ACTIONS = ("1333:2025-08-26:2",)   # HDFCBANK 1:1 bonus
-
-
-def default_data_dir() -> Path | None:
-    """Dhan recordings: ``$FEEDS_SHARED_DATA/dhan`` or ``<repo>/../shared/data/dhan``; None if absent."""
-    env = os.environ.get("FEEDS_SHARED_DATA")
-    candidates = [Path(env) / "dhan"] if env else []
-    candidates.append(Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "dhan")
-    for path in candidates:
-        if path.is_dir():
-            return path.resolve()
-    return None
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
 # ----------------------------------------------------------------------------- rate limits
@@ -215,22 +198,6 @@ class DataLimiter:
                 "first_at": self.first_at, "last_at": self.last_at, "allowance_used": used}
 
 
-class _SimpleLimiter:
-    def __init__(self, per_second: int) -> None:
-        self.per_second = per_second
-        self._q: dict[str, deque[float]] = {}
-
-    def allow(self, who: str) -> bool:
-        now = time.monotonic()
-        q = self._q.setdefault(who, deque())
-        while q and q[0] <= now - 1.0:
-            q.popleft()
-        if len(q) >= self.per_second:
-            return False
-        q.append(now)
-        return True
-
-
 # ----------------------------------------------------------------------------- feed connections
 
 
@@ -274,22 +241,29 @@ class _FeedConnection:
 # ----------------------------------------------------------------------------- the simulator
 
 
-class DhanSimulator:
+class DhanSimulator(SimServer):
     """Dhan REST + live feed simulator on one HTTP port (see the module text).
 
     Keyword parameters: ``client_id``, ``pin``, ``totp_secret`` (base32) and
     ``client_name`` of the one user; ``token_ttl`` (s, 86400); ``access_token``
     (register this token string at start, else one is issued; see
     :attr:`access_token`); ``data_dir`` (the ``dhan`` recordings directory;
-    default :func:`default_data_dir`; ``False``: none); ``instruments`` (generated
-    NSE equities); ``seed``; ``rate`` (trades a second per subscribed instrument,
-    at least 4 a minute); ``session_now`` / ``session_elapsed`` (min) /
+    default ``shared_data_dir("dhan")`` of :mod:`feeds.sim.common`; ``False``:
+    none); ``instruments`` (generated NSE equities); ``seed``; ``rate`` (trades
+    a second per subscribed instrument, at least 4 a minute); ``session_now`` / ``session_elapsed`` (min) /
     ``session_minutes``: the virtual session; ``corporate_actions``
     (``SECURITY_ID:YYYY-MM-DD:FACTOR`` strings, ``"none"`` ignored); ``adjusted`` (apply them from the
     start); ``ping_interval``, ``idle_timeout`` (s); ``max_connections``,
     ``max_instruments``, ``max_per_message``; ``data_rate``, ``data_per_day``,
     ``rate_limits`` (enforce them).  Raises ValueError for bad values.
     """
+
+    venue = "dhan"
+    log = log
+    Error = DhanError
+    connection_kind = "feed"
+    running_timeout = 30.0
+    call_timeout = 30.0
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, client_id: str = "1000000001",
                  pin: str = "123456", totp_secret: str = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP",
@@ -310,16 +284,14 @@ class DhanSimulator:
             raise ValueError("rate must be >= 0; intervals > 0; limits >= 1")
         if session_minutes < 1 or session_elapsed < 0:
             raise ValueError("session_minutes must be >= 1 and session_elapsed >= 0")
-        self.host = host
-        self._requested_port = port
-        self.port: int | None = None
+        super().__init__(host, port)
         self.auth = TokenBook(client_id, pin=pin, totp_secret=totp_secret, ttl=token_ttl, client_name=client_name)
         self._initial_token = access_token
         self.access_token: str | None = None
         if data_dir is False:
             self.data_dir = None
         else:
-            self.data_dir = Path(data_dir).resolve() if data_dir else default_data_dir()
+            self.data_dir = Path(data_dir).resolve() if data_dir else shared_data_dir("dhan")
         self.master = ScripMaster(instruments, seed)
         self.sessions = Sessions()
         self.session_minutes = session_minutes
@@ -335,25 +307,13 @@ class DhanSimulator:
         self.max_instruments = max_instruments
         self.max_per_message = max_per_message
         self.limiter = DataLimiter(data_rate, data_per_day, rate_limits)
-        self._other = _SimpleLimiter(limits.NON_TRADING_REQUESTS_PER_SECOND)
+        self._other = PerSecondLimiter()
         self._other_enabled = rate_limits
         self._connections: dict[int, _FeedConnection] = {}
-        self._next_cid = 1
         self._counters: dict[str, Any] = {"connections_total": 0, "refused": {}, "disconnects_sent": {},
                                           "idle_closed": 0, "bad_messages": 0, "rest_requests": 0, "rest_errors": 0}
-        self._runner: web.AppRunner | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
-        self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
-
-    @property
-    def base_url(self) -> str:
-        """``http://host:port``: the api, auth and instrument list root; valid after start()."""
-        if self.port is None:
-            raise RuntimeError("simulator not started")
-        return f"http://{self.host}:{self.port}"
 
     @property
     def ws_url(self) -> str:
@@ -366,7 +326,7 @@ class DhanSimulator:
                                                "clientId": client_id or self.auth.client_id, "authType": "2"})
 
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=1 << 20)
+        app = self._app(client_max_size=1 << 20)
         r = app.router
         r.add_get("/", self._h_root)
         r.add_get("/api-data/api-scrip-master.csv", self._h_scrip_master)
@@ -376,7 +336,6 @@ class DhanSimulator:
         r.add_post("/v2/RenewToken", self._h_renew)
         r.add_get("/v2/profile", self._h_profile)
         r.add_post("/app/generateAccessToken", self._h_generate)
-        r.add_get("/sim/stats", self._h_sim_stats)
         r.add_post("/sim/stats/reset", self._h_sim_stats_reset)
         r.add_post("/sim/access_token", self._h_sim_access_token)
         r.add_get("/sim/adjust", self._h_sim_adjust)
@@ -385,32 +344,19 @@ class DhanSimulator:
         r.add_post("/sim/session", self._h_sim_session)
         r.add_delete("/sim/session", self._h_sim_session)
         r.add_get("/sim/candles", self._h_sim_candles)
-        r.add_post("/sim/fault/{name}", self._h_sim_fault)
         return app
 
     async def start(self) -> None:
         """Bind and serve; sets ``.port`` and :attr:`access_token`.  Raises OSError if the bind fails."""
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        self._stopping = False
         self.access_token = self.auth.issue(token=self._initial_token).token
-        self._runner = web.AppRunner(self._build_app(), access_log=None, shutdown_timeout=2.0, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self._requested_port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        await self._serve(self._build_app())
         log.info("event=dhan_sim_started url=%s instruments=%d recordings=%d data_dir=%s virtual_session=%s",
                  self.base_url, len(self.master.instruments), len(self.source.recordings), self.data_dir,
                  self.sessions.virtual)
 
     async def stop(self) -> None:
         """Close every feed connection and stop the server."""
-        self._stopping = True
-        for conn in list(self._connections.values()):
-            await self._close(conn, 1001, "simulator stopping")
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._shutdown(lambda conn: self._close(conn, 1001, "simulator stopping"))
         log.info("event=dhan_sim_stopped")
 
     async def serve_forever(self, token_file: Path | None = None) -> None:
@@ -421,49 +367,7 @@ class DhanSimulator:
             os.chmod(token_file, 0o600)
         print(f"dhan simulator listening on {self.base_url} (feed {self.ws_url}/, client id {self.auth.client_id})",
               flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await self.stop()
-
-    @contextlib.contextmanager
-    def running(self, timeout: float = 30.0) -> Iterator["DhanSimulator"]:
-        """Run on its own event loop in a daemon thread: ``with DhanSimulator().running() as sim:``."""
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="dhan-sim", daemon=True)
-        thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self.start(), loop).result(timeout)
-            yield self
-        finally:
-            try:
-                if self._runner is not None:
-                    asyncio.run_coroutine_threadsafe(self.stop(), loop).result(timeout)
-            finally:
-                loop.call_soon_threadsafe(loop.stop)
-                thread.join(timeout)
-                loop.close()
-
-    def _call(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
-        if self._loop is None:
-            raise RuntimeError("simulator not started")
-        if threading.get_ident() == self._loop_thread:
-            return fn()
-        fut: Future = Future()
-
-        def run() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:  # pragma: no cover - handed to the caller
-                fut.set_exception(exc)
-
-        self._loop.call_soon_threadsafe(run)
-        return fut.result(timeout)
+        await self._run_until_signal()
 
     # ------------------------------------------------------------------ control (also for tests)
 
@@ -540,14 +444,6 @@ class DhanSimulator:
             raise KeyError(f"unknown instrument {segment}:{security_id}")
         return self._call(lambda: self.source.intraday(inst, interval, first, last, time.time()).to_json())
 
-    def _targets(self, connection: int | None) -> list[_FeedConnection]:
-        if connection is None:
-            return list(self._connections.values())
-        conn = self._connections.get(connection)
-        if conn is None:
-            raise DhanError(400, "DH-905", f"no feed connection {connection}")
-        return [conn]
-
     def fault_expire_token(self, token: str | None = None) -> int:
         """Expire one token (or all) now; feed connections on it get 807 and close.  Returns tokens expired."""
         def run() -> int:
@@ -562,32 +458,13 @@ class DhanSimulator:
 
     def fault_disconnect(self, code: int | None = None, connection: int | None = None) -> int:
         """Drop feed connections: with ``code`` a Feed Disconnect packet then the close; without, a TCP abort."""
-        def run() -> int:
-            targets = self._targets(connection)
-            for conn in targets:
-                if code is None:
-                    conn.closing = True
-                    conn.transport.abort()
-                else:
-                    asyncio.ensure_future(self._disconnect(conn, code))
-            log.warning("event=fault_disconnect code=%s connections=%d", code, len(targets))
-            return len(targets)
-        return self._call(run)
-
-    def fault_silence(self, seconds: float, connection: int | None = None) -> int:
-        """Send nothing (no packets, pings or pongs) for ``seconds``; the socket stays open."""
-        if seconds < 0:
-            raise ValueError("seconds must be >= 0")
-
-        def run() -> int:
-            targets = self._targets(connection)
-            until = time.monotonic() + seconds
-            for conn in targets:
-                conn.silenced_until = until
-                conn.wake.set()
-            log.warning("event=fault_silence seconds=%.3f connections=%d", seconds, len(targets))
-            return len(targets)
-        return self._call(run)
+        def drop(conn: _FeedConnection) -> None:
+            if code is None:
+                conn.closing = True
+                conn.transport.abort()
+            else:
+                asyncio.ensure_future(self._disconnect(conn, code))
+        return self._each(connection, drop, "event=fault_disconnect code=%s connections=%d", code)
 
     def fault_malformed(self, kind: str = "unknown_code", connection: int | None = None) -> int:
         """Send one malformed message: ``unknown_code`` (code 99, 16 bytes), ``short`` (a full
@@ -602,48 +479,44 @@ class DhanSimulator:
         if packet is None:
             raise ValueError("kind must be unknown_code, short or bad_length")
 
-        def run() -> int:
-            targets = self._targets(connection)
-            for conn in targets:
-                conn.control.append(ws_frame(bytes(packet())))
-                conn.packets["malformed"] += 1
-                conn.wake.set()
-            return len(targets)
-        return self._call(run)
+        def queue(conn: _FeedConnection) -> None:
+            conn.control.append(ws_frame(bytes(packet())))
+            conn.packets["malformed"] += 1
+            conn.wake.set()
+        return self._each(connection, queue)
 
     def fault_market_status(self, connection: int | None = None) -> int:
-        def run() -> int:
-            targets = self._targets(connection)
-            for conn in targets:
-                self._queue(conn, P.pack_market_status(), "market_status")
-            return len(targets)
-        return self._call(run)
+        """Send a Market Status packet (code 7) now on every (or one) connection; returns how many."""
+        return self._each(connection, lambda conn: self._queue(conn, P.pack_market_status(), "market_status"))
 
     # ------------------------------------------------------------------ REST plumbing
 
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
-        self._counters["rest_requests"] += 1
-        try:
-            return await handler(request)
-        except DhanError as exc:
-            self._counters["rest_errors"] += 1
-            log.info("event=rest_error method=%s path=%s status=%d code=%s message=%r", request.method,
-                     request.path, exc.status, exc.code, exc.message)
-            return _json(exc.body(), exc.status)
-        except web.HTTPNotFound:
-            self._counters["rest_errors"] += 1
-            return _json({"errorType": "Input_Exception", "errorCode": "DH-905", "errorMessage": "Not found"}, 404)
-        except web.HTTPMethodNotAllowed:
-            self._counters["rest_errors"] += 1
-            return _json({"errorType": "Input_Exception", "errorCode": "DH-905",
-                          "errorMessage": "Method not allowed"}, 405)
-        except (web.HTTPException, asyncio.CancelledError):
-            raise
-        except Exception:
-            self._counters["rest_errors"] += 1
-            log.exception("event=rest_internal_error method=%s path=%s", request.method, request.path)
-            return _json(DhanError(500, "DH-908").body(), 500)
+    def _input_error(self, message: str) -> DhanError:
+        return DhanError(400, "DH-905", message)
+
+    def _http_error(self, status: int) -> DhanError:
+        if status == 500:
+            return DhanError(500, "DH-908")
+        return DhanError(status, "DH-905", "Not found" if status == 404 else "Method not allowed")
+
+    def _rest_error(self, request: web.Request, exc: DhanError) -> None:
+        log.info("event=rest_error method=%s path=%s status=%d code=%s message=%r", request.method,
+                 request.path, exc.status, exc.code, exc.message)
+
+    def _reply(self, data: Any) -> web.Response:
+        return _json(data)
+
+    def _unknown_fault(self, name: str) -> DhanError:
+        return DhanError(400, "DH-905", f"unknown fault {name!r}")
+
+    def _faults(self, q: Mapping[str, str], connection: int | None) -> dict[str, Callable[[], int]]:
+        return {
+            "expire_token": lambda: self.fault_expire_token(q.get("token")),
+            "disconnect": lambda: self.fault_disconnect(int(q["code"]) if "code" in q else None, connection),
+            "silence": lambda: self.fault_silence(float(q.get("seconds", "60")), connection),
+            "malformed": lambda: self.fault_malformed(q.get("kind", "unknown_code"), connection),
+            "market_status": lambda: self.fault_market_status(connection),
+        }
 
     def _authorize(self, request: web.Request, client_header: str = "client-id") -> Token:
         return self.auth.check(request.headers.get("access-token"), request.headers.get(client_header))
@@ -654,7 +527,7 @@ class DhanSimulator:
             raise DhanError(429, "DH-904")
 
     def _other_rate(self, who: str) -> None:
-        if self._other_enabled and not self._other.allow(who):
+        if self._other_enabled and not self._other.allow(who, limits.NON_TRADING_REQUESTS_PER_SECOND):
             raise DhanError(429, "DH-904")
 
     @staticmethod
@@ -768,9 +641,6 @@ class DhanSimulator:
 
     # ------------------------------------------------------------------ /sim handlers
 
-    async def _h_sim_stats(self, request: web.Request) -> web.Response:
-        return _json(self.stats())
-
     async def _h_sim_stats_reset(self, request: web.Request) -> web.Response:
         self.limiter.reset()
         return _json({"reset": True})
@@ -807,27 +677,6 @@ class DhanSimulator:
                                       int(q["to"]), int(q.get("interval", "1"))))
         except (KeyError, ValueError) as exc:
             raise DhanError(400, "DH-905", f"bad query: {exc}") from None
-
-    async def _h_sim_fault(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        q = request.query
-        try:
-            connection = int(q["connection"]) if "connection" in q else None
-            if name == "expire_token":
-                n = self.fault_expire_token(q.get("token"))
-            elif name == "disconnect":
-                n = self.fault_disconnect(int(q["code"]) if "code" in q else None, connection)
-            elif name == "silence":
-                n = self.fault_silence(float(q.get("seconds", "60")), connection)
-            elif name == "malformed":
-                n = self.fault_malformed(q.get("kind", "unknown_code"), connection)
-            elif name == "market_status":
-                n = self.fault_market_status(connection)
-            else:
-                raise DhanError(400, "DH-905", f"unknown fault {name!r}")
-        except ValueError as exc:
-            raise DhanError(400, "DH-905", str(exc)) from None
-        return _json({"fault": name, "affected": n})
 
     # ------------------------------------------------------------------ the feed
 
@@ -888,46 +737,30 @@ class DhanSimulator:
             return await self._refuse(request, 810, "client_id")
         ws = web.WebSocketResponse(autoping=False, compress=False, max_msg_size=1 << 20)
         await ws.prepare(request)
-        cid = self._next_cid
-        self._next_cid += 1
-        conn = _FeedConnection(cid, tok.client_id, tok.token, str(request.remote), ws, request.transport,
-                               Subscriptions(self.live))
         mine = sorted((c for c in self._connections.values() if c.client_id == tok.client_id and not c.closing),
                       key=lambda c: c.cid)
-        self._connections[cid] = conn
-        self._counters["connections_total"] += 1
-        log.info("event=feed_connected id=%d peer=%s active=%d", cid, conn.peer, len(self._connections))
+        conn = self._open(lambda cid: _FeedConnection(cid, tok.client_id, tok.token, str(request.remote), ws,
+                                                      request.transport, Subscriptions(self.live)))
         while len(mine) >= self.max_connections:
             oldest = mine.pop(0)
             asyncio.ensure_future(self._disconnect(oldest, 805))
-        conn.tasks = [asyncio.create_task(self._sender(conn), name=f"dhan-feed-{cid}"),
-                      asyncio.create_task(self._pinger(conn), name=f"dhan-ping-{cid}")]
-        try:
-            async for msg in ws:
-                conn.last_heard = time.monotonic()
-                if msg.type == WSMsgType.TEXT:
-                    await self._on_text(conn, msg.data)
-                elif msg.type == WSMsgType.PING:
-                    if conn.silenced_until <= time.monotonic():
-                        with contextlib.suppress(Exception):
-                            await ws.pong(msg.data)
-                elif msg.type == WSMsgType.PONG:
-                    conn.pongs += 1
-                elif msg.type == WSMsgType.BINARY:
-                    self._bad(conn, "binary request (v2 requests are JSON text)")
-                elif msg.type == WSMsgType.ERROR:
-                    break
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            self._connections.pop(cid, None)
-            for t in conn.tasks:
-                t.cancel()
-            for t in conn.tasks:
-                with contextlib.suppress(BaseException):
-                    await t
-            log.info("event=feed_closed id=%d peer=%s close_code=%s active=%d", cid, conn.peer, ws.close_code,
-                     len(self._connections))
+        conn.tasks = [asyncio.create_task(self._sender(conn), name=f"dhan-feed-{conn.cid}"),
+                      asyncio.create_task(self._pinger(conn), name=f"dhan-ping-{conn.cid}")]
+
+        async def on_message(msg: WSMessage) -> None:
+            conn.last_heard = time.monotonic()
+            if msg.type == WSMsgType.TEXT:
+                await self._on_text(conn, msg.data)
+            elif msg.type == WSMsgType.PING:
+                if conn.silenced_until <= time.monotonic():
+                    with contextlib.suppress(Exception):
+                        await ws.pong(msg.data)
+            elif msg.type == WSMsgType.PONG:
+                conn.pongs += 1
+            elif msg.type == WSMsgType.BINARY:
+                self._bad(conn, "binary request (v2 requests are JSON text)")
+
+        await self._receive(conn, on_message, conn.tasks)
         return ws
 
     def _bad(self, conn: _FeedConnection, reason: str) -> None:
@@ -1009,12 +842,6 @@ class DhanSimulator:
             conn.packets["ticker"] += counts[TICKER]
             conn.packets["quote"] += counts[QUOTE]
             conn.packets["full"] += counts[FULL]
-
-    async def _wait(self, conn: _FeedConnection, timeout: float) -> None:
-        if timeout > 0:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(conn.wake.wait(), timeout)
-        conn.wake.clear()
 
     async def _sender(self, conn: _FeedConnection) -> None:
         """Per connection: control packets, then every trade due, as they fall due."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import pyotp
 
-IST = dt.timezone(dt.timedelta(hours=5, minutes=30), "IST")
+from .dhan_market import IST
 
 # Annexure "Trading API Error": code -> (errorType, message)
 ERRORS = {

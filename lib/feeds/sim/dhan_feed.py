@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dhan_market import CandleSource, Instrument, MinutePaths, SimSession, generate_minutes
+from .dhan_market import IST_SHIFT_S, CandleSource, Instrument, MinutePaths, SimSession, generate_minutes
 
-IST_SHIFT_S = 19_800
 TICKER, QUOTE, FULL = 2, 4, 8
 #: subscribe request code -> response code of the mode
 MODE_OF_REQUEST = {15: TICKER, 17: QUOTE, 21: FULL}

@@ -54,22 +54,18 @@ import asyncio
 import contextlib
 import html
 import logging
-import os
-import signal
-import threading
 import time
-from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, time as dtime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Mapping
 from urllib.parse import urlencode, urlsplit, urlunsplit, parse_qsl
 
 import numpy as np
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
+from .common import PerSecondLimiter, SimServer, json_response, shared_data_dir
 from .kite_auth import AuthState, KiteAccount, KiteError
 from .kite_bars import MinuteBar
 from .kite_instruments import (
@@ -97,27 +93,8 @@ REST_RATE_LIMITS = {"/quote": 1, "/quote/ltp": 1, "/quote/ohlc": 1, "historical"
 QUOTE_MAX_INSTRUMENTS = {"/quote": 500, "/quote/ltp": 1000, "/quote/ohlc": 1000}
 
 
-def default_data_dir() -> Path | None:
-    """Recorded venue data: ``$FEEDS_SHARED_DATA`` or ``<repo>/../shared/data``; None if absent."""
-    env = os.environ.get("FEEDS_SHARED_DATA")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[3] / ".." / "shared" / "data")
-    for path in candidates:
-        if path.is_dir():
-            return path
-    return None
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
 def _ok(data: Any) -> web.Response:
-    return _json({"status": "success", "data": data})
-
-
-def _error(exc: KiteError) -> web.Response:
-    return _json(exc.body(), status=exc.status)
+    return json_response({"status": "success", "data": data})
 
 
 # ----------------------------------------------------------------------------
@@ -175,30 +152,11 @@ class _TickerConnection:
         }
 
 
-class _RateLimiter:
-    """Sliding one-second windows per (api_key, endpoint group)."""
-
-    def __init__(self, limits: dict[str, int]) -> None:
-        self.limits = limits
-        self._hits: dict[tuple[str, str], deque[float]] = {}
-
-    def allow(self, who: str, group: str) -> bool:
-        limit = self.limits.get(group, self.limits["default"])
-        now = time.monotonic()
-        q = self._hits.setdefault((who, group), deque())
-        while q and now - q[0] >= 1.0:
-            q.popleft()
-        if len(q) >= limit:
-            return False
-        q.append(now)
-        return True
-
-
 # ----------------------------------------------------------------------------
 # the simulator
 
 
-class KiteSimulator:
+class KiteSimulator(SimServer):
     """Kite Connect REST + login + ticker simulator on one HTTP port.
 
     Parameters (all keyword except host/port):
@@ -217,7 +175,7 @@ class KiteSimulator:
     * ``token_expiry``: IST time of day access tokens expire (``"06:00"``);
       ``token_ttl``: seconds, overrides token_expiry when set.
     * ``data_dir``: recorded data root (``shared/data``; default
-      :func:`default_data_dir`); ``replay``: replay INFY's recorded packets.
+      :func:`feeds.sim.common.shared_data_dir`); ``replay``: replay INFY's recorded packets.
     * ``min_nse_equities``: size of the NSE equity universe (generated).
     * ``rest_rate_limits``: enforce Kite's per-second REST limits.
     * ``seed``: random seed of the generated market.
@@ -225,6 +183,13 @@ class KiteSimulator:
     Raises ValueError for inconsistent parameters.  Methods other than
     start/stop are safe to call from any thread once started.
     """
+
+    venue = "kite"
+    log = log
+    Error = KiteError
+    connection_kind = "ticker"
+    running_timeout = 15.0
+    call_timeout = 10.0
 
     def __init__(
         self,
@@ -258,9 +223,7 @@ class KiteSimulator:
                 token_expiry = dtime(int(hh), int(mm))
             except ValueError as exc:
                 raise ValueError(f"token_expiry must be HH:MM, got {token_expiry!r}") from exc
-        self.host = host
-        self._requested_port = port
-        self.port: int | None = None
+        super().__init__(host, port)
         self.rate = float(rate)
         self.rates = {int(k): float(v) for k, v in (rates or {}).items()}
         self.heartbeat_interval = float(heartbeat_interval)
@@ -269,7 +232,7 @@ class KiteSimulator:
         self.account = KiteAccount(api_key=api_key, api_secret=api_secret, user_id=user_id,
                                    password=password, totp_secret=totp_secret, redirect_url=redirect_url)
         self.auth = AuthState(self.account, token_expiry=token_expiry, token_ttl=token_ttl)
-        root = Path(data_dir) if data_dir is not None else default_data_dir()
+        root = Path(data_dir) if data_dir is not None else shared_data_dir()
         kite_dir = root / "kite" if root is not None and (root / "kite").is_dir() else None
         self.data_dir = kite_dir
         self.master = InstrumentMaster.build(kite_dir, min_nse_equities=min_nse_equities)
@@ -284,28 +247,16 @@ class KiteSimulator:
         )
         self.replayed_tokens = [recorded.instrument_token] if recorded else []
         self.calendar = SessionCalendar()
-        self._limiter = _RateLimiter(REST_RATE_LIMITS) if rest_rate_limits else None
+        self._limiter = PerSecondLimiter() if rest_rate_limits else None
         self._connections: dict[int, _TickerConnection] = {}
         self._pending_handshakes: dict[str, int] = {}
-        self._next_cid = 1
         self._counters: dict[str, int] = {
             "connections_total": 0, "refused_403": 0, "refused_429": 0,
             "rest_requests": 0, "rest_errors": 0, "rate_limited": 0,
             "bad_client_messages": 0, "subscribe_over_limit": 0, "disconnects_forced": 0,
         }
-        self._runner: web.AppRunner | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: int | None = None
-        self._stopping = False
 
     # ------------------------------------------------------------ lifecycle
-
-    @property
-    def base_url(self) -> str:
-        """``http://host:port`` (REST and login root); valid after start()."""
-        if self.port is None:
-            raise RuntimeError("simulator not started")
-        return f"http://{self.host}:{self.port}"
 
     @property
     def ws_url(self) -> str:
@@ -318,7 +269,7 @@ class KiteSimulator:
         return self.account.redirect_url or f"{self.base_url}/sim/login_done"
 
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=2 * 1024 * 1024)
+        app = self._app(client_max_size=2 * 1024 * 1024)
         r = app.router
         r.add_get("/", self._h_root)
         r.add_get("/instruments", self._h_instruments)
@@ -334,35 +285,20 @@ class KiteSimulator:
         r.add_get("/connect/finish", self._h_connect_finish)
         r.add_post("/api/login", self._h_api_login)
         r.add_post("/api/twofa", self._h_api_twofa)
-        r.add_get("/sim/stats", self._h_sim_stats)
         r.add_get("/sim/login_done", self._h_sim_login_done)
         r.add_post("/sim/access_token", self._h_sim_access_token)
         r.add_post("/sim/unlock", self._h_sim_unlock)
-        r.add_post("/sim/fault/{name}", self._h_sim_fault)
         return app
 
     async def start(self) -> None:
         """Bind and start serving; sets ``.port``.  Raises OSError if the bind fails."""
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        self._stopping = False
-        self._runner = web.AppRunner(self._build_app(), access_log=None, shutdown_timeout=2.0,
-                                     handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self._requested_port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        await self._serve(self._build_app())
         log.info("event=kite_sim_started url=%s instruments=%d replay=%s",
                  self.base_url, len(self.master.instruments), self.replayed_tokens)
 
     async def stop(self) -> None:
         """Close every ticker connection (going away) and stop the server."""
-        self._stopping = True
-        for conn in list(self._connections.values()):
-            await self._close_connection(conn, code=1001, reason="simulator stopping")
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._shutdown(lambda conn: self._close_connection(conn, code=1001, reason="simulator stopping"))
         log.info("event=kite_sim_stopped")
 
     async def serve_forever(self) -> None:
@@ -370,55 +306,7 @@ class KiteSimulator:
         await self.start()
         print(f"kite simulator listening on {self.base_url} (ticker {self.ws_url}, "
               f"api_key {self.account.api_key})", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await self.stop()
-
-    @contextlib.contextmanager
-    def running(self, timeout: float = 15.0) -> Iterator["KiteSimulator"]:
-        """Run the simulator on its own event loop in a daemon thread.
-
-        ``with KiteSimulator(...).running() as sim:`` -- started on enter
-        (``sim.port`` is set), stopped on exit.  Raises TimeoutError if it
-        does not start or stop within ``timeout`` seconds.
-        """
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="kite-sim", daemon=True)
-        thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self.start(), loop).result(timeout)
-            yield self
-        finally:
-            try:
-                if self._runner is not None:
-                    asyncio.run_coroutine_threadsafe(self.stop(), loop).result(timeout)
-            finally:
-                loop.call_soon_threadsafe(loop.stop)
-                thread.join(timeout)
-                loop.close()
-
-    def _call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
-        """Run fn on the simulator's loop (directly when already there) and return its result."""
-        if self._loop is None:
-            raise RuntimeError("simulator not started")
-        if threading.get_ident() == self._loop_thread:
-            return fn()
-        fut: Future = Future()
-
-        def run() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:  # pragma: no cover - passed to the caller
-                fut.set_exception(exc)
-
-        self._loop.call_soon_threadsafe(run)
-        return fut.result(timeout)
+        await self._run_until_signal()
 
     # ------------------------------------------------------------ stats/faults
 
@@ -447,47 +335,17 @@ class KiteSimulator:
             }
         return self._call(snap)
 
-    def _targets(self, connection: int | None) -> list[_TickerConnection]:
-        if connection is None:
-            return list(self._connections.values())
-        conn = self._connections.get(connection)
-        if conn is None:
-            raise KiteError(400, "InputException", f"no ticker connection {connection}")
-        return [conn]
-
-    def fault_silence(self, seconds: float, connection: int | None = None) -> int:
-        """Stop sending anything (ticks, heartbeats, pongs, texts) for ``seconds``
-        on every (or one) ticker connection; the socket stays open.  Returns
-        the number of connections affected; raises KiteError (400) for an
-        unknown connection id, ValueError for negative seconds."""
-        if seconds < 0:
-            raise ValueError("seconds must be >= 0")
-
-        def run() -> int:
-            targets = self._targets(connection)
-            until = time.monotonic() + seconds
-            for conn in targets:
-                conn.silenced_until = until
-                conn.wake.set()
-            log.warning("event=fault_silence seconds=%.3f connections=%d", seconds, len(targets))
-            return len(targets)
-        return self._call(run)
-
     def fault_disconnect(self, code: int | None = None, connection: int | None = None) -> int:
         """Drop ticker connections: with ``code`` None the TCP connection is
         aborted (no close frame, the client sees 1006), otherwise a close frame
         with that code is sent.  Returns the number dropped."""
-        def run() -> int:
-            targets = self._targets(connection)
-            for conn in targets:
-                self._counters["disconnects_forced"] += 1
-                if code is None:
-                    self._abort(conn, "fault_disconnect")
-                else:
-                    asyncio.ensure_future(self._close_connection(conn, code=code, reason="disconnect fault"))
-            log.warning("event=fault_disconnect code=%s connections=%d", code, len(targets))
-            return len(targets)
-        return self._call(run)
+        def drop(conn: _TickerConnection) -> None:
+            self._counters["disconnects_forced"] += 1
+            if code is None:
+                self._abort(conn, "fault_disconnect")
+            else:
+                asyncio.ensure_future(self._close_connection(conn, code=code, reason="disconnect fault"))
+        return self._each(connection, drop, "event=fault_disconnect code=%s connections=%d", code)
 
     def fault_expire_tokens(self, disconnect: bool = True) -> int:
         """Expire every access token now (REST answers 403 TokenException,
@@ -508,14 +366,10 @@ class KiteSimulator:
         prefix larger than the bytes left).  Returns connections affected."""
         malformed_packet(kind, 0)  # validates kind
 
-        def run() -> int:
-            targets = self._targets(connection)
-            for conn in targets:
-                conn.pending_malformed.append(kind)
-                conn.wake.set()
-            log.warning("event=fault_malformed kind=%s connections=%d", kind, len(targets))
-            return len(targets)
-        return self._call(run)
+        def queue(conn: _TickerConnection) -> None:
+            conn.pending_malformed.append(kind)
+            conn.wake.set()
+        return self._each(connection, queue, "event=fault_malformed kind=%s connections=%d", kind)
 
     def send_text(self, kind: str, message: str, connection: int | None = None) -> int:
         """Send a ``{"type": kind, "data": message}`` text message (kind is
@@ -524,13 +378,10 @@ class KiteSimulator:
             raise ValueError("kind must be 'error' or 'message'")
         text = orjson.dumps({"type": kind, "data": message}).decode()
 
-        def run() -> int:
-            targets = self._targets(connection)
-            for conn in targets:
-                conn.pending_text.append(text)
-                conn.wake.set()
-            return len(targets)
-        return self._call(run)
+        def queue(conn: _TickerConnection) -> None:
+            conn.pending_text.append(text)
+            conn.wake.set()
+        return self._each(connection, queue)
 
     def minute_bars(self, instrument_token: int, first: int = 0, last: int = 2**62) -> list[MinuteBar]:
         """The minute candles of the trades generated for ``instrument_token``
@@ -553,37 +404,41 @@ class KiteSimulator:
         """The TOTP code valid now for the configured secret."""
         return self.auth.totp_now()
 
-    # ------------------------------------------------------------ middleware
+    # ------------------------------------------------------------ errors and answers
 
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
-        self._counters["rest_requests"] += 1
-        try:
-            return await handler(request)
-        except KiteError as exc:
-            self._counters["rest_errors"] += 1
-            if exc.status == 429:
-                self._counters["rate_limited"] += 1
-            log.info("event=rest_error method=%s path=%s status=%d error_type=%s message=%r",
-                     request.method, request.path, exc.status, exc.error_type, exc.message)
-            return _error(exc)
-        except web.HTTPNotFound:
-            self._counters["rest_errors"] += 1
-            return _error(KiteError(404, "GeneralException", "Route not found"))
-        except web.HTTPMethodNotAllowed:
-            self._counters["rest_errors"] += 1
-            return _error(KiteError(405, "GeneralException", "Method not allowed"))
-        except web.HTTPException:
-            raise
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            self._counters["rest_errors"] += 1
-            log.exception("event=rest_internal_error method=%s path=%s", request.method, request.path)
-            return _error(KiteError(500, "GeneralException", "Internal server error"))
+    def _input_error(self, message: str) -> KiteError:
+        return KiteError(400, "InputException", message)
+
+    def _http_error(self, status: int) -> KiteError:
+        return KiteError(status, "GeneralException", {404: "Route not found", 405: "Method not allowed"}.get(
+            status, "Internal server error"))
+
+    def _rest_error(self, request: web.Request, exc: KiteError) -> None:
+        if exc.status == 429:
+            self._counters["rate_limited"] += 1
+        log.info("event=rest_error method=%s path=%s status=%d error_type=%s message=%r",
+                 request.method, request.path, exc.status, exc.error_type, exc.message)
+
+    def _reply(self, data: Any) -> web.Response:
+        return _ok(data)
+
+    def _unknown_fault(self, name: str) -> KiteError:
+        return KiteError(404, "GeneralException", f"unknown fault {name!r}")
+
+    def _faults(self, q: Mapping[str, str], connection: int | None) -> dict[str, Callable[[], int]]:
+        return {
+            "silence": lambda: self.fault_silence(float(q.get("seconds", "5")), connection),
+            "disconnect": lambda: self.fault_disconnect(int(q["code"]) if "code" in q else None, connection),
+            "expire_tokens": lambda: self.fault_expire_tokens(
+                disconnect=q.get("disconnect", "1") not in ("0", "false")),
+            "malformed": lambda: self.fault_malformed(q.get("kind", "bad_length"), connection),
+            "error": lambda: self.send_text("error", q.get("message", "simulated error"), connection),
+            "message": lambda: self.send_text("message", q.get("message", "simulated message"), connection),
+        }
 
     def _rate(self, who: str, group: str) -> None:
-        if self._limiter is not None and not self._limiter.allow(who, group):
+        limit = REST_RATE_LIMITS.get(group, REST_RATE_LIMITS["default"])
+        if self._limiter is not None and not self._limiter.allow((who, group), limit):
             raise KiteError(429, "NetworkException", "Too many requests")
 
     def _authorize(self, request: web.Request) -> str:
@@ -745,9 +600,6 @@ class KiteSimulator:
 
     # ------------------------------------------------------------ /sim control
 
-    async def _h_sim_stats(self, request: web.Request) -> web.Response:
-        return _ok(self.stats())
-
     async def _h_sim_login_done(self, request: web.Request) -> web.Response:
         token = html.escape(request.query.get("request_token", ""))
         status = html.escape(request.query.get("status", ""))
@@ -763,27 +615,6 @@ class KiteSimulator:
     async def _h_sim_unlock(self, request: web.Request) -> web.Response:
         self.auth.unlock()
         return _ok(True)
-
-    async def _h_sim_fault(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        q = request.query
-        try:
-            connection = int(q["connection"]) if "connection" in q else None
-            if name == "silence":
-                n = self.fault_silence(float(q.get("seconds", "5")), connection)
-            elif name == "disconnect":
-                n = self.fault_disconnect(int(q["code"]) if "code" in q else None, connection)
-            elif name == "expire_tokens":
-                n = self.fault_expire_tokens(disconnect=q.get("disconnect", "1") not in ("0", "false"))
-            elif name == "malformed":
-                n = self.fault_malformed(q.get("kind", "bad_length"), connection)
-            elif name in ("error", "message"):
-                n = self.send_text(name, q.get("message", "simulated " + name), connection)
-            else:
-                raise KiteError(404, "GeneralException", f"unknown fault {name!r}")
-        except ValueError as exc:
-            raise KiteError(400, "InputException", str(exc)) from None
-        return _ok({"fault": name, "affected": n})
 
     # ------------------------------------------------------------ ticker
 
@@ -810,34 +641,19 @@ class KiteSimulator:
             await ws.prepare(request)
         finally:
             self._pending_handshakes[api_key] -= 1
-        cid = self._next_cid
-        self._next_cid += 1
-        conn = _TickerConnection(cid, api_key, access_token, peer, request.transport, ws)
-        self._connections[cid] = conn
-        self._counters["connections_total"] += 1
-        log.info("event=ticker_connected id=%d peer=%s active=%d", cid, peer, len(self._connections))
-        conn.sender = asyncio.create_task(self._sender(conn), name=f"kite-ticker-{cid}")
-        try:
-            async for msg in ws:
-                if msg.type == WSMsgType.TEXT:
-                    await self._on_client_text(conn, msg.data)
-                elif msg.type == WSMsgType.BINARY:
-                    await self._bad_message(conn, "binary messages are not accepted")
-                elif msg.type == WSMsgType.PING:
-                    if conn.silenced_until <= time.monotonic():
-                        await ws.pong(msg.data)
-                elif msg.type == WSMsgType.ERROR:
-                    break
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            self._connections.pop(cid, None)
-            if conn.sender is not None:
-                conn.sender.cancel()
-                with contextlib.suppress(BaseException):
-                    await conn.sender
-            log.info("event=ticker_closed id=%d peer=%s close_code=%s active=%d",
-                     cid, peer, ws.close_code, len(self._connections))
+        conn = self._open(lambda cid: _TickerConnection(cid, api_key, access_token, peer, request.transport, ws))
+        conn.sender = asyncio.create_task(self._sender(conn), name=f"kite-ticker-{conn.cid}")
+
+        async def on_message(msg: WSMessage) -> None:
+            if msg.type == WSMsgType.TEXT:
+                await self._on_client_text(conn, msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await self._bad_message(conn, "binary messages are not accepted")
+            elif msg.type == WSMsgType.PING:
+                if conn.silenced_until <= time.monotonic():
+                    await ws.pong(msg.data)
+
+        await self._receive(conn, on_message, [conn.sender])
         return ws
 
     async def _bad_message(self, conn: _TickerConnection, reason: str) -> None:
@@ -958,12 +774,6 @@ class KiteSimulator:
             await asyncio.wait_for(conn.ws.close(code=code, message=reason.encode()), 3.0)
         if not conn.ws.closed:
             self._abort(conn, reason)
-
-    async def _wait(self, conn: _TickerConnection, timeout: float) -> None:
-        if timeout > 0:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(conn.wake.wait(), timeout)
-        conn.wake.clear()
 
     async def _sender(self, conn: _TickerConnection) -> None:
         """Per-connection loop: due packets in one frame, heartbeats, faults."""
