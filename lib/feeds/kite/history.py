@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
+from ..candle_writer import Bar
 from .adapter import divisor
 from .instruments import HISTORICAL_REQUESTS_PER_SECOND
 
@@ -48,11 +49,6 @@ NS = 1_000_000_000
 
 #: Kite's interval name of one-minute candles.
 INTERVAL = "minute"
-
-#: A history bar as the candle builder's ``seed`` takes it:
-#: ``(start_ns, open, high, low, close, volume or None, ticks)``, prices in integer units.
-Bar = tuple
-
 
 class Pacer:
     """At most ``per_second`` calls of :meth:`wait` in any window of one
@@ -92,7 +88,7 @@ def bars_from_records(records: Iterable[dict], instrument_token: int, *, with_vo
                       first_ns: int | None = None, last_ns: int | None = None) -> list[Bar]:
     """``KiteConnect.historical_data`` records (``date`` aware datetime,
     ``open``/``high``/``low``/``close`` rupees as numbers, ``volume``) ->
-    :data:`Bar` tuples with prices in the token's integer units, ascending,
+    :data:`~feeds.candle_writer.Bar` tuples with prices in the token's integer units, ascending,
     only those starting in [first_ns, last_ns].  Raises ValueError for a
     record that is not a candle (missing field, naive date, price not a
     number or negative, high below low)."""
@@ -182,7 +178,7 @@ def fill(kite, plan: list[tuple[int, int, int, bool]], last_ns: int,
     with_volume)`` per instrument; ``last_ns``: the start of the last
     minute to fill (the minute the process started in).  For each
     instrument ``seed(instrument_token, bars, keep_from_ns, until_ns)`` is
-    called with its :data:`Bar` list (possibly empty: no trade in those
+    called with its :data:`~feeds.candle_writer.Bar` list (possibly empty: no trade in those
     minutes) and ``until_ns`` = the end of the last minute.  Runs
     in the calling thread (blocking; a few seconds per 10 instruments at
     Kite's limit); ``stop`` ends it between requests."""
