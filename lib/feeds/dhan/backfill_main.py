@@ -50,7 +50,7 @@ from ..ops.metrics import job_values
 from ..settings import DHAN_FILE, database_dsn
 from . import rest as R
 from .history import DhanBackfill, DhanStore, Plan, Settings, TokenExpired
-from .instruments import InstrumentList, InstrumentsError, load_instruments, refresh_cache
+from .instruments import InstrumentsError, instrument_list, load_instruments
 
 log = logging.getLogger("feeds.dhan")
 EX_TOKEN = R.EX_TOKEN
@@ -223,13 +223,10 @@ def _keys(lines, symbols) -> list[str]:
 def _act(settings: Settings, files: dict, lines, store: DhanStore, sel: Selection, dry_run: bool, refetch: bool,
          interval: int, unit: str, textfile_dir: str) -> None:
     try:
-        text = asyncio.run(refresh_cache(files["instrument_list_url"], files["instrument_list_cache"]))
+        ilist = instrument_list(files["instrument_list_url"], files["instrument_list_cache"])
     except InstrumentsError as e:
         log.error("%s", e)
         sys.exit(1)
-    ilist = InstrumentList(text)
-    if ilist.malformed:
-        log.warning("instrument list: %d rows not understood, skipped", ilist.malformed)
     if dry_run:
         async def plan():
             bf = DhanBackfill(settings, lines, store, ilist, notifier=_Quiet())

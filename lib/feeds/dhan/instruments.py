@@ -237,3 +237,16 @@ async def refresh_cache(url: str, path: str, *, max_age: float = CACHE_MAX_AGE, 
     except OSError as e:
         log.warning("instrument list not cached at %s: %s", path, e)
     return text
+
+
+def instrument_list(url: str, path: str) -> InstrumentList:
+    """Dhan's instrument list (:func:`refresh_cache`: the cache ``path``
+    or a fresh copy from ``url``), parsed; rows not understood are skipped
+    and counted in one warning.  Raises :class:`InstrumentsError` when no
+    copy can be had.  Not for a running event loop (it runs its own)."""
+    import asyncio
+
+    master = InstrumentList(asyncio.run(refresh_cache(url, path)))
+    if master.malformed:
+        log.warning("Dhan's instrument list: %d row(s) not understood, skipped", master.malformed)
+    return master

@@ -51,7 +51,7 @@ from .candles import CANDLE_TABLE, DhanCandles
 from .collector import RC_TOKEN, DhanCollector, Settings
 from .connections import Subscription, TooManyInstruments, plan_connections, too_many_message
 from .instruments import InstrumentLine, InstrumentList, InstrumentsError, load_instruments, parse_instruments
-from .instruments import refresh_cache
+from .instruments import instrument_list
 from .token import IST, TokenError, TokenStore
 from .wire import SEGMENT_BY_NAME
 
@@ -224,7 +224,8 @@ def history_job(dc: DhanConfig, dsn: str, access_token: str, candles: DhanCandle
     async def job(stop: asyncio.Event) -> None:
         last = await asyncio.to_thread(M.stored_minutes, lambda: _last_final_minutes(dsn, subs, open_ns), log)
         items = [(s, candles.key_of(s.segment, s.security_id)) for s in sorted(subs, key=lambda s: -s.priority)]
-        plan = [p for p in M.missed_minutes(items, last, open_ns, candles.s.intervals) if p[2] <= last_ns]
+        # only instruments with a minute missing up to the start (their larger candles follow from it)
+        plan = [p for p in M.missed_minutes(items, last, open_ns, candles.s.intervals) if p[3] <= last_ns]
         if not plan:
             return
         M.log_fill_start(log, min(p[2] for p in plan), last_ns, len(plan), "Dhan's intraday charts",
@@ -299,13 +300,10 @@ def main(config_path: str, instruments: tuple[str, ...], instruments_file: str |
     master = None
     if not all(ln.symbol.isdigit() for ln in lines):
         try:
-            text = asyncio.run(refresh_cache(dc.instrument_list_url, dc.instrument_list_cache))
+            master = instrument_list(dc.instrument_list_url, dc.instrument_list_cache)
         except InstrumentsError as e:
             log.error("%s", e)
             sys.exit(1)
-        master = InstrumentList(text)
-        if master.malformed:
-            log.warning("Dhan's instrument list: %d row(s) not understood, skipped", master.malformed)
     subs, unknown = resolve(lines, master)
     M.check_resolved(subs, unknown, len(lines), "Dhan's", "dhan.instruments_file", dc.instruments_file or dc.file,
                      log)
