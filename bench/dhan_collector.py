@@ -29,68 +29,42 @@ the collector's ceiling.  Prints:
   where the simulator and PostgreSQL share the cores with the collector,
   this is the figure that shows what the collector itself costs.
 
+``--lib DIR`` runs the collector from another lib/ folder (a copy of the
+project's ``lib`` at another revision), so that two builds are measured one
+after the other on the same machine.
+
 Target: >= 30,000 packets/s with peak RSS < 250 MB.
 
 Usage: bench/dhan_collector.py [--instruments 5000] [--rate 8] [--window 30] [--candles on|off|both]
-                               [--in-process | --all] [--packets 300000] [--profile FILE]
+                               [--in-process | --all] [--packets 300000] [--profile FILE] [--lib DIR]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from procstats import (durable_cluster, free_port, migrated_database, proc_cpu, proc_hwm_mb,  # noqa: E402
-                       stop_processes)
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "lib"))
-PY = sys.executable
-
-import psycopg  # noqa: E402
+from collector_bench import PY, full_packets_sent, http_json, measure, setup, stored  # noqa: E402
 
 CLIENT = "1000000001"
-
-
-def http_json(url: str, method: str = "GET"):
-    req = urllib.request.Request(url, method=method)
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read() or b"null")
-
-
-def stored(dsn: str) -> int:
-    with psycopg.connect(dsn) as c:
-        return c.execute("select count(*) from dhan_tick_full").fetchone()[0]
-
-
-def sent_full(base: str) -> int:
-    return sum(c["packets_sent"]["full"] for c in http_json(base + "/sim/stats")["feed"]["connections"])
+TABLE = "dhan_tick_full"
 
 
 def run(instruments: int, rate: float, window: float, candles: bool, warmup: float = 8.0,
-        profile: str | None = None) -> dict:
-    """One measured run; with ``profile`` the collector runs under cProfile, its statistics written there."""
-    pg = durable_cluster()
-    tmp = Path(tempfile.mkdtemp(prefix="feeds-bench-dhan-"))
-    sim = col = None
-    try:
-        dsn = migrated_database(pg)
+        profile: str | None = None, lib: Path = ROOT / "lib") -> dict:
+    """One measured run (:func:`collector_bench.measure`); with ``profile`` the collector
+    runs under cProfile, its statistics written there; ``lib``: the lib/ folder the
+    collector runs from."""
+    with setup("feeds-bench-dhan-") as b:
         from feeds.dhan.token import DhanToken, TokenStore
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        sim = subprocess.Popen(
-            [PY, str(ROOT / "bin" / "feed-sim-dhan"), "--host", "127.0.0.1", "--port", str(port),
-             "--rate", str(rate), "--instruments", str(max(instruments, 100)), "--no-data", "--session-now",
-             "--seed", "1", "--token-file", str(tmp / "sim-token")],
-            stdout=subprocess.DEVNULL, stderr=open(tmp / "sim.log", "w"))
+        tmp = b.tmp
+        sim, port, base = b.simulator("feed-sim-dhan", "--rate", str(rate), "--instruments", str(max(instruments, 100)),
+                                      "--no-data", "--session-now", "--seed", "1", "--token-file",
+                                      str(tmp / "sim-token"))
         for _ in range(300):
             if (tmp / "sim-token").exists() and (tmp / "sim-token").read_text().strip():
                 break
@@ -100,7 +74,7 @@ def run(instruments: int, rate: float, window: float, candles: bool, warmup: flo
         token = (tmp / "sim-token").read_text().strip()
         now = datetime.now(timezone.utc)
         TokenStore(tmp / "token.json").save(DhanToken(CLIENT, token, now, now + timedelta(hours=20), method="bench"))
-        (tmp / "instruments.txt").write_text("".join(f"NSE_EQ:SIMEQ{i:05d} full\n" for i in range(1, instruments + 1)))
+        b.instruments("NSE_EQ", instruments)
         (tmp / "dhan.toml").write_text(f"""
 [dhan]
 client_id = "{CLIENT}"
@@ -120,44 +94,17 @@ spool_dir = "{tmp}/spool"
 [metrics]
 port = 0
 """)
-        env = dict(os.environ, FEEDS_DSN=dsn, FEEDS_LOG_LEVEL="INFO", PYTHONPATH=str(ROOT / "lib"))
         prof = ["-m", "cProfile", "-o", profile] if profile else []
-        col = subprocess.Popen([PY, *prof, str(ROOT / "bin" / "feed-dhan"), "--config", str(tmp / "dhan.toml"),
-                                "--unit", "bench-dhan"], env=env, stdout=subprocess.DEVNULL,
-                               stderr=open(tmp / "collector.log", "w"))
-        end = time.monotonic() + 90
-        while stored(dsn) < instruments:
-            if time.monotonic() > end or col.poll() is not None:
-                raise SystemExit(f"no data; see {tmp}/collector.log")
-            time.sleep(0.5)
-        time.sleep(warmup)
-        n0, s0, c0, t0, k0 = stored(dsn), sent_full(base), proc_cpu(col.pid), time.monotonic(), proc_cpu(sim.pid)
-        time.sleep(window)
-        n1, s1, c1, t1, k1 = stored(dsn), sent_full(base), proc_cpu(col.pid), time.monotonic(), proc_cpu(sim.pid)
-        # freeze the simulator, let the collector drain, compare sent with stored
-        http_json(base + "/sim/fault/silence?seconds=3600", "POST")
-        time.sleep(1.0)
-        total_sent = sent_full(base)
-        last, stable = -1, 0
-        drain_end = time.monotonic() + 120
-        while stable < 4 and time.monotonic() < drain_end:
-            n = stored(dsn)
-            stable = stable + 1 if n == last else 0
-            last = n
-            time.sleep(0.5)
+        col = b.start([PY, *prof, str(ROOT / "bin" / "feed-dhan"), "--config", str(tmp / "dhan.toml"),
+                       "--unit", "bench-dhan"], "collector.log", dict(b.collector_env(), PYTHONPATH=str(lib)))
+        r = measure(b, TABLE, col, sim, lambda: full_packets_sent(http_json(base + "/sim/stats")["feed"]["connections"]),
+                    lambda: http_json(base + "/sim/fault/silence?seconds=3600", "POST"), instruments, window, warmup)
         # a reconnect starts the simulator's counters afresh: no loss figure then
-        reconnects = http_json(base + "/sim/stats")["feed"]["connections_total"] - 1
-        hwm = proc_hwm_mb(col.pid)
-        col.send_signal(signal.SIGTERM)
-        rc = col.wait(120)
-        return {"rate": (n1 - n0) / (t1 - t0), "offered": instruments * rate, "sent_rate": (s1 - s0) / (t1 - t0),
-                "lost": total_sent - last if not reconnects and stable >= 4 else None, "reconnects": reconnects,
-                "cpu_per_m": (c1 - c0) / max(1, n1 - n0) * 1e6, "sim_share": (k1 - k0) / (t1 - t0),
-                "cpu_share": (c1 - c0) / (t1 - t0), "rss_mb": hwm, "rc": rc, "window": t1 - t0,
-                "log": str(tmp / "collector.log")}
-    finally:
-        stop_processes((col, sim))
-        pg.destroy()
+        r["reconnects"] = http_json(base + "/sim/stats")["feed"]["connections_total"] - 1
+        if r["reconnects"]:
+            r["lost"] = None
+        r["offered"] = instruments * rate
+        return r
 
 
 def make_frames(instruments: int, count: int, seed: int = 1) -> list[bytes]:
@@ -194,12 +141,9 @@ def run_in_process(instruments: int, packets: int, candles: bool) -> dict:
     from feeds.runtime import tune_gc
     from feeds.sink import Sink
     frames = make_frames(instruments, packets)
-    pg = durable_cluster()
-    tmp = Path(tempfile.mkdtemp(prefix="feeds-bench-dhan-inproc-"))
-    try:
-        dsn = migrated_database(pg)
+    with setup("feeds-bench-dhan-inproc-") as b:
         health = Health(unit="bench-dhan", flow_timeout=20)
-        sink = Sink(dsn, tmp, A.TABLES + (CANDLE_TABLE,), flush_interval=0.2, batch_rows=20_000,
+        sink = Sink(b.dsn, b.tmp, A.TABLES + (CANDLE_TABLE,), flush_interval=0.2, batch_rows=20_000,
                     max_pending=50_000).start()
         subs = [Subscription(1, 100001 + i, "full") for i in range(instruments)]
         cd = DhanCandles(CandleSettings(), C.always(), subs, sink, since_ns=time.time_ns()) if candles else None
@@ -215,11 +159,9 @@ def run_in_process(instruments: int, packets: int, candles: bool) -> dict:
         assert sink.flush(600)
         t1, c1 = time.perf_counter(), time.process_time()
         assert sink.close(60)
-        n = stored(dsn)
+        n = stored(b.dsn, TABLE)
         return {"rate": n / (t1 - t0), "stored": n, "cpu_per_m": (c1 - c0) / n * 1e6,
                 "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    finally:
-        pg.destroy()
 
 
 def main() -> None:
@@ -232,7 +174,12 @@ def main() -> None:
     ap.add_argument("--in-process", action="store_true", help="only the in-process ceiling (no network)")
     ap.add_argument("--all", action="store_true", help="the end-to-end runs and the in-process ceiling")
     ap.add_argument("--packets", type=int, default=300_000, help="packets of the in-process run")
+    ap.add_argument("--lib", metavar="DIR", type=Path, default=ROOT / "lib",
+                    help="the lib/ folder the collector runs from (to compare two builds; default: this tree's)")
     a = ap.parse_args()
+    a.lib = a.lib.resolve()
+    sys.path.insert(0, str(a.lib))
+    print(f"collector from {a.lib}")
     if a.in_process or a.all:
         for cd in ((True, False) if a.candles == "both" else (a.candles == "on",)):
             r = run_in_process(a.instruments, a.packets, cd)
@@ -245,7 +192,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs; {a.instruments} instruments, full mode, one collector process, "
           f"simulator asked for {a.rate:g}/s each ({a.instruments * a.rate:,.0f} packets/s)")
     for cd in ((True, False) if a.candles == "both" else (a.candles == "on",)):
-        r = run(a.instruments, a.rate, a.window, cd, profile=a.profile)
+        r = run(a.instruments, a.rate, a.window, cd, profile=a.profile, lib=a.lib)
         ok = r["rate"] >= 30_000 and r["rss_mb"] < 250 and r["lost"] == 0
         lost = (r["lost"] if r["lost"] is not None else
                 f"not counted ({r['reconnects']} reconnect(s): the simulator closed a connection it found idle)")

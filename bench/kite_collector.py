@@ -26,69 +26,41 @@ Usage: bench/kite_collector.py [--instruments 3000] [--rate 25] [--window 30]
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from procstats import (durable_cluster, free_port, migrated_database, proc_cpu, proc_hwm_mb,  # noqa: E402
-                       stop_processes)
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "lib"))
-PY = sys.executable
+from collector_bench import PY, full_packets_sent, http_json, measure, setup  # noqa: E402
 
-import psycopg  # noqa: E402
+TABLE = "kite_tick_full"
 
 
-def http_json(url: str, method: str = "GET"):
-    req = urllib.request.Request(url, method=method)
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read() or b"null")["data"]
-
-
-def stored(dsn: str) -> int:
-    with psycopg.connect(dsn) as c:
-        return c.execute("select count(*) from kite_tick_full").fetchone()[0]
-
-
-def sent_full(base: str) -> int:
-    return sum(c["packets_sent"]["full"] for c in http_json(base + "/sim/stats")["connections"])
+def _data(url: str, method: str = "GET"):
+    return http_json(url, method)["data"]
 
 
 def run(instruments: int, rate: float, window: float, decoder: str, warmup: float = 8.0,
         extra_toml: str = "[metrics]\nport = 0\n") -> dict:
-    """One measured run; ``extra_toml`` is appended to the collector's
-    configuration (default: no metrics endpoint)."""
-    pg = durable_cluster()
-    tmp = Path(tempfile.mkdtemp(prefix="feeds-bench-kite-"))
-    sim = col = None
-    try:
-        dsn = migrated_database(pg)
+    """One measured run (:func:`collector_bench.measure`); ``extra_toml`` is appended
+    to the collector's configuration (default: no metrics endpoint)."""
+    with setup("feeds-bench-kite-") as b:
         from feeds.kite.token import AccessToken, TokenStore, next_expiry
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        sim = subprocess.Popen(
-            [PY, str(ROOT / "bin" / "feed-sim-kite"), "--host", "127.0.0.1", "--port", str(port),
-             "--rate", str(rate), "--min-nse-equities", str(max(instruments, 100)), "--no-rate-limits",
-             "--seed", "1", "--log-level", "WARNING"],
-            stdout=subprocess.DEVNULL, stderr=open(tmp / "sim.log", "w"))
+        tmp = b.tmp
+        sim, port, base = b.simulator("feed-sim-kite", "--rate", str(rate), "--min-nse-equities",
+                                      str(max(instruments, 100)), "--no-rate-limits", "--seed", "1",
+                                      "--log-level", "WARNING")
         for _ in range(150):
             try:
-                http_json(base + "/sim/stats")
+                _data(base + "/sim/stats")
                 break
             except OSError:
                 time.sleep(0.1)
-        token = http_json(base + "/sim/access_token", "POST")["access_token"]
+        token = _data(base + "/sim/access_token", "POST")["access_token"]
         now = datetime.now(timezone.utc)
         TokenStore(tmp / "token.json").save(AccessToken("simkey", "AB1234", token, now, next_expiry(now)))
-        (tmp / "instruments.txt").write_text("".join(f"NSE:SIMEQ{i:05d} full\n" for i in range(1, instruments + 1)))
+        b.instruments("NSE", instruments)
         (tmp / "kite.toml").write_text(f"""
 [kite]
 api_key = "simkey"
@@ -104,39 +76,14 @@ status_interval = 5
 [sink]
 spool_dir = "{tmp}/spool"
 """ + extra_toml)
-        env = dict(os.environ, FEEDS_DSN=dsn, FEEDS_LOG_LEVEL="INFO", PYTHONPATH=str(ROOT / "lib"))
-        col = subprocess.Popen([PY, str(ROOT / "bin" / "feed-zerodha"), "--config", str(tmp / "kite.toml"),
-                                "--unit", "bench-kite"], env=env, stdout=subprocess.DEVNULL,
-                               stderr=open(tmp / "collector.log", "w"))
-        end = time.monotonic() + 60
-        while stored(dsn) < instruments:
-            if time.monotonic() > end or col.poll() is not None:
-                raise SystemExit(f"no data; see {tmp}/collector.log")
-            time.sleep(0.5)
-        time.sleep(warmup)
-        n0, s0, c0, t0 = stored(dsn), sent_full(base), proc_cpu(col.pid), time.monotonic()
-        time.sleep(window)
-        n1, s1, c1, t1 = stored(dsn), sent_full(base), proc_cpu(col.pid), time.monotonic()
-        # freeze the simulator, let the collector drain, compare sent with stored
-        http_json(base + "/sim/fault/silence?seconds=3600", "POST")
-        time.sleep(1.0)
-        total_sent = sent_full(base)
-        last, stable = -1, 0
-        while stable < 4:
-            n = stored(dsn)
-            stable = stable + 1 if n == last else 0
-            last = n
-            time.sleep(0.5)
-        hwm = proc_hwm_mb(col.pid)
-        col.send_signal(signal.SIGTERM)
-        rc = col.wait(120)
-        return {"decoder": decoder, "rate": (n1 - n0) / (t1 - t0), "offered": instruments * rate,
-                "sent_rate": (s1 - s0) / (t1 - t0), "lost": total_sent - last,
-                "cpu_per_m": (c1 - c0) / max(1, n1 - n0) * 1e6, "cpu_share": (c1 - c0) / (t1 - t0),
-                "rss_mb": hwm, "rc": rc, "window": t1 - t0, "log": str(tmp / "collector.log")}
-    finally:
-        stop_processes((col, sim))
-        pg.destroy()
+        col = b.start([PY, str(ROOT / "bin" / "feed-zerodha"), "--config", str(tmp / "kite.toml"),
+                       "--unit", "bench-kite"], "collector.log", b.collector_env())
+        r = measure(b, TABLE, col, sim, lambda: full_packets_sent(_data(base + "/sim/stats")["connections"]),
+                    lambda: _data(base + "/sim/fault/silence?seconds=3600", "POST"), instruments, window, warmup,
+                    start_timeout=60)
+        r["decoder"] = decoder
+        r["offered"] = instruments * rate
+        return r
 
 
 def main() -> None:

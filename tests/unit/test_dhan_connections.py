@@ -1,6 +1,7 @@
 """feed-dhan's split of the instruments over Dhan's feed connections
-(lib/feeds/dhan/connections.py) and the refusal of too many at start
-(lib/feeds/dhan/main.py)."""
+(lib/feeds/dhan/connections.py), the refusal of too many at start
+(lib/feeds/dhan/main.py) and the frames of one connection as the collector
+takes them (lib/feeds/dhan/collector.py)."""
 from __future__ import annotations
 
 import json
@@ -126,3 +127,92 @@ def test_command_line_instruments_replace_the_file(tmp_path):
     with pytest.raises(ConfigError) as ei:
         gather_lines(dc, ("NSE_XX:FOO",), None, None)
     assert ei.value.key == "--instrument"
+
+
+# ----------------------------------------------------------------------------- the connection's frames
+
+class _Transport:
+    """What the listener calls on picows's transport, recorded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def send_pong(self, payload):
+        self.calls.append(("pong", payload))
+
+    def send_close(self, code):
+        self.calls.append(("close", int(code.value if hasattr(code, "value") else code)))
+
+    def disconnect(self):
+        self.calls.append(("disconnect",))
+
+
+def _listener(stop_on=None, fail_on=None):
+    from feeds.dhan import collector as K
+    from feeds.health import StreamHealth
+
+    got, texts = [], []
+
+    class Col:
+        def _text(self, c, msg):
+            texts.append(msg)
+
+    def on(data):
+        if data == fail_on:
+            raise RuntimeError("handler bug")
+        got.append(data)
+        return data == stop_on
+
+    c = K._Connection(1, [], StreamHealth())
+    return K._Listener(Col(), c, on), c, got, texts
+
+
+def _frame(kind, payload, fin=True):
+    import picows
+    return picows.picows._make_test_ws_frame(getattr(picows.WSMsgType, kind), payload, fin, False)
+
+
+def test_frames_reach_the_handler_pings_are_answered_and_counted():
+    listener, c, got, texts = _listener()
+    t = _Transport()
+    for f in (_frame("BINARY", b"\x08one"), _frame("PING", b"p1"), _frame("TEXT", b"hello"),
+              _frame("PONG", b""), _frame("BINARY", b"\x08two")):
+        listener.on_ws_frame(t, f)
+    assert got == [b"\x08one", b"\x08two"]
+    assert texts == ["hello"]
+    assert c.pings == 1 and t.calls == [("pong", b"p1")]
+    assert c.last > 0
+
+
+def test_a_message_split_into_frames_is_handled_once_whole():
+    listener, c, got, texts = _listener()
+    t = _Transport()
+    for f in (_frame("BINARY", b"ab", fin=False), _frame("PING", b"x"), _frame("CONTINUATION", b"cd", fin=False),
+              _frame("CONTINUATION", b"ef"), _frame("TEXT", b"he", fin=False), _frame("CONTINUATION", b"llo")):
+        listener.on_ws_frame(t, f)
+    assert got == [b"abcdef"]
+    assert texts == ["hello"]
+    assert c.pings == 1
+
+
+def test_a_stop_closes_the_connection_and_ignores_the_frames_still_buffered():
+    listener, c, got, _ = _listener(stop_on=b"fatal")
+    t = _Transport()
+    for f in (_frame("BINARY", b"a"), _frame("BINARY", b"fatal"), _frame("BINARY", b"b")):
+        listener.on_ws_frame(t, f)
+    assert got == [b"a", b"fatal"]
+    assert t.calls == [("close", 1000), ("disconnect",)]
+
+
+def test_the_servers_close_is_answered_with_its_code():
+    listener, _, _, _ = _listener()
+    t = _Transport()
+    listener.on_ws_frame(t, _frame("CLOSE", (1001).to_bytes(2, "big") + b"bye"))
+    assert t.calls == [("close", 1001), ("disconnect",)]
+
+
+def test_a_handler_exception_is_kept_for_the_connections_task():
+    listener, _, _, _ = _listener(fail_on=b"bad")
+    with pytest.raises(RuntimeError):
+        listener.on_ws_frame(_Transport(), _frame("BINARY", b"bad"))
+    assert isinstance(listener.error, RuntimeError)

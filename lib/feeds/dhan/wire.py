@@ -467,6 +467,16 @@ _QUOTE_PRICES = (("ltp", 2), ("atp", 5), ("open", 9), ("close", 10), ("high", 11
 _FULL_PRICES = (("ltp", 2), ("atp", 5), ("open", 12), ("close", 13), ("high", 14), ("low", 15)) + tuple(
     (f"{side}_price[{lvl + 1}]", 16 + 6 * lvl + k) for lvl in range(5) for side, k in (("bid", 4), ("ask", 5)))
 
+#: response code -> what checks and builds its record: the struct's unpack_from, the prices
+#: (a tuple) and their names, the index of ``ltt_ist`` (0: none), the record class
+_PRICED = {
+    int(ResponseCode.FULL): (_FULL.unpack_from, _full_prices, _FULL_PRICES, 4, Full),
+    int(ResponseCode.TICKER): (_TICKER.unpack_from, itemgetter(slice(2, 3)), (("ltp", 2),), 3, Ticker),
+    int(ResponseCode.QUOTE): (_QUOTE.unpack_from, _quote_prices, _QUOTE_PRICES, 4, Quote),
+    int(ResponseCode.PREV_CLOSE): (_PREV_CLOSE.unpack_from, itemgetter(slice(2, 3)), (("prev_close", 2),), 0,
+                                  PrevClose),
+}
+
 
 def decode(frame: bytes | bytearray | memoryview, now: float | None = None,
            ahead_s: float = LTT_AHEAD_S, max_age_s: float | None = None) -> Decoded:
@@ -529,49 +539,23 @@ def decode(frame: bytes | bytearray | memoryview, now: float | None = None,
         if seg not in _SEGMENT_OK:
             errors.append(WireError("segment", f"unknown exchange segment {seg}", start, code, seg, sid))
             continue
-        if code == 8:
-            t = _FULL.unpack_from(frame, start)
-            p = _full_prices(t)
+        spec = _PRICED.get(code)
+        if spec is not None:
+            unpack, prices, names, lt, cls = spec
+            t = unpack(frame, start)
+            p = prices(t)
             if not (min(p) >= 0.0 and sum(p) < MAX_PRICE):
-                errors.append(WireError("price", _price_problem(t, _FULL_PRICES), start, code, seg, sid))
+                errors.append(WireError("price", _price_problem(t, names), start, code, seg, sid))
                 continue
-            ltt = t[4]
-            if ltt and not (ltt_lo <= ltt <= ltt_hi):
-                errors.append(WireError("ltt", f"ltt_ist {ltt} outside [{ltt_lo:.0f}, {ltt_hi:.0f}]",
-                                        start, code, seg, sid))
-                continue
-            append(_new(Full, t[:16] + (t[16:],)))
-        elif code == 2:
-            t = _TICKER.unpack_from(frame, start)
-            if not (0.0 <= t[2] < MAX_PRICE):
-                errors.append(WireError("price", f"ltp {t[2]!r}", start, code, seg, sid))
-                continue
-            ltt = t[3]
-            if ltt and not (ltt_lo <= ltt <= ltt_hi):
-                errors.append(WireError("ltt", f"ltt_ist {ltt} outside [{ltt_lo:.0f}, {ltt_hi:.0f}]",
-                                        start, code, seg, sid))
-                continue
-            append(_new(Ticker, t))
-        elif code == 4:
-            t = _QUOTE.unpack_from(frame, start)
-            p = _quote_prices(t)
-            if not (min(p) >= 0.0 and sum(p) < MAX_PRICE):
-                errors.append(WireError("price", _price_problem(t, _QUOTE_PRICES), start, code, seg, sid))
-                continue
-            ltt = t[4]
-            if ltt and not (ltt_lo <= ltt <= ltt_hi):
-                errors.append(WireError("ltt", f"ltt_ist {ltt} outside [{ltt_lo:.0f}, {ltt_hi:.0f}]",
-                                        start, code, seg, sid))
-                continue
-            append(_new(Quote, t))
+            if lt:
+                ltt = t[lt]
+                if ltt and not (ltt_lo <= ltt <= ltt_hi):
+                    errors.append(WireError("ltt", f"ltt_ist {ltt} outside [{ltt_lo:.0f}, {ltt_hi:.0f}]",
+                                            start, code, seg, sid))
+                    continue
+            append(_new(Full, t[:16] + (t[16:],)) if cls is Full else _new(cls, t))
         elif code == 5:
             append(_new(OpenInterest, _OI.unpack_from(frame, start)))
-        elif code == 6:
-            t = _PREV_CLOSE.unpack_from(frame, start)
-            if not (0.0 <= t[2] < MAX_PRICE):
-                errors.append(WireError("price", f"prev_close {t[2]!r}", start, code, seg, sid))
-                continue
-            append(_new(PrevClose, t))
         elif code == 7:
             append(MarketStatus(seg, sid, bytes(frame[start + HEADER_SIZE:off])))
         else:  # 50

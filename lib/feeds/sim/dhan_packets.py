@@ -25,14 +25,8 @@ __all__ = ["TICKER", "QUOTE", "OI", "PREV_CLOSE", "MARKET_STATUS", "FULL", "DISC
            "IST_SHIFT_S", "ltt_from_utc", "pack_header", "pack_ticker", "pack_quote", "pack_oi",
            "pack_prev_close", "pack_market_status", "pack_full", "pack_disconnect", "pack_frame"]
 
-# Feed response codes ("Annexure", "Feed Response Code").
-TICKER = 2
-QUOTE = 4
-OI = 5
-PREV_CLOSE = 6
-MARKET_STATUS = 7
-FULL = 8
-DISCONNECT = 50
+#: feed response codes ("Annexure", "Feed Response Code")
+TICKER, QUOTE, OI, PREV_CLOSE, MARKET_STATUS, FULL, DISCONNECT = 2, 4, 5, 6, 7, 8, 50
 
 #: IST is 5 h 30 min ahead of UTC, all year
 IST_SHIFT_S = 5 * 3600 + 30 * 60
