@@ -14,13 +14,7 @@ need_port 5432 "a PostgreSQL on the host; the container's own cannot start" "${S
 need_port 7497 "the TWS simulator's"
 boot "$REPO:/opt/src:ro"
 
-waitfor 60 $I runuser -u postgres -- pg_isready -q || bad "postgresql in the container"
-t=$(date +%s)
-if $I bash -c 'cd /opt/src && ./install.sh --no-start' > "$SDTEST_DIR/install.log" 2>&1; then
-    ok "install.sh --no-start ($(( $(date +%s) - t ))s)"
-else
-    bad "install.sh"; tail -30 "$SDTEST_DIR/install.log"
-fi
+install_bundle
 
 for u in feed-backfill.service feed-backfill.timer feed-sim-tws.service; do
     $I test -f /etc/systemd/system/$u && ok "$u installed" || bad "$u not installed"

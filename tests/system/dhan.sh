@@ -16,7 +16,6 @@ export SDTEST_DIR=${SDTEST_DIR:-/tmp/feeds-sdbox-dhan-$$}
 export SDTEST_NAME=${SDTEST_NAME:-feedsdhan$$}
 source "$(dirname "$0")/lib.sh"
 SHARED=${FEEDS_SHARED_DATA:-$REPO/../shared/data}
-state_is() { [ "$(prop "$1" ActiveState)" = "$2" ]; }
 # sim_post PATH: POST to the simulator's control endpoint from inside the container
 sim_post() { $I /opt/feeds/venv/bin/python -c 'import sys, urllib.request
 print(urllib.request.urlopen(urllib.request.Request("http://127.0.0.1:9400" + sys.argv[1], method="POST"),
@@ -32,13 +31,7 @@ binds="$REPO:/opt/src:ro"
 [ -d "$SHARED/dhan" ] && binds="$binds $(cd "$SHARED" && pwd):/opt/shared-data:ro"
 boot "$binds"
 
-waitfor 60 $I runuser -u postgres -- pg_isready -q || bad "postgresql in the container"
-t=$(date +%s)
-if $I bash -c 'cd /opt/src && ./install.sh --no-start' > "$SDTEST_DIR/install.log" 2>&1; then
-    ok "install.sh --no-start ($(( $(date +%s) - t ))s)"
-else
-    bad "install.sh"; tail -30 "$SDTEST_DIR/install.log"
-fi
+install_bundle
 units="feed-dhan.service feed-dhan.timer feed-dhan-token.service feed-dhan-token.timer feed-dhan-backfill.service
        feed-dhan-backfill.timer feed-sim-dhan.service feed-indicators.service"
 missing=""

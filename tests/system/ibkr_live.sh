@@ -13,7 +13,6 @@ set -uo pipefail
 export SDTEST_DIR=${SDTEST_DIR:-/tmp/feeds-sdbox-ibkr-$$}
 export SDTEST_NAME=${SDTEST_NAME:-feedsibkr$$}
 source "$(dirname "$0")/lib.sh"
-state_is() { [ "$(prop "$1" ActiveState)" = "$2" ]; }
 count() { local n; n=$(sql "select count(*) from $1" 2>/dev/null); echo "${n:-0}"; }
 growing() { local a b; a=$(count "$1"); sleep "${2:-3}"; b=$(count "$1"); echo "$a -> $b"; [ "$b" -gt "$a" ]; }
 has_rows() { [ "$(count "$1")" -gt 0 ]; }
@@ -25,13 +24,7 @@ need_port 19100 "the Binance simulator unit's"
 need_port 9300 "the Kite simulator unit's"
 boot "$REPO:/opt/src:ro"
 
-waitfor 60 $I runuser -u postgres -- pg_isready -q || bad "postgresql in the container"
-t=$(date +%s)
-if $I bash -c 'cd /opt/src && ./install.sh --demo' > "$SDTEST_DIR/install.log" 2>&1; then
-    ok "install.sh --demo ($(( $(date +%s) - t ))s)"
-else
-    bad "install.sh --demo"; tail -30 "$SDTEST_DIR/install.log"
-fi
+install_bundle --demo
 grep 'install.sh:' "$SDTEST_DIR/install.log" | sed 's/^/    /'
 
 for u in feed-ibkr.service feed-ibkr.timer feed-sim-tws.service; do

@@ -13,7 +13,6 @@ export SDTEST_DIR=${SDTEST_DIR:-/tmp/feeds-sdbox-kite-$$}
 export SDTEST_NAME=${SDTEST_NAME:-feedskite$$}
 source "$(dirname "$0")/lib.sh"
 SHARED=${FEEDS_SHARED_DATA:-$REPO/../shared/data}
-state_is() { [ "$(prop "$1" ActiveState)" = "$2" ]; }
 
 need_port 5432 "a PostgreSQL on the host; the container's own cannot start"
 need_port 9300 "the Kite simulator unit's"
@@ -22,13 +21,7 @@ binds="$REPO:/opt/src:ro"
 [ -d "$SHARED/kite" ] && binds="$binds $(cd "$SHARED" && pwd):/opt/shared-data:ro"
 boot "$binds"
 
-waitfor 60 $I runuser -u postgres -- pg_isready -q || bad "postgresql in the container"
-t=$(date +%s)
-if $I bash -c 'cd /opt/src && ./install.sh --no-start' > "$SDTEST_DIR/install.log" 2>&1; then
-    ok "install.sh --no-start ($(( $(date +%s) - t ))s)"
-else
-    bad "install.sh"; tail -30 "$SDTEST_DIR/install.log"
-fi
+install_bundle
 out=$($I bash -c 'systemd-analyze verify /etc/systemd/system/feed-zerodha.* /etc/systemd/system/feed-kite-token.* /etc/systemd/system/feed-sim-kite.service 2>&1')
 [ -z "$out" ] && ok "systemd-analyze verify prints nothing for the Kite units" || { bad "systemd-analyze verify:"; echo "$out"; }
 

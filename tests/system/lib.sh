@@ -15,6 +15,7 @@ bad() { echo "FAIL: $*"; fail=1; }
 waitfor() { local end=$(( $(date +%s) + $1 )); shift
             until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -ge $end ] && return 1; sleep 0.5; done; }
 prop() { $I systemctl show -P "$2" "$1"; }
+state_is() { [ "$(prop "$1" ActiveState)" = "$2" ]; }       # state_is UNIT STATE
 sql()  { $I runuser -u postgres -- psql -qAt feeds -c "$1"; }
 # sql_as USER SQL: as the OS user USER, hence (peer authentication) as the database role USER
 sql_as() { $I runuser -u "$1" -- psql -qAt -v ON_ERROR_STOP=1 "host=/run/postgresql dbname=feeds" -c "$2" 2>&1; }
@@ -35,4 +36,16 @@ need_port() {
 boot() {
     trap '[ $fail = 0 ] || dump; $H/teardown.sh >/dev/null 2>&1' EXIT
     SDT_BIND="$1" "$H/boot.sh" || { echo "FAIL: boot"; exit 1; }
+}
+# install_bundle [ARGS]: wait for the container's PostgreSQL, then run install.sh ARGS
+# (default --no-start) from the bound source; its output goes to $SDTEST_DIR/install.log
+install_bundle() {
+    local args=${1:---no-start} t
+    waitfor 60 $I runuser -u postgres -- pg_isready -q || bad "postgresql in the container"
+    t=$(date +%s)
+    if $I bash -c "cd /opt/src && ./install.sh $args" > "$SDTEST_DIR/install.log" 2>&1; then
+        ok "install.sh $args ($(( $(date +%s) - t ))s)"
+    else
+        bad "install.sh $args"; tail -30 "$SDTEST_DIR/install.log"
+    fi
 }

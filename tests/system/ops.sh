@@ -26,13 +26,7 @@ need_port 19100 "the Binance simulator unit's"
 need_port 9800 "feed-api's"
 boot "$REPO:/opt/src:ro"
 
-waitfor 60 $I runuser -u postgres -- pg_isready -q || bad "postgresql in the container"
-t=$(date +%s)
-if $I bash -c 'cd /opt/src && ./install.sh --demo' > "$SDTEST_DIR/install.log" 2>&1; then
-    ok "install.sh --demo ($(( $(date +%s) - t ))s)"
-else
-    bad "install.sh --demo"; tail -30 "$SDTEST_DIR/install.log"
-fi
+install_bundle --demo
 grep 'install.sh:' "$SDTEST_DIR/install.log" | sed 's/^/    /'
 out=$($I bash -c 'systemd-analyze verify /etc/systemd/system/feed-*.service /etc/systemd/system/feed-*.timer 2>&1')
 [ -z "$out" ] && ok "systemd-analyze verify prints nothing (feed-check, feed-alert@ included)" \
