@@ -457,6 +457,95 @@ def test_pacer_rules_with_a_fake_clock():
     assert q.violations == {"identical_15s": 1, "same_contract_2s": 1, "max_60_per_10min": 0, "max_50_open": 1}
 
 
+def _ends(n: int) -> list[str]:
+    """``n`` distinct endDateTimes (one minute apart) for the pacing tests."""
+    start = dt.datetime(2024, 7, 5, 10, 0)
+    return [(start + dt.timedelta(minutes=i)).strftime("%Y%m%d %H:%M:%S US/Eastern") for i in range(n)]
+
+
+def test_pacing_model_strict_through_the_protocol():
+    now = [1000.0]
+
+    async def main():
+        async with simulator(pacer_clock=lambda: now[0], pacing_scale=1.0, pacing_model="strict") as sim, \
+                client(sim) as (ib, errors):
+            for end in _ends(61):   # one a second: no burst, no identical request
+                await ib.reqHistoricalDataAsync(AAPL, end, "1800 S", "1 min", "TRADES", True, 2)
+                now[0] += 1.0
+            assert [t for _, c, t in errors if c == 162] == [TXT_PACING]
+            st = sim.stats()
+            assert st["pacing_violations"] == {"identical_15s": 0, "same_contract_2s": 0,
+                                               "max_60_per_10min": 1, "max_50_open": 0}
+            assert st["pacing"]["model"] == "strict" and st["pacing"]["refused"] == 1
+            plog = sim.pacing_log()
+            assert [r["t"] for r in plog] == [1000.0 + i for i in range(61)]
+            assert [r["rule"] for r in plog] == [None] * 60 + ["max_60_per_10min"]
+            assert {(r["bar_size"], r["contract"], r["what"], r["delay"]) for r in plog} == \
+                {("1 min", "AAPL", "TRADES", 0.0)}
+            assert sim.pacing_log(since=60) == plog[60:]
+
+    run(main())
+
+
+def test_pacing_model_documented_through_the_protocol():
+    async def main():
+        # the pacer's clock stands still: 70 one-minute requests for one contract "at once"
+        async with simulator(pacer_clock=lambda: 1000.0, pacing_scale=1.0, pacing_model="documented") as sim, \
+                client(sim) as (ib, errors):
+            ends = _ends(70)
+            results = await asyncio.gather(*[
+                ib.reqHistoricalDataAsync(AAPL, end, "1800 S", "1 min", "TRADES", True, 2) for end in ends])
+            assert all(len(r) == 30 for r in results)
+            assert [c for _, c, _ in errors if c == 162] == []
+            again = await ib.reqHistoricalDataAsync(AAPL, ends[0], "1800 S", "1 min", "TRADES", True, 2)
+            assert list(again) == [] and [t for _, c, t in errors if c == 162] == [TXT_PACING]
+            st = sim.stats()
+            assert st["pacing_violations"] == {"identical_15s": 1, "same_contract_2s": 0,
+                                               "max_60_per_10min": 0, "max_50_open": 0}
+            assert st["pacing"] == {"model": "documented", "requests": 71, "accepted": 70, "refused": 1,
+                                    "delayed": 0, "delay_total": 0, "delay_max": 0.0}
+
+    run(main())
+
+
+def test_pacing_model_throttle_through_the_protocol():
+    async def main():
+        opts = {"throttle_free": 2, "throttle_step": 0.02, "throttle_limit": 4}
+        async with simulator(pacer_clock=lambda: 1000.0, pacing_scale=1.0, pacing_model="throttle",
+                             pacing_options=opts) as sim, client(sim) as (ib, errors):
+            ends = _ends(6)
+            got = [await ib.reqHistoricalDataAsync(AAPL, end, "1800 S", "1 min", "TRADES", True, 2)
+                   for end in ends[:5]]
+            assert [len(b) for b in got] == [30, 30, 30, 30, 0]          # slowed, then refused
+            assert [t for _, c, t in errors if c == 162] == [TXT_PACING]
+            plog = sim.pacing_log()
+            assert [r["delay"] for r in plog] == pytest.approx([0.0, 0.0, 0.02, 0.04, 0.0])
+            assert [r["rule"] for r in plog] == [None] * 4 + ["throttle_rate"]
+            assert [r["in_window"] for r in plog] == [0, 1, 2, 3, 4]
+            st = sim.stats()
+            assert st["pacing_violations"]["throttle_rate"] == 1 and st["historical"]["served"] == 4
+            assert st["pacing"]["delayed"] == 2 and st["pacing"]["delay_max"] == pytest.approx(0.04)
+
+        # a throttled answer is held back: the request stays open and can be cancelled meanwhile
+        opts = {"throttle_free": 0, "throttle_step": 600.0, "throttle_max_delay": 600.0}
+        async with simulator(pacing_model="throttle", pacing_scale=1.0, pacing_options=opts) as sim, \
+                client(sim) as (ib, errors):
+            held = await ib.reqHistoricalDataAsync(AAPL, ends[0], "1800 S", "1 min", "TRADES", True, 2,
+                                                   timeout=0.5)
+            assert list(held) == []   # ib_async gave up and sent cancelHistoricalData
+            await until(lambda: sim.stats()["historical"]["cancelled"] == 1)
+            assert sim.stats()["historical"]["served"] == 0 and sim.pacing_log()[0]["delay"] == 600.0
+
+    run(main())
+
+
+def test_unknown_pacing_model_or_option_is_refused():
+    with pytest.raises(ValueError, match="pacing model"):
+        TwsSimulator(pacing_model="lenient")
+    with pytest.raises(ValueError, match="throttle_speed"):
+        TwsSimulator(pacing_model="throttle", pacing_options={"throttle_speed": 1})
+
+
 # ------------------------------------------------------------------ faults
 
 

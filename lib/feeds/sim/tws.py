@@ -57,9 +57,16 @@ recorded row.  Other contracts get deterministic generated bars for every
 NYSE session.
 
 Pacing (TWS API "Historical Data Limitations"): see
-:mod:`feeds.sim.tws_pacing`; a violation is answered with error 162
-"Historical Market Data Service error message:Historical data request
-pacing violation".
+:mod:`feeds.sim.tws_pacing`, whose model is chosen with ``pacing_model``:
+``strict`` (IB's small-bar rules for every bar size, the default),
+``documented`` (the page as written: for one-minute bars only the 50-open
+and identical-within-15-s rules) or ``throttle`` (answers to one-minute
+requests slow down as their rate rises, and are refused past a threshold).
+A refusal is answered with error 162 "Historical Market Data Service error
+message:Historical data request pacing violation"; a throttled answer is
+sent after its delay (the request stays open meanwhile).  Every decision
+(arrival on the pacing clock, bar size, contract, whatToShow, delay, rule)
+is kept: :meth:`TwsSimulator.pacing_log`, ``stats()["pacing"]``.
 
 Error codes and texts sent (``{…}`` filled in):
 
@@ -133,7 +140,7 @@ from .tws_data import (
     request_window_start,
 )
 from .tws_live import ERROR_TEXTS, FARM_TEXTS, MAX_TICK_BY_TICK, TICK_INTERVAL, LiveEngine
-from .tws_pacing import PACING_RULES, HistoricalPacer
+from .tws_pacing import PACER_OPTIONS, HistoricalPacer
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +295,13 @@ class TwsSimulator:
 
     Args:
         pacing_scale: multiplies every pacing window (1.0 = IB's real 10 min
-            / 15 s / 2 s).
+            / 15 s / 2 s) and the throttle's delays.
+        pacing_model: ``"strict"``, ``"documented"`` or ``"throttle"`` (see
+            :mod:`feeds.sim.tws_pacing`).
+        pacing_options: numbers of the pacing rules by
+            :class:`~feeds.sim.tws_pacing.HistoricalPacer` argument name
+            (e.g. ``{"throttle_free": 30}``); unknown names raise
+            ``ValueError``.
         csv_files: ``{symbol: path or [paths]}`` of recorded one-minute bars
             (``Date,Open,Close,High,Low,Volume``, US/Eastern).
         contracts: extra :class:`ContractSpec` entries (replace built-ins).
@@ -304,7 +317,8 @@ class TwsSimulator:
             connection time.
         clock: returns "now" in epoch seconds (default ``time.time``); live
             trades are sent as this clock passes their time.
-        pacer_clock: monotonic clock for the pacing windows.
+        pacer_clock: monotonic clock for the pacing windows (and the times
+            of :meth:`pacing_log`).
         live_rate: live mode with this many trades per minute per contract
             (1..60000); None: off until :meth:`live` is called.
         max_tick_by_tick: simultaneous tick-by-tick subscriptions over all
@@ -313,7 +327,8 @@ class TwsSimulator:
             (the last ``max_recorded``), ``"count"`` only counts them.
         tick_interval: seconds between rounds of live ticks (batches).
 
-    Raises ``FileNotFoundError``/``ValueError`` for unreadable CSV files.
+    Raises ``FileNotFoundError``/``ValueError`` for unreadable CSV files,
+    ``ValueError`` for an unknown pacing model or option.
     Use from one event loop: ``await start()``, ``await stop()``; see
     :class:`TwsSimulatorThread` for a background-thread runner.
     """
@@ -323,6 +338,8 @@ class TwsSimulator:
         host: str = "127.0.0.1",
         port: int = 0,
         pacing_scale: float = 1.0,
+        pacing_model: str = "strict",
+        pacing_options: Mapping[str, float] | None = None,
         csv_files: Mapping[str, str | Path | Sequence[str | Path]] | None = None,
         contracts: Iterable[ContractSpec] = (),
         generate: Iterable[str] = ("AAPL", "MSFT"),
@@ -351,7 +368,12 @@ class TwsSimulator:
         self.tws_tz = ZoneInfo(tws_time_zone)
         self.clock = clock or time.time
         self.connect_notices = connect_notices
-        self.pacer = HistoricalPacer(scale=pacing_scale, clock=pacer_clock)
+        options = dict(pacing_options or {})
+        unknown_options = set(options) - PACER_OPTIONS
+        if unknown_options:
+            raise ValueError(f"unknown pacing option(s): {', '.join(sorted(unknown_options))} "
+                             f"(known: {', '.join(sorted(PACER_OPTIONS))})")
+        self.pacer = HistoricalPacer(scale=pacing_scale, clock=pacer_clock, model=pacing_model, **options)
         self.sessions = Sessions()
         self.store = BarStore(self.sessions)
 
@@ -419,8 +441,10 @@ class TwsSimulator:
         self._server = await asyncio.start_server(self._on_client, self.host, self._port)
         self.port = self._server.sockets[0].getsockname()[1]
         self.live_engine.start()
-        log.info("tws sim listening host=%s port=%d server_version=%d contracts=%s pacing_scale=%s",
-                 self.host, self.port, SERVER_VERSION, ",".join(sorted(self.contracts)), self.pacer.scale)
+        log.info("tws sim listening host=%s port=%d server_version=%d contracts=%s pacing_scale=%s "
+                 "pacing_model=%s", self.host, self.port, SERVER_VERSION, ",".join(sorted(self.contracts)),
+                 self.pacer.scale, self.pacer.model)
+        log.info("tws sim pacing %s", " ".join(f"{k}={v}" for k, v in self.pacer.parameters().items()))
 
     async def stop(self) -> None:
         """Stop listening and close every client connection."""
@@ -568,7 +592,9 @@ class TwsSimulator:
     def stats(self) -> dict:
         """Counters: ``requests`` by TWS request name, ``historical``
         (served, no_data, bars_sent, cancelled, cancel_not_open, open),
-        ``pacing_violations`` by rule, ``errors_sent`` by code,
+        ``pacing_violations`` by rule (the model's rules), ``pacing``
+        (model, requests, accepted, refused, delayed, delay_total, delay_max:
+        see :meth:`pacing_log`), ``errors_sent`` by code,
         ``connections`` (accepted, active, refused_duplicate_client_id,
         bad_handshake, forced_disconnects, connectivity_losses),
         ``client_ids_seen``, ``malformed``, ``unsupported``, ``bytes_sent``,
@@ -585,7 +611,8 @@ class TwsSimulator:
                 "bars_sent": c["hist_bars"], "cancelled": c["hist_cancelled"],
                 "cancel_not_open": c["cancel_not_open"], "open": self._open_count(),
             },
-            "pacing_violations": {r: self.pacer.violations[r] for r in PACING_RULES},
+            "pacing_violations": {r: self.pacer.violations[r] for r in self.pacer.rules},
+            "pacing": dict(self.pacer.summary(), model=self.pacer.model),
             "errors_sent": dict(self._errors),
             "connections": {
                 "accepted": c["accepted"], "active": len(self._conns),
@@ -600,6 +627,16 @@ class TwsSimulator:
             "live": dict(self.live_engine.stats(), farm_messages=c["farm_messages"],
                          nightly_resets=c["nightly_resets"], refused_during_reset=c["refused_during_reset"]),
         })
+
+    def pacing_log(self, since: int = 0) -> list[dict]:
+        """Every historical request the pacer decided on, oldest first, from
+        index ``since``: ``{"t": arrival (seconds, pacer clock), "bar_size",
+        "contract" (symbol), "what", "weight", "delay" (seconds the answer
+        was held back), "rule" (refusing rule or None), "in_window"}``
+        (see :class:`~feeds.sim.tws_pacing.PacedRequest`; at most the last
+        200000 are kept)."""
+        hist = self.pacer.history
+        return [hist[i].as_dict() for i in range(since, len(hist))]
 
     def _open_count(self) -> int:
         return sum(len(c.pending) for c in self._conns)
@@ -950,13 +987,18 @@ class TwsSimulator:
             conn.error(req_id, 162, TXT_TIME_LENGTH)
             return
         identical = (spec.con_id, exchange, end_s.strip(), dur_s.strip(), bar_size, what, use_rth_s, fmt_s)
-        rule = self.pacer.check(identical, (spec.con_id, exchange, what),
-                                weight=2 if what == "BID_ASK" else 1, open_now=self._open_count())
-        if rule is not None:
-            log.warning("tws sim pacing violation rule=%s conn=%d req_id=%d symbol=%s what=%s end=%r dur=%r",
-                        rule, conn.number, req_id, spec.symbol, what, end_s, dur_s)
+        paced = self.pacer.decide(identical, (spec.con_id, exchange, what),
+                                  weight=2 if what == "BID_ASK" else 1, open_now=self._open_count(),
+                                  bar_size=bar_size, contract=spec.symbol, what=what)
+        if paced.rule is not None:
+            log.warning("tws sim pacing violation rule=%s model=%s conn=%d req_id=%d symbol=%s what=%s "
+                        "end=%r dur=%r t=%.6f in_window=%d", paced.rule, self.pacer.model, conn.number, req_id,
+                        spec.symbol, what, end_s, dur_s, paced.t, paced.in_window)
             conn.error(req_id, 162, TXT_PACING)
             return
+        log.debug("tws sim historical request conn=%d req_id=%d symbol=%s bar=%s what=%s t=%.6f "
+                  "in_window=%d delay=%.6f", conn.number, req_id, spec.symbol, bar_size, what, paced.t,
+                  paced.in_window, paced.delay)
         if implied:
             conn.error(req_id, 2174, TXT_2174)
 
@@ -973,9 +1015,10 @@ class TwsSimulator:
         else:
             fields = []
         no_data = TXT_NO_DATA.format(symbol=spec.symbol, exchange=exchange, what=WHAT_TO_SHOW[what])
-        if self.latency > 0:
+        delay = self.latency + paced.delay
+        if delay > 0:
             conn.pending[req_id] = asyncio.get_running_loop().create_task(
-                self._answer_later(conn, req_id, fields, no_data, len(bars)))
+                self._answer_later(conn, req_id, fields, no_data, len(bars), delay))
         else:
             self._answer(conn, req_id, fields, no_data, len(bars))
 
@@ -1027,9 +1070,10 @@ class TwsSimulator:
             self._counts["hist_no_data"] += 1
             conn.error(req_id, 162, no_data)
 
-    async def _answer_later(self, conn: _Conn, req_id: int, fields: list, no_data: str, n_bars: int) -> None:
+    async def _answer_later(self, conn: _Conn, req_id: int, fields: list, no_data: str, n_bars: int,
+                            delay: float) -> None:
         try:
-            await asyncio.sleep(self.latency)
+            await asyncio.sleep(delay)
         except asyncio.CancelledError:
             return
         conn.pending.pop(req_id, None)
@@ -1098,8 +1142,8 @@ class TwsSimulatorThread:
 
     ``with TwsSimulatorThread(pacing_scale=0.01) as sim: ...`` -- keyword
     arguments go to :class:`TwsSimulator`.  :attr:`port`, :meth:`stats`,
-    :meth:`disconnect_all`, :meth:`fail_after`, :meth:`connectivity_loss`
-    and the live controls (:meth:`live`, :meth:`inject_error`,
+    :meth:`pacing_log`, :meth:`disconnect_all`, :meth:`fail_after`,
+    :meth:`connectivity_loss` and the live controls (:meth:`live`, :meth:`inject_error`,
     :meth:`clear_error`, :meth:`silence`, :meth:`farm_message`,
     :meth:`nightly_reset`, :meth:`sent_ticks`, :meth:`subscriptions`) are
     safe to call from the caller's thread.
@@ -1157,6 +1201,9 @@ class TwsSimulatorThread:
 
     def stats(self) -> dict:
         return self._call(self.sim.stats)
+
+    def pacing_log(self, since: int = 0) -> list[dict]:
+        return self._call(self.sim.pacing_log, since)
 
     def disconnect_all(self, abort: bool = False) -> int:
         return self._call(self.sim.disconnect_all, abort)
