@@ -34,6 +34,7 @@ from typing import Any
 from .binance import adapter as binance_adapter
 from .config import Config, ConfigError, non_negative, one_of, positive, within
 from .dhan import limits as dhan_limits
+from .ibkr import pacing as ibkr_pacing
 from .kite import adapter as kite_adapter
 from .kite.instruments import MAX_CONNECTIONS_PER_API_KEY, MAX_INSTRUMENTS_PER_CONNECTION
 from .kite.login import CHROMIUM_FLAGS, Selectors
@@ -358,6 +359,18 @@ IBKR = (
             lambda v: None if v else "must be true (sessions are regular trading hours)"),
     Setting("backfill.pacing_scale", float, 1.0, "1 = IB's pacing windows; smaller only for a scaled "
             "simulator", lambda v: None if 0 < v <= 1 else "must be > 0 and <= 1 (1 = IB's real limits)"),
+    Setting("backfill.pacing_profile", str, ibkr_pacing.AUTO, "how IB's pacing rules are read: strict (60 "
+            "requests in ten minutes for every bar size), documented (IB's page as written), auto (documented, "
+            "adapting to IB's answers)", one_of(*ibkr_pacing.PROFILES)),
+    Setting("backfill.max_concurrency", int, ibkr_pacing.DEFAULT_MAX_CONCURRENCY, "most requests in flight "
+            "auto lets grow to", within(1, ibkr_pacing.MAX_OPEN, "IB allows 50 open requests")),
+    Setting("backfill.slow_answer", float, ibkr_pacing.DEFAULT_SLOW_ANSWER, "seconds: an answer slower "
+            "than this counts as IB throttling (auto)", positive),
+    Setting("backfill.relearn_hours", float, ibkr_pacing.DEFAULT_RELEARN / 3600, "hours a learned pacing "
+            "profile is trusted before auto probes IB again", non_negative),
+    Setting("backfill.days_per_request", int, 1, "sessions' days one request of one-minute bars covers "
+            "(durationStr N D; 1 = one session per request)",
+            within(1, ibkr_pacing.MAX_DAYS_PER_REQUEST, "IB's 2000 bars per request")),
 )
 
 # The planner and status table shared by feed-backfill (IBKR) and feed-dhan-backfill.

@@ -599,7 +599,8 @@ def cli_env(tmp_path, db, monkeypatch):
             "AAPL,STK,SMART,USD,NASDAQ,1,\nMSFT,STK,SMART,USD,NASDAQ,0,\nES,FUT,CME,USD,,0,202703\n")
         cfg = tmp_path / "ibkr.toml"
         cfg.write_text(f'[ibkr]\nport = {sim.port}\ncontracts_file = "{tmp_path / "contracts.csv"}"\n'
-                       f'connect_timeout = 5\n[backfill]\npacing_scale = 0.001\nstatus_interval = 1\n'
+                       f'connect_timeout = 5\n[backfill]\npacing_profile = "strict"\npacing_scale = 0.001\n'
+                       f'status_interval = 1\n'
                        f'reconnect_timeout = 5\n[metrics]\ntextfile_dir = ""\n')
         monkeypatch.setenv("FEEDS_DSN", db)
         yield cfg, sim

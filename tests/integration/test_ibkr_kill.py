@@ -60,17 +60,19 @@ class SimThread:
         return asyncio.run_coroutine_threadsafe(get(), self.loop).result(10)
 
 
-def start_backfill(cfg: Path, dsn: str, out: Path) -> subprocess.Popen:
+def start_backfill(cfg: Path, dsn: str, out: Path, first: str = FIRST, last: str = LAST) -> subprocess.Popen:
     env = dict(os.environ, FEEDS_DSN=dsn, FEEDS_LOG_LEVEL="INFO")
     env.pop("NOTIFY_SOCKET", None)
     return subprocess.Popen([sys.executable, str(ROOT / "bin" / "feed-backfill"), "--config", str(cfg),
-                             "--from", FIRST, "--to", LAST], env=env, stdout=out.open("ab"),
+                             "--from", first, "--to", last], env=env, stdout=out.open("ab"),
                             stderr=subprocess.STDOUT)
 
 
-def write_config(path: Path, port: int, contracts: Path, scale: float) -> Path:
+def write_config(path: Path, port: int, contracts: Path, scale: float, profile: str = "strict",
+                 days: int = 1) -> Path:
     path.write_text(f'[ibkr]\nport = {port}\ncontracts_file = "{contracts}"\nconnect_timeout = 5\n'
-                    f"[backfill]\npacing_scale = {scale}\nreconnect_timeout = 10\n"
+                    f'[backfill]\npacing_profile = "{profile}"\npacing_scale = {scale}\nreconnect_timeout = 10\n'
+                    f"days_per_request = {days}\n"
                     '[metrics]\ntextfile_dir = ""\n')
     return path
 
@@ -87,6 +89,16 @@ def wait_complete(dsn: str, p: subprocess.Popen, n: int, out: Path, timeout: flo
 def q(dsn: str, sql: str):
     with psycopg.connect(dsn) as c:
         return c.execute(sql).fetchall()
+
+
+def assert_whole(dsn: str, stored: set) -> None:
+    """Bars are stored for exactly the ``stored`` sessions, each with all the bars its status row counts."""
+    per_day = dict(((r[0], r[1]), r[2]) for r in q(dsn, """
+        SELECT symbol, (bar_start AT TIME ZONE 'America/New_York')::date, count(*) FROM ibkr_bar_1min
+         GROUP BY 1, 2"""))
+    actual = {(r[0], r[1]): r[2] for r in q(dsn, "SELECT symbol, session_date, actual_bars FROM ibkr_session_status")}
+    assert set(per_day) == stored
+    assert all(per_day[k] == actual[k] for k in stored)
 
 
 STATUS_SQL = """SELECT symbol, session_date, status, expected_bars, actual_bars, first_bar, last_bar, note
@@ -123,13 +135,7 @@ def test_kill_9_mid_run_then_resume(db, pg, tmp_path):
         first_run = requested(st.sim.hist_log[:mark])
         assert len(first_run) == 60 and set(first_run) == stored
         # no half day: every session has all its bars or none, as its status row says
-        per_day = dict(((r[0], r[1]), r[2]) for r in q(db, """
-            SELECT symbol, (bar_start AT TIME ZONE 'America/New_York')::date, count(*) FROM ibkr_bar_1min
-             GROUP BY 1, 2"""))
-        actual = {(r[0], r[1]): r[2]
-                  for r in q(db, "SELECT symbol, session_date, actual_bars FROM ibkr_session_status")}
-        assert set(per_day) == stored
-        assert all(per_day[k] == actual[k] for k in stored)
+        assert_whole(db, stored)
 
         # 2. a new run: counts the killed run's 60 requests, then asks for exactly the rest
         p = start_backfill(cfg, db, out)

@@ -222,6 +222,23 @@ def test_ibkr_role_runs_its_store_statements(dsn):
                             ON CONFLICT (symbol, session_date) DO UPDATE SET status = EXCLUDED.status,
                                 attempts = s.attempts + 1, updated_at = now()""", (day, open_, close))
         assert conn.execute("SELECT status FROM ibkr_session_status").fetchone()[0] == "COMPLETE"
+        denied(conn.execute, "DELETE FROM ibkr_pacing_learned")
+    # what the auto pacing profile learned: stored and read back by the store, as feeds_ibkr
+    from feeds.ibkr.pacing import LearnedPacing
+    from feeds.ibkr.store import BackfillStore
+    store = BackfillStore(as_role(dsn, "feeds_ibkr")).connect()
+    try:
+        assert store.learned_pacing("127.0.0.1:7497", "1 min") is None
+        first = LearnedPacing("documented", 16, datetime(2026, 3, 2, 21, 5, tzinfo=UTC), "ceiling")
+        later = LearnedPacing("strict", 4, datetime(2026, 3, 3, 21, 5, 7, 250000, tzinfo=UTC), "pacing violation")
+        store.save_learned_pacing("127.0.0.1:7497", "1 min", first)
+        store.save_learned_pacing("127.0.0.1:4002", "1 min", first)
+        store.save_learned_pacing("127.0.0.1:7497", "1 min", later)
+        assert store.learned_pacing("127.0.0.1:7497", "1 min") == later
+        assert store.learned_pacing("127.0.0.1:4002", "1 min") == first
+        assert store.learned_pacing("127.0.0.1:7497", "5 secs") is None
+    finally:
+        store.close()
 
 
 def test_collector_role_runs_the_real_sink(dsn, tmp_path):
@@ -262,7 +279,9 @@ def test_collector_cannot_write_another_collectors_tables(dsn, role):
         others = [("binance_agg_gap", "DELETE FROM binance_agg_gap"),
                   ("kite_instrument", "UPDATE kite_instrument SET name = 'x'"),
                   ("ibkr_session_status", "UPDATE ibkr_session_status SET status = 'ERROR'"),
-                  ("ibkr_contract", "DELETE FROM ibkr_contract")]
+                  ("ibkr_contract", "DELETE FROM ibkr_contract"),
+                  ("ibkr_pacing_learned", "INSERT INTO ibkr_pacing_learned (endpoint, bar_size, profile, "
+                                          "concurrency, learned_at) VALUES ('h:1', '1 min', 'strict', 1, now())")]
         for table, stmt in others:
             if not table.startswith(OWN[role].split("_")[0]):
                 denied(conn.execute, stmt)

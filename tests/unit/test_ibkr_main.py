@@ -44,6 +44,12 @@ def test_shipped_config_loads_with_documented_defaults():
     ("[backfill]\nearliest = \"2020-13-01\"\n", "backfill.earliest", "YYYY-MM-DD"),
     ("[backfill]\nwhat_to_show = \"BID_ASK\"\n", "backfill.what_to_show", "only TRADES"),
     ("[backfill]\nuse_rth = \"yes\"\n", "backfill.use_rth", "expected bool"),
+    ('[backfill]\npacing_profile = "fast"\n', "backfill.pacing_profile", "must be one of strict, documented, auto"),
+    ("[backfill]\nmax_concurrency = 51\n", "backfill.max_concurrency", "must be 1..50"),
+    ("[backfill]\nslow_answer = 0\n", "backfill.slow_answer", "must be > 0"),
+    ("[backfill]\nrelearn_hours = -1\n", "backfill.relearn_hours", "must be >= 0"),
+    ("[backfill]\ndays_per_request = 6\n", "backfill.days_per_request", "must be 1..5"),
+    ("[backfill]\nconcurrency = 20\nmax_concurrency = 16\n", "backfill.concurrency", "max_concurrency"),
 ])
 def test_bad_configuration_exits_78_naming_the_key(tmp_path, extra, key, words):
     cfg = write_cfg(tmp_path, extra)

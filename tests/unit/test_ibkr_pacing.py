@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from feeds.ibkr.pacing import PacingLimiter, is_pacing_violation, max_in_window, utilisation
+from feeds.ibkr.pacing import (MAX_OPEN, MAX_REQUESTS, STRICT, WINDOW, PacingLimiter, PacingRules, is_pacing_violation,
+                               is_query_cancelled, max_in_window, utilisation)
 from feeds.sim.tws_pacing import HistoricalPacer
 
 
@@ -193,3 +194,17 @@ def test_pacing_text_recognised():
     assert is_pacing_violation(162, hmds + "Historical data request pacing violation")
     assert not is_pacing_violation(162, "Historical Market Data Service error message:HMDS query returned no data: X")
     assert not is_pacing_violation(200, "pacing violation")
+
+
+def test_query_cancelled_recognised():
+    hmds = "Historical Market Data Service error message:"
+    assert is_query_cancelled(162, hmds + "API historical data query cancelled: 12")
+    assert not is_query_cancelled(162, hmds + "Historical data request pacing violation")
+    assert not is_query_cancelled(366, "query cancelled")
+
+
+def test_default_limiter_is_the_strict_profile_with_ibs_limits():
+    lim = PacingLimiter()
+    assert lim.profile == STRICT and lim.status().in_force == STRICT
+    assert (lim.max_requests, lim.max_open, lim.open_limit) == (MAX_REQUESTS, MAX_OPEN, MAX_OPEN)
+    assert PacingRules().window == WINDOW == 600.0

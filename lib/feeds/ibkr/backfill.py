@@ -1,15 +1,19 @@
 """The IBKR one-minute backfill: plan, fetch, check, store; resumable.
 
-Unit of work: one exchange session of one contract.  Each session is one
-``reqHistoricalData`` request (TWS API "Historical Bar Data"):
-``endDateTime`` = the session close as ``yyyymmdd-hh:mm:ss`` UTC,
-``durationStr`` ``"1 D"``, ``barSizeSetting`` ``"1 min"``, ``whatToShow``
+Unit of work: one exchange session of one contract.  A
+``reqHistoricalData`` request (TWS API "Historical Bar Data") covers one
+session or, with ``days_per_request`` > 1, several consecutive ones
+(:func:`feeds.ibkr.sessions.request_chunks`): ``endDateTime`` = the newest
+session's close as ``yyyymmdd-hh:mm:ss`` UTC, ``durationStr`` ``"N D"``
+(the weekdays back to the oldest session, :func:`~feeds.ibkr.sessions.duration_days`;
+``"1 D"`` for one session), ``barSizeSetting`` ``"1 min"``, ``whatToShow``
 TRADES, ``useRTH`` 1, ``formatDate`` 2 (epoch seconds, so bar times are
-UTC without any time-zone guessing).  The answer is checked
-(:mod:`feeds.ibkr.bars`) and the bars and the session's status row are
-committed in one transaction (:mod:`feeds.ibkr.store`), so a crash or
-``kill -9`` never leaves half a day and a new run starts from the status
-table: no completed session is requested again.
+UTC without any time-zone guessing).  The answer is split by the bars'
+local date into its sessions; each is checked (:mod:`feeds.ibkr.bars`)
+and its bars and status row are committed in one transaction
+(:mod:`feeds.ibkr.store`), exactly as for a one-session request, so a
+crash or ``kill -9`` never leaves half a day and a new run starts from the
+status table: no completed session is requested again.
 
 Plan (:meth:`Backfill.plan`, with the planner shared with feed-dhan-backfill:
 :mod:`feeds.backfill`): for each STK/IND contract of the contracts
@@ -23,8 +27,15 @@ ERROR ones too unless ``--retry-failed``; PENDING, PARTIAL and new ones are
 fetched, newest date first (then higher priority, then symbol) so that the
 nightly top-up lands first and requests for one contract are spread out.
 
-Requests go through one :class:`~feeds.ibkr.pacing.PacingLimiter`;
-``concurrency`` requests may be open at once (at most 50, IB's limit).
+Requests go through one :class:`~feeds.ibkr.pacing.PacingLimiter`
+(:func:`pacing_limiter`: the configured profile); as many workers as it
+ever lets be open (``max_in_flight``, at most 50, IB's limit).  Each
+answer or error is reported to it (``finish``; a timeout as
+``cancelled``).  Under ``auto`` it starts from what an earlier run learned
+for this TWS (``host:port``) and bar size, kept in
+``ibkr_pacing_learned`` (:meth:`BackfillStore.learned_pacing
+<feeds.ibkr.store.BackfillStore.learned_pacing>`), and every new learning
+is stored there by the database thread.
 
 Errors: ib_async returns an empty list when a request fails unless errors
 are watched.  Here ``RaiseRequestErrors`` is on, so a failed request raises
@@ -54,7 +65,8 @@ re-sends the requests that were open.  2104, 2106, 2158 and the other 21xx
 codes are information, logged, not counted as errors.
 
 Progress: :meth:`Backfill.progress_line` (sessions done/total, requests,
-bars, ETA from the pacing rules) and :meth:`Backfill.figures`, which the
+bars, ETA from the pacing rules, the pacing profile in force, requests in
+flight and the rate) and :meth:`Backfill.figures`, which the
 runtime (:mod:`feeds.service`) shows every ``status_interval`` seconds in
 the journal, sd_notify ``STATUS=`` and the heartbeat row;
 :meth:`Backfill.periodic` writes the counters to the run log.  A final
@@ -79,18 +91,18 @@ from ..backfill import (BackfillRun, Plan, Selection, SessionPlan, fetch_order, 
 from .bars import check_session
 from .connect import ConnectFailed, connect_ib
 from .contracts import ContractRow, fetchable, request_details
-from .pacing import PacingLimiter, is_pacing_violation
-from .sessions import Session, SessionCalendar
+from .pacing import (AUTO, DEFAULT_MAX_CONCURRENCY, DEFAULT_RELEARN, DEFAULT_SLOW_ANSWER, LearnedPacing, PacingLimiter,
+                     is_pacing_violation, is_query_cancelled)
+from .sessions import Session, SessionCalendar, duration_days, request_chunks
 from .store import BackfillStore
 from .wire import keep_wire_text
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Settings", "Selection", "Backfill", "RunSummary", "ContractPlan", "Plan", "BackfillFailed",
-           "fmt_duration", "INFO_CODES", "TRANSIENT_CODES"]
+           "fmt_duration", "INFO_CODES", "TRANSIENT_CODES", "pacing_limiter", "BAR_SIZE"]
 
 BAR_SIZE = "1 min"
-DURATION = "1 D"
 FORMAT_DATE = 2
 #: Codes that are information, not errors (data farm connection notices and other 21xx).
 INFO_CODES = frozenset({2104, 2106, 2107, 2108, 2119, 2158, 2174})
@@ -114,7 +126,10 @@ class Settings:
 
     Times in seconds unless said otherwise; ``settle``: how long after a
     session's close its bars are considered final; ``earliest``: never plan
-    before this date.
+    before this date; ``pacing_profile``, ``concurrency``,
+    ``max_concurrency``, ``slow_answer``, ``relearn``: the limiter's (see
+    :class:`~feeds.ibkr.pacing.PacingLimiter`); ``days_per_request``:
+    weekdays one request covers (1..:data:`~feeds.ibkr.pacing.MAX_DAYS_PER_REQUEST`).
     """
 
     host: str = "127.0.0.1"
@@ -132,6 +147,27 @@ class Settings:
     status_interval: float = 30.0
     pacing_scale: float = 1.0
     earliest: dt.date | None = None
+    pacing_profile: str = AUTO
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    slow_answer: float = DEFAULT_SLOW_ANSWER
+    relearn: float = DEFAULT_RELEARN
+    days_per_request: int = 1
+
+    @property
+    def endpoint(self) -> str:
+        """TWS / IB Gateway as ``host:port`` (the key of what pacing learned)."""
+        return f"{self.host}:{self.port}"
+
+
+def pacing_limiter(s: Settings, **kw) -> PacingLimiter:
+    """The limiter of ``s`` (profile, concurrency, ceiling, slow answer,
+    relearn, scale) for one-minute bars; ``kw`` goes to
+    :class:`~feeds.ibkr.pacing.PacingLimiter` (``keep_history``, clocks).
+    Raises ValueError as it does (e.g. ``concurrency`` above
+    ``max_concurrency`` under ``auto``)."""
+    return PacingLimiter(scale=s.pacing_scale, profile=s.pacing_profile, concurrency=s.concurrency,
+                         max_concurrency=s.max_concurrency, slow_answer=s.slow_answer, relearn=s.relearn,
+                         bar_size=BAR_SIZE, **kw)
 
 
 @dataclass
@@ -159,14 +195,27 @@ class ContractPlan(SessionPlan):
 
 @dataclass
 class _Job:
+    """One request: ``sessions`` of one contract, newest first."""
+
     res: _Resolved
-    session: Session
+    sessions: list[Session]
     priority: int
     attempts: int = 0
 
     @property
-    def key(self) -> tuple[str, dt.date]:
-        return (self.res.row.symbol, self.session.day)
+    def session(self) -> Session:
+        """The newest session (the request ends at its close)."""
+        return self.sessions[0]
+
+    @property
+    def keys(self) -> list[tuple[str, dt.date]]:
+        return [(self.res.row.symbol, s.day) for s in self.sessions]
+
+    @property
+    def label(self) -> str:
+        """``AAPL 2024-01-05`` or ``AAPL 2024-01-02..2024-01-05``."""
+        days = f"{self.sessions[-1].day}..{self.sessions[0].day}" if len(self.sessions) > 1 else str(self.session.day)
+        return f"{self.res.row.symbol} {days}"
 
 
 @dataclass
@@ -198,7 +247,8 @@ class Backfill(BackfillRun):
         contracts: rows of the contracts file.
         store: a :class:`~feeds.ibkr.store.BackfillStore` (used from one
             worker thread only).
-        limiter: the pacing limiter (default: one with ``settings.pacing_scale``).
+        limiter: the pacing limiter (default: :func:`pacing_limiter`); its
+            ``on_learn``, when unset, stores what it learns.
         notifier: object with ``notify(str)`` for sd_notify (default: the
             process's, :func:`feeds.runtime.sd_notifier`).
         now: returns the current time (aware); default UTC wall clock.
@@ -218,7 +268,10 @@ class Backfill(BackfillRun):
         super().__init__(store, RunSummary(), notifier, now)
         self.s = settings
         self.rows = list(contracts)
-        self.limiter = limiter or PacingLimiter(scale=settings.pacing_scale)
+        self.limiter = limiter or pacing_limiter(settings)
+        if self.limiter.on_learn is None:
+            self.limiter.on_learn = self._save_learned
+        self._learn_saves: set[asyncio.Future] = set()
         self._calendars: dict[str, SessionCalendar] = {}
         self.ib: IB | None = None
         self.client_id: int | None = None
@@ -408,8 +461,15 @@ class Backfill(BackfillRun):
             statuses = await self._db(self.store.statuses, [res.row.symbol], dt.date(1900, 1, 1), hi)
             plans.append(self._plan_contract(res, sel, statuses))
         plan = Plan(plans)
-        plan.duration = self.limiter.plan_duration([c.requests for c in plans])
+        plan.duration = self.limiter.plan_duration([self.requests_of(c) for c in plans])
         return plan
+
+    def requests_of(self, cp: ContractPlan) -> int:
+        """Requests the plan of one contract sends (``days_per_request``
+        sessions' days each at most; none for a contract in error)."""
+        if cp.error is not None or not cp.sessions:
+            return 0
+        return len(request_chunks(cp.sessions, self.s.days_per_request, self.calendar(cp.row.calendar)))
 
     def _jobs(self, plan: Plan) -> list[_Job]:
         jobs = []
@@ -417,8 +477,10 @@ class Backfill(BackfillRun):
             if cp.error is not None:
                 continue
             res = self._resolved[cp.row.symbol]
-            for s in cp.sessions:
-                jobs.append(_Job(res, s, cp.row.priority, self._attempts.get((cp.row.symbol, s.day), 0)))
+            cal = self.calendar(cp.row.calendar)
+            for chunk in request_chunks(cp.sessions, self.s.days_per_request, cal):
+                tried = max(self._attempts.get((cp.row.symbol, s.day), 0) for s in chunk)
+                jobs.append(_Job(res, chunk, cp.row.priority, tried))
         jobs.sort(key=lambda j: fetch_order(j.session.day, j.priority, j.res.row.symbol))
         return jobs
 
@@ -439,11 +501,12 @@ class Backfill(BackfillRun):
                 if first_time:
                     self.summary.planned += 1
         jobs = self._jobs(plan)
-        await self._db(self.store.mark_pending, [(j.res.row.symbol, j.res.con_id, j.session) for j in jobs])
+        await self._db(self.store.mark_pending, [(j.res.row.symbol, j.res.con_id, s) for j in jobs
+                                                 for s in j.sessions])
         self._queue = deque(jobs)
-        self._planned.update(j.key for j in jobs)
+        self._planned.update(k for j in jobs for k in j.keys)
         if first_time:
-            self.summary.planned += len(jobs)
+            self.summary.planned += sum(len(j.sessions) for j in jobs)
             self._total = self.summary.planned
 
     # -------------------------------------------------------------- run
@@ -451,6 +514,7 @@ class Backfill(BackfillRun):
         """The plan without fetching or writing anything.  Connects (once,
         no retries) to resolve contracts and head timestamps; when TWS is
         not reachable the cached head timestamps are used."""
+        await self._load_pacing()
         if connect:
             try:
                 self.ib = await self.connect(time.monotonic())
@@ -478,15 +542,44 @@ class Backfill(BackfillRun):
         await self._guarded(self._fetch_all(), "backfill failed")
         return self.summary
 
+    async def _load_pacing(self) -> None:
+        """Start the limiter from what an earlier run learned for this TWS
+        and bar size (``ibkr_pacing_learned``); one log line."""
+        lim = self.limiter
+        learned = await self._db(self.store.learned_pacing, self.s.endpoint, BAR_SIZE)
+        lim.resume(learned)
+        if lim.profile != AUTO:
+            log.info("pacing: profile %s with %d in flight", lim.profile, lim.status().concurrency)
+            return
+        why = (f"learned {learned.at:%Y-%m-%d %H:%M} UTC: {learned.why}" if learned is not None
+               else "nothing learned yet")
+        if learned is not None and not learned.fresh(lim.wall_clock(), lim.relearn):
+            why += f"; older than {lim.relearn / 3600:g} h, probing again"
+        log.info("pacing: profile auto starts as %s with %d in flight (%s)", lim.in_force, lim.concurrency, why)
+
+    def _save_learned(self, learned: LearnedPacing) -> None:
+        """``on_learn`` of the limiter: store it on the database thread (in
+        the background; :meth:`disconnect` waits for it)."""
+        fut = asyncio.ensure_future(self._db(self.store.save_learned_pacing, self.s.endpoint, BAR_SIZE, learned))
+        self._learn_saves.add(fut)
+        fut.add_done_callback(self._learn_saved)
+
+    def _learn_saved(self, fut: asyncio.Future) -> None:
+        self._learn_saves.discard(fut)
+        if not fut.cancelled() and fut.exception() is not None:
+            log.warning("learned pacing not stored: %s", fut.exception())
+
     async def _fetch_all(self) -> None:
         sm = self.summary
+        await self._load_pacing()
         plan = await self._connect_and_plan()
         await self._db(self.store.update_run, sm.run_id, client_id=self.client_id)
         await self._apply_plan(plan, first_time=True)
         await self._seed_pacing()
-        log.info("plan: %d sessions to fetch for %d contracts (%s), %d holidays recorded; pacing implies %s",
-                 len(self._queue), len(plan.items), ", ".join(f"{c.row.symbol} {c.requests}" for c in plan.items),
-                 sm.holidays, fmt_duration(plan.duration))
+        log.info("plan: %d sessions to fetch in %d requests for %d contracts (%s), %d holidays recorded; pacing "
+                 "implies %s", plan.sessions, len(self._queue), len(plan.items),
+                 ", ".join(f"{c.row.symbol} {self.requests_of(c)}" for c in plan.items), sm.holidays,
+                 fmt_duration(plan.duration))
         await self._run_workers()
 
     def settle(self) -> None:
@@ -498,6 +591,8 @@ class Backfill(BackfillRun):
             sm.request_times = list(self.limiter.history)
 
     async def disconnect(self) -> None:
+        if self._learn_saves:
+            await asyncio.gather(*self._learn_saves, return_exceptions=True)
         if self.ib is not None:
             self.ib.disconnect()
 
@@ -526,7 +621,7 @@ class Backfill(BackfillRun):
 
     async def _run_workers(self) -> None:
         supervisor = asyncio.create_task(self._supervise())
-        workers = asyncio.gather(*(self._worker(i) for i in range(max(1, min(self.s.concurrency, 50)))))
+        workers = asyncio.gather(*(self._worker(i) for i in range(max(1, min(self.limiter.max_in_flight, 50)))))
         try:
             await asyncio.wait([supervisor, workers], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -566,34 +661,39 @@ class Backfill(BackfillRun):
                 await self._changed.wait()
                 continue
             job = self._queue.popleft()
-            if job.key in self._finished or job.key in self._active:
+            job.sessions = [s for s, k in zip(job.sessions, job.keys) if k not in self._finished
+                            and k not in self._active]
+            if not job.sessions:
                 continue
+            keys = job.keys
             self._busy += 1
-            self._active.add(job.key)
+            self._active.update(keys)
             try:
                 await self._fetch(job)
             finally:
                 self._busy -= 1
-                self._active.discard(job.key)
+                self._active.difference_update(keys)
                 self._changed.set()
 
     def _requeue(self, job: _Job, error: str) -> None:
         if job.attempts >= self.s.max_attempts:
-            log.error("%s %s: giving up for this run after %d attempts (%s); stays PENDING",
-                      job.res.row.symbol, job.session.day, job.attempts, error)
+            log.error("%s: giving up for this run after %d attempts (%s); stays PENDING", job.label, job.attempts,
+                      error)
             return
         self._queue.append(job)
 
-    def _keys(self, res: _Resolved, session: Session) -> tuple[tuple, tuple]:
-        """The limiter's identical-request key and contract key for a session."""
+    def _keys(self, res: _Resolved, session: Session, duration: str = "1 D") -> tuple[tuple, tuple]:
+        """The limiter's identical-request key and contract key for a
+        request ending at ``session``'s close covering ``duration``."""
         what = self.s.what_to_show
-        ident = (res.con_id, res.row.exchange, _utc_end(session.close), DURATION, BAR_SIZE, what, self.s.use_rth,
+        ident = (res.con_id, res.row.exchange, _utc_end(session.close), duration, BAR_SIZE, what, self.s.use_rth,
                  FORMAT_DATE)
         return ident, (res.con_id, res.row.exchange, what)
 
     async def _seed_pacing(self) -> None:
         """Count the requests earlier runs sent within the last window
-        (``requested_at`` in the status table): IB remembers them too."""
+        (:meth:`BackfillStore.recent_requests <feeds.ibkr.store.BackfillStore.recent_requests>`):
+        IB remembers them too."""
         recent = await self._db(self.store.recent_requests, self.limiter.window)
         entries = []
         weight = self.limiter.weight_for(self.s.what_to_show)
@@ -615,7 +715,8 @@ class Backfill(BackfillRun):
         row = res.row
         what = self.s.what_to_show
         end = _utc_end(session.close)
-        ident, ckey = self._keys(res, session)
+        duration = f"{duration_days(job.sessions)} D"
+        ident, ckey = self._keys(res, session, duration)
         ticket = await self.limiter.acquire(ident, ckey, self.limiter.weight_for(what))
         ib = self.ib
         if ib is None or not self._ready.is_set() or not ib.isConnected():
@@ -623,99 +724,131 @@ class Backfill(BackfillRun):
             self._queue.appendleft(job)
             return
         job.attempts += 1
-        self._attempts[job.key] = job.attempts
+        for k in job.keys:
+            self._attempts[k] = job.attempts
         sm.requests += 1
         req_id = ib.client.getReqId()
         fut = ib.wrapper.startReq(req_id, res.contract, container=[])
         self._inflight[req_id] = (job, fut)
         try:
             # Sent right when the limiter allows it; counted in the status table just after.
-            ib.client.reqHistoricalData(req_id, res.contract, end, DURATION, BAR_SIZE, what, self.s.use_rth,
+            ib.client.reqHistoricalData(req_id, res.contract, end, duration, BAR_SIZE, what, self.s.use_rth,
                                         FORMAT_DATE, False, [])
-            await self._db(self.store.note_request, row.symbol, res.con_id, session)
+            await self._db(self.store.note_requests, [(row.symbol, res.con_id, s) for s in job.sessions])
             bars = await asyncio.wait_for(fut, self.s.request_timeout)
         except RequestError as e:
-            self.limiter.release(ticket)
-            await self._request_error(job, e.code, e.message)
+            pause = self.limiter.finish(ticket, e.code, e.message)
+            await self._request_error(job, e.code, e.message, pause)
             return
         except asyncio.TimeoutError:
             self.limiter.release(ticket)
+            self.limiter.cancelled(ticket)
             if ib.isConnected():
                 ib.client.cancelHistoricalData(req_id)
             err = f"no answer within {self.s.request_timeout:g}s"
-            log.warning("%s %s: %s (attempt %d)", row.symbol, session.day, err, job.attempts)
-            await self._db(self.store.record_error, row.symbol, res.con_id, session, "PENDING", err)
+            log.warning("%s: %s (attempt %d)", job.label, err, job.attempts)
+            await self._record(job, "PENDING", err)
             self._requeue(job, err)
             return
         except ConnectionError as e:
             self.limiter.release(ticket)
             err = f"connection lost during the request ({e})"
-            await self._db(self.store.record_error, row.symbol, res.con_id, session, "PENDING", err)
+            await self._record(job, "PENDING", err)
             if job.attempts >= self.s.max_attempts + 2:
-                log.error("%s %s: %s; giving up for this run", row.symbol, session.day, err)
+                log.error("%s: %s; giving up for this run", job.label, err)
             else:
                 self._queue.appendleft(job)
             return
         finally:
             self._inflight.pop(req_id, None)
-        self.limiter.release(ticket)
-        self.limiter.success()
+        self.limiter.finish(ticket)
         sm.request_times.append(time.monotonic())
         await self._store(job, bars)
 
-    async def _request_error(self, job: _Job, code: int, text: str) -> None:
-        res, session = job.res, job.session
+    async def _record(self, job: _Job, status: str, err: str) -> None:
+        """The error ``err`` with ``status`` on every session of the request."""
+        res = job.res
+        for s in job.sessions:
+            await self._db(self.store.record_error, res.row.symbol, res.con_id, s, status, err)
+
+    async def _request_error(self, job: _Job, code: int, text: str, pause: float = 0.0) -> None:
         err = f"IB error {code}: {text}"
         if is_pacing_violation(code, text):
-            pause = self.limiter.violation()
-            log.warning("pacing violation reported for %s %s: pausing new requests %.2fs", res.row.symbol,
-                        session.day, pause)
-            await self._db(self.store.record_error, res.row.symbol, res.con_id, session, "PENDING", err)
+            log.warning("pacing violation reported for %s: pausing new requests %.2fs", job.label, pause)
+            await self._record(job, "PENDING", err)
             self._requeue(job, err)
             return
-        transient = code in TRANSIENT_CODES or (code == 162 and "cancelled" in text.lower())
-        if transient:
-            await self._db(self.store.record_error, res.row.symbol, res.con_id, session, "PENDING", err)
+        if code in TRANSIENT_CODES or is_query_cancelled(code, text):
+            await self._record(job, "PENDING", err)
             self._requeue(job, err)
             return
-        await self._db(self.store.record_error, res.row.symbol, res.con_id, session, "ERROR", err)
-        self._finish(*job.key, "ERROR")
+        await self._record(job, "ERROR", err)
+        for k in job.keys:
+            self._finish(*k, "ERROR")
+
+    def split_answer(self, job: _Job, bars: list) -> list[tuple[Session, list]]:
+        """The answer of one request cut into its sessions (newest first):
+        each session gets the bars of its local date (in its calendar's
+        time zone), in IB's order, so each is checked as a one-session
+        answer would be.  Bars of any other date (a day the calendar has no
+        session, or a session not requested) are left out and logged."""
+        tz = job.session.tz
+        by_day: dict[dt.date, list] = {s.day: [] for s in job.sessions}
+        other: dict[dt.date, int] = {}
+        for b in bars:
+            d = b.date.astimezone(tz).date() if isinstance(b.date, dt.datetime) else job.session.day
+            if d in by_day:
+                by_day[d].append(b)
+            else:
+                other[d] = other.get(d, 0) + 1
+        for d, n in sorted(other.items()):
+            log.warning("%s: %d bars on %s, a day this request was not for (%s calendar), not stored", job.label,
+                        n, d, job.res.row.calendar)
+        return [(s, by_day[s.day]) for s in job.sessions]
 
     async def _store(self, job: _Job, bars: list) -> None:
-        res, session = job.res, job.session
+        res = job.res
         row = res.row
-        now = self.now()
-        chk = check_session(row.symbol, res.con_id or 0, session, bars, now=now)
-        # a thin session stays COMPLETE with its "thin:" note (the table predates THIN)
-        status, error, note = session_status(chk, session, now, self.s.settle, thin_status=None)
-        await self._db(self.store.commit_session, row.symbol, res.con_id, session, status, chk.rows, chk.first,
-                       chk.last, error, note)
-        self.summary.bars += chk.actual
-        if status == "ERROR":
-            log.error("%s %s: %s", row.symbol, session.day, error)
-        elif note:
-            # thin sessions are routine for illiquid contracts (the count is in --status): debug level
-            thin_only = note.startswith("thin:") and ";" not in note
-            level = logging.DEBUG if thin_only and status != "PARTIAL" else logging.INFO
-            log.log(level, "%s %s: %s %d/%d bars: %s", row.symbol, session.day, status, chk.actual, chk.expected,
-                    note)
-        self._finish(*job.key, status)
+        for session, day_bars in self.split_answer(job, bars):
+            now = self.now()
+            chk = check_session(row.symbol, res.con_id or 0, session, day_bars, now=now)
+            # a thin session stays COMPLETE with its "thin:" note (the table predates THIN)
+            status, error, note = session_status(chk, session, now, self.s.settle, thin_status=None)
+            await self._db(self.store.commit_session, row.symbol, res.con_id, session, status, chk.rows,
+                           chk.first, chk.last, error, note)
+            self.summary.bars += chk.actual
+            if status == "ERROR":
+                log.error("%s %s: %s", row.symbol, session.day, error)
+            elif note:
+                # thin sessions are routine for illiquid contracts (the count is in --status): debug level
+                thin_only = note.startswith("thin:") and ";" not in note
+                level = logging.DEBUG if thin_only and status != "PARTIAL" else logging.INFO
+                log.log(level, "%s %s: %s %d/%d bars: %s", row.symbol, session.day, status, chk.actual,
+                        chk.expected, note)
+            self._finish(row.symbol, session.day, status)
 
     # ---------------------------------------------------------- progress
     def progress_line(self) -> str:
         """``progress: sessions 120/756 (16%), requests 130, bars 46,800,
-        errors 1, pacing waits 12s, ETA 4m10s``."""
+        errors 1, pacing waits 12s, ETA 4m10s; pacing auto (documented),
+        3/8 in flight, 41.2 requests/min``."""
         sm = self.summary
         total = max(self._total, 1)
         remaining = max(0, self._total - sm.done)
-        eta = self.limiter.estimate(remaining) if remaining else 0.0
+        # requests left: sessions left, several to a request (at most days_per_request)
+        eta = self.limiter.estimate(-(-remaining // self.s.days_per_request)) if remaining else 0.0
         return (f"progress: sessions {sm.done}/{self._total} ({100 * sm.done // total}%), requests {sm.requests}, "
                 f"bars {sm.bars:,}, errors {sm.errors}, pacing waits {fmt_duration(self.limiter.waited)}"
-                f"{', reconnects ' + str(sm.reconnects) if sm.reconnects else ''}, ETA {fmt_duration(eta)}")
+                f"{', reconnects ' + str(sm.reconnects) if sm.reconnects else ''}, ETA {fmt_duration(eta)}; "
+                f"{self.limiter.status().line()}")
 
-    def figures(self) -> dict[str, int]:
+    def figures(self) -> dict[str, int | float]:
         """Counters for the heartbeat: sessions planned and done, requests,
-        bars, IB errors, pacing violations, reconnects."""
-        sm = self.summary
+        bars, IB errors, pacing violations, reconnects; requests in flight
+        and allowed, the rate (requests/min; the profile in force is in
+        :meth:`progress_line`)."""
+        sm, st = self.summary, self.limiter.status()
         return {"sessions": self._total, "done": sm.done, "requests": sm.requests, "bars": sm.bars,
-                "errors": sm.errors, "pacing violations": self.limiter.violations, "reconnects": sm.reconnects}
+                "errors": sm.errors, "pacing violations": self.limiter.violations, "reconnects": sm.reconnects,
+                "in flight": st.in_flight, "concurrency": st.concurrency,
+                "requests/min": round(st.rate, 1)}

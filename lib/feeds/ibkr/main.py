@@ -52,9 +52,9 @@ from ..backfill import EX_TEMPFAIL, format_status, parse_date, parse_symbols
 from ..config import EX_CONFIG, Config, ConfigError
 from ..ops.metrics import job_values
 from ..settings import IBKR_FILE, database_dsn
-from .backfill import Backfill, BackfillFailed, Plan, Selection, Settings, fmt_duration
+from .backfill import BAR_SIZE, Backfill, BackfillFailed, Plan, Selection, Settings, fmt_duration, pacing_limiter
 from .contracts import ContractsError, load_contracts
-from .pacing import PacingLimiter
+from .pacing import AUTO, LearnedPacing, PacingLimiter
 from .store import BackfillStore
 from .wire import WireVersionError, check_version
 
@@ -69,10 +69,15 @@ def load_settings(cfg: Config) -> tuple[Settings, str]:
     s = Settings(
         **{n: cfg[i + n] for n in ("host", "port", "client_id", "client_id_tries", "connect_timeout")},
         **{n: cfg[b + n] for n in ("request_timeout", "concurrency", "max_attempts", "reconnect_timeout",
-                                   "what_to_show", "use_rth", "status_interval", "pacing_scale")},
+                                   "what_to_show", "use_rth", "status_interval", "pacing_scale", "pacing_profile",
+                                   "max_concurrency", "slow_answer", "days_per_request")},
         settle=dt.timedelta(minutes=cfg[b + "settle_minutes"]),
         earliest=dt.date.fromisoformat(early) if early else None,
+        relearn=cfg[b + "relearn_hours"] * 3600.0,
     )
+    if s.pacing_profile == AUTO and s.concurrency > s.max_concurrency:
+        raise ConfigError(b + "concurrency", cfg.file, f"must not exceed backfill.max_concurrency "
+                          f"({s.max_concurrency}) under the auto pacing profile")
     return s, cfg[i + "contracts_file"]
 
 
@@ -80,22 +85,47 @@ _date = parse_date
 _symbols = parse_symbols
 
 
-def format_plan(plan: Plan, limiter_window: float, max_requests: int) -> str:
+def format_plan(plan: Plan, limiter_window: float, max_requests: int, limiter: PacingLimiter | None = None,
+                requests: dict[str, int] | None = None) -> str:
     """The ``--dry-run`` table: per symbol the date range, sessions to
-    fetch, sessions done, holidays, requests; then totals and the duration
-    pacing implies."""
+    fetch, sessions done, holidays, requests (``requests``: per symbol,
+    when a request covers several sessions); then totals and the duration
+    pacing implies (with ``limiter``: under its profile in force, named
+    at the end of the line with what it learned)."""
+    requests = requests if requests is not None else {c.row.symbol: c.requests for c in plan.items}
     lines = [f"{'symbol':<10} {'secType':<7} {'calendar':<8} {'head timestamp':<17} {'from':<10} {'to':<10} "
              f"{'fetch':>6} {'done':>6} {'holiday':>7} {'error':>6} {'requests':>8}"]
     for c in plan.items:
         head = (c.head.strftime("%Y-%m-%d %H:%M") if c.head else ("unknown" if not c.head_known else "-"))
         lines.append(f"{c.row.symbol:<10} {c.row.sec_type:<7} {c.row.calendar:<8} {head:<17} "
                      f"{str(c.first or '-'):<10} {str(c.last or '-'):<10} {len(c.sessions):>6} {c.done:>6} "
-                     f"{len(c.holidays):>7} {c.skipped_errors:>6} {c.requests:>8}"
+                     f"{len(c.holidays):>7} {c.skipped_errors:>6} {requests[c.row.symbol]:>8}"
                      + (f"  ERROR: {c.error}" if c.error else ""))
-    lines.append(f"total: {plan.sessions} sessions to fetch, "
-                 f"{plan.requests} requests; pacing ({max_requests} per {fmt_duration(limiter_window)}) implies "
-                 f"at least {fmt_duration(plan.duration)}")
+    total = sum(requests.values())
+    strict = limiter is None or limiter.in_force == "strict"
+    rule = f"{max_requests} per {fmt_duration(limiter_window)}" if strict else f"{limiter.status().concurrency} in flight"
+    profile = ""
+    if limiter is not None:
+        st = limiter.status()
+        profile = f"; {st.line().split(',')[0].replace('pacing', 'profile', 1)}" + (
+            f", learned {st.learned.at:%Y-%m-%d %H:%M} UTC: {st.learned.why}" if st.learned else "")
+    lines.append(f"total: {plan.sessions} sessions to fetch, {total} requests; pacing ({rule}) implies "
+                 f"{'at least' if strict else 'about'} {fmt_duration(plan.duration)}{profile}")
     return "\n".join(lines)
+
+
+def pacing_line(settings: Settings, learned: LearnedPacing | None) -> str:
+    """The ``--status`` line of the pacing: the profile configured, the
+    one in force and the requests in flight a run starts with (what was
+    learned while fresh), and what was learned when."""
+    lim = pacing_limiter(settings)
+    lim.resume(learned)
+    line = f"{lim.status().line().split(',')[0]}, starts with {lim.status().concurrency} in flight"
+    if learned is not None:
+        fresh = learned.fresh(lim.wall_clock(), settings.relearn)
+        line += (f"; learned {learned.at:%Y-%m-%d %H:%M} UTC for {settings.endpoint}: {learned.profile} with "
+                 f"{learned.concurrency} in flight ({learned.why}){'' if fresh else ', probed again next run'}")
+    return line
 
 
 async def _test_connection(bf: Backfill, sel: Selection) -> int:
@@ -199,17 +229,21 @@ def _act(settings: Settings, contracts, dsn: str, sel: Selection, status: bool, 
     store = BackfillStore(dsn)
     if status:
         B.print_status(store, sel.symbols, sel.symbols)
+        click.echo(pacing_line(settings, store.learned_pacing(settings.endpoint, BAR_SIZE)))
         return
-    limiter = PacingLimiter(scale=settings.pacing_scale)
+    limiter = pacing_limiter(settings)
     if test_connection:
         sys.exit(asyncio.run(_test_connection(Backfill(settings, contracts, store, limiter=limiter), sel)))
     if dry_run:
-        plan = asyncio.run(Backfill(settings, contracts, store, limiter=limiter).dry_run(sel))
-        click.echo(format_plan(plan, limiter.window, limiter.max_requests))
+        bf = Backfill(settings, contracts, store, limiter=limiter)
+        plan = asyncio.run(bf.dry_run(sel))
+        click.echo(format_plan(plan, limiter.window, limiter.max_requests, limiter,
+                               {c.row.symbol: bf.requests_of(c) for c in plan.items}))
         store.close()
         return
-    log.info("feed-backfill starting: config %s, contracts %s (%d rows), TWS %s:%d, pacing scale %g",
-             config_path, contracts_path, len(contracts), settings.host, settings.port, settings.pacing_scale)
+    log.info("feed-backfill starting: config %s, contracts %s (%d rows), TWS %s:%d, pacing %s, scale %g, "
+             "%d days per request", config_path, contracts_path, len(contracts), settings.host, settings.port,
+             settings.pacing_profile, settings.pacing_scale, settings.days_per_request)
     B.run_job(store, unit=unit, status_interval=settings.status_interval, textfile_dir=textfile_dir,
               job_name="backfill", run_metrics=run_metrics, log=log,
               # STATUS= lines of the run (connecting, the summary) also go to the heartbeat row
@@ -217,4 +251,5 @@ def _act(settings: Settings, contracts, dsn: str, sel: Selection, status: bool, 
                   Backfill(settings, contracts, store, limiter=limiter, notifier=health), sel, args))
 
 
-__all__ = ["main", "load_settings", "format_plan", "format_status", "BackfillJob", "run_metrics", "ConfigError"]
+__all__ = ["main", "load_settings", "format_plan", "format_status", "BackfillJob", "run_metrics", "ConfigError",
+           "pacing_line"]

@@ -25,12 +25,13 @@ not recorded at all.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 
 from ..backfill import calendar_days
 from ..calendars import ExchangeCalendar, Session, UnknownCalendar, calendar_names
 
 __all__ = ["Session", "SessionCalendar", "calendar_name_for", "calendar_names", "CALENDAR_BY_EXCHANGE",
-           "UnknownCalendar"]
+           "UnknownCalendar", "request_chunks", "duration_days"]
 
 #: Exchange (IB's name) -> pandas_market_calendars calendar.
 CALENDAR_BY_EXCHANGE: dict[str, str] = {
@@ -73,3 +74,38 @@ class SessionCalendar(ExchangeCalendar):
         weekend session), newest first, with its session (None on a
         holiday): :func:`feeds.backfill.calendar_days`."""
         return calendar_days(self, first, last)
+
+
+def duration_days(sessions: Sequence[Session]) -> int:
+    """IB's ``durationStr`` days (``"N D"``) a request ending at the newest
+    of ``sessions`` needs to cover the oldest: the weekdays from the oldest
+    session's date to the newest's, both included (IB counts weekdays, a
+    holiday among them counting as a day without bars)."""
+    days = [s.day for s in sessions]
+    lo, hi = min(days), max(days)
+    return sum(1 for k in range((hi - lo).days + 1) if (lo + dt.timedelta(days=k)).weekday() < 5)
+
+
+def request_chunks(sessions: Sequence[Session], days: int, cal: ExchangeCalendar) -> list[list[Session]]:
+    """Sessions to fetch (newest first) cut into requests (newest first
+    inside): each spans at most ``days`` weekdays (:func:`duration_days`)
+    and holds consecutive sessions of ``cal`` only (a holiday may lie
+    between two, a session not to fetch may not: it would be requested
+    again).  ``days`` 1: one session a request."""
+    out: list[list[Session]] = []
+    for s in sessions:
+        if out and duration_days([out[-1][0], s]) <= days and _adjacent(cal, s.day, out[-1][-1].day):
+            out[-1].append(s)
+        else:
+            out.append([s])
+    return out
+
+
+def _adjacent(cal: ExchangeCalendar, older: dt.date, newer: dt.date) -> bool:
+    """No session of ``cal`` strictly between the two dates."""
+    d = older + dt.timedelta(days=1)
+    while d < newer:
+        if cal.session(d) is not None:
+            return False
+        d += dt.timedelta(days=1)
+    return True

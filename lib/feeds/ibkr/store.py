@@ -1,6 +1,7 @@
 """PostgreSQL side of feed-backfill: bars, session status, contracts, run log.
 
-Tables are created by ``sql/0003_ibkr.sql``.  The collectors' batching
+Tables are created by ``sql/0003_ibkr.sql`` (and ``sql/0012_ibkr_pacing.sql``:
+what the ``auto`` pacing profile learned, :meth:`BackfillStore.learned_pacing`).  The collectors' batching
 :class:`feeds.sink.Sink` is not used here: a session's bars and its status
 row must commit in one transaction (a crash never leaves half a day), so
 each session is one transaction on this module's own connection:
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from ..backfill import DONE_STATUSES as _SHARED_DONE
 from ..backfill import StatusRow, StatusStore
 from .bars import BAR_COLUMNS
+from .pacing import LearnedPacing
 from .sessions import Session
 
 log = logging.getLogger(__name__)
@@ -93,3 +95,49 @@ class BackfillStore(StatusStore):
                     for r in rows:
                         cp.write_row(r)
             self.write_status(symbol, con_id, session, status, len(rows), first, last, error, note, attempts)
+
+    # ------------------------------------------------------------ pacing
+    def recent_requests(self, seconds: float) -> list[tuple[str, dt.date, float]]:
+        """Requests sent in the last ``seconds`` (by any run), one per
+        request: ``(symbol, newest session_date, age in seconds)``, oldest
+        first.  The sessions of one request share their ``requested_at``
+        (noted in one transaction).  The age counts from the answer (the
+        rows' last update) when there was one, like
+        :class:`~feeds.ibkr.pacing.PacingLimiter`, which counts an answered
+        request from its answer, an upper bound of when IB read it
+        (``requested_at``, noted just after sending, may precede IB's
+        reading by the time TWS takes to read a burst)."""
+        return [(r[0], r[1], float(r[2])) for r in self.c.execute(
+            f"""SELECT {self.key_column}, max(session_date),
+                       extract(epoch FROM now() - max(GREATEST(requested_at, updated_at))) AS age
+                  FROM {self.status_table}
+                 WHERE requested_at > now() - make_interval(secs => %s)
+                 GROUP BY {self.key_column}, requested_at
+                 ORDER BY age DESC""",
+            (seconds,)).fetchall()]
+
+    def learned_pacing(self, endpoint: str, bar_size: str) -> LearnedPacing | None:
+        """What ``auto`` pacing learned for TWS ``endpoint`` ("host:port")
+        and ``bar_size`` (IB's barSizeSetting), or None.  A row that does
+        not read back as a :class:`~feeds.ibkr.pacing.LearnedPacing` is
+        logged and ignored (None)."""
+        row = self.c.execute("SELECT profile, concurrency, learned_at, why FROM ibkr_pacing_learned "
+                             "WHERE endpoint = %s AND bar_size = %s", (endpoint, bar_size)).fetchone()
+        if row is None:
+            return None
+        try:
+            return LearnedPacing.from_dict({"profile": row[0], "concurrency": row[1], "at": row[2], "why": row[3]})
+        except ValueError as e:
+            log.warning("ignoring the learned pacing of %s %s: %s", endpoint, bar_size, e)
+            return None
+
+    def save_learned_pacing(self, endpoint: str, bar_size: str, learned: LearnedPacing) -> None:
+        """Replace the learned pacing of ``endpoint`` and ``bar_size``."""
+        d = learned.to_dict()
+        self.c.execute(
+            """INSERT INTO ibkr_pacing_learned (endpoint, bar_size, profile, concurrency, learned_at, why,
+                   updated_at) VALUES (%s, %s, %s, %s, %s, %s, now())
+               ON CONFLICT (endpoint, bar_size) DO UPDATE SET profile = EXCLUDED.profile,
+                   concurrency = EXCLUDED.concurrency, learned_at = EXCLUDED.learned_at, why = EXCLUDED.why,
+                   updated_at = now()""",
+            (endpoint, bar_size, d["profile"], d["concurrency"], learned.at, d["why"]))
