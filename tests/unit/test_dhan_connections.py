@@ -143,8 +143,8 @@ class _Transport:
     def send_close(self, code):
         self.calls.append(("close", int(code.value if hasattr(code, "value") else code)))
 
-    def disconnect(self):
-        self.calls.append(("disconnect",))
+    def disconnect(self, graceful=True):
+        self.calls.append(("disconnect",) if graceful else ("abort",))
 
 
 def _listener(stop_on=None, fail_on=None):
@@ -212,7 +212,48 @@ def test_the_servers_close_is_answered_with_its_code():
 
 
 def test_a_handler_exception_is_kept_for_the_connections_task():
-    listener, _, _, _ = _listener(fail_on=b"bad")
+    listener, _, got, _ = _listener(fail_on=b"bad")
     with pytest.raises(RuntimeError):
         listener.on_ws_frame(_Transport(), _frame("BINARY", b"bad"))
     assert isinstance(listener.error, RuntimeError)
+    # nothing more reaches the handler on that connection
+    listener.on_ws_frame(_Transport(), _frame("BINARY", b"\x08after"))
+    assert got == []
+
+
+def test_a_message_over_the_limit_closes_the_connection_with_1009(monkeypatch):
+    from feeds.dhan import collector as K
+    monkeypatch.setattr(K, "MAX_MESSAGE_BYTES", 10)
+    listener, _, got, _ = _listener()
+    t = _Transport()
+    for f in (_frame("BINARY", b"12345", fin=False), _frame("CONTINUATION", b"67890", fin=False),
+              _frame("CONTINUATION", b"X", fin=False), _frame("CONTINUATION", b"end")):
+        listener.on_ws_frame(t, f)
+    assert got == [] and listener.oversized
+    assert t.calls == [("close", 1009), ("disconnect",)]
+    # a message at the limit is whole
+    listener, _, got, _ = _listener()
+    for f in (_frame("BINARY", b"12345", fin=False), _frame("CONTINUATION", b"67890")):
+        listener.on_ws_frame(_Transport(), f)
+    assert got == [b"1234567890"] and not listener.oversized
+
+
+class _Stuck(_Transport):
+    is_close_frame_sent = False
+
+    async def wait_disconnected(self):
+        import asyncio
+        await asyncio.sleep(3600)
+
+
+def test_close_aborts_a_socket_that_does_not_close(monkeypatch):
+    import asyncio
+    from feeds.dhan import collector as K
+    real = asyncio.wait_for
+
+    async def quick(aw, timeout):
+        return await real(aw, 0.01)
+    monkeypatch.setattr(K.asyncio, "wait_for", quick)
+    t = _Stuck()
+    asyncio.run(K._close(t))
+    assert t.calls == [("close", 1000), ("disconnect",), ("abort",)]

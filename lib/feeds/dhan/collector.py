@@ -89,6 +89,8 @@ RC_OK, RC_FAILED, RC_TOKEN = 0, 1, 77
 BACKOFF_MAX = 600.0
 #: a connection that delivered data for this long resets the reconnect backoff (s)
 STABLE_AFTER = 30.0
+#: the largest message taken from the feed (bytes); Dhan's are under 200, a longer one closes the connection
+MAX_MESSAGE_BYTES = 1 << 20
 
 
 @dataclass
@@ -529,7 +531,9 @@ class _Listener(picows.WSListener):
     (``last``).  Once ``on`` asks to stop (a fatal disconnect code), the
     connection is closed and the frames still buffered are ignored.  An
     exception from ``on`` is kept in ``error`` (the connection's task raises
-    it) and picows closes the connection."""
+    it), nothing more reaches ``on`` and picows closes the connection.  A
+    message of more than :data:`MAX_MESSAGE_BYTES` closes the connection
+    with 1009 (``oversized``)."""
 
     def __init__(self, collector: DhanCollector, c: _Connection, on: Callable[[bytes | str], bool]):
         super().__init__()
@@ -539,6 +543,8 @@ class _Listener(picows.WSListener):
         self.stopped = False
         self.error: BaseException | None = None
         self._parts: list[bytes] = []
+        self._size = 0
+        self.oversized = False
         self._kind = WSMsgType.BINARY
 
     def on_ws_frame(self, transport: picows.WSTransport, frame: picows.WSFrame) -> None:
@@ -557,9 +563,19 @@ class _Listener(picows.WSListener):
         elif t == _CONTINUATION or not frame.fin:   # a message in several frames
             if t != _CONTINUATION:
                 self._kind = t
-                self._parts = []
+                self._parts, self._size = [], 0
             self._parts.append(frame.get_payload_as_bytes())
+            self._size += len(self._parts[-1])
+            if self._size > MAX_MESSAGE_BYTES:      # never a Dhan message: drop the connection, reconnect
+                self._parts, self._size = [], 0
+                self.oversized = self.stopped = True
+                log.warning("connection %d: a message over %d bytes, not one of Dhan's: closed (1009), "
+                            "reconnecting", self.c.index, MAX_MESSAGE_BYTES)
+                transport.send_close(picows.WSCloseCode.MESSAGE_TOO_BIG)
+                transport.disconnect()
+                return
             if frame.fin:
+                self._size = 0
                 data = b"".join(self._parts)
                 self._parts = []
                 if self._kind == _TEXT:
@@ -576,6 +592,7 @@ class _Listener(picows.WSListener):
             stop = self.on(data)
         except BaseException as e:
             self.error = e
+            self.stopped = True                     # nothing more reaches the handler on this connection
             raise
         if stop:
             self.stopped = True
@@ -594,14 +611,18 @@ _BINARY, _TEXT, _PING, _PONG, _CLOSE, _CONTINUATION = (WSMsgType.BINARY, WSMsgTy
 
 async def _close(ws: picows.WSTransport) -> None:
     """Close ``ws``: a close frame (unless one was sent already), then the
-    socket once the frames written are flushed; at most 5 s."""
+    socket once the frames written are flushed; after 5 s the socket is
+    aborted."""
     try:
         if not ws.is_close_frame_sent:
             ws.send_close(picows.WSCloseCode.OK)
         ws.disconnect()
         await asyncio.wait_for(ws.wait_disconnected(), 5.0)
-    except Exception:                       # closing a broken connection: nothing more to do
-        pass
+    except Exception:                       # closing a broken connection: abort it, nothing more to do
+        try:
+            ws.disconnect(graceful=False)
+        except Exception:
+            pass
 
 
 def _first_line(e: BaseException) -> str:
