@@ -75,6 +75,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, NoReturn
 
+from .config import EX_TEMPFAIL  # noqa: F401  (the venues' backfills import it from here)
 from .calendars import ExchangeCalendar, Session
 
 __all__ = ["STATUSES", "DONE_STATUSES", "Selection", "SessionPlan", "Plan", "StatusRow", "StatusStore",
@@ -574,9 +575,6 @@ def format_status(rows: list[dict], errors: list[tuple], last_run: tuple | None,
                    + f"; {requests} requests, {bars:,} bars, {errs} errors")
     return "\n".join(out)
 
-
-#: exit status of a run refused because another one holds the lock
-EX_TEMPFAIL = 75
 
 
 def backfill_command(*, config_env: str, config_default: str, symbols_help: str, priority_help: str,

@@ -47,6 +47,8 @@ __all__ = ["UTC", "Session", "ExchangeCalendar", "UnknownCalendar", "WEEKEND_SES
            "calendar_names"]
 
 UTC = dt.timezone.utc
+#: the National Stock Exchange of India's time zone (Indian Standard Time, UTC+05:30, no DST)
+IST = ZoneInfo("Asia/Kolkata")
 
 #: Sessions held on a Saturday or Sunday, which a Monday-to-Friday calendar
 #: of pandas_market_calendars cannot know: calendar -> {local date: (open,

@@ -14,6 +14,8 @@ import click
 import psycopg
 from psycopg import errors as pgerr
 
+from .config import EX_NOPERM
+from .config import first_line as _first_line
 from .config import EX_CONFIG, Config, ConfigError, exit_on_config_error
 from .migrate import MigrationError, apply, default_sql_dir
 from .db import connect
@@ -30,9 +32,6 @@ def _common_config(config_path: str) -> Config:
     return load(config_path, FEEDS_FILE) if Path(config_path).exists() else empty(config_path, FEEDS_FILE)
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 @click.command()
@@ -197,7 +196,6 @@ SYSTEMD: bool | None = None
 #: Exit status when the database cannot be reached.
 EX_DB = 2
 #: Exit status when this user may not read ops.toml or alerts.toml (EX_NOPERM).
-EX_NOPERM = 77
 #: Exit status of ``check`` when its alert state cannot be read or written (EX_CANTCREAT):
 #: feed-check.service then fails, and its OnFailure= alert says so.
 EX_STATE = 73

@@ -21,7 +21,17 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
+#: exit statuses (sysexits.h): a temporary failure, a permission or credential refused (the unit is
+#: not restarted: RestartPreventExitStatus), a bad configuration
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
 EX_CONFIG = 78
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of ``str(e)`` (its class name when empty), for one journal line."""
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
 
 
 class ConfigError(Exception):

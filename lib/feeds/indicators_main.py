@@ -66,6 +66,7 @@ from zoneinfo import ZoneInfo
 
 import click
 
+from .config import first_line as _first_line
 from . import indicators as I
 from . import service
 from .config import Config, ConfigError, exit_on_config_error
@@ -164,9 +165,6 @@ def load_settings(cfg: Config) -> Settings:
     return st
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 SeriesKey = tuple[str, str, int]          # venue, instrument, interval minutes

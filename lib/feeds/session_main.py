@@ -24,14 +24,14 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time as dtime, timezone
 from typing import Any, TypeVar
-from zoneinfo import ZoneInfo
 
 import click
 
+from .calendars import IST
+from .config import first_line
 from .candles import MINUTE_NS, SECOND_NS, CandleSettings, candle_settings, first_missing, sessions_of
 from .config import Config, ConfigError
 
-IST = ZoneInfo("Asia/Kolkata")
 UTC = timezone.utc
 
 K = TypeVar("K", bound=Hashable)
@@ -43,10 +43,6 @@ class SourceUnavailable(Exception):
     instrument list is unreachable): worth a restart."""
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of ``str(e)`` (its class name when empty), for one journal line."""
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def ist_text(ns: int) -> str:

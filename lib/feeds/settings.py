@@ -31,6 +31,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from .config import first_line as _first_line
 from .binance import adapter as binance_adapter
 from .config import Config, ConfigError, non_negative, one_of, positive, within
 from .dhan import limits as dhan_limits
@@ -98,9 +99,6 @@ class Schema:
 
 # ----------------------------------------------------------------------------- checks
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def dsn_check(v: str) -> str | None:

@@ -63,6 +63,7 @@ import psycopg
 from psycopg import errors as pgerr
 from psycopg import sql
 
+from .config import first_line as _first_line
 from . import db
 
 log = logging.getLogger(__name__)
@@ -514,9 +515,6 @@ class SegmentReader:
 
 
 # ---------------------------------------------------------------------- sink
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _row_error(e: BaseException) -> bool:

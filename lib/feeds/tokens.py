@@ -19,12 +19,12 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Generic, NoReturn, TypeVar
-from zoneinfo import ZoneInfo
 
+from .calendars import IST
+from .config import first_line as _first_line
 from .config import EX_CONFIG, ConfigError
 from .runtime import write_atomically
 
-IST = ZoneInfo("Asia/Kolkata")
 UTC = timezone.utc
 
 
@@ -165,6 +165,3 @@ def finish_renewal(run: Callable[[], int | None], directory: str, job: str, stor
     sys.exit(rc)
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__

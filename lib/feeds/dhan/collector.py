@@ -73,6 +73,7 @@ from datetime import datetime, timezone
 import picows
 from picows import WSMsgType
 
+from ..config import EX_NOPERM, first_line as _first_line
 from ..health import Health, StreamHealth
 from ..sink import Sink
 from . import adapter as A
@@ -84,7 +85,7 @@ log = logging.getLogger(__name__)
 UTC = timezone.utc
 NS = 1_000_000_000
 
-RC_OK, RC_FAILED, RC_TOKEN = 0, 1, 77
+RC_OK, RC_FAILED, RC_TOKEN = 0, 1, EX_NOPERM
 #: the longest wait after repeated "too many connections" disconnects (s)
 BACKOFF_MAX = 600.0
 #: a connection that delivered data for this long resets the reconnect backoff (s)
@@ -625,6 +626,3 @@ async def _close(ws: picows.WSTransport) -> None:
             pass
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__

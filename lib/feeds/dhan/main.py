@@ -40,11 +40,11 @@ from datetime import datetime, timedelta, timezone
 
 import click
 
+from ..config import EX_NOPERM, Config, ConfigError, exit_on_config_error, first_line
 from .. import calendars, service
 from .. import session_main as M
 from ..candles import MINUTE_NS, SECOND_NS as NS
-from ..config import Config, ConfigError, exit_on_config_error
-from ..session_main import SourceUnavailable, first_line, ist_text
+from ..session_main import SourceUnavailable, ist_text
 from ..settings import DHAN_FILE
 from . import adapter as A
 from .candles import CANDLE_TABLE, DhanCandles
@@ -57,7 +57,6 @@ from .wire import SEGMENT_BY_NAME
 
 log = logging.getLogger("feeds.dhan")
 UTC = timezone.utc
-EX_NOPERM = 77
 
 
 @dataclass(kw_only=True)

@@ -62,10 +62,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from zoneinfo import ZoneInfo
 
 import aiohttp
 
+from ..calendars import IST
+from ..config import EX_NOPERM
 from ..ibkr.pacing import PacingLimiter, PacingRules
 from . import limits
 
@@ -74,12 +75,11 @@ log = logging.getLogger(__name__)
 __all__ = ["DhanError", "RateLimited", "TokenError", "InputError", "Transient", "BudgetExhausted", "Candle",
            "DhanRest", "DailyBudget", "data_limiter", "read_token", "parse_candles", "error_from", "IST"]
 
-IST = ZoneInfo("Asia/Kolkata")
 INTRADAY_PATH = "/v2/charts/intraday"
 HISTORICAL_PATH = "/v2/charts/historical"
 INTERVALS = ("1", "5", "15", "25", "60")
 #: Exit status for an expired or invalid token (as feed-zerodha's).
-EX_TOKEN = 77
+EX_TOKEN = EX_NOPERM
 
 
 class DhanError(Exception):

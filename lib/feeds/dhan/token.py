@@ -89,10 +89,9 @@ from datetime import datetime, timedelta
 
 import click
 
+from ..config import EX_NOPERM, Config, ConfigError, exit_on_config_error, first_line, read_secret
 from .. import session_main as M
 from .. import tokens
-from ..config import Config, ConfigError, exit_on_config_error, read_secret
-from ..session_main import first_line
 from ..tokens import IST, UTC, TokenError, TokenExpired, TokenMissing
 from ..totp import read_totp_secret, totp_code
 
@@ -104,7 +103,6 @@ __all__ = ["IST", "UTC", "EX_NOPERM", "LIFETIME", "RENEW_WITHIN", "TOKEN_REFUSED
 
 log = logging.getLogger("feeds.dhan.token")
 
-EX_NOPERM = 77
 #: A Dhan access token's validity ("Authentication": 24 hours).
 LIFETIME = timedelta(hours=24)
 #: With the ``renew`` method, a token with less than this left is renewed

@@ -109,6 +109,7 @@ from operator import itemgetter
 from struct import Struct
 from typing import Iterable, NamedTuple
 
+from ..config import EX_NOPERM
 from ..plausible import Malformed
 from . import limits
 
@@ -666,7 +667,7 @@ TOO_MANY_CONNECTIONS = limits.TOO_MANY_CONNECTIONS_CODE
 #: account lacks the Data APIs (806); the collector stops with :data:`EXIT_FATAL`
 FATAL_CODES = frozenset({806, 807, 808, 809, 810})
 #: exit status for a fatal code (EX_NOPERM, as for an expired Kite token; not restarted)
-EXIT_FATAL = 77
+EXIT_FATAL = EX_NOPERM
 
 
 def disconnect_reason(code: int) -> str:

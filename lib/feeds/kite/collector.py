@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
+from ..config import EX_NOPERM
 from ..health import Health, StreamHealth
 from ..sink import Sink
 from ..timetext import time_text
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 UTC = timezone.utc
 
-RC_OK, RC_FAILED, RC_TOKEN = 0, 1, 77
+RC_OK, RC_FAILED, RC_TOKEN = 0, 1, EX_NOPERM
 _HTTP_STATUS = re.compile(r"\((\d{3})\s*-")
 
 

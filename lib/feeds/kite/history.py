@@ -34,15 +34,14 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from zoneinfo import ZoneInfo
 
+from ..calendars import IST
 from ..candle_writer import Bar
 from .adapter import divisor
 from .instruments import HISTORICAL_REQUESTS_PER_SECOND
 
 log = logging.getLogger(__name__)
 
-IST = ZoneInfo("Asia/Kolkata")
 UTC = timezone.utc
 MINUTE_NS = 60_000_000_000
 NS = 1_000_000_000

@@ -35,10 +35,10 @@ from datetime import datetime, timedelta, timezone
 
 import click
 
+from ..config import EX_NOPERM, Config, ConfigError, exit_on_config_error, first_line
 from .. import service
 from .. import session_main as M
-from ..config import Config, ConfigError, exit_on_config_error
-from ..session_main import SourceUnavailable, first_line
+from ..session_main import SourceUnavailable
 from ..settings import KITE_FILE
 from ..tokens import finish_renewal
 from ..totp import read_totp_secret
@@ -55,7 +55,6 @@ from .wire import WireVersionError, use_ist_localtime
 
 log = logging.getLogger("feeds.kite")
 UTC = timezone.utc
-EX_NOPERM = 77
 
 
 @dataclass(kw_only=True)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from datetime import date, datetime, time as dtime, timedelta, timezone
-from zoneinfo import ZoneInfo
 
+from ..calendars import IST
 from .. import calendars
 from ..calendars import RunPlan, Session
 
@@ -29,7 +29,6 @@ __all__ = ["IST", "UTC", "WEEKEND_SESSIONS", "Session", "NseCalendar", "RunPlan"
 
 log = logging.getLogger(__name__)
 
-IST = ZoneInfo("Asia/Kolkata")
 UTC = timezone.utc
 
 #: Special sessions NSE held on a Saturday or Sunday (NSE circulars), which

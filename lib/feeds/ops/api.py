@@ -60,6 +60,7 @@ from typing import Any, Mapping
 
 from aiohttp import web
 
+from ..config import first_line as _first_line
 from ..config import Config, ConfigError
 from ..health import status_rates
 from . import checks
@@ -295,9 +296,6 @@ class Series:
     error: str | None = None
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def rows_per_minute(conn, table: str, column: str, since: dt.datetime, until: dt.datetime,

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from ..config import first_line as _first_line
 from ..health import status_rates
 from ..runtime import write_atomically
 from . import checks
@@ -110,9 +111,6 @@ def systemd_booted() -> bool:
 
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 # -- memory --------------------------------------------------------------------------------------

@@ -44,15 +44,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Sequence
-from zoneinfo import ZoneInfo
 
 import numpy as np
 
+from ..calendars import IST
 from .kite_bars import MinuteBars
 
 log = logging.getLogger(__name__)
 
-IST = ZoneInfo("Asia/Kolkata")
 
 MODE_LTP = 0
 MODE_QUOTE = 1
