@@ -30,9 +30,11 @@ nightly top-up lands first and requests for one contract are spread out.
 Requests go through one :class:`~feeds.ibkr.pacing.PacingLimiter`
 (:func:`pacing_limiter`: the configured profile); as many workers as it
 ever lets be open (``max_in_flight``, at most 50, IB's limit).  Each
-answer or error is reported to it (``finish``; a timeout as
-``cancelled``).  Under ``auto`` it starts from what an earlier run learned
-for this TWS (``host:port``) and bar size, kept in
+answer or error is reported to it the moment it arrives (``finish``, from
+the request's done callback, before the session is stored; a timeout as
+``cancelled``), so that a pacing refusal holds back the next request.
+Under ``auto`` it starts from what an earlier run learned for this TWS
+(``host:port``) and bar size, kept in
 ``ibkr_pacing_learned`` (:meth:`BackfillStore.learned_pacing
 <feeds.ibkr.store.BackfillStore.learned_pacing>`), and every new learning
 is stored there by the database thread.
@@ -231,6 +233,31 @@ class RunSummary(B.RunSummary):
     def venue_parts(self) -> list[str]:
         return [f"{self.errors} IB errors", f"{self.pacing_violations} pacing violations",
                 f"{self.reconnects} reconnects"]
+
+
+class _Outcome:
+    """Reports one request's outcome to the limiter the moment it arrives
+    (the done callback of the request's future), not when the worker that
+    sent it runs again after its database work: a pacing refusal stops new
+    requests at once, and the answer time ``auto`` judges is IB's, not our
+    database queue's.  An answer or an IB error goes to
+    :meth:`~feeds.ibkr.pacing.PacingLimiter.finish` (``pause``: the pause a
+    pacing violation caused, seconds); a lost connection or a cancelled wait
+    (timeout, stop) only releases the ticket."""
+
+    __slots__ = ("limiter", "ticket", "pause")
+
+    def __init__(self, limiter: PacingLimiter, ticket) -> None:
+        self.limiter, self.ticket, self.pause = limiter, ticket, 0.0
+
+    def __call__(self, fut: asyncio.Future) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or (exc is not None and not isinstance(exc, RequestError)):
+            self.limiter.release(self.ticket)
+        elif exc is None:
+            self.limiter.finish(self.ticket)
+        else:
+            self.pause = self.limiter.finish(self.ticket, exc.code, exc.message)
 
 
 def _utc_end(t: dt.datetime) -> str:
@@ -729,6 +756,8 @@ class Backfill(BackfillRun):
         sm.requests += 1
         req_id = ib.client.getReqId()
         fut = ib.wrapper.startReq(req_id, res.contract, container=[])
+        outcome = _Outcome(self.limiter, ticket)
+        fut.add_done_callback(outcome)
         self._inflight[req_id] = (job, fut)
         try:
             # Sent right when the limiter allows it; counted in the status table just after.
@@ -737,11 +766,9 @@ class Backfill(BackfillRun):
             await self._db(self.store.note_requests, [(row.symbol, res.con_id, s) for s in job.sessions])
             bars = await asyncio.wait_for(fut, self.s.request_timeout)
         except RequestError as e:
-            pause = self.limiter.finish(ticket, e.code, e.message)
-            await self._request_error(job, e.code, e.message, pause)
+            await self._request_error(job, e.code, e.message, outcome.pause)
             return
         except asyncio.TimeoutError:
-            self.limiter.release(ticket)
             self.limiter.cancelled(ticket)
             if ib.isConnected():
                 ib.client.cancelHistoricalData(req_id)
@@ -751,7 +778,6 @@ class Backfill(BackfillRun):
             self._requeue(job, err)
             return
         except ConnectionError as e:
-            self.limiter.release(ticket)
             err = f"connection lost during the request ({e})"
             await self._record(job, "PENDING", err)
             if job.attempts >= self.s.max_attempts + 2:
@@ -761,7 +787,6 @@ class Backfill(BackfillRun):
             return
         finally:
             self._inflight.pop(req_id, None)
-        self.limiter.finish(ticket)
         sm.request_times.append(time.monotonic())
         await self._store(job, bars)
 
