@@ -998,12 +998,21 @@ ON CONFLICT ({k}, session_date) DO UPDATE SET
                     [(sym, s.day, vid, s.open, s.close, s.expected_bars) for sym, vid, s in items])
 
     def recent_requests(self, seconds: float) -> list[tuple[str, dt.date, float]]:
-        """Requests sent in the last ``seconds`` (by any run):
-        ``(symbol, session_date, age in seconds)``, oldest first."""
+        """Requests sent in the last ``seconds`` (by any run), one per
+        request: ``(symbol, newest session_date, age in seconds)``, oldest
+        first.  The sessions of one request share their ``requested_at``
+        (noted in one transaction).  The age counts from the answer (the
+        rows' last update) when there was one, as the pacing limiter counts
+        an answered request: an upper bound of when the venue read it
+        (``requested_at``, noted just after sending, may precede the
+        venue's reading by the time it takes to read a burst)."""
         return [(r[0], r[1], float(r[2])) for r in self.c.execute(
-            f"""SELECT {self.key_column}, session_date, extract(epoch FROM now() - requested_at)
+            f"""SELECT {self.key_column}, max(session_date),
+                       extract(epoch FROM now() - max(GREATEST(requested_at, updated_at))) AS age
                   FROM {self.status_table}
-                 WHERE requested_at > now() - make_interval(secs => %s) ORDER BY requested_at""",
+                 WHERE requested_at > now() - make_interval(secs => %s)
+                 GROUP BY {self.key_column}, requested_at
+                 ORDER BY age DESC""",
             (seconds,)).fetchall()]
 
     # -------------------------------------------------------------- status report

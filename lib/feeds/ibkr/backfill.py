@@ -719,7 +719,7 @@ class Backfill(BackfillRun):
 
     async def _seed_pacing(self) -> None:
         """Count the requests earlier runs sent within the last window
-        (:meth:`BackfillStore.recent_requests <feeds.ibkr.store.BackfillStore.recent_requests>`):
+        (:meth:`feeds.backfill.StatusStore.recent_requests`):
         IB remembers them too."""
         recent = await self._db(self.store.recent_requests, self.limiter.window)
         entries = []

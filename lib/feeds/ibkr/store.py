@@ -97,25 +97,6 @@ class BackfillStore(StatusStore):
             self.write_status(symbol, con_id, session, status, len(rows), first, last, error, note, attempts)
 
     # ------------------------------------------------------------ pacing
-    def recent_requests(self, seconds: float) -> list[tuple[str, dt.date, float]]:
-        """Requests sent in the last ``seconds`` (by any run), one per
-        request: ``(symbol, newest session_date, age in seconds)``, oldest
-        first.  The sessions of one request share their ``requested_at``
-        (noted in one transaction).  The age counts from the answer (the
-        rows' last update) when there was one, like
-        :class:`~feeds.ibkr.pacing.PacingLimiter`, which counts an answered
-        request from its answer, an upper bound of when IB read it
-        (``requested_at``, noted just after sending, may precede IB's
-        reading by the time TWS takes to read a burst)."""
-        return [(r[0], r[1], float(r[2])) for r in self.c.execute(
-            f"""SELECT {self.key_column}, max(session_date),
-                       extract(epoch FROM now() - max(GREATEST(requested_at, updated_at))) AS age
-                  FROM {self.status_table}
-                 WHERE requested_at > now() - make_interval(secs => %s)
-                 GROUP BY {self.key_column}, requested_at
-                 ORDER BY age DESC""",
-            (seconds,)).fetchall()]
-
     def learned_pacing(self, endpoint: str, bar_size: str) -> LearnedPacing | None:
         """What ``auto`` pacing learned for TWS ``endpoint`` ("host:port")
         and ``bar_size`` (IB's barSizeSetting), or None.  A row that does
