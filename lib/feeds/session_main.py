@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 
 import click
 
+from .timetext import ist_text
+from .settings import time_of_day
 from .calendars import IST
 from .config import first_line
 from .candles import MINUTE_NS, SECOND_NS, CandleSettings, candle_settings, first_missing, sessions_of
@@ -43,11 +45,6 @@ class SourceUnavailable(Exception):
     instrument list is unreachable): worth a restart."""
 
 
-
-
-def ist_text(ns: int) -> str:
-    """Epoch nanoseconds -> ``yyyy-mm-dd hh:mm:ss`` in IST."""
-    return datetime.fromtimestamp(ns // SECOND_NS, IST).strftime("%Y-%m-%d %H:%M:%S")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -101,16 +98,11 @@ def load_session_config(cls: type[C], cfg: Config, section: str, keys: Iterable[
     return config
 
 
-def _time(text: str) -> dtime:
-    h, m = text.strip().split(":")
-    return dtime(int(h), int(m))
-
-
 def extra_days(cfg: Config, section: str) -> tuple[dict[date, tuple[dtime, dtime]], list[date]]:
     """``(extra_sessions, extra_holidays)`` of ``[section]`` in a loaded
     configuration (checked by :func:`feeds.settings.load`): date -> (open,
     close) IST, and the dates without a session."""
-    sessions = {date.fromisoformat(day): (_time(open_), _time(close))
+    sessions = {date.fromisoformat(day): (time_of_day(open_), time_of_day(close))
                 for day, (open_, close) in cfg[section + ".extra_sessions"].items()}
     holidays = [d if isinstance(d, date) else date.fromisoformat(str(d)) for d in cfg[section + ".extra_holidays"]]
     return sessions, holidays

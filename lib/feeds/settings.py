@@ -27,7 +27,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, time
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,12 @@ def hhmm(v) -> tuple[int, int] | None:
     if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
         return None
     return int(m.group(1)), int(m.group(2))
+
+
+def time_of_day(v: str) -> time:
+    """A ``"HH:MM"`` setting already checked by :func:`hhmm` -> :class:`datetime.time`."""
+    h, m = hhmm(v)
+    return time(h, m)
 
 
 def _session_hours(v: list) -> str | None:

@@ -5,11 +5,16 @@ share its text.
 * :func:`epoch_text`: epoch seconds -> ``YYYY-MM-DD HH:MM:SS+00:00`` (cached);
 * :func:`time_text`: epoch nanoseconds -> ``YYYY-MM-DD HH:MM:SS.ffffff+00:00``
   (microseconds, truncated);
-* :func:`now_text`: the current time as :func:`time_text` has it (a receive time).
+* :func:`now_text`: the current time as :func:`time_text` has it (a receive time);
+* :func:`ist_text`: epoch nanoseconds -> ``YYYY-MM-DD HH:MM:SS`` in IST (journal lines, Kite's
+  historical API).
 """
 from __future__ import annotations
 
 import time
+from datetime import datetime
+
+from .calendars import IST
 
 #: seconds cached before the cache is emptied (a day of distinct seconds is 86,400)
 CACHE_SIZE = 200_000
@@ -36,3 +41,8 @@ def time_text(ns: int) -> str:
 def now_text() -> str:
     """The current time as :func:`time_text` writes it."""
     return time_text(time.time_ns())
+
+
+def ist_text(ns: int) -> str:
+    """Integer epoch nanoseconds -> ``YYYY-MM-DD HH:MM:SS`` in IST (seconds truncated)."""
+    return datetime.fromtimestamp(ns // 1_000_000_000, IST).strftime("%Y-%m-%d %H:%M:%S")

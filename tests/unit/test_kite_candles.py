@@ -14,6 +14,7 @@ import pytest
 from conftest import shared_file
 from feeds.kite import history as H
 from feeds.candles import CandleSettings, first_missing, sessions_of
+from feeds.timetext import ist_text
 from feeds.kite.candles import CANDLE_TABLE, KiteCandles, units
 from feeds.kite.instruments import HISTORICAL_REQUESTS_PER_SECOND, Subscription
 from feeds.kite.session import IST, NseCalendar
@@ -290,7 +291,7 @@ def test_history_records_to_bars_from_the_recorded_response():
     assert [b[5] for b in no_vol] == [None, None] and len(no_vol) == 2
     with pytest.raises(ValueError):
         H.bars_from_records([{"date": first, "open": 1}], 408065)
-    assert H.ist_text(bars[0][0]) == "2017-12-15 09:15:00"
+    assert ist_text(bars[0][0]) == "2017-12-15 09:15:00"
 
 
 def test_pacer_never_allows_more_than_kites_limit_in_a_second():

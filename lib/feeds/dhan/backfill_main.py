@@ -42,6 +42,7 @@ import sys
 
 import click
 
+from ..settings import time_of_day
 from .. import backfill as B
 from .. import service
 from ..backfill import EX_TEMPFAIL, Selection, fmt_duration, format_status
@@ -54,11 +55,6 @@ from .instruments import InstrumentsError, instrument_list, load_instruments
 
 log = logging.getLogger("feeds.dhan")
 EX_TOKEN = R.EX_TOKEN
-
-
-def _time(text: str) -> dt.time:
-    h, m = (int(x) for x in text.strip().split(":")[:2])
-    return dt.time(h, m)
 
 
 def load_settings(cfg: Config) -> tuple[Settings, dict]:
@@ -75,7 +71,7 @@ def load_settings(cfg: Config) -> tuple[Settings, dict]:
         max_attempts=cfg[b + "max_attempts"], settle=dt.timedelta(minutes=cfg[b + "settle_minutes"]),
         status_interval=cfg[b + "status_interval"], reconcile=cfg[d + "reconcile"],
         calendar="XNSE",
-        extra_sessions={dt.date.fromisoformat(k): (_time(v[0]), _time(v[1]))
+        extra_sessions={dt.date.fromisoformat(k): (time_of_day(v[0]), time_of_day(v[1]))
                         for k, v in cfg[d + "extra_sessions"].items()},
         extra_holidays=[x if isinstance(x, dt.date) else dt.date.fromisoformat(str(x))
                         for x in cfg[d + "extra_holidays"]],

@@ -44,7 +44,8 @@ from ..config import EX_NOPERM, Config, ConfigError, exit_on_config_error, first
 from .. import calendars, service
 from .. import session_main as M
 from ..candles import MINUTE_NS, SECOND_NS as NS
-from ..session_main import SourceUnavailable, ist_text
+from ..session_main import SourceUnavailable
+from ..timetext import ist_text
 from ..settings import DHAN_FILE
 from . import adapter as A
 from .candles import CANDLE_TABLE, DhanCandles

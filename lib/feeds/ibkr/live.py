@@ -66,7 +66,7 @@ from ..calendars import ExchangeCalendar, RunPlan, Session
 from ..config import Config, ConfigError
 from ..health import Health, StreamHealth
 from ..plausible import Malformed
-from ..settings import hhmm
+from ..settings import time_of_day
 from ..sink import Sink, Table
 from . import live_rows as R
 from .connect import ConnectFailed, connect_ib
@@ -152,11 +152,6 @@ class LiveSettings:
     request_timeout: float = 60.0
 
 
-def _time(text: str) -> dt.time:
-    h, m = hhmm(text)
-    return dt.time(h, m)
-
-
 def load_settings(cfg: Config) -> LiveSettings:
     """:class:`LiveSettings` from a loaded ``ibkr.toml`` (checked by
     :func:`feeds.settings.load`).  Raises ConfigError."""
@@ -170,7 +165,7 @@ def load_settings(cfg: Config) -> LiveSettings:
         candles=cfg["candles.enabled"], intervals=tuple(cfg["candles.intervals"]), grace=cfg["candles.grace"],
         lateness=cfg["candles.lateness"], fill_from_history=cfg["candles.fill_from_history"])
     for day, (open_, close) in cfg["live.extra_sessions"].items():
-        ls.extra_sessions[dt.date.fromisoformat(day)] = (_time(open_), _time(close))
+        ls.extra_sessions[dt.date.fromisoformat(day)] = (time_of_day(open_), time_of_day(close))
     ls.extra_holidays = [d if isinstance(d, dt.date) else dt.date.fromisoformat(str(d))
                          for d in cfg["live.extra_holidays"]]
     if len(set(ls.tick_by_tick)) * TBT_PER_SYMBOL > ls.max_tick_by_tick:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from ..calendars import IST
+from ..timetext import ist_text
 from ..candle_writer import Bar
 from .adapter import divisor
 from .instruments import HISTORICAL_REQUESTS_PER_SECOND
@@ -76,11 +76,6 @@ class Pacer:
                 time.sleep(delay)
             elif stop.wait(delay):
                 return False
-
-
-def ist_text(ns: int) -> str:
-    """Epoch nanoseconds -> Kite's ``yyyy-mm-dd hh:mm:ss`` in IST."""
-    return datetime.fromtimestamp(ns // NS, IST).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def bars_from_records(records: Iterable[dict], instrument_token: int, *, with_volume: bool = True,
