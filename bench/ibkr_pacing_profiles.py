@@ -5,8 +5,9 @@ For every simulator model (``strict``: IB's small-bar rules for every bar
 size; ``documented``: IB's page as written; ``throttle``: answers slow down
 as the rate rises, refused past a threshold) and every profile (``strict``,
 ``documented``, ``auto``), two runs of ``bin/feed-backfill`` (its own
-process, every setting its default but the profile and the scale, a fresh
-database each time, so nothing learned carries over):
+process, every setting its default but the profile, the scale and the
+slow-answer threshold, with the throttle's steps of tests/scaled_pacing.py,
+a fresh database each time, so nothing learned carries over):
 
 1. the backfill of N contracts x one year of one-minute bars (default 100 x
    2024, 252 sessions each): sessions backfilled per hour, requests sent,
@@ -53,6 +54,7 @@ PY = sys.executable
 import psycopg  # noqa: E402
 
 from procstats import COMMIT_SETTINGS, durable_cluster, migrated_database  # noqa: E402
+from scaled_pacing import SLOW_ANSWER, pacing_options  # noqa: E402
 
 MODELS = ("strict", "documented", "throttle")
 PROFILES = ("strict", "documented", "auto")
@@ -75,10 +77,12 @@ def run(pg, model: str, profile: str, syms: list[str], first: dt.date, last: dt.
         (tmp / "contracts.csv").write_text("symbol,secType,exchange,currency,primaryExchange\n"
                                            + "".join(f"{s},STK,SMART,USD,NYSE\n" for s in syms))
         with TwsSimulatorThread(generate=syms, head_timestamps={s: HEAD for s in syms}, pacing_scale=scale,
-                                pacing_model=model, pacer_clock=time.time) as sim:
+                                pacing_model=model, pacer_clock=time.time,
+                                pacing_options=pacing_options(model)) as sim:
             (tmp / "ibkr.toml").write_text(
                 f'[ibkr]\nport = {sim.port}\ncontracts_file = "{tmp / "contracts.csv"}"\n'
                 f'[backfill]\npacing_profile = "{profile}"\npacing_scale = {scale}\nstatus_interval = 3600\n'
+                f'slow_answer = {SLOW_ANSWER[model]}\nkeep_learned_when_scaled = true\n'
                 '[metrics]\ntextfile_dir = ""\n')
             t0 = time.monotonic()
             r = subprocess.run([PY, str(ROOT / "bin" / "feed-backfill"), "--config", str(tmp / "ibkr.toml"),

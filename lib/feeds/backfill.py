@@ -11,12 +11,14 @@ stays in the venue's package; what is here is the same for every venue:
   venue's instrument id) through :class:`StatusStore`.  A session's bars and
   its status row commit in one transaction, so a killed run resumes from
   the table and no finished session is requested again.
-* **Plan** (:func:`plan_sessions`, :func:`plan_range`, :func:`fetch_order`):
-  the days of the exchange calendar from the last finished session (its
+* **Plan** (:func:`plan_sessions`, :func:`plan_range`, :func:`fetch_order`,
+  :func:`request_chunks`): the days of the exchange calendar from the last finished session (its
   close + ``settle`` passed, or ``--to``) back to the earliest wanted date,
   newest first; weekdays without a session are recorded HOLIDAY without a
   request; sessions with a final status are skipped, ERROR ones too unless
-  ``--retry-failed``.  Jobs are fetched newest date first, then higher
+  ``--retry-failed``; the sessions left are grouped into requests by the
+  venue's rule (how a request's span is measured, which sessions may
+  share one).  Jobs are fetched newest date first, then higher
   priority, then symbol, so the nightly top-up lands first.
 * **Statuses** (:data:`STATUSES`, :func:`session_status`):
 
@@ -80,7 +82,8 @@ from .calendars import ExchangeCalendar, Session
 
 __all__ = ["STATUSES", "DONE_STATUSES", "Selection", "SessionPlan", "Plan", "StatusRow", "StatusStore",
            "SessionCheck", "RunSummary", "BackfillRun", "BackfillJob", "plan_sessions", "plan_range", "fetch_order",
-           "session_status", "fmt_duration", "parse_date", "parse_symbols", "format_status", "calendar_days",
+           "session_status", "request_chunks", "calendar_span", "fmt_duration", "parse_date", "parse_symbols",
+           "format_status", "calendar_days",
            "backfill_command", "selection_from_options", "apply_overrides", "print_status", "database_exit",
            "run_job", "EX_TEMPFAIL"]
 
@@ -219,6 +222,30 @@ def plan_sessions(cal: ExchangeCalendar, symbol: str, first: dt.date, last: dt.d
         if (symbol, day) in done:
             continue
         out.sessions.append(session)
+    return out
+
+
+def calendar_span(newest: Session, oldest: Session) -> int:
+    """Calendar days from ``oldest``'s date to ``newest``'s, both included."""
+    return (newest.day - oldest.day).days + 1
+
+
+def request_chunks(sessions: Sequence[Session], days: int, span: Callable[[Session, Session], int] = calendar_span,
+                   adjacent: Callable[[Session, Session], bool] | None = None) -> list[list[Session]]:
+    """Sessions to fetch (newest first) cut into requests, newest first,
+    newest first inside; every session in exactly one request.
+
+    The venue's rule: a session joins the request being built when
+    ``span(newest of the request, the session)`` is at most ``days`` and,
+    with ``adjacent``, ``adjacent(the session, the oldest of the request
+    so far)`` (older first) is true; otherwise it starts the next request.  ``days`` 1
+    with :func:`calendar_span`: one session a request."""
+    out: list[list[Session]] = []
+    for s in sessions:
+        if out and span(out[-1][0], s) <= days and (adjacent is None or adjacent(s, out[-1][-1])):
+            out[-1].append(s)
+        else:
+            out.append([s])
     return out
 
 
@@ -997,17 +1024,18 @@ ON CONFLICT ({k}, session_date) DO UPDATE SET
                             requested_at = now()""",
                     [(sym, s.day, vid, s.open, s.close, s.expected_bars) for sym, vid, s in items])
 
-    def recent_requests(self, seconds: float) -> list[tuple[str, dt.date, float]]:
+    def recent_requests(self, seconds: float) -> list[tuple[str, dt.date, dt.date, float]]:
         """Requests sent in the last ``seconds`` (by any run), one per
-        request: ``(symbol, newest session_date, age in seconds)``, oldest
-        first.  The sessions of one request share their ``requested_at``
-        (noted in one transaction).  The age counts from the answer (the
-        rows' last update) when there was one, as the pacing limiter counts
-        an answered request: an upper bound of when the venue read it
-        (``requested_at``, noted just after sending, may precede the
+        request: ``(symbol, oldest session_date, newest session_date, age
+        in seconds)``, oldest first.  The sessions of one request share
+        their ``requested_at`` (noted in one transaction), so the two dates
+        are the span the request covered.  The age counts from the answer
+        (the rows' last update) when there was one, as the pacing limiter
+        counts an answered request: an upper bound of when the venue read
+        it (``requested_at``, noted just after sending, may precede the
         venue's reading by the time it takes to read a burst)."""
-        return [(r[0], r[1], float(r[2])) for r in self.c.execute(
-            f"""SELECT {self.key_column}, max(session_date),
+        return [(r[0], r[1], r[2], float(r[3])) for r in self.c.execute(
+            f"""SELECT {self.key_column}, min(session_date), max(session_date),
                        extract(epoch FROM now() - max(GREATEST(requested_at, updated_at))) AS age
                   FROM {self.status_table}
                  WHERE requested_at > now() - make_interval(secs => %s)

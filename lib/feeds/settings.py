@@ -354,7 +354,7 @@ IBKR = (
     Setting("ibkr.connect_timeout", float, 15.0, "seconds to wait for the API handshake", positive),
     Setting("ibkr.contracts_file", str, "/etc/feeds/contracts.csv", "the contracts to backfill (CSV)"),
     Setting("backfill.concurrency", int, 4, "historical requests open at once",
-            within(1, 50, "IB allows 50 open requests")),
+            within(1, ibkr_pacing.MAX_OPEN, f"IB allows {ibkr_pacing.MAX_OPEN} open requests")),
     Setting("backfill.reconnect_timeout", float, 600.0, "seconds to keep reconnecting before the run "
             "gives up", positive),
     Setting("backfill.what_to_show", str, "TRADES", "whatToShow of the bars",
@@ -367,14 +367,17 @@ IBKR = (
             "requests in ten minutes for every bar size), documented (IB's page as written), auto (documented, "
             "adapting to IB's answers)", one_of(*ibkr_pacing.PROFILES)),
     Setting("backfill.max_concurrency", int, ibkr_pacing.DEFAULT_MAX_CONCURRENCY, "most requests in flight "
-            "auto lets grow to", within(1, ibkr_pacing.MAX_OPEN, "IB allows 50 open requests")),
+            "auto lets grow to", within(1, ibkr_pacing.MAX_OPEN, f"IB allows {ibkr_pacing.MAX_OPEN} open requests")),
     Setting("backfill.slow_answer", float, ibkr_pacing.DEFAULT_SLOW_ANSWER, "seconds: an answer slower "
-            "than this counts as IB throttling (auto)", positive),
+            "than this counts as IB throttling (auto; multiplied by pacing_scale like IB's windows)", positive),
     Setting("backfill.relearn_hours", float, ibkr_pacing.DEFAULT_RELEARN / 3600, "hours a learned pacing "
             "profile is trusted before auto probes IB again", non_negative),
-    Setting("backfill.days_per_request", int, 1, "sessions' days one request of one-minute bars covers "
-            "(durationStr N D; 1 = one session per request)",
+    Setting("backfill.days_per_request", int, 1, "most sessions one request of one-minute bars covers, on "
+            "consecutive weekdays (durationStr N D; 1 = one session per request)",
             within(1, ibkr_pacing.MAX_DAYS_PER_REQUEST, "IB's 2000 bars per request")),
+    Setting("backfill.keep_learned_when_scaled", bool, False, "with pacing_scale other than 1, still load and "
+            "store what auto learns (tests against a simulator; otherwise it is neither, since it would describe "
+            "the simulator, not IB)"),
 )
 
 # The planner and status table shared by feed-backfill (IBKR) and feed-dhan-backfill.

@@ -1,7 +1,10 @@
 """The auto pacing profile against the TWS simulator's strict model: what it learns survives a restart
-and IB is not probed again within relearn; several sessions per request survive a kill -9 with no
-completed session lost or asked again, and end equal to one request per session.  Outcomes are read
-from the database and the simulator's request log, never from how long anything took."""
+and IB is not probed again within relearn (stored at a scaled run only when asked for:
+keep_learned_when_scaled); a scaled run otherwise neither loads nor stores it; after a restart the
+requests of the earlier run are counted with the identical-request key they were sent with, whatever
+days_per_request; several sessions per request survive a kill -9 with no completed session lost or asked
+again, and end equal to one request per session.  Outcomes are read from the database and the
+simulator's request log, never from how long anything took."""
 from __future__ import annotations
 
 import asyncio
@@ -13,17 +16,18 @@ import threading
 import pytest
 
 from conftest import ROOT
-from feeds.ibkr.backfill import Backfill, Selection, Settings, pacing_limiter
-from feeds.ibkr.pacing import DOCUMENTED, STRICT
+from feeds.ibkr.backfill import Backfill, Selection, Settings, _Resolved, pacing_limiter
+from feeds.ibkr.pacing import DOCUMENTED, STRICT, LearnedPacing
 from feeds.ibkr.store import BackfillStore
 from feeds.migrate import apply
 from test_ibkr_backfill import ET, UTC, XNYS, Notes, RecordingSim, contracts, settings, sim_kw, statuses
+from scaled_pacing import SLOW_ANSWER
 from test_ibkr_kill import (BARS_SQL, STATUS_SQL, SimThread, assert_whole, q, start_backfill, wait_complete,
                             write_config)
 
 pytestmark = pytest.mark.integration
 
-SCALE = 0.02                    # IB's ten minutes become 12 s: a run's first 60 requests all fall in one window
+SCALE = 0.05                    # IB's ten minutes become 30 s: a run's first 60 requests all fall in one window
 
 
 def learned_rows(dsn):
@@ -40,7 +44,8 @@ def test_learned_profile_survives_a_restart_and_is_not_probed_again(db):
         await sim.start()
         try:
             # 1. auto starts as documented, is refused once past 60 in the window, falls back and learns strict
-            s = settings(sim, SCALE, pacing_profile="auto", relearn=3600.0, max_attempts=10)
+            s = settings(sim, SCALE, pacing_profile="auto", relearn=3600.0, max_attempts=10,
+                         keep_learned_when_scaled=True, slow_answer=SLOW_ANSWER["strict"])
             lim1 = pacing_limiter(s, keep_history=True)
             assert lim1.in_force == DOCUMENTED
             bf = Backfill(s, contracts("AAPL", "MSFT"), BackfillStore(db), limiter=lim1, notifier=Notes())
@@ -51,8 +56,9 @@ def test_learned_profile_survives_a_restart_and_is_not_probed_again(db):
             lim2 = pacing_limiter(s, keep_history=True)
             bf = Backfill(s, contracts("AAPL", "MSFT"), BackfillStore(db), limiter=lim2, notifier=Notes())
             log_mark = len(sim.hist_log)
-            sm2 = await asyncio.wait_for(bf.run(Selection(first=dt.date(2024, 2, 22), last=dt.date(2024, 3, 8))),
-                                         300)
+            # more than 60 requests: a limiter that had learned nothing would be refused again
+            sm2 = await asyncio.wait_for(bf.run(Selection(first=dt.date(2024, 2, 22), last=dt.date(2024, 4, 30))),
+                                         600)
             refused2 = sum(sim.stats()["pacing_violations"].values()) - refused1
             return sm1, sm2, lim1, lim2, refused1, refused2, rows1, len(sim.hist_log) - log_mark, sim.port
         finally:
@@ -66,7 +72,7 @@ def test_learned_profile_survives_a_restart_and_is_not_probed_again(db):
     assert (endpoint, bar_size, profile) == (f"127.0.0.1:{port}", "1 min", STRICT)
     assert "pacing violation" in why
     # the second run: strict from its first request, nothing refused, nothing learned again
-    assert refused2 == 0 and lim2.violations == 0 and sent2 == sm2.requests > 0
+    assert refused2 == 0 and lim2.violations == 0 and sent2 == sm2.requests > 60
     assert lim2.in_force == STRICT and lim2.learned is not None and lim2.learned.at == at
     assert learned_rows(db) == rows1
     done = [s for s in statuses(db).values() if s["status"] != "HOLIDAY"]
@@ -75,6 +81,83 @@ def test_learned_profile_survives_a_restart_and_is_not_probed_again(db):
     lim3 = pacing_limiter(settings_like(relearn=0.0))
     lim3.resume(lim2.learned)
     assert lim3.in_force == DOCUMENTED
+
+
+def test_a_scaled_run_neither_loads_nor_stores_what_auto_learns(db, caplog):
+    """What auto learns against a simulator with scaled windows describes the simulator: without
+    keep_learned_when_scaled it is not stored under the endpoint (a real run would start from it), nor is
+    a stored learning loaded; one log line says so."""
+    store = BackfillStore(db)
+    stored = LearnedPacing(STRICT, 2, dt.datetime.now(UTC), "pacing violation")
+    store.save_learned_pacing("127.0.0.1:7497", "1 min", stored)
+    scaled = Settings(pacing_profile="auto", pacing_scale=SCALE, relearn=3600.0)
+    lim = pacing_limiter(scaled)
+    bf = Backfill(scaled, contracts("AAPL"), store, limiter=lim, notifier=Notes())
+    assert lim.on_learn is None
+
+    async def go():
+        try:
+            with caplog.at_level("INFO", logger="feeds.ibkr.backfill"):
+                await bf._load_pacing()
+        finally:
+            bf._shutdown_executor()
+    asyncio.run(go())
+    assert lim.in_force == DOCUMENTED and lim.learned is None                  # the stored strict not loaded
+    said = [r.getMessage() for r in caplog.records if "neither loaded nor stored" in r.getMessage()]
+    assert len(said) == 1 and f"pacing_scale {SCALE:g}" in said[0]
+    lim.violation()                                                           # IB refused: auto learns strict
+    assert learned_rows(db) == [("127.0.0.1:7497", "1 min", STRICT, 2, stored.at, "pacing violation")]
+    # at IB's own windows, or when asked for, it is loaded and stored
+    for s in (Settings(pacing_profile="auto", relearn=3600.0),
+              Settings(pacing_profile="auto", pacing_scale=SCALE, relearn=3600.0, keep_learned_when_scaled=True)):
+        lim = pacing_limiter(s)
+        bf = Backfill(s, contracts("AAPL"), store, limiter=lim, notifier=Notes())
+        assert lim.on_learn is not None
+
+        async def load(bf=bf):
+            try:
+                await bf._load_pacing()
+            finally:
+                bf._shutdown_executor()
+        asyncio.run(load())
+        assert lim.in_force == STRICT and lim.learned == stored
+
+
+@pytest.mark.parametrize("days", [1, 5])
+def test_a_restart_counts_each_earlier_request_under_the_key_it_was_sent_with(db, days):
+    """IB's identical-request rule (15 s) across a restart: the request an earlier run sent for Mon 07-08
+    .. Fri 07-12 (one "5 D" request ending at Friday's close, or five of "1 D") is counted by a new run's
+    limiter under that very key, so sending it again waits; another key does not."""
+    store = BackfillStore(db)
+    row = contracts("AAPL")[0]
+    week = [XNYS.session(dt.date(2024, 7, d)) for d in (12, 11, 10, 9, 8)]
+    sent = [week] if days == 5 else [[s] for s in week]
+    for chunk in sent:                                     # as _fetch notes a request's sessions, one per request
+        store.note_requests([("AAPL", 265598, s) for s in chunk])
+    # documented: for one-minute bars only the identical-request rule (and the open limit) holds a request back
+    s = Settings(days_per_request=days, pacing_profile=DOCUMENTED)
+    bf = Backfill(s, [row], store, limiter=pacing_limiter(s), notifier=Notes())
+    bf._resolved["AAPL"] = _Resolved(row, con_id=265598)
+
+    async def go():
+        try:
+            await bf._seed_pacing()
+        finally:
+            bf._shutdown_executor()
+    asyncio.run(go())
+
+    def key(end: dt.date, duration: str) -> tuple:
+        close = XNYS.session(end).close.astimezone(UTC).strftime("%Y%m%d-%H:%M:%S")
+        return (265598, row.exchange, close, duration, "1 min", "TRADES", True, 2)
+
+    ckey = (265598, row.exchange, "TRADES")
+    lim = bf.limiter
+    for chunk in sent:
+        ident = key(chunk[0].day, f"{len(chunk)} D")
+        assert lim.delay(ident, ckey) > 0.5 * lim.identical_window, ident       # the same request waits
+    if days == 5:
+        assert lim.delay(key(dt.date(2024, 7, 12), "1 D"), ckey) == 0            # not the key sent
+    assert lim.delay(key(dt.date(2024, 7, 15), "1 D"), ckey) == 0
 
 
 def settings_like(**kw):

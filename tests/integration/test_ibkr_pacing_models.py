@@ -1,7 +1,8 @@
 """feed-backfill's pacing profiles against the TWS simulator's three pacing models (IB's small-bar rules
 for every bar size, the rules as IB's page documents them, a soft throttle): each run backfills 50
-contracts x 20 sessions with the real feed-backfill process, every setting its default but the profile
-and the pacing scale, a fresh database each time.  Outcomes are read from the simulator's pacing log
+contracts x 20 sessions with the real feed-backfill process, every setting its default but the profile,
+the pacing scale and the slow-answer threshold (tests/scaled_pacing.py), a fresh database each time.
+Outcomes are read from the simulator's pacing log
 (arrival times, refusals; on the wall clock, as the time ``auto`` learned is), from what the backfill
 learned and from the tables, never from how long anything took.
 
@@ -32,6 +33,7 @@ from conftest import ROOT
 from feeds.ibkr.pacing import DOCUMENTED, STRICT, max_in_window
 from feeds.migrate import apply
 from feeds.sim.tws import TwsSimulatorThread
+from scaled_pacing import SLOW_ANSWER, pacing_options
 from test_ibkr_backfill import OLD_HEAD, XNYS
 from test_ibkr_kill import q
 
@@ -102,11 +104,13 @@ def backfill_run(pg, tmp: Path, profile: str, model: str, scale: float) -> Run:
                   + "".join(f"{s},STK,SMART,USD,NYSE,0\n" for s in SYMBOLS))
     out = tmp / f"backfill-{profile}-{model}.log"
     with TwsSimulatorThread(generate=SYMBOLS, head_timestamps={s: OLD_HEAD for s in SYMBOLS}, pacing_scale=scale,
-                            pacing_model=model, pacer_clock=time.time) as sim:
+                            pacing_model=model, pacer_clock=time.time,
+                            pacing_options=pacing_options(model)) as sim:
         cfg = tmp / f"ibkr-{profile}-{model}.toml"
         cfg.write_text(f'[ibkr]\nport = {sim.port}\ncontracts_file = "{cs}"\nconnect_timeout = 5\n'
                        f'[backfill]\npacing_profile = "{profile}"\npacing_scale = {scale}\n'
-                       f"reconnect_timeout = 10\nmax_attempts = 10\n"
+                       f"slow_answer = {SLOW_ANSWER[model]}\n"
+                       f"reconnect_timeout = 10\nmax_attempts = 10\nkeep_learned_when_scaled = true\n"
                        f'status_interval = 5\n[metrics]\ntextfile_dir = ""\n')
         env = dict(os.environ, FEEDS_DSN=dsn, FEEDS_LOG_LEVEL="INFO")
         env.pop("NOTIFY_SOCKET", None)

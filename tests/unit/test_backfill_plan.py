@@ -159,3 +159,20 @@ def test_dhan_requests_span_at_most_the_configured_days():
     assert [s for c in chunks for s in c] == sessions                 # newest first, nothing lost
     assert len(chunks) == 2                                           # 2024-01-01..06-28: 180 days
     assert [len(c) for c in DH.request_chunks(sessions[:5], 1)] == [1] * 5
+
+
+def test_the_shared_request_planner_takes_the_venues_rule():
+    """feeds.backfill.request_chunks: the venue passes how a request's span is measured and which sessions
+    may share one; Dhan's grouping is it with calendar days and no adjacency rule."""
+    sessions = XNSE.sessions(dt.date(2024, 1, 1), dt.date(2024, 1, 31))[::-1]
+    assert B.request_chunks(sessions, 1) == [[s] for s in sessions]
+    assert DH.request_chunks(sessions, 7) == B.request_chunks(sessions, 7, B.calendar_span)
+    weekly = B.request_chunks(sessions, 7, B.calendar_span)
+    assert all(B.calendar_span(c[0], c[-1]) <= 7 for c in weekly) and [s for c in weekly for s in c] == sessions
+    # an adjacency rule: only sessions on consecutive days share a request
+    consecutive = B.request_chunks(sessions, 7, B.calendar_span, lambda older, newer: (newer.day - older.day).days == 1)
+    assert all((c[i].day - c[i + 1].day).days == 1 for c in consecutive for i in range(len(c) - 1))
+    assert consecutive != weekly and [s for c in consecutive for s in c] == sessions
+    # a span measured in sessions: at most three a request
+    assert {len(c) for c in B.request_chunks(sessions, 3, lambda newest, oldest: sessions.index(oldest)
+                                             - sessions.index(newest) + 1)} == {3, len(sessions) % 3 or 3}

@@ -263,6 +263,86 @@ def test_auto_against_throttle_with_a_hard_limit_at_most_one_violation():
     assert max_in_window([t for t in server.read if t > fell_back], 600.0) <= 60
 
 
+def test_a_probe_ib_accepted_inside_its_own_window_proves_nothing():
+    # The first 60 requests come one every 10.2 s, each answered in 0.1 s: in the limiter's window
+    # (padded, counted from the answers) the 61st is beyond the small-bar rules, yet IB's window (600 s
+    # from each arrival) has let the first request go, so IB accepts it.  That acceptance must not
+    # count as "IB does not apply the rules to one-minute bars": the next request beyond them still goes
+    # alone, and the burst that follows is refused once at most, then strict.
+    st = SimTime()
+    lim = make(st, profile=AUTO, concurrency=4, max_concurrency=16, relearn=86400.0)
+    server = Server(st, "strict", answer=0.1)
+    sends, answers = [], []
+
+    async def one(i: int) -> None:
+        ckey = ("con%d" % (i % 50), "SMART", "TRADES")
+        while True:
+            ticket = await lim.acquire(("req", i), ckey, 1, bar_size="1 min")
+            sends.append((st.t, i))
+            server.open += 1
+            code, text, after = server.request(("req", i), ckey, "1 min")
+            await st.sleep(after)
+            server.open -= 1
+            lim.finish(ticket, code, text)
+            if not code:
+                answers.append((st.t, i))
+                return
+
+    async def main():
+        for i in range(60):
+            await st.sleep(1000.0 + 10.2 * i - st.t)
+            await one(i)
+        await asyncio.gather(*(one(i) for i in range(60, 160)))
+    st.run(main())
+    assert len(answers) == 160
+    assert len(server.refused) <= 1 and lim.violations == len(server.refused)
+    assert max_in_window(server.read, 600.0) <= 60
+    assert lim.in_force == STRICT
+
+
+def test_a_probe_proves_only_with_60_sent_inside_ibs_own_window():
+    # the same start with the first 60 sent at once: the 61st, IB's window full of them, is a real probe;
+    # its prompt answer shows the rules do not apply and auto goes on as documented
+    st = SimTime()
+    lim = make(st, profile=AUTO, concurrency=4, max_concurrency=16)
+    server = Server(st, "documented", answer=0.1)
+    sends, answers = backfill(st, lim, server, 300)
+    assert server.refused == [] and len(answers) == 300 and lim.in_force == DOCUMENTED
+    assert lim._confirmed
+
+
+def test_slow_answer_is_scaled_like_ibs_windows():
+    # a simulator scaled by 0.01 delays its answers by 0.01 of IB's: 10 s become 0.1 s
+    st = SimTime()
+    lim = make(st, profile=AUTO, concurrency=4, slow_answer=10.0, scale=0.01)
+
+    async def one(after: float):
+        t = await lim.acquire(("r", st.t, after), ("c", after), 1)
+        await st.sleep(after)
+        lim.finish(t)
+    st.run(one(0.099))
+    assert lim.concurrency == 4 and lim.learned is None
+    st.run(one(0.101))
+    assert lim.concurrency == 2 and "answer took" in lim.learned.why
+
+
+def test_an_open_request_older_than_every_window_still_counts_when_answered():
+    st = SimTime()
+    lim = make(st, profile=STRICT, scale=0.01)          # windows of about 6 s
+
+    async def main():
+        slow = await lim.acquire(("slow",), ("c0",), 1)
+        await st.sleep(100.0)                           # unanswered for many windows
+        for i in range(59):
+            lim.finish(await lim.acquire(("r", i), ("c%d" % i,), 1))
+        lim.finish(slow)                                # answered now: it counts from now on
+        return st.t
+    answered = st.run(main())
+    # 60 counted in the window (the slow one among them): the 61st waits
+    assert lim.delay(("x",), ("cx",), 1) > 0
+    assert lim.delay(("x",), ("cx",), 1, now=answered + lim.window) == 0
+
+
 def test_query_cancelled_halves_then_strict_and_old_answers_do_not_count_twice():
     st = SimTime()
     lim = make(st, profile=AUTO, concurrency=8, max_concurrency=16)

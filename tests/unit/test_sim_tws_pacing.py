@@ -1,6 +1,10 @@
 """The TWS simulator's pacing models (strict, documented, throttle) on a fake clock."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from feeds.sim.tws_pacing import (
@@ -213,3 +217,29 @@ def test_history_is_bounded_and_parameters_are_scaled():
     assert params["throttle_window"] == pytest.approx(6.0) and params["throttle_step"] == pytest.approx(0.005)
     assert params["throttle_max_delay"] == pytest.approx(0.3) and params["throttle_limit"] == 120
     assert "throttle_step" not in pacer("strict", clock).parameters()
+
+
+def test_ibs_numbers_come_from_the_limiters_module():
+    """The simulator's IB rules are feeds.ibkr.pacing's constants (the one place): changing one there
+    changes the simulator; the throttle's own numbers stay the simulator's."""
+    code = (
+        "import feeds.ibkr.pacing as P\n"
+        "P.MAX_REQUESTS, P.WINDOW, P.IDENTICAL_WINDOW, P.BURST_REQUESTS, P.BURST_WINDOW = 7, 70.0, 1.5, 3, 0.5\n"
+        "P.MAX_OPEN, P.BID_ASK_WEIGHT, P.SMALL_BAR_MAX = 9, 3, 5.0\n"
+        "import feeds.sim.tws_pacing as T\n"
+        "p = T.HistoricalPacer(model='throttle').parameters()\n"
+        "print(p['max_requests'], p['window'], p['identical_window'], p['burst_requests'], p['burst_window'],\n"
+        "      p['max_open'], T.BID_ASK_WEIGHT, T.SMALL_BAR_SECONDS, p['throttle_window'], p['throttle_free'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert r.stdout.split() == ["7", "70.0", "1.5", "3", "0.5", "9", "3", "5", "600.0", "60"], r.stderr[-2000:]
+
+
+def test_the_simulator_weighs_bid_ask_with_ibs_weight():
+    from feeds.ibkr import pacing as P
+    from feeds.sim import tws
+
+    assert tws.BID_ASK_WEIGHT is P.BID_ASK_WEIGHT
+    p = HistoricalPacer()
+    assert (p.max_requests, p.window, p.identical_window, p.burst_requests, p.burst_window, p.max_open) == (
+        P.MAX_REQUESTS, P.WINDOW, P.IDENTICAL_WINDOW, P.BURST_REQUESTS, P.BURST_WINDOW, P.MAX_OPEN)

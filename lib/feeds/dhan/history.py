@@ -248,14 +248,11 @@ def compare(stored: Sequence[R.Candle], fetched: Sequence[R.Candle], tick: Decim
 
 def request_chunks(sessions: Sequence[Session], days: int) -> list[list[Session]]:
     """Sessions (newest first) cut into runs spanning at most ``days``
-    calendar days each (newest first inside)."""
-    out: list[list[Session]] = []
-    for s in sessions:
-        if out and (out[-1][0].day - s.day).days + 1 <= days:
-            out[-1].append(s)
-        else:
-            out.append([s])
-    return out
+    calendar days each (newest first inside): the shared planner
+    (:func:`feeds.backfill.request_chunks`) with Dhan's rule, a request's
+    span in calendar days (:func:`feeds.backfill.calendar_span`) and any
+    sessions within it together."""
+    return B.request_chunks(sessions, days, B.calendar_span)
 
 
 # ------------------------------------------------------------------------------------------- database

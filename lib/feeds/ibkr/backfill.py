@@ -2,13 +2,15 @@
 
 Unit of work: one exchange session of one contract.  A
 ``reqHistoricalData`` request (TWS API "Historical Bar Data") covers one
-session or, with ``days_per_request`` > 1, several consecutive ones
+session or, with ``days_per_request`` > 1, up to that many sessions on
+consecutive weekdays, never across a weekend or a holiday
 (:func:`feeds.ibkr.sessions.request_chunks`): ``endDateTime`` = the newest
 session's close as ``yyyymmdd-hh:mm:ss`` UTC, ``durationStr`` ``"N D"``
-(the weekdays back to the oldest session, :func:`~feeds.ibkr.sessions.duration_days`;
-``"1 D"`` for one session), ``barSizeSetting`` ``"1 min"``, ``whatToShow``
-TRADES, ``useRTH`` 1, ``formatDate`` 2 (epoch seconds, so bar times are
-UTC without any time-zone guessing).  The answer is split by the bars'
+(N = the request's sessions, which is also its calendar days and its
+weekdays: :func:`~feeds.ibkr.sessions.duration_days`; ``"1 D"`` for one
+session), ``barSizeSetting`` ``"1 min"``, ``whatToShow`` TRADES,
+``useRTH`` 1, ``formatDate`` 2 (epoch seconds, so bar times are UTC
+without any time-zone guessing).  The answer is split by the bars'
 local date into its sessions; each is checked (:mod:`feeds.ibkr.bars`)
 and its bars and status row are committed in one transaction
 (:mod:`feeds.ibkr.store`), exactly as for a one-session request, so a
@@ -37,7 +39,17 @@ Under ``auto`` it starts from what an earlier run learned for this TWS
 (``host:port``) and bar size, kept in
 ``ibkr_pacing_learned`` (:meth:`BackfillStore.learned_pacing
 <feeds.ibkr.store.BackfillStore.learned_pacing>`), and every new learning
-is stored there by the database thread.
+is stored there by the database thread.  With ``pacing_scale`` other
+than 1 (a simulator with scaled windows) nothing learned is loaded or
+stored, since it would describe the simulator, not IB (one log line says
+so), unless ``keep_learned_when_scaled`` asks for it (simulator tests).
+
+Pacing after a restart: the requests earlier runs sent within the last
+window (``requested_at`` of the status table) are counted by the limiter
+before the first request, each with the identical-request key of the
+request as sent (its ``endDateTime`` and ``durationStr`` rebuilt from the
+first and last session it covered), so IB's 15-second identical-request
+rule holds across a restart whatever ``days_per_request``.
 
 Errors: ib_async returns an empty list when a request fails unless errors
 are watched.  Here ``RaiseRequestErrors`` is on, so a failed request raises
@@ -95,7 +107,7 @@ from .connect import ConnectFailed, connect_ib
 from .contracts import ContractRow, fetchable, request_details
 from .pacing import (AUTO, DEFAULT_MAX_CONCURRENCY, DEFAULT_RELEARN, DEFAULT_SLOW_ANSWER, LearnedPacing, PacingLimiter,
                      is_pacing_violation, is_query_cancelled)
-from .sessions import Session, SessionCalendar, duration_days, request_chunks
+from .sessions import Session, SessionCalendar, duration_str, request_chunks
 from .store import BackfillStore
 from .wire import keep_wire_text
 
@@ -131,7 +143,11 @@ class Settings:
     before this date; ``pacing_profile``, ``concurrency``,
     ``max_concurrency``, ``slow_answer``, ``relearn``: the limiter's (see
     :class:`~feeds.ibkr.pacing.PacingLimiter`); ``days_per_request``:
-    weekdays one request covers (1..:data:`~feeds.ibkr.pacing.MAX_DAYS_PER_REQUEST`).
+    sessions one request covers at most, on consecutive weekdays
+    (1..:data:`~feeds.ibkr.pacing.MAX_DAYS_PER_REQUEST`);
+    ``keep_learned_when_scaled``: load and store what ``auto`` learns even
+    when ``pacing_scale`` is not 1 (for tests against a simulator; the
+    endpoint is then the simulator's).
     """
 
     host: str = "127.0.0.1"
@@ -154,6 +170,13 @@ class Settings:
     slow_answer: float = DEFAULT_SLOW_ANSWER
     relearn: float = DEFAULT_RELEARN
     days_per_request: int = 1
+    keep_learned_when_scaled: bool = False
+
+    @property
+    def keeps_learned(self) -> bool:
+        """Whether what ``auto`` learns is loaded and stored: at IB's own
+        windows (``pacing_scale`` 1), or when ``keep_learned_when_scaled``."""
+        return self.pacing_scale == 1.0 or self.keep_learned_when_scaled
 
     @property
     def endpoint(self) -> str:
@@ -296,7 +319,7 @@ class Backfill(BackfillRun):
         self.s = settings
         self.rows = list(contracts)
         self.limiter = limiter or pacing_limiter(settings)
-        if self.limiter.on_learn is None:
+        if self.limiter.on_learn is None and settings.keeps_learned:
             self.limiter.on_learn = self._save_learned
         self._learn_saves: set[asyncio.Future] = set()
         self._calendars: dict[str, SessionCalendar] = {}
@@ -496,7 +519,7 @@ class Backfill(BackfillRun):
         sessions' days each at most; none for a contract in error)."""
         if cp.error is not None or not cp.sessions:
             return 0
-        return len(request_chunks(cp.sessions, self.s.days_per_request, self.calendar(cp.row.calendar)))
+        return len(request_chunks(cp.sessions, self.s.days_per_request))
 
     def _jobs(self, plan: Plan) -> list[_Job]:
         jobs = []
@@ -504,8 +527,7 @@ class Backfill(BackfillRun):
             if cp.error is not None:
                 continue
             res = self._resolved[cp.row.symbol]
-            cal = self.calendar(cp.row.calendar)
-            for chunk in request_chunks(cp.sessions, self.s.days_per_request, cal):
+            for chunk in request_chunks(cp.sessions, self.s.days_per_request):
                 tried = max(self._attempts.get((cp.row.symbol, s.day), 0) for s in chunk)
                 jobs.append(_Job(res, chunk, cp.row.priority, tried))
         jobs.sort(key=lambda j: fetch_order(j.session.day, j.priority, j.res.row.symbol))
@@ -573,6 +595,12 @@ class Backfill(BackfillRun):
         """Start the limiter from what an earlier run learned for this TWS
         and bar size (``ibkr_pacing_learned``); one log line."""
         lim = self.limiter
+        if not self.s.keeps_learned:
+            lim.resume(None)
+            log.info("pacing: profile %s starts as %s with %d in flight; pacing_scale %g: what auto learns is "
+                     "neither loaded nor stored (it would describe a simulator, not IB)", lim.profile, lim.in_force,
+                     lim.status().concurrency, self.s.pacing_scale)
+            return
         learned = await self._db(self.store.learned_pacing, self.s.endpoint, BAR_SIZE)
         lim.resume(learned)
         if lim.profile != AUTO:
@@ -709,28 +737,34 @@ class Backfill(BackfillRun):
             return
         self._queue.append(job)
 
-    def _keys(self, res: _Resolved, session: Session, duration: str = "1 D") -> tuple[tuple, tuple]:
-        """The limiter's identical-request key and contract key for a
-        request ending at ``session``'s close covering ``duration``."""
+    def _keys(self, res: _Resolved, sessions: Sequence[Session]) -> tuple[tuple, tuple]:
+        """The limiter's identical-request key and contract key of the
+        request for ``sessions`` (newest first): it ends at the newest
+        session's close and covers ``durationStr`` back to the oldest
+        (:func:`~feeds.ibkr.sessions.duration_str`)."""
         what = self.s.what_to_show
-        ident = (res.con_id, res.row.exchange, _utc_end(session.close), duration, BAR_SIZE, what, self.s.use_rth,
-                 FORMAT_DATE)
+        ident = (res.con_id, res.row.exchange, _utc_end(sessions[0].close), duration_str(sessions), BAR_SIZE, what,
+                 self.s.use_rth, FORMAT_DATE)
         return ident, (res.con_id, res.row.exchange, what)
 
     async def _seed_pacing(self) -> None:
         """Count the requests earlier runs sent within the last window
-        (:meth:`feeds.backfill.StatusStore.recent_requests`):
-        IB remembers them too."""
+        (:meth:`feeds.backfill.StatusStore.recent_requests`): IB remembers
+        them too.  Each gets the keys of the request as sent, rebuilt from
+        the first and last session it covered (:meth:`_keys`); a request
+        whose contract or sessions are unknown here counts in the
+        ten-minute window only."""
         recent = await self._db(self.store.recent_requests, self.limiter.window)
         entries = []
         weight = self.limiter.weight_for(self.s.what_to_show)
-        for sym, day, age in recent:
+        for sym, oldest, newest, age in recent:
             res = self._resolved.get(sym)
             ident = ckey = None
             if res is not None and res.con_id:
-                session = self.calendar(res.row.calendar).session(day)
-                if session is not None:
-                    ident, ckey = self._keys(res, session)
+                cal = self.calendar(res.row.calendar)
+                sessions = [cal.session(newest), cal.session(oldest)]
+                if None not in sessions:
+                    ident, ckey = self._keys(res, sessions)
             entries.append((age, ident, ckey, weight))
         if entries:
             self.limiter.seed(entries)
@@ -742,8 +776,8 @@ class Backfill(BackfillRun):
         row = res.row
         what = self.s.what_to_show
         end = _utc_end(session.close)
-        duration = f"{duration_days(job.sessions)} D"
-        ident, ckey = self._keys(res, session, duration)
+        duration = duration_str(job.sessions)
+        ident, ckey = self._keys(res, job.sessions)
         ticket = await self.limiter.acquire(ident, ckey, self.limiter.weight_for(what))
         ib = self.ib
         if ib is None or not self._ready.is_set() or not ib.isConnected():

@@ -70,7 +70,8 @@ def load_settings(cfg: Config) -> tuple[Settings, str]:
         **{n: cfg[i + n] for n in ("host", "port", "client_id", "client_id_tries", "connect_timeout")},
         **{n: cfg[b + n] for n in ("request_timeout", "concurrency", "max_attempts", "reconnect_timeout",
                                    "what_to_show", "use_rth", "status_interval", "pacing_scale", "pacing_profile",
-                                   "max_concurrency", "slow_answer", "days_per_request")},
+                                   "max_concurrency", "slow_answer", "days_per_request",
+                                   "keep_learned_when_scaled")},
         settle=dt.timedelta(minutes=cfg[b + "settle_minutes"]),
         earliest=dt.date.fromisoformat(early) if early else None,
         relearn=cfg[b + "relearn_hours"] * 3600.0,
@@ -117,7 +118,8 @@ def format_plan(plan: Plan, limiter_window: float, max_requests: int, limiter: P
 def pacing_line(settings: Settings, learned: LearnedPacing | None) -> str:
     """The ``--status`` line of the pacing: the profile configured, the
     one in force and the requests in flight a run starts with (what was
-    learned while fresh), and what was learned when."""
+    learned while fresh), and what was learned when (with ``pacing_scale``
+    other than 1 nothing learned is used: the line says so)."""
     lim = pacing_limiter(settings)
     lim.resume(learned)
     line = f"{lim.status().line().split(',')[0]}, starts with {lim.status().concurrency} in flight"
@@ -125,6 +127,8 @@ def pacing_line(settings: Settings, learned: LearnedPacing | None) -> str:
         fresh = learned.fresh(lim.wall_clock(), settings.relearn)
         line += (f"; learned {learned.at:%Y-%m-%d %H:%M} UTC for {settings.endpoint}: {learned.profile} with "
                  f"{learned.concurrency} in flight ({learned.why}){'' if fresh else ', probed again next run'}")
+    elif not settings.keeps_learned:
+        line += f"; pacing_scale {settings.pacing_scale:g}: nothing learned is loaded or stored"
     return line
 
 
@@ -228,8 +232,10 @@ def _act(settings: Settings, contracts, dsn: str, sel: Selection, status: bool, 
          dry_run: bool, config_path: str, contracts_path: str, unit: str, textfile_dir: str = "") -> None:
     store = BackfillStore(dsn)
     if status:
+        # read before print_status, which closes the store
+        learned = store.learned_pacing(settings.endpoint, BAR_SIZE) if settings.keeps_learned else None
         B.print_status(store, sel.symbols, sel.symbols)
-        click.echo(pacing_line(settings, store.learned_pacing(settings.endpoint, BAR_SIZE)))
+        click.echo(pacing_line(settings, learned))
         return
     limiter = pacing_limiter(settings)
     if test_connection:

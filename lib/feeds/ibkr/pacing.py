@@ -305,14 +305,15 @@ class _Entry:
     on release), weight and keys; ``sent`` (send time), ``latency`` (seconds
     to its answer, once released), ``gen`` (the limiter's generation when
     sent), ``probe`` (sent beyond the small-bar rules to learn), ``own``
-    (sent by this process, not seeded)."""
+    (sent by this process, not seeded), ``ok`` (answered with data, not
+    refused)."""
 
-    __slots__ = ("t", "w", "ident", "ckey", "sent", "latency", "gen", "probe", "own")
+    __slots__ = ("t", "w", "ident", "ckey", "sent", "latency", "gen", "probe", "own", "ok")
 
     def __init__(self, t: float, w: int, ident: Hashable | None, ckey: Hashable | None, gen: int = 0,
                  own: bool = True):
         self.t, self.w, self.ident, self.ckey = t, w, ident, ckey
-        self.sent, self.latency, self.gen, self.probe, self.own = t, None, gen, False, own
+        self.sent, self.latency, self.gen, self.probe, self.own, self.ok = t, None, gen, False, own, False
 
 
 def _utc_now() -> dt.datetime:
@@ -357,7 +358,13 @@ class PacingLimiter:
       ``max_concurrency``; reaching it is learned ("ceiling");
     * a lone probe: until a request sent beyond the small-bar rules was
       answered promptly in this run, only one such request is open at a
-      time, so IB refuses at most one if it applies those rules;
+      time, so IB refuses at most one if it applies those rules.  A probe
+      proves that IB does not apply them only if IB's own window held 60
+      requests before it: at least ``max_requests`` accepted requests of
+      this run sent less than one (unpadded) window before the probe's
+      answer.  A probe IB accepted with fewer (the limiter's window is
+      padded and counts from the answers, so it fills before IB's) proves
+      nothing: the next request beyond the rules is a lone probe again;
     * fall back: a pacing violation (error 162) switches to ``strict`` at
       once (the refusal shows IB counts these bars; fewer in flight would
       not change the count in ten minutes); a "query cancelled" answer or an
@@ -368,7 +375,10 @@ class PacingLimiter:
       ``on_learn(learned)`` is called, one log line); for ``relearn``
       seconds after, no growth and ``strict`` stays ``strict``; then
       ``strict`` becomes ``documented`` at ``concurrency`` again and growth
-      resumes.  ``slow_answer`` and ``relearn`` are seconds, not scaled.
+      resumes.  ``slow_answer`` is seconds of IB's time, multiplied by
+      ``scale`` like the windows (a simulator scaled by 0.01 slows its
+      answers by 0.01 of IB's); ``relearn`` is seconds of wall clock, not
+      scaled.
 
     Raises ValueError for a bad ``scale``, margins, profile or
     ``bar_size``, ``concurrency`` outside 1..50 (or above
@@ -412,6 +422,7 @@ class PacingLimiter:
             return w * scale * (1.0 + margin) + pad
 
         self.window = eff(rules.window)
+        self.ib_window = rules.window * scale              # IB's window as is, for what a probe proves
         self.identical_window = eff(rules.identical_window)
         self.burst_window = eff(rules.burst_window)
         self.burst_max = rules.burst_requests - 1          # "fewer than six"
@@ -437,6 +448,7 @@ class PacingLimiter:
         self.start_concurrency = concurrency
         self.max_concurrency = max_concurrency
         self.slow_answer = slow_answer
+        self.slow_after = slow_answer * scale
         self.relearn = relearn
         self.on_learn = on_learn
         self.learned: LearnedPacing | None = learned
@@ -489,11 +501,13 @@ class PacingLimiter:
     def _prune(self, now: float, force: bool = False) -> None:
         """Forget what no window counts any more; at most every quarter of
         the longest window (every reader filters by time anyway), so that
-        a high rate of requests costs no scan per request."""
+        a high rate of requests costs no scan per request.  A request of
+        this process still open is kept, however old: it counts from its
+        answer once answered."""
         if now < self._prune_at and not force:
             return
         self._prune_at = now + 0.25 * self._longest
-        self._entries = [e for e in self._entries if now - e.t < self._longest]
+        self._entries = [e for e in self._entries if now - e.t < self._longest or (e.own and e.latency is None)]
         self._ident_last = {k: t for k, t in self._ident_last.items() if now - t < self.identical_window}
 
     def _count_ident(self, e: _Entry) -> None:
@@ -622,14 +636,15 @@ class PacingLimiter:
         self._strikes = 0
         if ticket is None or ticket.latency is None:
             return
+        ticket.ok = True
         a = ticket.latency
         self.answer_time = a if self.answer_time is None else 0.8 * self.answer_time + 0.2 * a
         if self.profile != AUTO or ticket.gen != self._gen or self.in_force != DOCUMENTED:
             return
-        if a > self.slow_answer:
-            self._fall(False, f"answer took {a:.1f}s (slow_answer {self.slow_answer:g}s)")
+        if a > self.slow_after:
+            self._fall(False, f"answer took {a / self.scale:.1f}s (slow_answer {self.slow_answer:g}s)")
             return
-        if ticket.probe and not self._confirmed:
+        if ticket.probe and not self._confirmed and self._proves(ticket):
             self._confirmed = True
             log.info("pacing auto: IB answered promptly beyond the small-bar rules; going on as documented")
         if self._held() or self.concurrency >= self.max_concurrency:
@@ -674,6 +689,17 @@ class PacingLimiter:
         return 0.0
 
     # ------------------------------------------------------------ auto
+    def _proves(self, probe: _Entry) -> bool:
+        """True when IB's own window held ``max_requests`` before ``probe``
+        (answered now): so many accepted requests of this run were sent, before
+        it, less than one unpadded window before its answer.  Each reached
+        IB after it was sent and before the probe did, so IB counted them all
+        when it read the probe."""
+        since = probe.t - self.ib_window
+        n = sum(e.w for e in self._entries
+                if e.own and e.ok and e is not probe and since < e.sent <= probe.sent)
+        return n >= self.max_requests
+
     def _held(self) -> bool:
         """True within ``relearn`` seconds of the last learning."""
         return self.learned is not None and self.learned.fresh(self.wall_clock(), self.relearn)

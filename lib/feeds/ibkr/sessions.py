@@ -27,11 +27,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 
-from ..backfill import calendar_days
+from ..backfill import calendar_days, calendar_span
+from ..backfill import request_chunks as _chunks
 from ..calendars import ExchangeCalendar, Session, UnknownCalendar, calendar_names
 
 __all__ = ["Session", "SessionCalendar", "calendar_name_for", "calendar_names", "CALENDAR_BY_EXCHANGE",
-           "UnknownCalendar", "request_chunks", "duration_days"]
+           "UnknownCalendar", "request_chunks", "duration_days", "duration_str", "consecutive_days"]
 
 #: Exchange (IB's name) -> pandas_market_calendars calendar.
 CALENDAR_BY_EXCHANGE: dict[str, str] = {
@@ -77,35 +78,39 @@ class SessionCalendar(ExchangeCalendar):
 
 
 def duration_days(sessions: Sequence[Session]) -> int:
-    """IB's ``durationStr`` days (``"N D"``) a request ending at the newest
-    of ``sessions`` needs to cover the oldest: the weekdays from the oldest
-    session's date to the newest's, both included (IB counts weekdays, a
-    holiday among them counting as a day without bars)."""
+    """IB's ``durationStr`` days (``"N D"``) of a request ending at the
+    close of the newest of ``sessions`` and reaching back to the oldest:
+    the calendar days from the oldest session's date to the newest's, both
+    included.  For a chunk of :func:`request_chunks` (sessions on
+    consecutive weekdays) this is also the number of weekdays and of
+    sessions it covers."""
     days = [s.day for s in sessions]
-    lo, hi = min(days), max(days)
-    return sum(1 for k in range((hi - lo).days + 1) if (lo + dt.timedelta(days=k)).weekday() < 5)
+    return (max(days) - min(days)).days + 1
 
 
-def request_chunks(sessions: Sequence[Session], days: int, cal: ExchangeCalendar) -> list[list[Session]]:
+def duration_str(sessions: Sequence[Session]) -> str:
+    """``durationStr`` of a request covering ``sessions``: ``"N D"`` (:func:`duration_days`)."""
+    return f"{duration_days(sessions)} D"
+
+
+def consecutive_days(older: Session, newer: Session) -> bool:
+    """True when ``older`` is the session of the weekday just before
+    ``newer``'s (both Monday to Friday): no weekend, holiday or other day
+    lies between them."""
+    return (newer.day - older.day).days == 1 and newer.day.weekday() < 5 and older.day.weekday() < 5
+
+
+def request_chunks(sessions: Sequence[Session], days: int) -> list[list[Session]]:
     """Sessions to fetch (newest first) cut into requests (newest first
-    inside): each spans at most ``days`` weekdays (:func:`duration_days`)
-    and holds consecutive sessions of ``cal`` only (a holiday may lie
-    between two, a session not to fetch may not: it would be requested
-    again).  ``days`` 1: one session a request."""
-    out: list[list[Session]] = []
-    for s in sessions:
-        if out and duration_days([out[-1][0], s]) <= days and _adjacent(cal, s.day, out[-1][-1].day):
-            out[-1].append(s)
-        else:
-            out.append([s])
-    return out
+    inside) by :func:`feeds.backfill.request_chunks` with IB's rule: a
+    request holds at most ``days`` sessions, on consecutive calendar days,
+    Monday to Friday (:func:`consecutive_days`), so it never spans a
+    weekend, a holiday or a session not to fetch.
 
-
-def _adjacent(cal: ExchangeCalendar, older: dt.date, newer: dt.date) -> bool:
-    """No session of ``cal`` strictly between the two dates."""
-    d = older + dt.timedelta(days=1)
-    while d < newer:
-        if cal.session(d) is not None:
-            return False
-        d += dt.timedelta(days=1)
-    return True
+    IB's "Historical Data Limitations" page does not say whether ``"N D"``
+    counts calendar days, weekdays or trading sessions; on such a chunk
+    the three readings are the same N (:func:`duration_days`), so the
+    request ending at the newest session's close covers exactly the
+    chunk's sessions whichever IB applies.  ``days`` 1: one session a
+    request."""
+    return _chunks(sessions, days, calendar_span, consecutive_days)

@@ -140,7 +140,7 @@ from .tws_data import (
     request_window_start,
 )
 from .tws_live import ERROR_TEXTS, FARM_TEXTS, MAX_TICK_BY_TICK, TICK_INTERVAL, LiveEngine
-from .tws_pacing import PACER_OPTIONS, HistoricalPacer
+from .tws_pacing import BID_ASK_WEIGHT, PACER_OPTIONS, HistoricalPacer
 
 log = logging.getLogger(__name__)
 
@@ -988,7 +988,7 @@ class TwsSimulator:
             return
         identical = (spec.con_id, exchange, end_s.strip(), dur_s.strip(), bar_size, what, use_rth_s, fmt_s)
         paced = self.pacer.decide(identical, (spec.con_id, exchange, what),
-                                  weight=2 if what == "BID_ASK" else 1, open_now=self._open_count(),
+                                  weight=BID_ASK_WEIGHT if what == "BID_ASK" else 1, open_now=self._open_count(),
                                   bar_size=bar_size, contract=spec.symbol, what=what)
         if paced.rule is not None:
             log.warning("tws sim pacing violation rule=%s model=%s conn=%d req_id=%d symbol=%s what=%s "

@@ -45,6 +45,9 @@ A BID_ASK request counts twice in every counting rule.  Only accepted
 requests are remembered: a refused request does not count against later
 ones.  Every time (window, step, delay) is multiplied by ``scale`` (``0.01``
 makes ten minutes 6 s, 15 s 0.15 s, 2 s 0.02 s); counts are not scaled.
+IB's numbers (60 in 600 s, 15 s, 6 in 2 s, 50 open, BID_ASK counting
+twice, small bars of 30 s or less) are those of :mod:`feeds.ibkr.pacing`,
+the one place for them; the throttle's numbers are the simulator's own.
 """
 
 from __future__ import annotations
@@ -54,8 +57,11 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
 
+from ..ibkr.pacing import (BID_ASK_WEIGHT, BURST_REQUESTS, BURST_WINDOW, IDENTICAL_WINDOW, MAX_OPEN, MAX_REQUESTS,
+                           SMALL_BAR_MAX, WINDOW)
+
 __all__ = ["HistoricalPacer", "PacedRequest", "PACER_OPTIONS", "PACING_MODELS", "PACING_RULES",
-           "THROTTLE_RULE", "SMALL_BAR_SECONDS", "bar_seconds"]
+           "THROTTLE_RULE", "SMALL_BAR_SECONDS", "BID_ASK_WEIGHT", "bar_seconds"]
 
 #: Pacing models, the first being the default.
 PACING_MODELS = ("strict", "documented", "throttle")
@@ -68,8 +74,8 @@ PACER_OPTIONS = frozenset({
     "max_requests", "window", "identical_window", "burst_requests", "burst_window", "max_open",
     "throttle_window", "throttle_free", "throttle_step", "throttle_max_delay", "throttle_limit",
 })
-#: Bars of this many seconds or fewer are IB's "small bars".
-SMALL_BAR_SECONDS = 30
+#: Bars of this many seconds or fewer are IB's "small bars" (:data:`feeds.ibkr.pacing.SMALL_BAR_MAX`).
+SMALL_BAR_SECONDS = int(SMALL_BAR_MAX)
 
 _UNIT_SECONDS = {"sec": 1, "secs": 1, "min": 60, "mins": 60, "hour": 3600, "hours": 3600,
                  "day": 86400, "days": 86400}
@@ -159,12 +165,12 @@ class HistoricalPacer:
         self,
         scale: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
-        max_requests: int = 60,
-        window: float = 600.0,
-        identical_window: float = 15.0,
-        burst_requests: int = 6,
-        burst_window: float = 2.0,
-        max_open: int = 50,
+        max_requests: int = MAX_REQUESTS,
+        window: float = WINDOW,
+        identical_window: float = IDENTICAL_WINDOW,
+        burst_requests: int = BURST_REQUESTS,
+        burst_window: float = BURST_WINDOW,
+        max_open: int = MAX_OPEN,
         model: str = "strict",
         throttle_window: float = 600.0,
         throttle_free: int = 60,
@@ -231,7 +237,7 @@ class HistoricalPacer:
                bar_size: str = "1 min", contract: str = "", what: str = "") -> PacedRequest:
         """Decide one request arriving now: ``identical_key`` identifies an
         identical request, ``contract_key`` the (contract, exchange,
-        whatToShow) of the burst rule; ``weight`` is 2 for BID_ASK;
+        whatToShow) of the burst rule; ``weight`` is :data:`BID_ASK_WEIGHT` for BID_ASK;
         ``open_now`` the historical requests open before it; ``contract`` and
         ``what`` label the record only.  An accepted request is remembered.
         Returns the record (also appended to :attr:`history`)."""
