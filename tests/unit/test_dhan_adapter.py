@@ -124,6 +124,52 @@ def test_every_row_matches_its_table_columns():
         assert all(len(r) == len(tables[name].columns) for r in rs)
 
 
+def test_add_many_makes_the_rows_add_makes_message_by_message():
+    messages = [P.pack_full(NSE_EQ, 1333, 1650.45, 7, LTT, 1649.9, 99, 10, 20, 0, 0, 0, 1640.0, 0.0, 1655.0,
+                            1638.0, DEPTH),
+                P.pack_frame(P.pack_prev_close(2, 35001, 24310.5, 120000), P.pack_oi(2, 35001, 125000),
+                             P.pack_disconnect(800), P.pack_market_status()),
+                P.pack_full(NSE_CURRENCY, 10093, 83.1275, 1, 0, 83.12, 5, 1, 1, 0, 0, 0, 83.0, 0.0, 83.5, 82.9,
+                            [(1, 2, 3, 4, 83.125, 83.13)]),
+                P.pack_ticker(IDX_I, 13, 24500.35, 0),
+                P.pack_quote(NSE_EQ, 1333, 1650.45, 25, LTT, 1649.87, 1_234_567, 5000, 6000, 1640.0, 0.0, 1655.95,
+                             1638.05),
+                P.pack_frame(P.pack_full(NSE_EQ, 1, 1.0, 1, LTT, 1.0, 1, 1, 1, 1, 1, 1, 1.0, 1.0, 1.0, 1.0, DEPTH),
+                             P.pack_ticker(NSE_EQ, 2, 2.0, LTT))]
+    recvs = [f"2024-09-11 03:45:07.{i:06d}+00:00" for i in range(len(messages))]
+    one = A.RowMaker()
+    disc_one = []
+    for m, recv in zip(messages, recvs):
+        disc_one += one.add(wire.decode(m, NOW).records, recv)
+    got = wire.decode_many(messages, NOW)
+    many = A.RowMaker()
+    disc = many.add_many(got.records, got.index, recvs)
+    assert [(i, d.reason) for i, d in disc] == [(1, 800)] and [d.reason for d in disc_one] == [800]
+    assert many.pending == one.pending == 9
+    assert many.take() == one.take()
+    # seq is the position among the message's records, the disconnect included
+    assert many.counts == one.counts
+
+
+def test_full_rows_of_many_instruments_and_times():
+    recs, index = [], []
+    for i in range(20):
+        ltt = 0 if i % 7 == 0 else LTT + i // 3
+        f = P.pack_full(NSE_EQ, 100 + i % 4, 1650.45 + 0.05 * i, i, ltt, 1649.9, 99 + i, 10, 20, i, i, i,
+                        1640.0, 0.0, 1655.0 + i, 1638.0, [(1 + i, 2, 3, 4, 1650.4 - 0.05 * i, 1650.5)])
+        recs += wire.decode(f, NOW).records
+        index.append(i)
+    rm = A.RowMaker()
+    rm.add_many(recs, index, [RECV] * 20)
+    rows = rm.take()["dhan_tick_full"]
+    for r, row in zip(recs, rows):
+        row = as_dict(A.FULL_TABLE, row)
+        assert row["ltt"] == A.ltt_text(r.ltt_ist) and row["ltp"] == wire.price_text(r.ltp)
+        assert row["high"] == wire.price_text(r.high) and row["oi"] == r.oi
+        assert row["bid_quantity"] == "{%d,0,0,0,0}" % r.depth[0] and row["ask_quantity"] == "{2,0,0,0,0}"
+        assert row["bid_price"] == "{%s,0.00,0.00,0.00,0.00}" % wire.price_text(r.depth[4])
+
+
 # ------------------------------------------------------------------------------------- candles
 
 class ListSink:

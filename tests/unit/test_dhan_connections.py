@@ -257,3 +257,246 @@ def test_close_aborts_a_socket_that_does_not_close(monkeypatch):
     t = _Stuck()
     asyncio.run(K._close(t))
     assert t.calls == [("close", 1000), ("disconnect",), ("abort",)]
+
+
+# ----------------------------------------------------------------------------- the messages of one read
+
+class _Frame:
+    """A frame as picows hands it over, ``last_in_buffer`` included (picows's test frames are always last)."""
+
+    def __init__(self, kind, payload, last=False, fin=True):
+        import picows
+        self.msg_type = getattr(picows.WSMsgType, kind)
+        self.fin = fin
+        self.last_in_buffer = last
+        self._payload = payload
+
+    def get_payload_as_bytes(self):
+        return self._payload
+
+
+def _batch_listener(stop_on=None, fail_on=None):
+    listener, c, got, texts = _listener()
+    batches = []
+
+    def on_batch(msgs):
+        if fail_on in msgs:
+            raise RuntimeError("handler bug")
+        batches.append(list(msgs))
+        return stop_on in msgs
+    listener.on_batch = on_batch
+    return listener, c, got, texts, batches
+
+
+def test_the_binary_messages_of_one_read_reach_the_handler_together():
+    listener, c, got, texts, batches = _batch_listener()
+    t = _Transport()
+    for f in (_Frame("BINARY", b"a"), _Frame("BINARY", b"b"), _Frame("BINARY", b"c", last=True),
+              _Frame("BINARY", b"d"), _Frame("PING", b"p"), _Frame("BINARY", b"e"), _Frame("TEXT", b"hi"),
+              _Frame("BINARY", b"f", last=True)):
+        listener.on_ws_frame(t, f)
+        if f.msg_type.name == "PING":
+            assert batches[-1] == [b"d"]            # handed over before the ping is answered
+    assert batches == [[b"a", b"b", b"c"], [b"d"], [b"e"], [b"f"]]
+    assert texts == ["hi"] and got == [] and c.pings == 1 and c.last > 0
+
+
+def test_a_long_read_is_handed_over_in_batches_of_at_most_max_batch_messages(monkeypatch):
+    from feeds.dhan import collector as K
+    monkeypatch.setattr(K, "MAX_BATCH_MESSAGES", 3)
+    listener, _, _, _, batches = _batch_listener()
+    for i in range(7):
+        listener.on_ws_frame(_Transport(), _Frame("BINARY", bytes([i]), last=i == 6))
+    assert [len(b) for b in batches] == [3, 3, 1]
+
+
+def test_a_stop_in_a_batch_closes_the_connection_and_ignores_the_rest_of_the_read():
+    listener, _, _, _, batches = _batch_listener(stop_on=b"fatal")
+    t = _Transport()
+    for f in (_Frame("BINARY", b"a"), _Frame("BINARY", b"fatal", last=True), _Frame("BINARY", b"b"),
+              _Frame("BINARY", b"c", last=True)):
+        listener.on_ws_frame(t, f)
+    assert batches == [[b"a", b"fatal"]]
+    assert t.calls == [("close", 1000), ("disconnect",)]
+
+
+def test_messages_gathered_when_the_connection_ends_are_handed_over():
+    listener, _, _, _, batches = _batch_listener()
+    listener.on_ws_frame(_Transport(), _Frame("BINARY", b"a"))
+    assert batches == []
+    t = _Transport()
+    listener.on_ws_disconnected(t)
+    assert batches == [[b"a"]] and t.calls == []
+
+
+def test_a_batch_handler_exception_is_kept_and_nothing_more_is_handled():
+    listener, _, got, _, batches = _batch_listener(fail_on=b"bad")
+    listener.on_ws_frame(_Transport(), _Frame("BINARY", b"a"))
+    with pytest.raises(RuntimeError):
+        listener.on_ws_frame(_Transport(), _Frame("BINARY", b"bad", last=True))
+    assert isinstance(listener.error, RuntimeError)
+    listener.on_ws_frame(_Transport(), _Frame("BINARY", b"after", last=True))
+    assert batches == [] and got == []
+
+
+# ----------------------------------------------------------------------------- the collector's batch path
+
+class _Sink:
+    fatal = None
+
+    def __init__(self):
+        self.calls = []
+
+    def add_many(self, table, rows):
+        self.calls.append((table, list(rows)))
+
+    def rows(self, table):
+        return [r for t, rs in self.calls if t == table for r in rs]
+
+
+def _collector(batch_rows=2000, candles=True):
+    import time
+    from feeds import candles as C
+    from feeds.candles import CandleSettings
+    from feeds.dhan.candles import DhanCandles
+    from feeds.dhan.collector import DhanCollector, Settings
+    from feeds.health import Health
+    sink = _Sink()
+    plan = [Subscription(1, 1333, "full"), Subscription(1, 7, "quote"), Subscription(0, 13, "ticker"),
+            Subscription(2, 35001, "quote")]
+    cd = DhanCandles(CandleSettings(), C.always(), plan, sink, since_ns=time.time_ns() - 3600 * 10**9) \
+        if candles else None
+    col = DhanCollector(Settings(batch_rows=batch_rows), "token", [plan], sink, Health(unit="test-dhan"),
+                        candles=cd)
+    return col, sink
+
+
+def _messages():
+    import time
+    from feeds.sim import dhan_packets as P
+    ltt = P.ltt_from_utc(time.time() - 1)
+    depth = [(100 + i, 200 + i, 3 + i, 4 + i, 1650.40 - 0.05 * i, 1650.50 + 0.05 * i) for i in range(5)]
+    full = [P.pack_full(1, 1333, 1650.45 + 0.05 * i, 1 + i, ltt, 1650.0, 1000 + 10 * i, 1, 2, 0, 0, 0, 1640.0, 0.0,
+                        1655.0, 1638.0, depth) for i in range(4)]
+    return [full[0], P.pack_quote(1, 7, 99.5, 3, ltt, 99.4, 500, 1, 1, 99.0, 0.0, 100.0, 98.0),
+            P.pack_frame(P.pack_prev_close(2, 35001, 24310.5, 1), P.pack_oi(2, 35001, 7),
+                         P.pack_ticker(0, 13, 24500.35, ltt)),
+            full[1], P.pack_ticker(0, 13, 24501.0, 0), P.pack_market_status(), full[2], full[3]]
+
+
+def _bad():
+    from feeds.sim import dhan_packets as P
+    return P.pack_ticker(1, 1333, float("nan"), 0)
+
+
+def _without_times(rows):
+    return [tuple(r[:-2]) + (r[-1],) for r in rows]
+
+
+def _stored(col, sink):
+    from feeds.dhan import adapter as A
+    col._flush()
+    return {t.name: sink.rows(t.name) for t in A.TABLES}
+
+
+def test_a_batch_makes_the_rows_and_candles_of_its_messages_one_at_a_time():
+    from feeds.dhan import adapter as A
+    msgs = _messages()
+    one, one_sink = _collector()
+    on = one.handler(one.conns[0])
+    for m in msgs:
+        assert on(m) is False
+    many, many_sink = _collector()
+    assert many.batch_handler(many.conns[0])(msgs) is False
+    a, b = _stored(one, one_sink), _stored(many, many_sink)
+    for name in a:
+        assert _without_times(a[name]) == _without_times(b[name]), name
+    assert len(b[A.FULL_TABLE.name]) == 4 and len(b[A.QUOTE_TABLE.name]) == 1
+    assert [r[-1] for r in b[A.TICKER_TABLE.name]] == [2, 0]          # seq: the position in its message
+    # receive times: one per message, one microsecond apart, the packets of a message share it
+    recv = {r[-2] for name in b for r in b[name]}
+    assert len(recv) == len(msgs)
+    c = many.conns[0]
+    assert c.messages == len(msgs) and c.packets == len(msgs)
+    assert sorted(recv)[-1].endswith(f".{c.last_us % 1_000_000:06d}+00:00")
+    # the candles are the same
+    ca, cb = one.candles.close_all(), many.candles.close_all()
+    assert ca == cb > 0
+    assert [r[:-1] for r in one_sink.rows("dhan_candle")] == [r[:-1] for r in many_sink.rows("dhan_candle")]
+
+
+def test_receive_times_keep_increasing_across_batches_and_seconds():
+    import time
+    col, _ = _collector()
+    c = col.conns[0]
+    on_batch = col.batch_handler(c)
+    c.last_us = (int(time.time()) + 5) * 1_000_000 - 2      # the clock behind the connection's last message
+    on_batch(_messages()[:4])
+    on_batch(_messages()[:3])
+    recv = sorted({r[-2] for rs in col.rows.rows.values() for r in rs})
+    assert len(recv) == 7 and recv[0].endswith(".999999+00:00") and recv[1].endswith(".000000+00:00")
+
+
+def test_a_malformed_message_in_a_batch_is_counted_and_the_others_stored():
+    from feeds.dhan import adapter as A
+    col, sink = _collector()
+    msgs = _messages()
+    msgs.insert(3, _bad())
+    assert col.batch_handler(col.conns[0])(msgs) is False
+    assert col.health.malformed == 1
+    assert len(_stored(col, sink)[A.FULL_TABLE.name]) == 4
+    assert col.conns[0].messages == len(msgs) and col.conns[0].packets == len(msgs) - 1
+
+
+def test_a_fatal_disconnect_in_a_batch_stops_after_its_message():
+    from feeds.dhan import adapter as A
+    from feeds.sim import dhan_packets as P
+    col, sink = _collector()
+    msgs = _messages()
+    msgs[3:3] = [_bad(), P.pack_frame(P.pack_oi(2, 35001, 8), P.pack_disconnect(807))]
+    assert col.batch_handler(col.conns[0])(msgs) is True
+    assert col.failure is not None and col.failure_rc == 77 and col.disconnects == {807: 1}
+    got = _stored(col, sink)
+    assert len(got[A.FULL_TABLE.name]) == 1                         # the messages after it are not handled
+    assert [r[2] for r in got[A.OI_TABLE.name]] == [7, 8]           # its message's rows and those before it
+    assert [r[2:] for r in got[A.DISCONNECT_TABLE.name]] == [(807, "access token is expired", "exit")]
+    assert got[A.DISCONNECT_TABLE.name][0][0] == got[A.OI_TABLE.name][1][-2]
+    assert col.health.malformed == 1 and col.conns[0].messages == 5
+
+
+def test_a_disconnect_that_is_not_fatal_is_acted_on_and_the_batch_goes_on():
+    from feeds.dhan import adapter as A
+    from feeds.sim import dhan_packets as P
+    col, sink = _collector()
+    msgs = _messages()
+    msgs.insert(2, P.pack_disconnect(805))
+    assert col.batch_handler(col.conns[0])(msgs) is False
+    assert col.conns[0].backoff_next and col.disconnects == {805: 1} and col.failure is None
+    got = _stored(col, sink)
+    assert len(got[A.FULL_TABLE.name]) == 4 and len(got[A.DISCONNECT_TABLE.name]) == 1
+
+
+def test_rows_reach_the_sink_at_the_same_points_as_one_message_at_a_time():
+    msgs = _messages() * 3
+    one, one_sink = _collector(batch_rows=3, candles=False)
+    on = one.handler(one.conns[0])
+    for m in msgs:
+        on(m)
+    many, many_sink = _collector(batch_rows=3, candles=False)
+    on_batch = many.batch_handler(many.conns[0])
+    on_batch(msgs[:5])
+    on_batch(msgs[5:])
+    assert [(t, _without_times(rs)) for t, rs in one_sink.calls] == [(t, _without_times(rs))
+                                                                     for t, rs in many_sink.calls]
+    assert len(one_sink.calls) > 5 and many.rows.pending == one.rows.pending
+
+
+def test_a_sink_that_refuses_rows_stops_the_batch_after_the_message_that_filled_it():
+    col, sink = _collector(batch_rows=2, candles=False)
+
+    def refuse(table, rows):
+        raise RuntimeError("sink is closed")
+    sink.add_many = refuse
+    msgs = _messages()
+    assert col.batch_handler(col.conns[0])(msgs) is True
+    assert col.failure.startswith("sink refused rows") and col.conns[0].messages == 2

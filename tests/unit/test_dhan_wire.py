@@ -237,6 +237,74 @@ def test_corrupting_one_packet_never_loses_the_others(data):
         assert len(d.records) + len(d.errors) == 5
 
 
+# --------------------------------------------------------------------------- many messages at once
+
+def _one_by_one(frames, **kw):
+    """What decode_many must give: decode of each message in turn, laid end to end."""
+    records, index, errors = [], [], []
+    for i, f in enumerate(frames):
+        d = wire.decode(f, now=NOW, **kw)
+        records += d.records
+        index += [i] * len(d.records)
+        errors += d.errors
+    return records, index, errors
+
+
+def _same_as_one_by_one(frames, **kw):
+    got = wire.decode_many(frames, now=NOW, **kw)
+    records, index, errors = _one_by_one(frames, **kw)
+    assert got.records == records and [type(r) for r in got.records] == [type(r) for r in records]
+    assert got.index == index
+    assert [(type(e), str(e), e.reason, e.offset, e.code, e.segment, e.security_id) for e in got.errors] == \
+        [(type(e), str(e), e.reason, e.offset, e.code, e.segment, e.security_id) for e in errors]
+    assert got.messages == len(set(index))
+    assert got.disconnects == sum(type(r) is wire.Disconnect for r in records)
+    return got
+
+
+def test_decode_many_is_decode_of_each_message_in_turn():
+    good = full_packet()
+    bad_len = bytearray(good); bad_len[1:3] = (161).to_bytes(2, "little")
+    bad_seg = bytearray(good); bad_seg[3] = 6
+    frames = [good, full_packet(security_id=7, ltt=0),
+              pk.pack_frame(pk.pack_prev_close(2, 35001, 24310.5, 1), pk.pack_oi(2, 35001, 5)),
+              bytes(bad_len), bytes(bad_seg), full_packet(ltp=float("nan")), full_packet(ltt=LTT + 3600),
+              full_packet(depth=[(1, 1, 1, 1, -0.05, 10.0)]), b"", good[:100], good + good,
+              pk.pack_ticker(1, 1, 5.0, LTT), pk.pack_quote(1, 1, 1.0, 1, LTT, 1.0, 1, 1, 1, 1.0, 1.0, 1.0, 1.0),
+              pk.pack_market_status(), full_packet(segment=3, ltp=83.1275), bytearray(good), memoryview(good)]
+    got = _same_as_one_by_one(frames)
+    assert got.index == [0, 1, 2, 2, 10, 10, 11, 12, 13, 14, 15, 16]
+    assert [e.reason for e in got.errors] == ["length", "segment", "price", "ltt", "price", "short", "truncated"]
+    assert got.messages == 10 and got.disconnects == 0
+    assert got.records[0] == one(good)
+    # the trade-time range of every message is that of decode, max_age_s included
+    old = full_packet(ltt=LTT - 7 * 86_400)
+    assert _same_as_one_by_one([old, good], max_age_s=86_400).index == [1]
+    assert _same_as_one_by_one([old, good]).index == [0, 1]
+
+
+def test_decode_many_counts_disconnects_and_takes_no_messages():
+    got = _same_as_one_by_one([full_packet(), pk.pack_frame(pk.pack_oi(1, 1, 1), pk.pack_disconnect(807)),
+                               full_packet()])
+    assert got.disconnects == 1 and got.index == [0, 1, 1, 2]
+    assert wire.decode_many([], now=NOW) == ([], [], [], 0, 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_decode_many_of_corrupted_full_packets_is_decode(data):
+    frames = []
+    for _ in range(data.draw(st.integers(1, 4))):
+        b = bytearray(full_packet(security_id=data.draw(st.integers(0, 2**32 - 1))))
+        for _ in range(data.draw(st.integers(0, 3))):
+            b[data.draw(st.integers(0, len(b) - 1))] = data.draw(st.integers(0, 255))
+        if data.draw(st.booleans()):
+            b = b[:data.draw(st.integers(0, len(b)))] if data.draw(st.booleans()) else b + b[:data.draw(
+                st.integers(0, 20))]
+        frames.append(bytes(b))
+    _same_as_one_by_one(frames)
+
+
 # --------------------------------------------------------------------------- prices
 
 def test_float32_price_conversion_examples():

@@ -37,6 +37,7 @@ text (``2024-09-11 03:45:00+00:00`` for 09:15:00 IST); 0 (no trade) is NULL.
 """
 from __future__ import annotations
 
+from operator import itemgetter
 
 from ..sink import Table
 from ..timetext import epoch_text, time_text
@@ -82,32 +83,36 @@ def disconnect_row(recv: str, connection: int, code: int, action: str) -> tuple:
     return (recv, connection, code, wire.disconnect_reason(code), action)
 
 
-class _PriceTexts(dict):
-    """``float -> text`` for one number of decimals, filled on first use:
-    prices repeat (they sit on the tick grid), so formatting one is mostly a
-    dict lookup.  Emptied when it holds :attr:`LIMIT` prices."""
-
-    __slots__ = ("fmt",)
-    LIMIT = 200_000
-
-    def __init__(self, decimals: int):
-        super().__init__()
-        self.fmt = wire.PRICE_FORMAT[decimals]
-
-    def __missing__(self, value: float) -> str:
-        if len(self) >= self.LIMIT:
-            self.clear()
-        t = self[value] = self.fmt % value
-        return t
-
-
 _NAMES = wire.SEGMENT_NAMES
-_TEXTS = {d: _PriceTexts(d) for d in set(wire.PRICE_DECIMALS.values())}
-#: price texts per segment code
-_FMT = {seg: _TEXTS[d] for seg, d in wire.PRICE_DECIMALS.items()}
-_Q = "{%d,%d,%d,%d,%d}"
+#: %-format of one price, per segment code (wire.PRICE_DECIMALS: 2 decimals, 4 for currency)
+_PRICE = {seg: wire.PRICE_FORMAT[d] for seg, d in wire.PRICE_DECIMALS.items()}
+_SEP = "\x00"                   # never in a number's text: splits the texts of one full packet
+_INTS = "{%d,%d,%d,%d,%d}"
+
+
+def _full_format(decimals: int) -> str:
+    """The texts of a full packet in one %-format, ``_SEP`` between them: ltp,
+    atp, open, close, high, low, then the depth arrays bid_quantity,
+    ask_quantity, bid_orders, ask_orders, bid_price, ask_price (its
+    arguments: ``_full_head(record) + _depth_columns(record.depth)``).  One
+    format and one split cost less than a format per text, or than looking
+    the prices up in a cache (a large dict is slow to reach)."""
+    p = wire.PRICE_FORMAT[decimals]
+    prices = "{" + ",".join([p] * 5) + "}"
+    return _SEP.join([p] * 6 + [_INTS] * 4 + [prices] * 2)
+
+
+#: the full packet's text format per segment code
+_FULL_TEXT = {seg: _full_format(d) for seg, d in wire.PRICE_DECIMALS.items()}
+#: a Full record's 6 prices, then its flat depth reordered field by field (level 1 first)
+_full_head = itemgetter(2, 5, 12, 13, 14, 15)
+_depth_columns = itemgetter(*(6 * lvl + k for k in range(6) for lvl in range(5)))
+_QUOTE_TEXT = {seg: _SEP.join([f] * 6) for seg, f in _PRICE.items()}
+_quote_prices = itemgetter(2, 5, 9, 10, 11, 12)
 _TICKER, _QUOTE, _FULL, _OI, _PREV, _STATUS = (TICKER_TABLE.name, QUOTE_TABLE.name, FULL_TABLE.name,
                                               OI_TABLE.name, PREV_CLOSE_TABLE.name, MARKET_STATUS_TABLE.name)
+_Full, _Quote, _Ticker, _OpenInterest, _PrevClose, _MarketStatus, _Disconnect = (
+    wire.Full, wire.Quote, wire.Ticker, wire.OpenInterest, wire.PrevClose, wire.MarketStatus, wire.Disconnect)
 
 
 class RowMaker:
@@ -117,9 +122,11 @@ class RowMaker:
     :func:`feeds.dhan.wire.decode`) received at ``recv`` (text from
     :func:`time_text`) to :attr:`rows` (table name -> list of tuples) and
     returns the :class:`~feeds.dhan.wire.Disconnect` records, which the
-    collector handles (and records with :func:`disconnect_row`).
-    :meth:`take` hands the gathered rows over and starts afresh.
-    ``counts``: rows made per table since the start."""
+    collector handles (and records with :func:`disconnect_row`);
+    :meth:`add_many` does the same for the records of many messages
+    (:func:`feeds.dhan.wire.decode_many`).  :meth:`take` hands the gathered
+    rows over and starts afresh.  ``pending``: rows gathered since the last
+    :meth:`take`; ``counts``: rows made per table since the start."""
 
     def __init__(self) -> None:
         self.rows: dict[str, list[tuple]] = {t.name: [] for t in TABLES}
@@ -136,42 +143,63 @@ class RowMaker:
         return out
 
     def add(self, records: list, recv: str) -> list:
-        """Append the rows of ``records``; returns the Disconnect records among them."""
+        """Append the rows of ``records`` (one message's); returns the Disconnect records among them."""
+        return [d for _, d in self.add_many(records, [0] * len(records), (recv,))]
+
+    def add_many(self, records: list, index: list, recvs) -> list:
+        """Append the rows of the records of many messages: ``records`` in
+        order, ``index[j]`` the position of the message of ``records[j]``
+        (non-decreasing, :attr:`feeds.dhan.wire.DecodedMany.index`),
+        ``recvs[i]`` the receive time text of message ``i``.  ``seq`` is a
+        record's position among its message's records.  Returns the
+        Disconnect records among them as ``(message position, record)``
+        pairs."""
         rows = self.rows
+        full = rows[_FULL]
         names = _NAMES
-        fmts = _FMT
-        lt = ltt_text
+        texts = _FULL_TEXT
+        head = _full_head
+        columns = _depth_columns
         disc: list = []
+        prev = -1
         seq = 0
+        last_ltt = 0
+        ltt_txt = None
+        j = -1
         for r in records:
-            k = r.kind
-            if k == "full":
-                P = fmts[r[0]]
-                d = r[16]
+            j += 1
+            i = index[j]
+            if i == prev:
+                seq += 1
+            else:
+                prev, seq = i, 0
+                recv = recvs[i]
+            cls = type(r)
+            if cls is _Full:
+                seg = r[0]
                 ltt = r[4]
-                rows[_FULL].append((
-                    names[r[0]], r[1], P[r[2]], r[3], lt(ltt) if ltt else None, P[r[5]], r[6], r[7], r[8],
-                    r[9], r[10], r[11], P[r[12]], P[r[13]], P[r[14]], P[r[15]],
-                    _Q % d[0::6], _Q % d[1::6], _Q % d[2::6], _Q % d[3::6],
-                    "{%s,%s,%s,%s,%s}" % (P[d[4]], P[d[10]], P[d[16]], P[d[22]], P[d[28]]),
-                    "{%s,%s,%s,%s,%s}" % (P[d[5]], P[d[11]], P[d[17]], P[d[23]], P[d[29]]),
-                    recv, seq))
-            elif k == "quote":
-                P = fmts[r[0]]
-                ltt = r[4]
-                rows[_QUOTE].append((names[r[0]], r[1], P[r[2]], r[3], lt(ltt) if ltt else None, P[r[5]], r[6],
-                                     r[7], r[8], P[r[9]], P[r[10]], P[r[11]], P[r[12]], recv, seq))
-            elif k == "ticker":
-                ltt = r[3]
-                rows[_TICKER].append((names[r[0]], r[1], fmts[r[0]][r[2]], lt(ltt) if ltt else None, recv, seq))
-            elif k == "oi":
+                if ltt != last_ltt:
+                    last_ltt = ltt
+                    ltt_txt = ltt_text(ltt)
+                (ltp, atp, open_, close, high, low, bid_qty, ask_qty, bid_orders, ask_orders, bid_price,
+                 ask_price) = (texts[seg] % (head(r) + columns(r[16]))).split(_SEP)
+                full.append((names[seg], r[1], ltp, r[3], ltt_txt, atp, r[6], r[7], r[8], r[9], r[10], r[11],
+                             open_, close, high, low, bid_qty, ask_qty, bid_orders, ask_orders, bid_price,
+                             ask_price, recv, seq))
+            elif cls is _Quote:
+                seg = r[0]
+                ltp, atp, open_, close, high, low = (_QUOTE_TEXT[seg] % _quote_prices(r)).split(_SEP)
+                rows[_QUOTE].append((names[seg], r[1], ltp, r[3], ltt_text(r[4]), atp, r[6], r[7], r[8],
+                                     open_, close, high, low, recv, seq))
+            elif cls is _Ticker:
+                rows[_TICKER].append((names[r[0]], r[1], _PRICE[r[0]] % r[2], ltt_text(r[3]), recv, seq))
+            elif cls is _OpenInterest:
                 rows[_OI].append((names[r[0]], r[1], r[2], recv, seq))
-            elif k == "prev_close":
-                rows[_PREV].append((names[r[0]], r[1], fmts[r[0]][r[2]], r[3], recv, seq))
-            elif k == "market_status":
+            elif cls is _PrevClose:
+                rows[_PREV].append((names[r[0]], r[1], _PRICE[r[0]] % r[2], r[3], recv, seq))
+            elif cls is _MarketStatus:
                 rows[_STATUS].append((names[r[0]], r[1], r[2], recv, seq))
-            elif k == "disconnect":
-                disc.append(r)
-            seq += 1
-        self.pending += seq - len(disc)
+            elif cls is _Disconnect:
+                disc.append((i, r))
+        self.pending += len(records) - len(disc)
         return disc

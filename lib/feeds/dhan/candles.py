@@ -50,7 +50,7 @@ class DhanCandles(CandleWriter):
     :data:`feeds.dhan.wire.PRICE_DECIMALS` of the segment: paise for
     equities).  Not thread-safe: the collector calls it from its event
     loop.  ``records(records, recv_ns)`` folds the records of one
-    message."""
+    message, or of the messages of one socket read."""
 
     table = CANDLE_TABLE
 
@@ -79,19 +79,26 @@ class DhanCandles(CandleWriter):
         return wire.PRICE_DECIMALS[key >> 32]
 
     def records(self, records: list, recv_ns: int) -> None:
+        """Fold ``records`` (decoded feed records, of one message or of many
+        received together) received at ``recv_ns`` (epoch ns): each quote,
+        full or ticker packet is a trade (see the class); the rest are
+        skipped."""
         fold = self._fold
         scale = self._scale
         quiet = self.volumeless
         keys = self._keys
         ist = wire.IST_OFFSET_S
+        full, quote, ticker = wire.Full, wire.Quote, wire.Ticker
         for r in records:
-            k = r.kind
-            if k == "full" or k == "quote":
-                key = keys.get(r[0] << 32 | r[1]) or self.key_of(r[0], r[1])
+            cls = type(r)
+            if cls is full or cls is quote:
+                seg = r[0]
+                key = keys.get(seg << 32 | r[1]) or self.key_of(seg, r[1])
                 ltt = r[4]
-                fold(key, (ltt - ist) * NS if ltt else recv_ns, round(r[2] * scale[r[0]]),
+                fold(key, (ltt - ist) * NS if ltt else recv_ns, round(r[2] * scale[seg]),
                      None if key in quiet else r[6], recv_ns)
-            elif k == "ticker":
-                key = keys.get(r[0] << 32 | r[1]) or self.key_of(r[0], r[1])
+            elif cls is ticker:
+                seg = r[0]
+                key = keys.get(seg << 32 | r[1]) or self.key_of(seg, r[1])
                 ltt = r[3]
-                fold(key, (ltt - ist) * NS if ltt else recv_ns, round(r[2] * scale[r[0]]), None, recv_ns)
+                fold(key, (ltt - ist) * NS if ltt else recv_ns, round(r[2] * scale[seg]), None, recv_ns)

@@ -38,6 +38,9 @@ field disagrees with the documented size is reported and the walk goes on
 at the documented size.  The length field is read as the length of the whole
 packet, header included (what the simulator sends); the payload-only reading
 ("Message Length of the entire payload packet" is ambiguous) is accepted too.
+:func:`decode_many` decodes the messages of one socket read together, with
+the same result as :func:`decode` of each in turn; a message that is one
+full packet (Dhan's full mode) is read there with a single ``unpack``.
 
 Records
 -------
@@ -117,7 +120,7 @@ __all__ = [
     "ExchangeSegment", "RequestCode", "ResponseCode", "SEGMENT_NAMES", "SEGMENT_BY_NAME", "MODES",
     "segment_code", "subscribe_messages", "unsubscribe_messages", "disconnect_message", "feed_url",
     "Ticker", "Quote", "OpenInterest", "PrevClose", "MarketStatus", "Full", "Disconnect", "DepthLevel",
-    "DEPTH_FIELDS", "depth_levels", "Decoded", "decode", "WireError", "PACKET_SIZES", "HEADER_SIZE",
+    "DEPTH_FIELDS", "depth_levels", "Decoded", "decode", "DecodedMany", "decode_many", "WireError", "PACKET_SIZES", "HEADER_SIZE",
     "PRICE_DECIMALS", "EXACT_BELOW", "MAX_PRICE", "PRICE_FORMAT", "format_prices", "price_units", "price_text",
     "price_decimal", "price_on_tick",
     "IST_OFFSET_S", "EARLIEST_LTT_IST", "LTT_AHEAD_S", "ltt_to_utc_ns", "ltt_to_utc",
@@ -463,7 +466,9 @@ def _price_problem(t: tuple, names: tuple[tuple[str, int], ...]) -> str:
 
 _new = tuple.__new__
 _quote_prices = itemgetter(2, 5, 9, 10, 11, 12)
-_full_prices = itemgetter(2, 5, 12, 13, 14, 15, *(16 + 6 * lvl + k for lvl in range(5) for k in (4, 5)))
+#: positions of the 16 prices in a full packet's fields (segment first)
+_FULL_PRICE_FIELDS = (2, 5, 12, 13, 14, 15, *(16 + 6 * lvl + k for lvl in range(5) for k in (4, 5)))
+_full_prices = itemgetter(*_FULL_PRICE_FIELDS)
 _QUOTE_PRICES = (("ltp", 2), ("atp", 5), ("open", 9), ("close", 10), ("high", 11), ("low", 12))
 _FULL_PRICES = (("ltp", 2), ("atp", 5), ("open", 12), ("close", 13), ("high", 14), ("low", 15)) + tuple(
     (f"{side}_price[{lvl + 1}]", 16 + 6 * lvl + k) for lvl in range(5) for side, k in (("bid", 4), ("ask", 5)))
@@ -477,6 +482,12 @@ _PRICED = {
     int(ResponseCode.PREV_CLOSE): (_PREV_CLOSE.unpack_from, itemgetter(slice(2, 3)), (("prev_close", 2),), 0,
                                   PrevClose),
 }
+
+
+def _ltt_bounds(now: float | None, ahead_s: float, max_age_s: float | None) -> tuple[float, float]:
+    """The range ``[lo, hi]`` a trade time (IST epoch seconds) must lie in at ``now``."""
+    now_ist = (_time() if now is None else now) + IST_OFFSET_S
+    return (EARLIEST_LTT_IST if max_age_s is None else max(EARLIEST_LTT_IST, now_ist - max_age_s)), now_ist + ahead_s
 
 
 def decode(frame: bytes | bytearray | memoryview, now: float | None = None,
@@ -501,14 +512,18 @@ def decode(frame: bytes | bytearray | memoryview, now: float | None = None,
     "Feed Disconnect"."""
     records: list = []
     errors: list = []
+    ltt_lo, ltt_hi = _ltt_bounds(now, ahead_s, max_age_s)
+    _walk(frame, ltt_lo, ltt_hi, records.append, errors)
+    return _new(Decoded, (records, errors))
+
+
+def _walk(frame, ltt_lo: float, ltt_hi: float, append, errors: list) -> None:
+    """The packets of one message: each good one's record to ``append``, a
+    :class:`WireError` for each bad one to ``errors`` (see :func:`decode`)."""
     n = len(frame)
     if n == 0:
         errors.append(WireError("short", "empty message"))
-        return Decoded(records, errors)
-    now_ist = (_time() if now is None else now) + IST_OFFSET_S
-    ltt_hi = now_ist + ahead_s
-    ltt_lo = EARLIEST_LTT_IST if max_age_s is None else max(EARLIEST_LTT_IST, now_ist - max_age_s)
-    append = records.append
+        return
     off = 0
     while off < n:
         left = n - off
@@ -561,7 +576,83 @@ def decode(frame: bytes | bytearray | memoryview, now: float | None = None,
             append(MarketStatus(seg, sid, bytes(frame[start + HEADER_SIZE:off])))
         else:  # 50
             append(_new(Disconnect, _DISCONNECT.unpack_from(frame, start)))
-    return _new(Decoded, (records, errors))
+
+
+class DecodedMany(NamedTuple):
+    """What :func:`decode_many` returns.
+
+    ``records``: the records of the good packets of every message, in order;
+    ``index``: for each record, the position of its message in the list
+    given (so ``len(index) == len(records)``; a message of one packet has
+    one entry); ``errors``: one :class:`WireError` per bad packet, in order;
+    ``messages``: how many messages gave at least one record;
+    ``disconnects``: how many of the records are :class:`Disconnect`."""
+    records: list
+    index: list
+    errors: list
+    messages: int
+    disconnects: int
+
+
+#: a message that is one full packet, header included, read in one call
+_FULL_MESSAGE = Struct("<BHB" + _FULL.format.removeprefix("<3xB"))
+assert _FULL_MESSAGE.size == _FULL.size
+_full_message_prices = itemgetter(*(i + 2 for i in _FULL_PRICE_FIELDS))     # after code and length
+_FULL_LENGTHS = frozenset({_FULL.size, _FULL.size - HEADER_SIZE})
+
+
+def decode_many(frames, now: float | None = None, ahead_s: float = LTT_AHEAD_S,
+                max_age_s: float | None = None) -> DecodedMany:
+    """Decode the binary WebSocket messages ``frames`` (a sequence of
+    bytes-like objects, each one message as :func:`decode` takes it) received
+    together, with one trade-time range for all of them (``now``,
+    ``ahead_s``, ``max_age_s`` as for :func:`decode`).
+
+    Returns :class:`DecodedMany`: the records and errors are exactly those
+    :func:`decode` gives for each message in turn, laid end to end, with the
+    message of each record in ``index``.  A message that is a single full
+    packet (what Dhan sends in full mode) is read with one ``unpack``;
+    anything else, and a full packet that fails a check, goes through
+    :func:`decode`'s walk, which reports the error.  Never raises on the
+    content of a message.
+
+    Document: DhanHQ v2 "Live Market Feed", as for :func:`decode`."""
+    ltt_lo, ltt_hi = _ltt_bounds(now, ahead_s, max_age_s)
+    records: list = []
+    index: list = []
+    errors: list = []
+    append = records.append
+    mark = index.append
+    unpack = _FULL_MESSAGE.unpack
+    prices = _full_message_prices
+    lengths = _FULL_LENGTHS
+    segments = _SEGMENT_OK
+    full_size = _FULL.size
+    messages = disconnects = 0
+    i = -1
+    for frame in frames:
+        i += 1
+        if len(frame) == full_size and frame[0] == 8:
+            t = unpack(frame)
+            if t[1] in lengths and t[2] in segments:
+                p = prices(t)
+                if min(p) >= 0.0 and sum(p) < MAX_PRICE:
+                    ltt = t[6]
+                    if not ltt or ltt_lo <= ltt <= ltt_hi:
+                        append(_new(Full, t[2:18] + (t[18:],)))
+                        mark(i)
+                        messages += 1
+                        continue
+        before = len(records)
+        _walk(frame, ltt_lo, ltt_hi, append, errors)
+        got = len(records) - before
+        if got:
+            messages += 1
+            index.extend([i] * got)
+            for r in records[before:]:
+                if type(r) is Disconnect:
+                    disconnects += 1
+    return _new(DecodedMany, (records, index, errors, messages, disconnects))
 
 
 # --------------------------------------------------------------------------- prices and times
