@@ -628,15 +628,16 @@ def decode_many(frames, now: float | None = None, ahead_s: float = LTT_AHEAD_S,
     lengths = _FULL_LENGTHS
     segments = _SEGMENT_OK
     full_size = _FULL.size
+    full_code = int(ResponseCode.FULL)
     messages = disconnects = 0
     i = -1
     for frame in frames:
         i += 1
-        if len(frame) == full_size and frame[0] == 8:
+        if len(frame) == full_size and frame[0] == full_code:
             t = unpack(frame)
             if t[1] in lengths and t[2] in segments:
                 p = prices(t)
-                if min(p) >= 0.0 and sum(p) < MAX_PRICE:
+                if min(p) >= 0.0 and sum(p) < MAX_PRICE:     # implies each < MAX_PRICE; else the walk judges
                     ltt = t[6]
                     if not ltt or ltt_lo <= ltt <= ltt_hi:
                         append(_new(Full, t[2:18] + (t[18:],)))
