@@ -581,9 +581,16 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
 
 
-def format_status(rows: list[dict], errors: list[tuple], last_run: tuple | None, width: int = 10) -> str:
+def format_status(rows: list[dict], errors: list[tuple], last_run: tuple | None, width: int = 10,
+                  heartbeat: tuple | None = None, now: dt.datetime | None = None) -> str:
     """The ``--status`` table (rows of :meth:`StatusStore.summary`), the
-    latest errors and the last run."""
+    latest errors and the last run (:meth:`StatusStore.last_run`) with the
+    rate it achieved (requests per minute from its start to its end, or to
+    ``now`` while it runs); while it runs, also the service's own status
+    line from ``heartbeat`` (``(state, status, updated_at)`` of its
+    ``feed_heartbeat`` row: for a backfill the progress line, with the
+    pacing in force, the requests in flight and the current rate) and how
+    old that row is."""
     cols = ("COMPLETE", "EARLY_CLOSE", "thin", "PARTIAL", "ERROR", "PENDING", "HOLIDAY")
     out = [f"{'symbol':<{width}} " + " ".join(f"{c.lower():>11}" for c in cols)
            + f" {'first':>10} {'last':>10} {'bars':>12}"]
@@ -597,9 +604,15 @@ def format_status(rows: list[dict], errors: list[tuple], last_run: tuple | None,
         out += [f"  {sym} {day}: {err}" for sym, day, err in errors]
     if last_run:
         run_id, started, finished, state, requests, bars, errs, _summary = last_run
+        now = now or dt.datetime.now(dt.timezone.utc)
+        minutes = ((finished or now) - started).total_seconds() / 60
+        rate = f" ({requests / minutes:.1f}/min)" if minutes > 0 else ""
         out.append(f"last run {run_id}: {state}, started {started:%Y-%m-%d %H:%M:%S %Z}"
                    + (f", finished {finished:%H:%M:%S}" if finished else "")
-                   + f"; {requests} requests, {bars:,} bars, {errs} errors")
+                   + f"; {requests} requests{rate}, {bars:,} bars, {errs} errors")
+        if state == "running" and heartbeat is not None and heartbeat[0] != "stopped":
+            age = fmt_duration(max(0.0, (now - heartbeat[2]).total_seconds()))
+            out.append(f"now ({heartbeat[0]}, heartbeat {age} ago): {heartbeat[1]}")
     return "\n".join(out)
 
 
@@ -692,16 +705,17 @@ def selection_from_options(symbols: str | None, more_symbols: tuple[str, ...], f
 
 
 def print_status(store: StatusStore, symbols: Sequence[str] | None, error_symbols: Sequence[str] | None,
-                 width: int = 10) -> None:
+                 width: int = 10, unit: str | None = None) -> None:
     """``--status``: the summary of ``symbols`` (None: all), the latest
-    errors of ``error_symbols`` and the last run, on stdout.  Raises
+    errors of ``error_symbols``, the last run and, while it runs, the
+    heartbeat of ``unit`` (:func:`format_status`), on stdout.  Raises
     ``psycopg.Error``."""
     import click
 
     store.connect()
     try:
         click.echo(format_status(store.summary(symbols), store.last_errors(error_symbols), store.last_run(),
-                                 width=width))
+                                 width=width, heartbeat=store.heartbeat(unit) if unit else None))
     finally:
         store.close()
 
@@ -936,6 +950,11 @@ ON CONFLICT ({k}, session_date) DO UPDATE SET
         """(run_id, started_at, finished_at, state, requests, bars_stored, errors, summary) of the newest run."""
         return self.c.execute(f"""SELECT run_id, started_at, finished_at, state, requests, bars_stored, errors,
                                          summary FROM {self.run_table} ORDER BY run_id DESC LIMIT 1""").fetchone()
+
+    def heartbeat(self, unit: str) -> tuple | None:
+        """(state, status, updated_at) of ``unit``'s ``feed_heartbeat`` row, or None."""
+        return self.c.execute("SELECT state, status, updated_at FROM feed_heartbeat WHERE unit = %s",
+                              (unit,)).fetchone()
 
     # -------------------------------------------------------------- status
     def statuses(self, symbols: Iterable[str], first: dt.date, last: dt.date) -> dict[tuple[str, dt.date], StatusRow]:

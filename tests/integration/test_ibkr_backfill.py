@@ -656,7 +656,21 @@ def test_cli_dry_run_status_and_test_connection(cli_env, db):
     head, aapl = r.stdout.splitlines()[:2]
     assert head.split()[:8] == ["symbol", "complete", "early_close", "thin", "partial", "error", "pending", "holiday"]
     assert aapl.split() == ["AAPL", "3", "1", "0", "0", "0", "0", "1", "2024-07-01", "2024-07-05", "1,380"]
-    assert "last run 1: finished" in r.stdout and "8 requests" in r.stdout
+    assert "last run 1: finished" in r.stdout and "8 requests (" in r.stdout    # and the rate achieved
+    assert "now (" not in r.stdout                                       # no run going on
+    # while a run goes on: its progress line from the heartbeat row (pacing in force, in flight, rate)
+    progress = ("progress: sessions 3/10 (30%), requests 3, bars 1,170, errors 0, pacing waits 0.0s, ETA 5s; "
+                "pacing auto (documented), 2/4 in flight, 12.5 requests/min")
+    with psycopg.connect(db, autocommit=True) as c:
+        c.execute("INSERT INTO ibkr_backfill_run (host, pid, arguments, requests, started_at) "
+                  "VALUES ('h', 1, 'x', 300, now() - interval '200 minutes')")
+        c.execute("UPDATE feed_heartbeat SET state = 'running', status = %s, updated_at = now() "
+                  "WHERE unit = 'feed-backfill.service'", (progress,))
+    r = cli("--config", str(cfg), "--status")
+    assert r.exit_code == 0, r.output
+    assert "last run 2: running" in r.stdout and "300 requests (1.5/min)" in r.stdout, r.stdout
+    now = next(ln for ln in r.stdout.splitlines() if ln.startswith("now ("))
+    assert now.startswith("now (running, heartbeat ") and now.endswith(" ago): " + progress), now
 
     # --priority-only: only contracts with priority > 0 (AAPL)
     r = cli("--config", str(cfg), "--dry-run", "--priority-only", "--from", "2024-07-01", "--to", "2024-07-05")

@@ -106,6 +106,23 @@ def test_status_table_format():
     assert "(no sessions recorded yet)" in format_status([], [], None)
 
 
+def test_status_gives_the_rate_achieved_and_a_running_runs_progress_line():
+    t0 = dt.datetime(2024, 7, 1, 1, 0, tzinfo=dt.timezone.utc)
+    finished = (7, t0, t0 + dt.timedelta(minutes=10), "finished", 120, 46800, 0, "summary")
+    out = format_status([], [], finished, now=t0 + dt.timedelta(hours=5)).splitlines()
+    assert out[-1] == "last run 7: finished, started 2024-07-01 01:00:00 UTC, finished 01:10:00; " \
+                      "120 requests (12.0/min), 46,800 bars, 0 errors"
+    progress = "progress: sessions 3/10 (30%), ETA 5s; pacing auto (documented), 3/8 in flight, 41.2 requests/min"
+    beat = ("running", progress, t0 + dt.timedelta(minutes=4, seconds=57))
+    running = (8, t0, None, "running", 30, 11700, 1, None)
+    out = format_status([], [], running, heartbeat=beat, now=t0 + dt.timedelta(minutes=5)).splitlines()
+    assert out[-2].endswith("; 30 requests (6.0/min), 11,700 bars, 1 errors")
+    assert out[-1] == "now (running, heartbeat 3.0s ago): " + progress
+    # a finished run, or a heartbeat row saying stopped: no "now" line
+    assert "now (" not in format_status([], [], finished, heartbeat=beat, now=t0)
+    assert "now (" not in format_status([], [], running, heartbeat=("stopped", "summary", t0), now=t0)
+
+
 def test_summary_line_and_durations():
     sm = RunSummary(run_id=3, planned=10, done=9, requests=11, bars=3510, errors=2, elapsed=75)
     sm.statuses.update(COMPLETE=8, ERROR=1)

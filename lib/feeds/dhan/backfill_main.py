@@ -206,7 +206,7 @@ def main(config_path, symbols, from_, to, date, dry_run, retry_failed, priority_
     store = DhanStore(dsn)
     with B.database_exit(log):
         if status:
-            B.print_status(store, sel.symbols and _keys(lines, sel.symbols), None, width=22)
+            B.print_status(store, sel.symbols and _keys(lines, sel.symbols), None, width=22, unit=unit)
             return
         _act(settings, files, lines, store, sel, dry_run, refetch, int(interval), unit, cfg["metrics.textfile_dir"])
 

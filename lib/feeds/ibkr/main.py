@@ -234,7 +234,7 @@ def _act(settings: Settings, contracts, dsn: str, sel: Selection, status: bool, 
     if status:
         # read before print_status, which closes the store
         learned = store.learned_pacing(settings.endpoint, BAR_SIZE) if settings.keeps_learned else None
-        B.print_status(store, sel.symbols, sel.symbols)
+        B.print_status(store, sel.symbols, sel.symbols, unit=unit)
         click.echo(pacing_line(settings, learned))
         return
     limiter = pacing_limiter(settings)
