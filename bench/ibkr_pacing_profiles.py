@@ -20,13 +20,16 @@ IB's windows are scaled as in bench/ibkr_backfill.py (``--scale``, default
 pacing log gives every request's arrival time).  Times are measured on the
 simulator's clock, first request arrival to last, and converted back to real
 time by dividing by the scale.  That conversion is exact for a run held back
-by the pacing windows (no ten-minute window ever held more than 60 of
-its requests: column max/10min).  A run that went faster is held by the time
-this machine and the simulator take per answer, which does not scale: its
-converted time is an upper bound and its converted rate a lower bound; the
-column "as run" gives the rate of the scaled run itself, unconverted (what
-this machine sustained: the most such a run reaches, whatever IB's answer
-time).
+by the pacing windows all along: no ten-minute window ever held more than 60
+of its requests (column max/10min) and every window was full (column "IB
+held": the least time IB's 60-in-ten-minutes rule allows for the requests
+IB accepted, as a share of the time taken; 100 % when the rule alone held
+the run).  Below 100 %, or with more than 60 in a window, the run was (also)
+held by the time this machine and the simulator take per answer, which does
+not scale: its converted time is an upper bound and its converted rate a
+lower bound; the column "as run" gives the rate of the scaled run itself,
+unconverted (what this machine sustained: the most such a run reaches,
+whatever IB's answer time).
 
 Usage: bench/ibkr_pacing_profiles.py [--contracts 100] [--from 2024-01-01 --to 2024-12-31]
        [--topup 300] [--scale 0.01] [--models strict,documented,throttle]
@@ -52,6 +55,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 PY = sys.executable
 
 import psycopg  # noqa: E402
+
+from feeds.ibkr.pacing import MAX_REQUESTS, WINDOW  # noqa: E402
 
 from procstats import COMMIT_SETTINGS, durable_cluster, migrated_database  # noqa: E402
 from scaled_pacing import SLOW_ANSWER, pacing_options  # noqa: E402
@@ -102,10 +107,23 @@ def run(pg, model: str, profile: str, syms: list[str], first: dt.date, last: dt.
             c.execute(f'DROP DATABASE IF EXISTS "{dsn.split("dbname=")[1].split()[0]}"')
     accepted = [x["t"] for x in log if x["rule"] is None]
     span = log[-1]["t"] - log[0]["t"] if log else 0.0
+    most = max_in_window(accepted, 600 * scale)
     return dict(model=model, profile=profile, rc=r.returncode, sessions=done, requests=len(log), span=span, wall=wall,
-                refused={k: v for k, v in stats["pacing_violations"].items() if v},
-                most=max_in_window(accepted, 600 * scale),
+                refused={k: v for k, v in stats["pacing_violations"].items() if v}, most=most,
+                held=ib_held(len(accepted), span, scale) if most <= MAX_REQUESTS else None,
                 learned=f"{learned[0]} x{learned[1]}" if learned else "-")
+
+
+def ib_held(accepted: int, span: float, scale: float) -> float:
+    """The least span IB's 60-in-ten-minutes rule allows for ``accepted``
+    requests (request k and k+60 at least one window apart), as a share of
+    ``span`` (seconds, scaled): 1.0 when the rule alone held the run."""
+    least = (accepted - 1) // MAX_REQUESTS * WINDOW * scale if accepted else 0.0
+    return least / span if span > 0 else 1.0
+
+
+def fmt_held(held: float | None) -> str:
+    return "-" if held is None else f"{100 * held:.0f} %"
 
 
 def sessions_between(first: dt.date, last: dt.date) -> int:
@@ -143,7 +161,8 @@ def main() -> None:
             print(f"\nbackfill: {a.contracts} contracts x {a.first}..{a.last} ({n_sessions} sessions each, "
                   f"{a.contracts * n_sessions} requests)", flush=True)
             print(f"{'model':<11}{'profile':<11}{'sessions':>9}{'requests':>9}{'refused':>8}  {'scaled':>9}"
-                  f"{'real':>9}{'sessions/h real':>16}{'as run':>10}  {'max/10min':>9}  learned    refused by rule",
+                  f"{'real':>9}{'sessions/h real':>16}{'as run':>10}  {'max/10min':>9}{'IB held':>8}  learned    "
+                  "refused by rule",
                   flush=True)
             for model, profile in itertools.product(models, profiles):
                 r = run(pg, model, profile, symbols(a.contracts), a.first, a.last, a.scale)
@@ -151,28 +170,29 @@ def main() -> None:
                 rate = r["sessions"] / real * 3600 if real > 0 else float("inf")
                 as_run = r["sessions"] / r["span"] * 3600 if r["span"] > 0 else float("inf")
                 print(f"{model:<11}{profile:<11}{r['sessions']:>9}{r['requests']:>9}{sum(r['refused'].values()):>8}  "
-                      f"{r['span']:>8.1f}s{fmt_hours(real):>9}{rate:>16,.0f}{as_run:>10,.0f}  {r['most']:>9}  "
-                      f"{r['learned']:<10} {r['refused'] or '-'}", flush=True)
+                      f"{r['span']:>8.1f}s{fmt_hours(real):>9}{rate:>16,.0f}{as_run:>10,.0f}  {r['most']:>9}"
+                      f"{fmt_held(r['held']):>8}  {r['learned']:<10} {r['refused'] or '-'}", flush=True)
         if a.only in (None, "topup"):
             day = a.last
             while sessions_between(day, day) == 0:
                 day -= dt.timedelta(days=1)
             print(f"\nnightly top-up: {a.topup} contracts x 1 session ({day})", flush=True)
             print(f"{'model':<11}{'profile':<11}{'sessions':>9}{'requests':>9}{'refused':>8}  {'scaled':>9}"
-                  f"{'real':>9}  {'process wall':>12}  {'max/10min':>9}  learned", flush=True)
+                  f"{'real':>9}  {'process wall':>12}  {'max/10min':>9}{'IB held':>8}  learned", flush=True)
             for model, profile in itertools.product(models, profiles):
                 r = run(pg, model, profile, symbols(a.topup), day, day, a.scale)
                 print(f"{model:<11}{profile:<11}{r['sessions']:>9}{r['requests']:>9}{sum(r['refused'].values()):>8}  "
-                      f"{r['span']:>8.1f}s{fmt_hours(r['span'] / a.scale):>9}  {r['wall']:>11.1f}s  {r['most']:>9}  "
-                      f"{r['learned']}", flush=True)
+                      f"{r['span']:>8.1f}s{fmt_hours(r['span'] / a.scale):>9}  {r['wall']:>11.1f}s  {r['most']:>9}"
+                      f"{fmt_held(r['held']):>8}  {r['learned']}", flush=True)
     finally:
         pg.destroy()
-    print("\nmax/10min: most requests IB accepted in any (scaled) ten minutes.  At 60 with more than 60 sent the "
-          "run was held by IB's 60-in-ten-minutes rule and its 'real' time is exact; above 60 it went faster, "
-          "held (from there on) by this machine's and the simulator's time per answer, which is not scaled: "
-          "'real' is then an upper bound of the time, 'sessions/h real' a lower bound of the rate; 'as run' is "
-          "the rate of the scaled run itself (sessions per hour, not converted): what this machine sustained, "
-          "the most such a run can reach whatever IB's answer time.", flush=True)
+    print("\nmax/10min: most requests IB accepted in any (scaled) ten minutes; IB held: the least time IB's "
+          "60-in-ten-minutes rule allows for the requests IB accepted, as a share of the time taken ('-' above "
+          "60).  At 60 and 100 % the run was held by that rule alone and its 'real' time is exact; below 100 % "
+          "or above 60 it was (also) held by this machine's and the simulator's time per answer, which is not "
+          "scaled: 'real' is then an upper bound of the time, 'sessions/h real' a lower bound of the rate; "
+          "'as run' is the rate of the scaled run itself (sessions per hour, not converted): what this machine "
+          "sustained, the most such a run can reach whatever IB's answer time.", flush=True)
 
 
 if __name__ == "__main__":
