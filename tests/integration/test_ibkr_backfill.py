@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import datetime as dt
+import re
 import json
 import os
 import itertools
@@ -250,6 +251,8 @@ def test_generated_year_matches_the_nyse_calendar(db):
     assert stats["historical"]["served"] == 756
     progress = [m for m in notes.msgs if m.startswith("STATUS=progress: sessions ")]
     assert progress and "ETA" in progress[-1]
+    # ... and the pacing: the profile in force, the requests in flight, the rate
+    assert re.search(r"; pacing \w+( \(\w+\))?, \d+/\d+ in flight, [\d.]+ requests/min$", progress[-1]), progress[-1]
     last = [m for m in notes.msgs if m.startswith("STATUS=")][-1]
     assert last.startswith("STATUS=summary: run ") and "756 sessions planned, 756 done" in last
     assert notes.msgs[-1] == "STOPPING=1"
