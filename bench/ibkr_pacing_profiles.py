@@ -56,7 +56,7 @@ PY = sys.executable
 
 import psycopg  # noqa: E402
 
-from feeds.ibkr.pacing import MAX_REQUESTS, WINDOW  # noqa: E402
+from feeds.ibkr.pacing import MAX_REQUESTS, WINDOW, max_in_window  # noqa: E402
 
 from procstats import COMMIT_SETTINGS, durable_cluster, migrated_database  # noqa: E402
 from scaled_pacing import SLOW_ANSWER, pacing_options  # noqa: E402
@@ -73,7 +73,6 @@ def symbols(n: int) -> list[str]:
 
 def run(pg, model: str, profile: str, syms: list[str], first: dt.date, last: dt.date, scale: float) -> dict:
     """One feed-backfill run of ``syms`` x ``first``..``last`` under ``profile`` against ``model``."""
-    from feeds.ibkr.pacing import max_in_window
     from feeds.sim.tws import TwsSimulatorThread
 
     dsn = migrated_database(pg)
@@ -107,7 +106,7 @@ def run(pg, model: str, profile: str, syms: list[str], first: dt.date, last: dt.
             c.execute(f'DROP DATABASE IF EXISTS "{dsn.split("dbname=")[1].split()[0]}"')
     accepted = [x["t"] for x in log if x["rule"] is None]
     span = log[-1]["t"] - log[0]["t"] if log else 0.0
-    most = max_in_window(accepted, 600 * scale)
+    most = max_in_window(accepted, WINDOW * scale)
     return dict(model=model, profile=profile, rc=r.returncode, sessions=done, requests=len(log), span=span, wall=wall,
                 refused={k: v for k, v in stats["pacing_violations"].items() if v}, most=most,
                 held=ib_held(len(accepted), span, scale) if most <= MAX_REQUESTS else None,
@@ -153,7 +152,7 @@ def main() -> None:
     models, profiles = a.models.split(","), a.profiles.split(",")
     n_sessions = sessions_between(a.first, a.last)
     print(f"feed-backfill pacing profiles, {os.cpu_count()} CPUs; IB's windows scaled by {a.scale:g} "
-          f"(10 min = {600 * a.scale:g} s); times on the simulator's clock (first request to last), 'real' = "
+          f"(10 min = {WINDOW * a.scale:g} s); times on the simulator's clock (first request to last), 'real' = "
           f"divided by {a.scale:g}; fresh database per run, every other setting its default", flush=True)
     pg = durable_cluster(COMMIT_SETTINGS)
     try:
