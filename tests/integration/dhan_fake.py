@@ -64,10 +64,11 @@ class FakeDhan:
 
     Knobs: ``rate``/``window`` (the limit), ``adjust`` (security ids answered with prices halved
     to the tick and volume doubled, as after a 1:1 bonus), ``refuse`` (ids answered DH-905),
-    ``token_invalid`` (every request answered with the recorded DH-906), ``force_429`` (the next N
-    requests answered 429), ``on_request(n)`` (called with the count of chart requests on arrival).
-    Stats: ``requests`` (chart requests arrived), ``served``, ``violations``, ``log`` (arrival time,
-    body), ``served_times``."""
+    ``token_invalid`` (every request answered with the recorded DH-906), ``tokens`` (the access
+    tokens accepted), ``force_429`` (the next N requests answered 429), ``on_request(n)`` (called
+    with the count of chart requests on arrival).  Stats: ``requests`` (chart requests arrived),
+    ``served``, ``violations``, ``log`` (arrival time, body), ``log_tokens`` (the access token of
+    each request of ``log``), ``served_times``."""
 
     def __init__(self, data: Path, rate: int = 5, window: float = 1.0):
         self.data = data
@@ -75,12 +76,14 @@ class FakeDhan:
         self.adjust: set[int] = set()
         self.refuse: set[int] = set()
         self.token_invalid = False
+        self.tokens = {TOKEN}
         self.force_429 = 0
         self.on_request: Callable[[int], None] | None = None
         self.requests = 0
         self.served = 0
         self.violations = 0
         self.log: list[tuple[float, dict]] = []
+        self.log_tokens: list[str | None] = []
         self.served_times: list[float] = []
         self._recent: deque[float] = deque()
         self.instruments: list[tuple[str, str, int, str, str]] = [("NSE", "E", 1333, "EQUITY", "HDFCBANK")]
@@ -132,6 +135,7 @@ class FakeDhan:
             self.on_request(self.requests)
         body = json.loads(await request.text())
         self.log.append((now, body))
+        self.log_tokens.append(request.headers.get("access-token"))
         while self._recent and now - self._recent[0] >= self.window:
             self._recent.popleft()
         if len(self._recent) >= self.rate:
@@ -141,7 +145,7 @@ class FakeDhan:
         if self.force_429 > 0:
             self.force_429 -= 1
             return self._error(429, "DH-904", "Too many requests", "Rate_Limit")
-        if self.token_invalid or request.headers.get("access-token") != TOKEN:
+        if self.token_invalid or request.headers.get("access-token") not in self.tokens:
             rec = json.loads((self.data / "error_invalid_token.json").read_text())
             return web.Response(status=rec["status"], text=json.dumps(rec["response"]), content_type="application/json")
         if request.headers.get("client-id") != CLIENT:

@@ -293,7 +293,6 @@ def test_kill_9_mid_run_then_resume(data, db, token, tmp_path):
         p = start_cli(cfg, db, out, "--from", first, "--to", last)
         procs.append(p)
         assert p.wait(120) == -signal.SIGKILL, out.read_text()[-3000:]
-        mark = len(fake.log)
         final = {(r[0], r[1]) for r in q(db, "SELECT instrument, session_date FROM dhan_session_status "
                                              "WHERE status = 'COMPLETE'")}
         assert 0 < len(final) < 200
@@ -303,10 +302,15 @@ def test_kill_9_mid_run_then_resume(data, db, token, tmp_path):
              GROUP BY 1, 2"""))
         assert set(per) == final and set(per.values()) == {375}
         fake.on_request = None
+        # the second run carries a token of its own, so that a request of the killed run the fake reads
+        # after the kill is not taken for one of the second run's
+        fake.tokens.add(TOKEN + "-2")
+        Path(token).write_text(json.dumps({"client_id": CLIENT, "access_token": TOKEN + "-2",
+                                           "expires_at": "2999-01-01T00:00:00+00:00"}))
         p = start_cli(cfg, db, out, "--from", first, "--to", last)
         assert p.wait(120) == 0, out.read_text()[-3000:]
     again = [(f"NSE_EQ:SYM{int(b['securityId']) - 5000:02d}", dt.date.fromisoformat(b["fromDate"][:10]))
-             for _, b in fake.log[mark:]]
+             for (_, b), tok in zip(fake.log, fake.log_tokens) if tok == TOKEN + "-2"]
     assert len(again) == len(set(again)) == 200 - len(final)
     assert not set(again) & final                                   # nothing finished is asked again
     assert {r[0] for r in q(db, "SELECT status FROM dhan_session_status")} == {"COMPLETE"}

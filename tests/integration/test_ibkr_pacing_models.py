@@ -3,8 +3,11 @@ for every bar size, the rules as IB's page documents them, a soft throttle): eac
 contracts x 20 sessions with the real feed-backfill process, every setting its default but the profile,
 the pacing scale and the slow-answer threshold (tests/scaled_pacing.py), a fresh database each time.
 Outcomes are read from the simulator's pacing log
-(arrival times, refusals; on the wall clock, as the time ``auto`` learned is), from what the backfill
-learned and from the tables, never from how long anything took.
+(arrival times and refusals, in the order the requests arrived), from what the backfill learned and
+logged and from the tables, never from how long anything took.  Which requests ``auto`` sent after it
+fell back is told by their place, not their time: its log line names how many it had sent by then, and
+on its one connection the simulator reads them in the order sent (a request sent just before the fall
+back may be read just after it).
 
 * ``strict`` against the strict model and ``documented`` against the documented model: no request
   refused;
@@ -20,8 +23,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
-import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -139,6 +142,13 @@ def assert_complete(run: Run) -> None:
     assert run.summary == (("finished", len(run.log), len(run.refused())),)
 
 
+def sent_before_strict(run: Run) -> int | None:
+    """How many requests ``auto`` had sent when it fell back to ``strict`` (its log line), None if it
+    did not."""
+    said = re.findall(r"pacing auto: strict with \d+ in flight \(.*\) after (\d+) requests sent;", run.output)
+    return int(said[-1]) if said else None
+
+
 def assert_same_tables(run: Run, ref: Run) -> None:
     assert run.status == ref.status
     assert run.contracts == ref.contracts
@@ -175,23 +185,26 @@ def test_auto_profile_is_refused_at_most_once_then_never(pg, tmp_path, strict_ru
     run = backfill_run(pg, tmp_path, "auto", model, SCALE if model == "documented" else FAST)
     assert_complete(run)
     refused = run.refused()
-    # when auto fell back to strict (the time it learned so, on the same clock as the simulator's log)
-    fell_back = run.learned[2] if run.learned is not None and run.learned[0] == STRICT else math.inf
-    before = [r for r in refused if r["t"] < fell_back]
-    after = [r for r in refused if r["t"] >= fell_back]
+    assert run.stats["connections"]["accepted"] == 1         # one connection: the log is in the order sent
+    # the first request auto sent as strict: its place in the simulator's log (len(log): it did not fall back)
+    n = sent_before_strict(run)
+    fell_back = len(run.log) if n is None else n
+    assert (n is not None) == (run.learned is not None and run.learned[0] == STRICT), run.learned
+    before = [r for r in run.log[:fell_back] if r["rule"] is not None]
+    after = [r for r in run.log[fell_back:] if r["rule"] is not None]
     assert len(before) <= 1 and after == [], (fell_back, before, after)
-    assert not refused or fell_back < math.inf, run.learned          # a refusal makes it fall back
+    assert not refused or n is not None, run.learned          # a refusal makes it fall back
     if model == "strict":
         # the one request sent beyond IB's 60 in ten minutes to learn whether they count: refused
         assert len(before) == 1
     if model == "documented":
         # nothing to fall back from, and at least five times faster than strict on the simulator's clock
-        assert refused == [] and fell_back == math.inf
+        assert refused == [] and n is None
         assert strict_run.span() >= 5 * run.span(), (strict_run.span(), run.span())
-    if fell_back < math.inf:
+    if n is not None:
         # from the fall back on it sends as strict: no window ending at one of its requests holds more
         # than 60 accepted requests (the earlier ones counted too)
         accepted = [r["t"] for r in run.log if r["rule"] is None]
-        for t in (r["t"] for r in run.log if r["t"] >= fell_back):
-            assert sum(1 for u in accepted if t - run.window < u <= t) <= MAX_REQUESTS
+        for k, t in enumerate((r["t"] for r in run.log[n:]), n):
+            assert sum(1 for u in accepted if t - run.window < u <= t) <= MAX_REQUESTS, (k, n)
     assert_same_tables(run, strict_run)

@@ -343,7 +343,8 @@ def test_an_open_request_older_than_every_window_still_counts_when_answered():
     assert lim.delay(("x",), ("cx",), 1, now=answered + lim.window) == 0
 
 
-def test_query_cancelled_halves_then_strict_and_old_answers_do_not_count_twice():
+def test_query_cancelled_halves_then_strict_and_old_answers_do_not_count_twice(caplog):
+    caplog.set_level("INFO", logger="feeds.ibkr.pacing")
     st = SimTime()
     lim = make(st, profile=AUTO, concurrency=8, max_concurrency=16)
 
@@ -361,6 +362,12 @@ def test_query_cancelled_halves_then_strict_and_old_answers_do_not_count_twice()
     lim.finish(fresh, 162, CANCELLED)
     assert (lim.in_force, lim.learned.profile) == (STRICT, STRICT)
     assert lim.violations == 0
+    # each learning is one line naming the requests sent by then (what tells later requests from earlier)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pacing auto: ")]
+    assert said == ["pacing auto: documented with 4 in flight (query cancelled (error 162)) after 8 requests sent; "
+                    f"not probing again for {lim.relearn:g}s",
+                    "pacing auto: strict with 4 in flight (query cancelled (error 162)) after 9 requests sent; "
+                    f"not probing again for {lim.relearn:g}s"]
 
 
 def test_slow_answer_threshold():

@@ -372,10 +372,10 @@ class PacingLimiter:
       first time and switches to ``strict`` the next time.  Answers to
       requests sent before the last change do not count again;
     * every fall back and the ceiling are learned (:attr:`learned`,
-      ``on_learn(learned)`` is called, one log line); for ``relearn``
-      seconds after, no growth and ``strict`` stays ``strict``; then
-      ``strict`` becomes ``documented`` at ``concurrency`` again and growth
-      resumes.  ``slow_answer`` is seconds of IB's time, multiplied by
+      ``on_learn(learned)`` is called, one log line naming the number of
+      requests sent so far); for ``relearn`` seconds after, no growth and
+      ``strict`` stays ``strict``; then ``strict`` becomes ``documented``
+      at ``concurrency`` again and growth resumes.  ``slow_answer`` is seconds of IB's time, multiplied by
       ``scale`` like the windows (a simulator scaled by 0.01 slows its
       answers by 0.01 of IB's); ``relearn`` is seconds of wall clock, not
       scaled.
@@ -720,8 +720,8 @@ class PacingLimiter:
 
     def _learn(self, profile: str, concurrency: int, why: str, level: int = logging.WARNING) -> None:
         self.learned = LearnedPacing(profile, concurrency, self.wall_clock(), why)
-        log.log(level, "pacing auto: %s with %d in flight (%s); not probing again for %gs", profile, concurrency,
-                    why, self.relearn)
+        log.log(level, "pacing auto: %s with %d in flight (%s) after %d requests sent; not probing again for %gs",
+                profile, concurrency, why, self.sent, self.relearn)
         if self.on_learn is not None:
             self.on_learn(self.learned)
 
