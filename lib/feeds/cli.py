@@ -539,7 +539,7 @@ def gaps(ctx: click.Context, config_path: str | None, since: str, stream: str | 
     memory = _memory(_alerts_config(ctx, cfg), notes)
     try:
         with _connect(cfg) as conn:
-            doc = R.gaps(conn, now, since=_since(since) or now - timedelta(days=7), stream=stream,
+            doc = R.gaps(conn, now, since=_since(since, now) or now - timedelta(days=7), stream=stream,
                          memory=memory, notes=notes)
     except psycopg.Error as e:
         click.echo(f"database error: {_first_line(e)}", err=True)
@@ -599,12 +599,13 @@ def report(ctx: click.Context, config_path: str | None, kind: str, day: str | No
             click.echo(ln)
 
 
-def _since(value: str | None) -> datetime | None:
-    """``--since``: ``YYYY-MM-DD``, ``YYYY-MM-DDTHH:MM`` (UTC unless an offset is given) or ``Nd``/``Nh`` back."""
+def _since(value: str | None, now: datetime | None = None) -> datetime | None:
+    """``--since``: ``YYYY-MM-DD``, ``YYYY-MM-DDTHH:MM`` (UTC unless an offset is given) or ``Nd``/``Nh``
+    back from ``now`` (default: the current time)."""
     if not value:
         return None
     v = value.strip()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(timezone.utc) if now is None else now
     if v[:-1].isdigit() and v[-1:] in ("d", "h"):
         n = int(v[:-1])
         return now - (timedelta(days=n) if v[-1] == "d" else timedelta(hours=n))

@@ -236,9 +236,10 @@ def seed_gaps(db, now):
 
 def test_gaps_and_report_on_seeded_data(env, db, tmp_path):
     cfg = ops_toml(tmp_path)
-    now = dt.datetime.now(UTC).replace(microsecond=0)
-    if now.hour < 4:
-        pytest.skip("seeded rows must lie within today (UTC)")
+    # judged as at noon yesterday (UTC), so that every row seeded (up to three hours before) lies in one
+    # UTC day whatever the time of the run
+    now = (dt.datetime.now(UTC) - dt.timedelta(days=1)).replace(hour=12, minute=0, second=0, microsecond=0)
+    at = ("--now", now.isoformat())
     seed_gaps(db, now)
     beat(db, BIN, now - dt.timedelta(seconds=5))
     r = feedctl("--config", cfg, "check", "--now", now.isoformat())       # remembers the gaps it sees
@@ -249,7 +250,7 @@ def test_gaps_and_report_on_seeded_data(env, db, tmp_path):
     r = feedctl("--config", cfg, "check", "--now", (now + dt.timedelta(minutes=1)).isoformat())
     assert "gap:binance_agg_trade:BTCUSDT" not in r.output.split("sent")[0]
 
-    r = feedctl("--config", cfg, "gaps", "--json", "--since", "1d")
+    r = feedctl("--config", cfg, "gaps", "--json", "--since", "1d", *at)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
     got = {(e["stream"], e["symbol"], str(e["first"])): e for e in doc["entries"]}
@@ -261,11 +262,11 @@ def test_gaps_and_report_on_seeded_data(env, db, tmp_path):
     (ib,) = [e for e in doc["entries"] if e["stream"] == "ibkr_bar_1min"]
     assert (ib["symbol"], ib["missing"], ib["state"]) == ("AAPL", 390, "not filled (ERROR)")
     assert any("not a gap" in n for n in doc["notes"])
-    r = feedctl("--config", cfg, "gaps", "--stream", "binance_agg_trade", "--since", "1d")
+    r = feedctl("--config", cfg, "gaps", "--stream", "binance_agg_trade", "--since", "1d", *at)
     assert r.exit_code == 0 and "binance_agg_trade" in r.output and "ibkr" not in r.output.split("note:")[0]
     assert "filled" in r.output and "100 .. 109" in r.output
 
-    r = feedctl("--config", cfg, "report", "--daily", "--date", now.date().isoformat(), "--json", "--exact")
+    r = feedctl("--config", cfg, "report", "--daily", "--date", now.date().isoformat(), "--json", "--exact", *at)
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
     feeds = {f["feed"]: f for f in rep["feeds"]}
@@ -278,7 +279,7 @@ def test_gaps_and_report_on_seeded_data(env, db, tmp_path):
     assert b["health"]["units"][BIN]["runs"] == 2
     bf = feeds["feed-backfill"]["gaps"]
     assert (bf["sessions"], bf["sessions_ok"], bf["sessions_error"], bf["minutes_missing"]) == (2, 1, 1, 390)
-    r = feedctl("--config", cfg, "report", "--weekly", "--date", now.date().isoformat())
+    r = feedctl("--config", cfg, "report", "--weekly", "--date", now.date().isoformat(), *at)
     assert r.exit_code == 0 and "weekly report" in r.output and "rows stored: 25" in r.output.replace(",", "")
 
 
