@@ -393,12 +393,18 @@ def test_start_inside_the_session_fills_the_missed_minutes_from_history(tmp_path
     minutes it missed come from the simulator's intraday charts, stored
     with source 'history' and equal to them; later minutes are live."""
     from feeds.dhan.token import IST
-    with sim_for(rate=2, instruments=10, session_elapsed=4, session_minutes=120).running() as sim:
+    # two hours, or to a minute before midnight IST when that comes first (the session is one IST day's)
+    now = datetime.now(IST)
+    midnight = datetime(now.year, now.month, now.day, tzinfo=IST) + timedelta(days=1)
+    minutes = min(120, int((midnight - now).total_seconds() // 60) + 4 - 1)
+    if minutes < 4 + 10:
+        pytest.skip("fewer than ten minutes to midnight IST: too short a session today")
+    with sim_for(rate=2, instruments=10, session_elapsed=4, session_minutes=minutes).running() as sim:
         sess = sim.stats()["session"]
         open_ = datetime.fromtimestamp(sess["open_at"], UTC)
         close = datetime.fromtimestamp(sess["close_at"], UTC)
         if open_.astimezone(IST).date() != close.astimezone(IST).date():
-            pytest.skip("too close to midnight IST for a two-hour session today")
+            pytest.skip("a session opened before midnight IST")
         day = open_.astimezone(IST).date().isoformat()
         hours = [open_.astimezone(IST).strftime("%H:%M"), close.astimezone(IST).strftime("%H:%M")]
         started = time.time()

@@ -35,12 +35,12 @@ CANDLES = {"intervals": list(INTERVALS), "grace": 1.0, "lateness": 3.0}
 
 def session_today(sim_started: datetime) -> tuple[datetime, datetime]:
     """A session opening at the start of the minute the simulator started in
-    (its first minute of generated trades), two hours long: the collector
-    starts inside it."""
+    (its first minute of generated trades), two hours long or to 23:59 IST
+    when that comes first: the collector starts inside it."""
     open_ = sim_started.astimezone(IST).replace(second=0, microsecond=0)
-    close = open_ + timedelta(hours=2)
-    if close.date() != open_.date():
-        pytest.skip("too close to midnight IST for a two-hour session today")
+    close = min(open_ + timedelta(hours=2), open_.replace(hour=23, minute=59))
+    if close - open_ < timedelta(minutes=10):
+        pytest.skip("fewer than ten minutes to midnight IST: too short a session today")
     return open_, close
 
 
