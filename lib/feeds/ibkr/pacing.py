@@ -375,10 +375,10 @@ class PacingLimiter:
       ``on_learn(learned)`` is called, one log line naming the number of
       requests sent so far); for ``relearn`` seconds after, no growth and
       ``strict`` stays ``strict``; then ``strict`` becomes ``documented``
-      at ``concurrency`` again and growth resumes.  ``slow_answer`` is seconds of IB's time, multiplied by
-      ``scale`` like the windows (a simulator scaled by 0.01 slows its
-      answers by 0.01 of IB's); ``relearn`` is seconds of wall clock, not
-      scaled.
+      at ``concurrency`` again and growth resumes.  ``slow_answer`` is
+      seconds of IB's time, multiplied by ``scale`` like the windows (a
+      simulator scaled by 0.01 slows its answers by 0.01 of IB's);
+      ``relearn`` is seconds of wall clock, not scaled.
 
     Raises ValueError for a bad ``scale``, margins, profile or
     ``bar_size``, ``concurrency`` outside 1..50 (or above
