@@ -40,9 +40,24 @@ RATE = 240          # trades per minute and contract
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def session_now(minutes_before: int = 30, minutes_after: int = 60) -> tuple[str, list[str], dt.datetime]:
-    """Today's (New York) extra session around now: (date, [open, close], open as aware UTC)."""
+def ny_now(needs: float | None) -> dt.datetime:
+    """Now in New York, at least ``needs`` minutes (None: any time) before 23:59 there: closer to
+    midnight, this waits for the next day (a test's session is one New York day's and closes at
+    23:59 at the latest, so a test started at 23:57 would see its session end under it)."""
     now = dt.datetime.now(NY)
+    last = now.replace(hour=23, minute=59, second=0, microsecond=0)
+    if needs is not None and now + dt.timedelta(minutes=needs) > last:
+        midnight = (now.replace(hour=12) + dt.timedelta(days=1)).replace(hour=0, minute=0, second=1, microsecond=0)
+        time.sleep(max(0.0, (midnight.astimezone(UTC) - now.astimezone(UTC)).total_seconds()))
+        now = dt.datetime.now(NY)
+    return now
+
+
+def session_now(minutes_before: int = 30, minutes_after: int = 60,
+                needs: float | None = 5.0) -> tuple[str, list[str], dt.datetime]:
+    """Today's (New York) extra session around now, ``needs`` minutes of it at least (see :func:`ny_now`):
+    (date, [open, close], open as aware UTC)."""
+    now = ny_now(needs)
     start = max(now.replace(hour=0, minute=0, second=0, microsecond=0), now - dt.timedelta(minutes=minutes_before))
     start = start.replace(second=0, microsecond=0)
     end = min(now.replace(hour=23, minute=59, second=0, microsecond=0), now + dt.timedelta(minutes=minutes_after))
@@ -62,7 +77,10 @@ class Collector(CollectorProcess):
         self.contracts = tmp / "ibkr-live.csv"
         self.contracts.write_text(contracts_text if contracts_text is not None
                                   else HEADER + "\n".join(LINES[s] for s in symbols) + "\n")
-        day, hours, self.session_open = session_now()
+        if session and session_hours is None:
+            day, hours, self.session_open = session_now()
+        else:       # the test chose the hours (or has no session): the day is today's, as the test saw it
+            day, hours, self.session_open = session_now(needs=None)
         if session_hours is not None:
             hours = list(session_hours)
         self.session_day, self.session_hours = dt.date.fromisoformat(day), tuple(dt.time.fromisoformat(h)
@@ -397,10 +415,8 @@ def test_tws_gone_for_longer_than_reconnect_timeout_exits_1(tmp_path, db, collec
 
 
 def test_the_session_close_stops_the_collector_cleanly(tmp_path, db, sim, collectors):
-    now = dt.datetime.now(NY)
+    now = ny_now(3)
     close = now.replace(second=0, microsecond=0) + dt.timedelta(minutes=1 if now.second < 45 else 2)
-    if close.date() != now.date():
-        pytest.skip("too close to midnight in New York")
     c = collectors(tmp_path, db, sim, live={"stop_after_close": 1.0}, candles={"grace": 0.2},
                    session_hours=("00:00", close.strftime("%H:%M")))
     c.wait_line("first batch stored; READY")
