@@ -61,12 +61,14 @@ def feed_binance(cfg: Path, dsn: str, unit: str, cgroup: Path | None = None) -> 
     return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
 
 
-def stop(p: subprocess.Popen, sim) -> tuple[int, str]:
-    """Freeze the venue, read what it sent, SIGTERM the collector; returns
-    (frames sent, stderr)."""
+def stop(p: subprocess.Popen, sim, db: str, extra: int) -> tuple[int, str]:
+    """Freeze the venue, read what it sent, wait until ``sent + extra`` rows
+    are stored (frames still in the socket at SIGTERM are never read), then
+    SIGTERM the collector; returns (frames sent, stderr)."""
     sim.call(sim.sim.fault_stall_all, 600)
     time.sleep(0.5)
     sent = sim.stats()["sent_total"]
+    wait_until(lambda: p.poll() is not None or stored(db) >= sent + extra, 60, what=f"{sent + extra} rows stored")
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     return sent, err
@@ -155,7 +157,7 @@ def test_spool_larger_than_the_unit_memory_is_replayed_within_memory_max(db, tmp
             assert p.poll() is None, "feed-binance exited while replaying its spool"
             n = stored(db)
             wait_until(lambda: stored(db) > n + 200, 30, what="live rows after the replay")
-            sent, err = stop(p, sim)
+            sent, err = stop(p, sim, db, sum(spooled.values()))
         finally:
             if p.poll() is None:
                 p.kill()
@@ -197,7 +199,7 @@ def test_event_time_of_year_33658_neither_stops_feed_binance_nor_loses_other_row
             n = stored(db)
             wait_until(lambda: p.poll() is not None or stored(db) > n + 600, 30, what="rows after the bad frame")
             assert p.poll() is None, "feed-binance exited after the bad frame"
-            sent, err = stop(p, sim)
+            sent, err = stop(p, sim, db, -1)
         finally:
             if p.poll() is None:
                 p.kill()
