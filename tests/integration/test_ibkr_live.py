@@ -54,7 +54,7 @@ def ny_now(needs: float | None) -> dt.datetime:
 
 
 def session_now(minutes_before: int = 30, minutes_after: int = 60,
-                needs: float | None = 5.0) -> tuple[str, list[str], dt.datetime]:
+                needs: float | None = None) -> tuple[str, list[str], dt.datetime]:
     """Today's (New York) extra session around now, ``needs`` minutes of it at least (see :func:`ny_now`):
     (date, [open, close], open as aware UTC)."""
     now = ny_now(needs)
@@ -77,10 +77,8 @@ class Collector(CollectorProcess):
         self.contracts = tmp / "ibkr-live.csv"
         self.contracts.write_text(contracts_text if contracts_text is not None
                                   else HEADER + "\n".join(LINES[s] for s in symbols) + "\n")
-        if session and session_hours is None:
-            day, hours, self.session_open = session_now()
-        else:       # the test chose the hours (or has no session): the day is today's, as the test saw it
-            day, hours, self.session_open = session_now(needs=None)
+        # a test that chose its hours (or has no session) runs on the day it saw: no wait here
+        day, hours, self.session_open = session_now(needs=5.0 if session and session_hours is None else None)
         if session_hours is not None:
             hours = list(session_hours)
         self.session_day, self.session_hours = dt.date.fromisoformat(day), tuple(dt.time.fromisoformat(h)
